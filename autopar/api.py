@@ -1,0 +1,224 @@
+"""The public entry points: compile, plan, examine."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .capture import capture, normalize_example_inputs
+from .cluster import Cluster
+from .errors import InputError, PlanError
+
+
+def _context(captured, cluster, mesh, constraints):
+    from autopar.passes import PassContext
+    return PassContext(cluster=cluster, mesh_request=mesh, constraints=dict(constraints or {}),
+                       example_inputs=captured.example_inputs, input_names=captured.input_names,
+                       param_fqns=captured.param_fqns)
+
+
+def _check_cluster(cluster):
+    if not isinstance(cluster, Cluster):
+        raise PlanError(f"cluster must be an autopar.Cluster, got {type(cluster).__name__}; "
+                        "use Cluster.preset('dgx-a100'), Cluster.local(4) or Cluster.load(path)")
+
+
+def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes):
+    from autopar.passes import PIPELINE, run_passes
+    _check_cluster(cluster)
+    if level not in ("fast", "full"):
+        raise PlanError(f"level={level!r}: choose 'fast' or 'full'")
+    start = time.perf_counter()
+    captured = capture(model, example_inputs)
+    ctx = _context(captured, cluster, mesh, constraints)
+    ctx.stats["seconds"] = {"capture": time.perf_counter() - start}
+    run_passes(captured.gm, ctx, PIPELINE)
+    ctx.stats["nodes"] = sum(1 for _ in captured.gm.graph.nodes)
+    ctx.stats["capture_method"] = captured.method
+    ctx.stats["fallback_ops"] = sorted({u[0] for u in ctx.unsupported})
+    ctx.stats["seconds"]["total"] = time.perf_counter() - start
+    return captured, ctx
+
+
+def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, level="fast",
+         memory_budget_bytes=None):
+    """Plan ``model`` for ``cluster`` without running it; meta-device models are fine.
+
+    >>> import torch, autopar
+    >>> p = autopar.plan(torch.nn.Linear(8, 8), autopar.Cluster.local(2),
+    ...                  example_inputs=(torch.randn(4, 8),))
+    >>> p.mesh
+    {'dp': 2}
+    """
+    _, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes)
+    return ctx.plan
+
+
+def _source_tensors(model, captured) -> dict:
+    out = {}
+    if isinstance(model, torch.nn.Module):
+        out.update(dict(model.named_parameters(remove_duplicate=False)))
+        out.update(dict(model.named_buffers(remove_duplicate=False)))
+    gm = captured.gm
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target not in out:
+            obj = gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            out[node.target] = obj
+    return out
+
+
+def _compile_now(model, cluster, example_inputs, simulate, mesh, constraints, level,
+                 memory_budget_bytes):
+    from .runtime.module import ParallelModule
+    captured, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level,
+                          memory_budget_bytes)
+    if any(t.device.type == "meta" for t in _source_tensors(model, captured).values()):
+        raise PlanError("the model's parameters are on the meta device: autopar.plan() plans "
+                        "it, but to run it materialize the parameters first (to_empty + init)")
+    return ParallelModule(captured, ctx.plan, ctx.program, _source_tensors(model, captured),
+                          simulate)
+
+
+def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, mesh=None,
+            constraints=None, level="fast", memory_budget_bytes=None):
+    """Make ``model`` a distributed program for ``cluster``: a :class:`ParallelModule`.
+
+    ``model`` is an nn.Module instance or a function of tensors. Without ``example_inputs``
+    planning waits for the first call and uses its arguments. Used with no model, as
+    ``@autopar.compile(cluster=...)``, it decorates an nn.Module subclass (instances become
+    parallel modules) or a function.
+    """
+    opts = dict(simulate=simulate, mesh=mesh, constraints=constraints, level=level,
+                memory_budget_bytes=memory_budget_bytes)
+    if model is None:
+        if cluster is None:
+            raise PlanError("autopar.compile needs a cluster: @autopar.compile(cluster=...)")
+        return lambda target: _decorate(target, cluster, example_inputs, opts)
+    if cluster is None:
+        raise PlanError("autopar.compile(model, cluster): cluster is missing; e.g. "
+                        "autopar.Cluster.local(4) or autopar.Cluster.preset('dgx-a100')")
+    if inspect.isclass(model):
+        return _decorate(model, cluster, example_inputs, opts)
+    if example_inputs is None:
+        return LazyParallel(model, cluster, opts)
+    return _compile_now(model, cluster, example_inputs, **opts)
+
+
+def _decorate(target, cluster, example_inputs, opts):
+    if inspect.isclass(target) and issubclass(target, torch.nn.Module):
+        @functools.wraps(target, updated=())
+        def build(*args, **kwargs):
+            instance = target(*args, **kwargs)
+            if example_inputs is not None:
+                ex = example_inputs() if callable(example_inputs) else example_inputs
+                return _compile_now(instance, cluster, ex, **opts)
+            return LazyParallel(instance, cluster, opts)
+        return build
+    if callable(target):
+        lazy = LazyParallel(target, cluster, opts)
+        functools.update_wrapper(lazy, target, updated=())
+        return lazy
+    raise PlanError(f"@autopar.compile decorates an nn.Module subclass or a function, "
+                    f"not {type(target).__name__}")
+
+
+class LazyParallel(torch.nn.Module):
+    """Plans at the first call, from that call's arguments. For a function, a call with new
+    input shapes plans again; for a module it is an error (its shards hold training state)."""
+
+    def __init__(self, target, cluster, opts):
+        super().__init__()
+        object.__setattr__(self, "_target", target)
+        self._cluster, self._opts = cluster, opts
+        self._compiled = {}
+
+    def _key(self, args, kwargs):
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        return tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x)
+                     for x in leaves)
+
+    def forward(self, *args, **kwargs):
+        key = self._key(args, kwargs)
+        if key not in self._compiled:
+            if self._compiled and isinstance(self._target, torch.nn.Module):
+                raise InputError("this module was planned for other input shapes; compile "
+                                 "again with autopar.compile(model, cluster, example_inputs=...)")
+            ex = dict(kwargs) if kwargs and not args else args
+            if kwargs and args:
+                raise InputError("the first call mixes positional and keyword arguments; "
+                                 "pass example_inputs= explicitly")
+            pm = _compile_now(self._target, self._cluster, ex, **self._opts)
+            self._compiled[key] = pm
+            self.add_module(f"compiled_{len(self._compiled)}", pm)
+        return self._compiled[key](*args, **kwargs)
+
+    @property
+    def parallel_module(self):
+        if not self._compiled:
+            raise PlanError("not planned yet: call it once on an example batch first")
+        return next(reversed(self._compiled.values()))
+
+    def parameters(self, recurse=True):
+        if not self._compiled and isinstance(self._target, torch.nn.Module):
+            raise PlanError("parameters are sharded at the first call: call the module once "
+                            "on an example batch (or pass example_inputs=) before making "
+                            "the optimizer")
+        return super().parameters(recurse)
+
+    def __getattr__(self, name):
+        if name in ("plan", "code", "rank_program", "full_state_dict", "full_grad_dict",
+                    "load_full_state_dict"):
+            return getattr(self.parallel_module, name)
+        return super().__getattr__(name)
+
+
+@dataclass
+class Examination:
+    """What autopar found in a program: op counts and the ops with no rule."""
+
+    op_counts: dict
+    unsupported: list = field(default_factory=list)  # (op, target, module path, file:line)
+    capture_method: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.unsupported
+
+    def __str__(self) -> str:
+        lines = [f"captured with {self.capture_method}: "
+                 f"{sum(self.op_counts.values())} ops, {len(self.op_counts)} distinct"]
+        if not self.unsupported:
+            lines.append("every op has a sharding rule")
+        else:
+            lines.append(f"{len(self.unsupported)} nodes have no rule and run replicated:")
+            for op, target, path, loc in self.unsupported:
+                lines.append(f"  {op:24s} {target:40s} {path} {loc}")
+        return "\n".join(lines)
+
+
+def examine(model, example_inputs=None) -> Examination:
+    """Capture ``model`` and report every op without a sharding rule, without failing."""
+    import warnings
+
+    from autopar.passes import ANALYSIS, run_passes
+    captured = capture(model, example_inputs)
+    ctx = _context(captured, None, None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_passes(captured.gm, ctx, ANALYSIS)
+    counts = {}
+    for node in captured.gm.graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            op = node.meta["autopar.op"]
+            counts[op] = counts.get(op, 0) + 1
+    return Examination(counts, list(ctx.unsupported), captured.method)
+
+
+__all__ = ["compile", "plan", "examine", "Examination", "LazyParallel",
+           "normalize_example_inputs"]

@@ -1,0 +1,321 @@
+"""Capture: a module or function and example inputs become one fx graph.
+
+The captured graph takes the flat list of tensor inputs as placeholders, reads parameters and
+buffers through ``get_attr`` nodes named by their FQNs in the original module, and returns a
+flat tuple; :class:`Captured` keeps what is needed to bind a user's call to those placeholders
+and to rebuild the user's output structure (tuple, dict, a transformers ModelOutput).
+
+``torch.fx.symbolic_trace`` is tried first; where it fails (data-dependent Python, nested
+containers of tensors, most Hugging Face models) Dynamo captures with ``fullgraph=True``
+through a backend that records the graph and never runs it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .errors import CaptureError, InputError
+from .graph_utils import replace_with_constant
+
+
+@dataclass
+class Captured:
+    gm: fx.GraphModule
+    signature: inspect.Signature | None
+    input_names: list          # one per placeholder, for messages and readable code
+    input_spec: object         # pytree spec of the tensor-bearing bound arguments
+    example_inputs: list       # flat example tensors, one per placeholder
+    output_spec: object        # pytree spec of the user's output
+    output_leaves: list        # ("out", i) graph output i | ("in", i) input i | ("const", v)
+    param_fqns: list = field(default_factory=list)
+    buffer_fqns: list = field(default_factory=list)
+    method: str = "symbolic_trace"
+
+    def flatten_inputs(self, args, kwargs) -> list:
+        """A call's tensor inputs in placeholder order, checked against the example's."""
+        named = _bind(self.signature, args, kwargs)
+        leaves, spec = tree_flatten(_tensor_bearing(named))
+        if spec != self.input_spec:
+            raise InputError(
+                f"inputs do not have the structure planned for: expected {self.input_spec}, "
+                f"got {spec}; call with the same arguments as example_inputs, or compile again")
+        return leaves
+
+    def unflatten_outputs(self, outs, inputs):
+        leaves = []
+        for kind, v in self.output_leaves:
+            leaves.append(outs[v] if kind == "out" else inputs[v] if kind == "in" else v)
+        return tree_unflatten(leaves, self.output_spec)
+
+
+def normalize_example_inputs(example_inputs):
+    """Example inputs as (args tuple, kwargs dict)."""
+    if example_inputs is None:
+        raise InputError("example_inputs is required: a tuple of positional arguments or a "
+                         "dict of keyword arguments, e.g. example_inputs=(x,)")
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise InputError(f"example_inputs must be a tuple (positional) or a dict (keyword), "
+                         f"got {type(example_inputs).__name__}")
+    return example_inputs, {}
+
+
+def _signature(fn):
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def _bind(sig, args, kwargs) -> dict:
+    if sig is None:
+        return {f"arg{i}": a for i, a in enumerate(args)} | dict(kwargs)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(f"inputs do not match the forward signature {sig}: {e}; pass "
+                         "example_inputs as a tuple of positional or a dict of keyword "
+                         "arguments of that signature") from None
+    out = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind == inspect.Parameter.VAR_POSITIONAL:
+            for i, v in enumerate(value):
+                out[f"{name}_{i}"] = v
+        elif kind == inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _tensor_bearing(named: dict) -> dict:
+    return {k: v for k, v in named.items()
+            if any(isinstance(x, torch.Tensor) for x in tree_flatten(v)[0])}
+
+
+def _state(module) -> tuple:
+    if not isinstance(module, torch.nn.Module):
+        return [], [], {}
+    params = dict(module.named_parameters(remove_duplicate=False))
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    # plain tensor attributes (not registered) are constants of the program too
+    consts = {}
+    for mname, m in module.named_modules(remove_duplicate=False):
+        for k, v in vars(m).items():
+            if isinstance(v, torch.Tensor) and not k.startswith("_"):
+                consts[f"{mname}.{k}".lstrip(".")] = v
+    return params, buffers, consts
+
+
+def capture(model, example_inputs) -> Captured:
+    """Trace ``model`` (an nn.Module or a function of tensors) on ``example_inputs``."""
+    args, kwargs = normalize_example_inputs(example_inputs)
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    sig = _signature(fn)
+    named = _bind(sig, args, kwargs)
+    try:
+        return _symbolic(model, sig, named)
+    except Exception as first:  # noqa: BLE001 - any trace failure sends us to Dynamo
+        try:
+            return _dynamo(model, sig, args, kwargs, named)
+        except CaptureError:
+            raise
+        except Exception as second:
+            raise CaptureError(
+                f"could not capture {type(model).__name__}: fx.symbolic_trace failed with "
+                f"{type(first).__name__}: {first}; Dynamo (fullgraph=True) failed with "
+                f"{type(second).__name__}: {str(second).splitlines()[0] if str(second) else ''}. "
+                "Remove graph breaks (data-dependent Python control flow, .item(), printing) "
+                "from forward, or run autopar.examine to see where") from second
+
+
+class _Tracer(fx.Tracer):
+    """Traces through every module, so that all parameters appear as get_attr nodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m, qualname):
+        return False
+
+
+def _symbolic(model, sig, named) -> Captured:
+    tensors = _tensor_bearing(named)
+    if sig is None or any(not isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise CaptureError("nested tensor inputs: left to Dynamo")
+    concrete = {}
+    for name, p in sig.parameters.items():
+        if name in tensors:
+            continue
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise CaptureError("variadic arguments: left to Dynamo")
+        concrete[name] = named.get(name, p.default)
+    tracer = _Tracer()
+    root = model if isinstance(model, torch.nn.Module) else torch.nn.Module()
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    gm = fx.GraphModule(root, graph, type(model).__name__ if isinstance(model, torch.nn.Module)
+                        else getattr(model, "__name__", "fn"))
+    # drop placeholders of concrete arguments (fx keeps them, bound to their constants)
+    names = []
+    for node in list(gm.graph.nodes):
+        if node.op == "placeholder":
+            base = node.target.lstrip("*")
+            if base in concrete:
+                replace_with_constant(node, concrete[base])
+            else:
+                names.append(base)
+    order = list(tensors)
+    if names != order:
+        raise CaptureError(f"traced inputs {names} differ from {order}: left to Dynamo")
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves, spec = tree_flatten(out_node.args[0])
+    out_leaves, flat = [], []
+    for leaf in leaves:
+        if isinstance(leaf, fx.Node):
+            out_leaves.append(("out", len(flat)))
+            flat.append(leaf)
+        else:
+            out_leaves.append(("const", leaf))
+    out_node.args = (tuple(flat),)
+    _drop_unused(gm)
+    params, buffers, _ = _state(model)
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    gm.recompile()
+    return Captured(gm, sig, names, tree_flatten(tensors)[1], list(tensors.values()), spec,
+                    out_leaves, [k for k in params if k in used],
+                    [k for k in used if k not in params], "symbolic_trace")
+
+
+def _drop_unused(gm):
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op in ("call_function", "call_method", "get_attr") and not node.users \
+                and node.op != "output" and not _impure(node):
+            gm.graph.erase_node(node)
+
+
+def _impure(node) -> bool:
+    return node.op == "call_method" and str(node.target).endswith("_") and \
+        not str(node.target).startswith("__")
+
+
+def _dynamo(model, sig, args, kwargs, named) -> Captured:
+    tensors = _tensor_bearing(named)
+    flat_inputs, in_spec = tree_flatten(tensors)
+    input_index = {id(t): i for i, t in enumerate(flat_inputs)}
+    recorded = {}
+
+    def backend(gm, example_inputs):
+        recorded["gm"], recorded["inputs"] = gm, list(example_inputs)
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        vals = [a.meta.get("example_value") if isinstance(a, fx.Node) else a
+                for a in tree_flatten(out.args[0])[0]]
+
+        def markers(*_):
+            made = [torch.empty(v.shape, dtype=v.dtype, device="meta")
+                    if isinstance(v, torch.Tensor) else v for v in vals]
+            recorded["outputs"] = made
+            return tuple(made)
+
+        return markers
+
+    import torch._dynamo
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    result = compiled(*args, **kwargs)
+    torch._dynamo.reset()
+    gm = recorded["gm"]
+    params, buffers, consts = _state(model)
+    owners = {}
+    for table in (consts, buffers, params):
+        owners.update({id(t): fqn for fqn, t in table.items()})
+    root = torch.nn.Module()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    order, names, used_params, used_buffers = [], [], [], []
+    input_names = [_clean(str(k)) for k in _leaf_names(tensors)]
+    for node, value in zip(placeholders, recorded["inputs"]):
+        if id(value) in input_index:
+            i = input_index[id(value)]
+            order.append((i, node))
+            continue
+        fqn = owners.get(id(value))
+        if fqn is None:
+            raise CaptureError(f"Dynamo lifted a tensor that is neither an input nor a "
+                               f"parameter or buffer of the model: {node.name} "
+                               f"{tuple(value.shape)}; register it as a buffer")
+        _install(root, fqn, value, fqn in params)
+        (used_params if fqn in params else used_buffers).append(fqn)
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(fqn)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        gm.graph.erase_node(node)
+    # placeholders in user input order, named as the user's arguments
+    order.sort(key=lambda t: t[0])
+    if [i for i, _ in order] != list(range(len(flat_inputs))):
+        raise CaptureError("some inputs were not traced as graph inputs (inputs Dynamo "
+                           "specialized on); pass only tensors the model reads as inputs")
+    first = next(iter(gm.graph.nodes))
+    for i, node in order:
+        with gm.graph.inserting_before(first):
+            ph = gm.graph.placeholder(input_names[i])
+        ph.meta.update(node.meta)
+        node.replace_all_uses_with(ph)
+        gm.graph.erase_node(node)
+    out_ids = {id(t): i for i, t in enumerate(recorded["outputs"]) if isinstance(t, torch.Tensor)}
+    leaves, out_spec = tree_flatten(result)
+    out_leaves = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and id(leaf) in out_ids:
+            out_leaves.append(("out", out_ids[id(leaf)]))
+        elif isinstance(leaf, torch.Tensor) and id(leaf) in input_index:
+            out_leaves.append(("in", input_index[id(leaf)]))
+        elif isinstance(leaf, torch.Tensor):
+            raise CaptureError("an output tensor of the model is not produced by its graph; "
+                               "return only values computed from the inputs")
+        else:
+            out_leaves.append(("const", leaf))
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    out_node.args = (tuple(tree_flatten(out_node.args[0])[0]),)
+    new = fx.GraphModule(root, gm.graph, type(model).__name__
+                         if isinstance(model, torch.nn.Module) else "fn")
+    _drop_unused(new)
+    new.recompile()
+    return Captured(new, sig, input_names, in_spec, flat_inputs, out_spec, out_leaves,
+                    used_params, used_buffers, "dynamo")
+
+
+def _leaf_names(tree: dict) -> list:
+    from torch.utils._pytree import keystr, tree_flatten_with_path
+    return [keystr(path) for path, _ in tree_flatten_with_path(tree)[0]]
+
+
+def _clean(text: str) -> str:
+    name = re.sub(r"[^0-9a-zA-Z_]+", "_", text).strip("_")
+    return name if name and not name[0].isdigit() else f"x_{name}"
+
+
+def _install(root: torch.nn.Module, fqn: str, value, is_param: bool):
+    *path, last = fqn.split(".")
+    mod = root
+    for part in path:
+        if not hasattr(mod, part):
+            mod.add_module(part, torch.nn.Module())
+        mod = getattr(mod, part)
+    if is_param:
+        mod.register_parameter(last, value if isinstance(value, torch.nn.Parameter)
+                               else torch.nn.Parameter(value, requires_grad=False))
+    else:
+        mod.register_buffer(last, value)

@@ -1,0 +1,51 @@
+"""Small helpers over fx graphs shared by capture and the passes."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+from torch.utils._pytree import tree_map
+
+
+def replace_with_constant(node: Node, value) -> None:
+    """Substitute ``value`` for ``node`` in the arguments of every user, then drop it."""
+    for user in list(node.users):
+        user.args = tree_map(lambda a: value if a is node else a, user.args)
+        user.kwargs = tree_map(lambda a: value if a is node else a, user.kwargs)
+    node.graph.erase_node(node)
+
+
+def where(node: Node) -> tuple:
+    """(module path, "file:line") a node came from, as far as the trace recorded it."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = ""
+    if stack:
+        path = list(stack.values())[-1][0]
+        path = path.replace("L['self'].", "").replace("L['self']", "")
+    trace = node.meta.get("stack_trace") or ""
+    loc = ""
+    for line in reversed(trace.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("File "):
+            parts = line.split('"')
+            if len(parts) >= 3:
+                lineno = line.split("line ")[-1].split(",")[0]
+                loc = f"{parts[1].split('/')[-1]}:{lineno}"
+            break
+    return path or node.name, loc
+
+
+def is_foldable_constant(val) -> bool:
+    if isinstance(val, (int, float, bool, str, type(None), torch.dtype, torch.device)):
+        return True
+    if isinstance(val, (tuple, list, torch.Size)):
+        return all(is_foldable_constant(v) for v in val)
+    return False
+
+
+def as_constant(val):
+    if isinstance(val, torch.Size):
+        return tuple(int(v) for v in val)
+    if isinstance(val, (tuple, list)):
+        return type(val)(as_constant(v) for v in val) if not isinstance(val, torch.Size) else val
+    return val

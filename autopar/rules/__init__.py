@@ -1,0 +1,228 @@
+"""Op rules: which placements each op admits, as data, with its FLOPs and bytes.
+
+A rule is a function ``rule(node) -> OpSpec`` registered under one or more canonical op names
+by :func:`register`. It describes the op for a single mesh axis: every admissible
+``(input placements, output placement)`` pair. :func:`strategies` combines these per axis into
+layouts for a whole mesh and keeps those whose shards split evenly. The solver never looks at
+``node.target``: it sees only the canonical name (``node.meta["autopar.op"]``) and the spec.
+
+Rules are grouped by op family in this package; adding an op touches one file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch.fx import Node
+
+from ..placement import Partial, Replicate, Shard, divides
+
+R = Replicate()
+P = Partial()
+
+_RULES: dict = {}
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What one op admits on one mesh axis, and what it costs on one device.
+
+    options: ``(input placements, output placement)`` pairs; one input placement per tensor
+        input of the node, in the order of :func:`tensor_inputs`.
+    flops, num_bytes: work and memory traffic of the whole (unsplit) op, forward only.
+    rewrite: ``(args, kwargs, local_out_shape) -> (args, kwargs)`` for ops whose arguments
+        hold sizes that must become this rank's local sizes (view, reshape, expand).
+    """
+
+    options: tuple
+    flops: float = 0.0
+    num_bytes: float = 0.0
+    rewrite: Callable | None = None
+    fallback: bool = False
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One admissible choice for a node on a whole mesh: a layout per input and the output's."""
+
+    inputs: tuple
+    output: tuple
+    spec: OpSpec = field(compare=False, repr=False, default=None)
+
+
+def register(*names: str):
+    """Register ``rule`` under canonical op names: ``@register("relu", "gelu")``."""
+
+    def deco(fn):
+        for name in names:
+            _RULES[name] = fn
+        return fn
+
+    return deco
+
+
+def rule_for(op: str):
+    return _RULES.get(op)
+
+
+def known_ops() -> list:
+    return sorted(_RULES)
+
+
+# -- facts about nodes -------------------------------------------------------------------------
+
+def is_tensor_like(val) -> bool:
+    if isinstance(val, torch.Tensor):
+        return True
+    return isinstance(val, (tuple, list)) and len(val) > 0 and all(
+        isinstance(v, torch.Tensor) for v in val)
+
+
+def tensor_inputs(node: Node) -> list:
+    """The node's inputs that carry tensors, in flattened (args, kwargs) order."""
+    out = []
+    for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs)):
+        if isinstance(a, Node) and is_tensor_like(a.meta.get("val")) and a not in out:
+            out.append(a)
+    return out
+
+
+def shape_of(node_or_val) -> tuple:
+    val = node_or_val.meta["val"] if isinstance(node_or_val, Node) else node_or_val
+    if isinstance(val, (tuple, list)):
+        val = val[0]
+    return tuple(int(s) for s in val.shape)
+
+
+def out_vals(node: Node) -> list:
+    val = node.meta["val"]
+    return list(val) if isinstance(val, (tuple, list)) else [val]
+
+
+def num_bytes_of(nodes_or_vals) -> float:
+    total = 0
+    for x in nodes_or_vals:
+        vals = out_vals(x) if isinstance(x, Node) else [x]
+        for v in vals:
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    return float(total)
+
+
+def io_bytes(node: Node) -> float:
+    return num_bytes_of(tensor_inputs(node)) + num_bytes_of([node])
+
+
+def arg(node: Node, index: int, name: str, default=None):
+    """A node argument given positionally or by keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+# -- option builders ---------------------------------------------------------------------------
+
+def replicated_options(num_inputs: int) -> tuple:
+    return (((R,) * num_inputs, R),)
+
+
+def einsum_options(in_dims: Sequence, out_dims: Sequence, linear_in: Sequence[int] = ()) -> tuple:
+    """Options of an einsum-like op given per-input dim labels.
+
+    ``in_dims[i]`` labels input i's dims (``None`` marks a broadcast size-1 dim that is never
+    split); ``out_dims`` labels the output's. Splitting a label shared by the output shards it;
+    splitting a contracted label (absent from the output) leaves the output ``Partial``. An input
+    in ``linear_in`` may itself be Partial while the others are replicated.
+    """
+    opts = [(tuple(R for _ in in_dims), R)]
+    labels = []
+    for dims in list(in_dims) + [out_dims]:
+        labels += [d for d in dims if d is not None and d not in labels]
+    for label in labels:
+        ins = []
+        for dims in in_dims:
+            ins.append(Shard(list(dims).index(label)) if label in dims else R)
+        if label in out_dims:
+            if list(out_dims).count(label) != 1:
+                continue
+            opts.append((tuple(ins), Shard(list(out_dims).index(label))))
+        else:
+            opts.append((tuple(ins), P))
+    for i in linear_in:
+        opts.append((tuple(P if j == i else R for j in range(len(in_dims))), P))
+    return tuple(opts)
+
+
+def einsum_flops(in_dims: Sequence, shapes: Sequence) -> float:
+    sizes = {}
+    for dims, shape in zip(in_dims, shapes):
+        for d, s in zip(dims, shape):
+            if d is not None:
+                sizes[d] = max(sizes.get(d, 1), s)
+    return 2.0 * math.prod(sizes.values())
+
+
+def broadcast_labels(shapes: Sequence, out_shape: Sequence) -> tuple:
+    """Label dims of broadcasting inputs against the output: equal sizes share a label,
+    size-1 dims broadcast to a larger size get ``None``."""
+    out_labels = [f"d{i}" for i in range(len(out_shape))]
+    in_labels = []
+    for shape in shapes:
+        offset = len(out_shape) - len(shape)
+        labels = []
+        for j, s in enumerate(shape):
+            k = j + offset
+            labels.append(out_labels[k] if s == out_shape[k] else None)
+        in_labels.append(labels)
+    return in_labels, out_labels
+
+
+# -- combining axes ----------------------------------------------------------------------------
+
+def spec_for(node: Node) -> OpSpec:
+    """The node's spec from its rule, or the replicated fallback when it has none."""
+    op = node.meta.get("autopar.op")
+    rule = _RULES.get(op)
+    n_in = len(tensor_inputs(node))
+    if rule is None:
+        return OpSpec(replicated_options(n_in), 0.0, io_bytes(node), fallback=True)
+    return rule(node)
+
+
+def strategies(node: Node, mesh_shape: Sequence[int]) -> list:
+    """Every layout choice for ``node`` on a mesh: the product of per-axis options, keeping
+    only those whose sharded dims split evenly on every input and output."""
+    spec = spec_for(node)
+    ins = tensor_inputs(node)
+    in_shapes = [[shape_of(v) for v in out_vals(a)] for a in ins]
+    out_shapes = [tuple(v.shape) for v in out_vals(node) if isinstance(v, torch.Tensor)]
+    found, seen = [], set()
+    for combo in itertools.product(spec.options, repeat=len(mesh_shape)):
+        in_layouts = tuple(tuple(opt[0][i] for opt in combo) for i in range(len(ins)))
+        out_layout = tuple(opt[1] for opt in combo)
+        key = (in_layouts, out_layout)
+        if key in seen:
+            continue
+        seen.add(key)
+        if not all(divides(s, lay, mesh_shape) for shapes, lay in zip(in_shapes, in_layouts)
+                   for s in shapes):
+            continue
+        if not all(divides(s, out_layout, mesh_shape) for s in out_shapes):
+            continue
+        found.append(Strategy(in_layouts, out_layout, spec))
+    return found
+
+
+def _load_families():
+    from . import factory, matrix, pointwise, reduction, shape  # noqa: F401
+
+
+_load_families()

@@ -1,0 +1,151 @@
+"""Matrix ops: linear, matmul, bmm, mm, addmm, baddbmm, einsum, attention, embedding.
+
+Each is written as an einsum-like labelling of its operands' dims; splitting a contracted
+label gives a Partial output (Megatron's row-parallel linear), splitting a kept label a
+sharded one (column-parallel linear, data parallel on a batch label).
+"""
+
+from __future__ import annotations
+
+from . import (P, R, OpSpec, Shard, arg, broadcast_labels, einsum_flops, einsum_options,
+               io_bytes, register, replicated_options, shape_of, tensor_inputs)
+
+
+def _batch_labels(ndim: int, prefix: str = "b") -> list:
+    return [f"{prefix}{i}" for i in range(ndim)]
+
+
+def _with_bias(options, out_labels, bias_labels):
+    """Give an added bias the placement its output takes: sharded with the output where it
+    has that dim, Partial when the output is Partial, else replicated."""
+    out = []
+    for ins, o in options:
+        if isinstance(o, Shard) and out_labels[o.dim] in bias_labels:
+            b = Shard(bias_labels.index(out_labels[o.dim]))
+        elif o == P:
+            b = P
+        else:
+            b = R
+        out.append(((b,) + tuple(ins), o))
+    return tuple(out)
+
+
+def _fallback(node):
+    return OpSpec(replicated_options(len(tensor_inputs(node))), 0.0, io_bytes(node), fallback=True)
+
+
+@register("linear")
+def linear(node):
+    ins = tensor_inputs(node)
+    x, w = arg(node, 0, "input"), arg(node, 1, "weight")
+    b = arg(node, 2, "bias")
+    if x is w or (b is not None and len(ins) != 3):
+        return _fallback(node)
+    xs, ws = shape_of(x), shape_of(w)
+    batch = _batch_labels(len(xs) - 1)
+    x_l, w_l, out_l = batch + ["k"], ["n", "k"], batch + ["n"]
+    options = einsum_options([x_l, w_l], out_l, linear_in=(0, 1))
+    flops = einsum_flops([x_l, w_l], [xs, ws])
+    if b is not None:
+        # the bias is the node's third tensor input; keep input order (x, w, b)
+        options = tuple((ins_[1:] + ins_[:1], o) for ins_, o in _with_bias(options, out_l, ["n"]))
+    return OpSpec(options, flops, io_bytes(node))
+
+
+def _matmul_labels(a_shape, b_shape, out_shape):
+    if len(a_shape) == 1 and len(b_shape) == 1:
+        return ["k"], ["k"], []
+    if len(a_shape) == 1:
+        batch = _batch_labels(len(b_shape) - 2)
+        return ["k"], batch + ["k", "n"], batch + ["n"]
+    if len(b_shape) == 1:
+        batch = _batch_labels(len(a_shape) - 2)
+        return batch + ["m", "k"], ["k"], batch + ["m"]
+    (a_b, b_b), out_b = broadcast_labels([a_shape[:-2], b_shape[:-2]], out_shape[:-2])
+    return a_b + ["m", "k"], b_b + ["k", "n"], out_b + ["m", "n"]
+
+
+@register("matmul", "bmm", "mm")
+def matmul(node):
+    ins = tensor_inputs(node)
+    if len(ins) != 2:
+        return _fallback(node)
+    a, b = ins
+    a_l, b_l, out_l = _matmul_labels(shape_of(a), shape_of(b), shape_of(node))
+    options = einsum_options([a_l, b_l], out_l, linear_in=(0, 1))
+    return OpSpec(options, einsum_flops([a_l, b_l], [shape_of(a), shape_of(b)]), io_bytes(node))
+
+
+@register("addmm", "baddbmm", "addbmm")
+def addmm(node):
+    ins = tensor_inputs(node)
+    if len(ins) != 3:
+        return _fallback(node)
+    bias, a, b = ins
+    out_shape = shape_of(node)
+    a_l, b_l, out_l = _matmul_labels(shape_of(a), shape_of(b), out_shape)
+    (bias_l,), _ = broadcast_labels([shape_of(bias)], out_shape)
+    bias_l = [out_l[len(out_l) - len(bias_l) + i] if l is not None else None
+              for i, l in enumerate(bias_l)]
+    options = _with_bias(einsum_options([a_l, b_l], out_l, linear_in=(0, 1)), out_l, bias_l)
+    return OpSpec(options, einsum_flops([a_l, b_l], [shape_of(a), shape_of(b)]), io_bytes(node))
+
+
+@register("einsum")
+def einsum(node):
+    equation = node.args[0]
+    operands = node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = operands[0]
+    ins = tensor_inputs(node)
+    if not isinstance(equation, str) or "..." in equation or "->" not in equation \
+            or len(ins) != len(operands):
+        return _fallback(node)
+    lhs, out = equation.replace(" ", "").split("->")
+    in_labels = [list(t) for t in lhs.split(",")]
+    if any(len(set(t)) != len(t) for t in in_labels + [list(out)]):
+        return _fallback(node)
+    options = einsum_options(in_labels, list(out), linear_in=range(len(in_labels)))
+    flops = einsum_flops(in_labels, [shape_of(x) for x in ins])
+    return OpSpec(options, flops, io_bytes(node))
+
+
+@register("scaled_dot_product_attention")
+def attention(node):
+    """Split batch and head dims together; the sequence and feature dims stay whole (a split
+    query sequence would shift the causal mask)."""
+    q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
+    mask = arg(node, 3, "attn_mask")
+    ins = tensor_inputs(node)
+    if len({q, k, v}) != 3:
+        return _fallback(node)
+    qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
+    nb = len(qs) - 2
+    batch = _batch_labels(nb)
+    labels = {q: batch + [None, None], k: batch + [None, None], v: batch + [None, None]}
+    if mask is not None:
+        ms = shape_of(mask)
+        (ml,), _ = broadcast_labels([ms], qs[:-1] + (ks[-2],))
+        labels[mask] = ml[:len(ml) - 2] + [None, None] if len(ml) >= 2 else [None] * len(ml)
+    in_labels = [labels[x] for x in ins]
+    options = einsum_options(in_labels, batch + [None, None])
+    n = 1
+    for s in qs[:-1]:
+        n *= s
+    flops = 2.0 * n * ks[-2] * (qs[-1] + vs[-1])
+    return OpSpec(options, flops, io_bytes(node))
+
+
+@register("embedding")
+def embedding(node):
+    """ids may be split on any dim; the table on its feature dim (the vocab dim would need a
+    masked lookup, which this rule does not offer)."""
+    ins = tensor_inputs(node)
+    if len(ins) != 2:
+        return _fallback(node)
+    ids, weight = (ins if not ins[0].meta["val"].is_floating_point() else ins[::-1])
+    id_l = _batch_labels(len(shape_of(ids)), "i")
+    w_l = [None, "d"]
+    in_labels = [id_l if x is ids else w_l for x in ins]
+    options = einsum_options(in_labels, id_l + ["d"])
+    return OpSpec(options, 0.0, io_bytes(node))

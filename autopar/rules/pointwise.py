@@ -1,0 +1,86 @@
+"""Pointwise ops: unary, binary with broadcasting, activations, casts, dropout.
+
+Every output dim may be split, and inputs that broadcast along it stay replicated. Partial
+values pass through ops that are linear in them: sums of Partials, a Partial times a
+replicated factor, casts.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import (P, R, OpSpec, broadcast_labels, einsum_options, io_bytes, register, shape_of,
+               tensor_inputs)
+from torch.fx import Node
+
+UNARY = [
+    "relu", "gelu", "silu", "tanh", "sigmoid", "softplus", "elu", "leaky_relu", "hardtanh",
+    "mish", "exp", "log", "log1p", "expm1", "sqrt", "rsqrt", "sin", "cos", "abs", "erf",
+    "reciprocal", "square", "floor", "ceil", "round", "sign", "logical_not", "bitwise_not",
+    "isnan", "isinf", "nan_to_num", "clamp", "clamp_min", "clamp_max", "relu6", "selu",
+    "hardswish", "hardsigmoid", "logsigmoid", "dropout", "masked_fill", "where", "pow",
+    "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
+    "bitwise_and", "bitwise_or", "maximum", "minimum", "fmod", "remainder", "floordiv",
+    "bool", "int", "long", "zeros_like", "empty_like", "ones_like", "full_like", "rand_like",
+    "randn_like", "atan2", "lerp",
+]
+# Ops linear in all their tensor inputs together: Partial in, Partial out, when every
+# tensor input is Partial and no scalar is added.
+ADDITIVE = ["add", "sub", "neg", "pos", "rsub"]
+# Ops linear in each input separately: one Partial input times replicated others.
+CASTS = ["to", "type", "float", "half", "bfloat16", "double", "contiguous", "clone", "detach",
+         "alias", "view_as_real", "positive"]
+SCALING = ["mul", "div"]
+
+
+def _labels(node):
+    ins = tensor_inputs(node)
+    out_shape = shape_of(node)
+    in_labels, out_labels = broadcast_labels([shape_of(x) for x in ins], out_shape)
+    return ins, in_labels, out_labels
+
+
+def _has_scalar_operand(node) -> bool:
+    return any(isinstance(a, numbers.Number) and not isinstance(a, bool)
+               for a in list(node.args) + [v for k, v in node.kwargs.items() if k != "alpha"])
+
+
+def _spec(node, options):
+    out = node.meta["val"]
+    return OpSpec(options, float(out.numel()) if isinstance(out, torch.Tensor) else 0.0,
+                  io_bytes(node))
+
+
+@register(*UNARY)
+def pointwise(node):
+    ins, in_labels, out_labels = _labels(node)
+    return _spec(node, einsum_options(in_labels, out_labels))
+
+
+@register(*CASTS)
+def cast(node):
+    ins, in_labels, out_labels = _labels(node)
+    return _spec(node, einsum_options(in_labels, out_labels, linear_in=range(len(ins))))
+
+
+@register(*ADDITIVE)
+def additive(node):
+    ins, in_labels, out_labels = _labels(node)
+    options = einsum_options(in_labels, out_labels)
+    if ins and not _has_scalar_operand(node):
+        options += (((P,) * len(ins), P),)
+    return _spec(node, options)
+
+
+@register(*SCALING)
+def scaling(node):
+    """mul is linear in either factor, div in its numerator only."""
+    ins, in_labels, out_labels = _labels(node)
+    if node.meta["autopar.op"] == "mul":
+        linear = range(len(ins))
+    else:
+        first = node.args[0] if node.args else None
+        linear = [0] if isinstance(first, Node) and ins and ins[0] is first else []
+    return _spec(node, einsum_options(in_labels, out_labels, linear_in=linear))

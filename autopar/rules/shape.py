@@ -1,0 +1,176 @@
+"""View ops: reshape, transpose, expand, split and concatenate, indexing.
+
+A reshape keeps a split only on the leading dim of each group of dims it merges or splits,
+where contiguous chunks stay contiguous; the size arguments of view, reshape and expand are
+rewritten to the local shape by codegen through each spec's ``rewrite``.
+"""
+
+from __future__ import annotations
+
+from torch.fx import Node
+
+from . import (P, R, OpSpec, Shard, arg, einsum_options, io_bytes, norm_dim, register,
+               shape_of, tensor_inputs)
+
+
+def reshape_labels(in_shape, out_shape):
+    """Labels mapping a reshape's input dims to its output dims (``None``: never split)."""
+    in_l = [None] * len(in_shape)
+    out_l = [None] * len(out_shape)
+    ins = [i for i, s in enumerate(in_shape) if s != 1]
+    outs = [j for j, s in enumerate(out_shape) if s != 1]
+    a = b = 0
+    while a < len(ins) and b < len(outs):
+        ga, gb = [ins[a]], [outs[b]]
+        pa, pb = in_shape[ins[a]], out_shape[outs[b]]
+        while pa != pb:
+            if pa < pb:
+                a += 1
+                pa *= in_shape[ins[a]]
+                ga.append(ins[a])
+            else:
+                b += 1
+                pb *= out_shape[outs[b]]
+                gb.append(outs[b])
+        label = f"g{len(ga)}_{ga[0]}"
+        in_l[ga[0]] = out_l[gb[0]] = label
+        a += 1
+        b += 1
+    return in_l, out_l
+
+
+def _rewrite_sizes(args, kwargs, local_shape):
+    """``x.view(2, 3)`` / ``x.view((2, 3))`` / ``torch.reshape(x, (2, 3))`` -> local sizes."""
+    if "size" in kwargs or "shape" in kwargs:
+        key = "size" if "size" in kwargs else "shape"
+        return args, {**kwargs, key: tuple(local_shape)}
+    return (args[0], tuple(local_shape)), kwargs
+
+
+def _spec(node, options, rewrite=None):
+    return OpSpec(options, 0.0, io_bytes(node), rewrite=rewrite)
+
+
+@register("view", "reshape", "flatten", "unsqueeze", "squeeze", "view_as", "ravel")
+def reshape(node):
+    ins = tensor_inputs(node)
+    x = ins[0]
+    in_l, out_l = reshape_labels(shape_of(x), shape_of(node))
+    in_labels = [in_l] + [out_l] * (len(ins) - 1)  # view_as(other): other shaped as the output
+    op = node.meta["autopar.op"]
+    rewrite = _rewrite_sizes if op in ("view", "reshape") else None
+    if op == "view" and len(node.args) == 2 and not isinstance(node.args[1], (int, list, tuple)):
+        rewrite = None  # view(dtype)
+    return _spec(node, einsum_options(in_labels, out_l, linear_in=(0,)), rewrite)
+
+
+@register("transpose", "permute", "t", "movedim", "adjoint")
+def permute(node):
+    x = tensor_inputs(node)[0]
+    nd = len(shape_of(x))
+    op = node.meta["autopar.op"]
+    order = list(range(nd))
+    if op == "permute":
+        dims = node.args[1:] if len(node.args) > 2 else arg(node, 1, "dims")
+        order = [norm_dim(d, nd) for d in dims]
+    elif op in ("t", "adjoint") or op == "transpose":
+        d0, d1 = (0, 1) if op == "t" else (arg(node, 1, "dim0"), arg(node, 2, "dim1"))
+        if op == "adjoint":
+            d0, d1 = -2, -1
+        d0, d1 = norm_dim(d0, nd), norm_dim(d1, nd)
+        order[d0], order[d1] = order[d1], order[d0]
+    else:  # movedim(src, dst) with ints
+        src, dst = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
+        order.remove(src)
+        order.insert(dst, src)
+    in_l = [f"d{i}" for i in range(nd)]
+    out_l = [in_l[i] for i in order]
+    return _spec(node, einsum_options([in_l], out_l, linear_in=(0,)))
+
+
+@register("expand", "expand_as", "broadcast_to")
+def expand(node):
+    ins = tensor_inputs(node)
+    xs, out = shape_of(ins[0]), shape_of(node)
+    out_l = [f"d{i}" for i in range(len(out))]
+    off = len(out) - len(xs)
+    in_l = [out_l[i + off] if s == out[i + off] else None for i, s in enumerate(xs)]
+    in_labels = [in_l] + [out_l] * (len(ins) - 1)
+    rewrite = _rewrite_sizes if node.meta["autopar.op"] in ("expand", "broadcast_to") else None
+    return _spec(node, einsum_options(in_labels, out_l, linear_in=(0,)), rewrite)
+
+
+@register("repeat_interleave")
+def repeat_interleave(node):
+    ins = tensor_inputs(node)
+    dim = arg(node, 2, "dim")
+    if len(ins) != 1 or dim is None:
+        return _spec(node, ((tuple(R for _ in ins), R),))
+    labels = [f"d{i}" for i in range(len(shape_of(ins[0])))]
+    return _spec(node, einsum_options([labels], labels, linear_in=(0,)))
+
+
+@register("split", "chunk", "unbind", "tensor_split", "split_with_sizes")
+def split(node):
+    x = tensor_inputs(node)[0]
+    nd = len(shape_of(x))
+    op = node.meta["autopar.op"]
+    dim = norm_dim(arg(node, 1 if op == "unbind" else 2, "dim", 0), nd)
+    in_l = [None if i == dim else f"d{i}" for i in range(nd)]
+    out_l = [l for i, l in enumerate(in_l) if not (op == "unbind" and i == dim)]
+    return _spec(node, einsum_options([in_l], out_l, linear_in=(0,)))
+
+
+@register("cat", "stack")
+def cat(node):
+    ins = tensor_inputs(node)
+    nd = len(shape_of(ins[0]))
+    op = node.meta["autopar.op"]
+    out_nd = len(shape_of(node))
+    dim = norm_dim(arg(node, 1, "dim", 0), out_nd)
+    if op == "cat":
+        in_l = [None if i == dim else f"d{i}" for i in range(nd)]
+        out_l = in_l
+    else:
+        in_l = [f"d{i}" for i in range(nd)]
+        out_l = in_l[:dim] + [None] + in_l[dim:]
+    options = einsum_options([in_l] * len(ins), out_l) + (((P,) * len(ins), P),)
+    return _spec(node, options)
+
+
+@register("getitem")
+def getitem(node):
+    src, index = node.args
+    if isinstance(src, Node) and isinstance(src.meta.get("val"), (tuple, list)):
+        labels = [f"d{i}" for i in range(len(shape_of(node)))]
+        return _spec(node, einsum_options([labels], labels, linear_in=(0,)))
+    return _spec(node, _index_options(node, src, index))
+
+
+def _index_options(node, src, index):
+    """Basic indexing: full slices keep a dim splittable, partial slices and ints do not;
+    tensor indices make the whole op replicated."""
+    ins = tensor_inputs(node)
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(i, Node) for i in items) or len(ins) != 1:
+        return ((tuple(R for _ in ins), R),)
+    shape = shape_of(src)
+    explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
+    if Ellipsis in items:
+        k = items.index(Ellipsis)
+        items = items[:k] + [slice(None)] * (len(shape) - explicit) + items[k + 1:]
+    else:
+        items = items + [slice(None)] * (len(shape) - explicit)
+    in_l, out_l, d = [], [], 0
+    for item in items:
+        if item is None:
+            out_l.append(None)
+            continue
+        label = f"d{d}"
+        full = isinstance(item, slice) and item.step in (None, 1) and \
+            item.start in (None, 0) and (item.stop is None or item.stop >= shape[d])
+        in_l.append(label if full else None)
+        if isinstance(item, slice):
+            out_l.append(label if full else None)
+        d += 1
+    return einsum_options([in_l], out_l, linear_in=(0,))

@@ -1,0 +1,1 @@
+"""Running rank programs: collectives, simulated and distributed execution."""

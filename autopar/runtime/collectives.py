@@ -1,0 +1,195 @@
+"""The collective ops a rank program calls, for real processes (torch.distributed).
+
+Each op is a plain function named in the generated code (``all_gather(x, 0, 'tp')``) whose
+forward and backward follow the table in :mod:`autopar.redistribute`; the communication is
+``torch.distributed._functional_collectives`` on the active mesh's sub-groups. In simulated
+mode the same functions are never called: :mod:`autopar.runtime.simulate` runs every rank
+together and replaces each by an op over the list of per-rank values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+
+_ACTIVE = {"mesh": None}
+
+
+def set_active_mesh(mesh) -> None:
+    """The DeviceMesh the collectives of rank programs in this process run over."""
+    _ACTIVE["mesh"] = mesh
+
+
+def _group(axis: str):
+    mesh = _ACTIVE["mesh"]
+    if mesh is None:
+        raise RuntimeError("no device mesh is active: run rank programs through their "
+                           "ParallelModule, which sets it up")
+    return (mesh, mesh.mesh_dim_names.index(axis))
+
+
+def _size(axis: str) -> int:
+    mesh, i = _group(axis)
+    return mesh.size(i)
+
+
+def _coord(axis: str) -> int:
+    mesh, i = _group(axis)
+    return mesh.get_local_rank(i)
+
+
+def _wait(t):
+    return funcol.wait_tensor(t) if isinstance(t, funcol.AsyncCollectiveTensor) else t
+
+
+def _gather(x, dim, axis):
+    return _wait(funcol.all_gather_tensor(x.contiguous(), dim, _group(axis)))
+
+
+def _reduce(x, axis):
+    return _wait(funcol.all_reduce(x.contiguous(), "sum", _group(axis)))
+
+
+def _scatter(x, dim, axis):
+    return _wait(funcol.reduce_scatter_tensor(x.contiguous(), "sum", dim, _group(axis)))
+
+
+def _slice(x, dim, axis):
+    return x.chunk(_size(axis), dim)[_coord(axis)].contiguous()
+
+
+def _exchange(x, split_dim, cat_dim, axis):
+    n = _size(axis)
+    chunks = torch.stack([c.contiguous() for c in x.chunk(n, split_dim)])
+    out = _wait(funcol.all_to_all_single(chunks.reshape(n, -1), None, None, _group(axis)))
+    pieces = out.reshape(chunks.shape).unbind(0)
+    return torch.cat(pieces, cat_dim)
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, axis):
+        ctx.dim, ctx.axis = dim, axis
+        return _gather(x, dim, axis)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _slice(g, ctx.dim, ctx.axis), None, None
+
+
+class _Shard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, axis):
+        ctx.dim, ctx.axis = dim, axis
+        return _slice(x, dim, axis)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather(g, ctx.dim, ctx.axis), None, None
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, axis):
+        return _reduce(x, axis)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, axis):
+        ctx.dim, ctx.axis = dim, axis
+        return _scatter(x, dim, axis)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather(g, ctx.dim, ctx.axis), None, None
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gather_dim, split_dim, axis):
+        ctx.dims, ctx.axis = (gather_dim, split_dim), axis
+        return _exchange(x, split_dim, gather_dim, axis)
+
+    @staticmethod
+    def backward(ctx, g):
+        gather_dim, split_dim = ctx.dims
+        return _exchange(g, gather_dim, split_dim, ctx.axis), None, None, None
+
+
+class _ToPartial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, axis):
+        return x.clone() if _coord(axis) == 0 else torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GradSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, axis):
+        ctx.axis = axis
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce(g, ctx.axis), None
+
+
+def all_gather(x, dim: int, axis: str):
+    """S(dim) -> R on ``axis``; backward takes this rank's slice of the gradient."""
+    return _AllGather.apply(x, dim, axis)
+
+
+def shard(x, dim: int, axis: str):
+    """R -> S(dim) on ``axis``: keep this rank's slice; backward all-gathers the gradient."""
+    return _Shard.apply(x, dim, axis)
+
+
+def all_reduce(x, axis: str):
+    """P -> R on ``axis``; backward is the identity."""
+    return _AllReduce.apply(x, axis)
+
+
+def reduce_scatter(x, dim: int, axis: str):
+    """P -> S(dim) on ``axis``; backward all-gathers the gradient."""
+    return _ReduceScatter.apply(x, dim, axis)
+
+
+def all_to_all(x, gather_dim: int, split_dim: int, axis: str):
+    """S(gather_dim) -> S(split_dim) on ``axis``; backward exchanges back."""
+    return _AllToAll.apply(x, gather_dim, split_dim, axis)
+
+
+def to_partial(x, axis: str):
+    """R -> P on ``axis``: coordinate 0 keeps the value, the others hold zeros."""
+    return _ToPartial.apply(x, axis)
+
+
+def grad_sum(x, axis: str):
+    """Identity forward; backward all-reduces the gradient over ``axis`` (Megatron's f):
+    a replicated value feeding work split over ``axis`` gets only part of its gradient."""
+    return _GradSum.apply(x, axis)
+
+
+COLLECTIVES = {all_gather, shard, all_reduce, reduce_scatter, all_to_all, to_partial, grad_sum}
+STEP_FUNCTIONS = {"all_gather": all_gather, "shard": shard, "all_reduce": all_reduce,
+                  "reduce_scatter": reduce_scatter, "all_to_all": all_to_all,
+                  "to_partial": to_partial}
+
+
+def step_call(step, axis_names):
+    """(function, extra args) that carry out a :class:`~autopar.redistribute.Step`."""
+    fn = STEP_FUNCTIONS[step.kind]
+    axis = axis_names[step.axis]
+    if step.kind in ("all_reduce", "to_partial"):
+        return fn, (axis,)
+    if step.kind == "all_to_all":
+        return fn, (step.dim, step.dim2, axis)
+    return fn, (step.dim, axis)

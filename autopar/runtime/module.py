@@ -1,0 +1,212 @@
+"""ParallelModule: this rank's parameter shards and the rewritten program, as an nn.Module.
+
+In simulated mode it holds every rank's shards and runs all ranks together; in distributed
+mode (one process per rank under torchrun) it holds this rank's shards and runs collectives
+over a DeviceMesh. Its ``parameters()`` are the local shards, so any torch.optim optimizer
+works unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from ..errors import InputError, PlanError
+from ..mesh import Mesh
+from ..placement import Shard, format_layout, replicated
+from ..redistribute import plan_steps
+from . import collectives as C
+from .simulate import merge_replicated, run_collective, run_ranks
+
+
+def shard_tensor(full: torch.Tensor, layout, mesh: Mesh, coord) -> torch.Tensor:
+    """This coordinate's piece of ``full`` under ``layout`` (outer axis splits first)."""
+    t = full
+    for a, p in enumerate(layout):
+        if isinstance(p, Shard):
+            t = t.chunk(mesh.shape[a], p.dim)[coord[a]]
+    return t
+
+
+class ParallelModule(torch.nn.Module):
+    """The distributed program of one planned model (see :func:`autopar.compile`)."""
+
+    def __init__(self, captured, plan, program, source, simulate: bool):
+        super().__init__()
+        self.plan = plan
+        self.simulate = simulate
+        self._captured = captured
+        self._program = program
+        self._mesh = program.mesh
+        self._fqn_of = {name: fqn for name, (fqn, _) in program.attrs.items()}
+        if simulate:
+            self._coords = [self._mesh.coordinate(r) for r in range(self._mesh.size)]
+            self.ranks = torch.nn.ModuleList(
+                self._build(source, c) for c in self._coords)
+            self._device_mesh = None
+        else:
+            self._device_mesh = _init_distributed(plan, self._mesh)
+            coord = tuple(self._device_mesh.get_coordinate())
+            self._coords = [coord]
+            self.program = self._build(source, coord, device=_device_of(self._device_mesh))
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def _build(self, source, coord, device=None) -> fx.GraphModule:
+        root = torch.nn.Module()
+        for name, (fqn, layout) in self._program.attrs.items():
+            full = source[fqn]
+            piece = shard_tensor(full.detach(), layout, self._mesh, coord).clone()
+            if device is not None:
+                piece = piece.to(device)
+            if isinstance(full, torch.nn.Parameter):
+                root.register_parameter(name, torch.nn.Parameter(
+                    piece, requires_grad=full.requires_grad))
+            else:
+                root.register_buffer(name, piece)
+        graph = copy.deepcopy(self._program.graph)
+        gm = fx.GraphModule(root, graph, "RankProgram")
+        return gm
+
+    # -- running --------------------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        inputs = self._captured.flatten_inputs(args, kwargs)
+        self._check_inputs(inputs)
+        if self.simulate:
+            per_rank = run_ranks(list(self.ranks), self._mesh, inputs)
+            outs = [merge_replicated([per_rank[r][i] for r in range(len(per_rank))])
+                    for i in range(len(per_rank[0]))]
+        else:
+            C.set_active_mesh(self._device_mesh)
+            device = _device_of(self._device_mesh)
+            outs = self.program(*[x.to(device) for x in inputs])
+        return self._captured.unflatten_outputs(list(outs), inputs)
+
+    def _check_inputs(self, inputs):
+        for x, (name, shape, dtype) in zip(inputs, self._program.input_shapes):
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape or x.dtype != dtype:
+                got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
+                raise InputError(f"input {name!r}: planned for shape {shape} {dtype}, got "
+                                 f"{got}; call with the example's shapes or compile again "
+                                 "with example_inputs of the new shape")
+
+    # -- inspection -----------------------------------------------------------------------------
+
+    @property
+    def code(self) -> str:
+        """This rank's program as Python source, each value's layout in a comment."""
+        from autopar.passes.generate_rank_program import annotate_code
+        gm = self.ranks[0] if self.simulate else self.program
+        header = (f"# autopar rank program: mesh {self._mesh}, plan {self.plan.fingerprint()}\n"
+                  "# layouts: R replicated, S(d) split on dim d, P partial sum; one per axis\n")
+        return header + annotate_code(gm.code, self._program.layouts)
+
+    def rank_program(self, rank: int | None = None) -> fx.GraphModule:
+        """The fx.GraphModule rank ``rank`` runs (simulated mode: any rank)."""
+        if self.simulate:
+            if rank is None:
+                rank = 0
+            if not 0 <= rank < self._mesh.size:
+                raise PlanError(f"rank {rank} is outside the mesh of {self._mesh.size} ranks")
+            return self.ranks[rank]
+        own = dist.get_rank()
+        if rank not in (None, own):
+            raise PlanError(f"rank {rank}: this process is rank {own} and holds only its own "
+                            "program; use simulate=True to inspect any rank")
+        return self.program
+
+    # -- whole tensors --------------------------------------------------------------------------
+
+    def _per_rank(self, name):
+        mods = list(self.ranks) if self.simulate else [self.program]
+        return [getattr(m, name) for m in mods]
+
+    def _gather(self, vals, layout):
+        steps = plan_steps(tuple(layout), replicated(self._mesh.ndim))
+        with torch.no_grad():
+            vals = [v.detach() for v in vals]
+            for step in steps:
+                fn, extra = C.step_call(step, self._mesh.names)
+                if self.simulate:
+                    vals = run_collective(fn, vals, self._mesh, extra)
+                else:
+                    C.set_active_mesh(self._device_mesh)
+                    vals = [fn(vals[0], *extra)]
+        return vals[0].clone()
+
+    def full_state_dict(self) -> dict:
+        """Every parameter and buffer gathered to its full tensor, keyed by the original FQN."""
+        out = {}
+        for name, (fqn, layout) in self._program.attrs.items():
+            out[fqn] = self._gather(self._per_rank(name), layout)
+        return out
+
+    def full_grad_dict(self) -> dict:
+        """The gradient of every parameter gathered to a full tensor (None where unset)."""
+        out = {}
+        for name, (fqn, layout) in self._program.attrs.items():
+            shards = self._per_rank(name)
+            if not isinstance(shards[0], torch.nn.Parameter):
+                continue
+            if all(s.grad is None for s in shards):
+                out[fqn] = None
+                continue
+            grads = [torch.zeros_like(s) if s.grad is None else s.grad for s in shards]
+            out[fqn] = self._gather(grads, layout)
+        return out
+
+    def load_full_state_dict(self, state_dict: dict) -> None:
+        """Copy full tensors (FQNs as in the original model) into this module's shards."""
+        missing = [fqn for fqn, _ in self._program.attrs.values() if fqn not in state_dict]
+        if missing:
+            raise PlanError(f"state dict lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                            "; pass a full state dict of the original model")
+        mods = list(self.ranks) if self.simulate else [self.program]
+        with torch.no_grad():
+            for name, (fqn, layout) in self._program.attrs.items():
+                full = state_dict[fqn]
+                for m, coord in zip(mods, self._coords):
+                    t = getattr(m, name)
+                    piece = shard_tensor(full, layout, self._mesh, coord)
+                    if piece.shape != t.shape:
+                        raise PlanError(f"{fqn}: state dict tensor of shape {tuple(full.shape)} "
+                                        f"does not match the planned shape")
+                    t.copy_(piece)
+
+    def extra_repr(self) -> str:
+        return (f"mesh={self._mesh}, mode={'simulated' if self.simulate else 'distributed'}, "
+                f"params={len(self._program.attrs)}")
+
+
+def _device_of(device_mesh) -> torch.device:
+    if device_mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device_mesh.device_type)
+
+
+def _init_distributed(plan, mesh: Mesh):
+    if not (dist.is_available() and dist.is_initialized()):
+        raise PlanError("torch.distributed is not initialized: launch with torchrun and call "
+                        "torch.distributed.init_process_group(), or pass simulate=True to run "
+                        "all ranks in this process")
+    world = dist.get_world_size()
+    if world != mesh.size:
+        raise PlanError(f"the plan is for {mesh.size} ranks (mesh {mesh}) but torch.distributed "
+                        f"has world size {world}; launch with --nproc_per_node {mesh.size} or "
+                        f"plan for a cluster of {world} devices")
+    mine = plan.fingerprint()
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    if len(set(every)) != 1:
+        raise PlanError(f"ranks derived different plans ({sorted(set(every))}); every rank must "
+                        "plan the same model, inputs and cluster (same code, shapes and options)")
+    from torch.distributed.device_mesh import init_device_mesh
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    if device_type == "cuda":
+        import os
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return init_device_mesh(device_type, mesh.shape, mesh_dim_names=mesh.names)

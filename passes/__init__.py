@@ -1,0 +1,67 @@
+"""autopar's compiler passes and the one runner that runs them.
+
+A pass is a plain function ``(gm, ctx) -> gm``. Per-node facts live in ``node.meta`` under
+namespaced keys (``"autopar.op"``, ``"autopar.strategy"``, ...) besides fx's own ``"val"``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from autopar.errors import AutoparError
+
+
+class PassError(RuntimeError):
+    """A pass failed on a program it should have handled."""
+
+
+@dataclass
+class PassContext:
+    """What passes share: the target, the user's options, and what earlier passes found."""
+
+    cluster: object = None
+    mesh: object = None                 # autopar.mesh.Mesh, chosen by assign_layouts
+    mesh_request: dict | None = None    # the user's mesh=
+    constraints: dict = field(default_factory=dict)
+    example_inputs: list = field(default_factory=list)   # flat, one per placeholder
+    input_names: list = field(default_factory=list)
+    param_fqns: list = field(default_factory=list)
+    strict_coverage: bool = False
+    unsupported: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    plan: object = None
+    program: object = None
+
+
+def run_passes(gm, ctx: PassContext, passes) -> object:
+    """Run ``passes`` in order, timing each into ``ctx.stats["seconds"]``."""
+    done = []
+    seconds = ctx.stats.setdefault("seconds", {})
+    for p in passes:
+        start = time.perf_counter()
+        try:
+            gm = p(gm, ctx)
+        except AutoparError:
+            raise
+        except Exception as e:
+            raise PassError(f"pass {p.__name__} failed after {done}: "
+                            f"{type(e).__name__}: {e}") from e
+        seconds[p.__name__] = seconds.get(p.__name__, 0.0) + time.perf_counter() - start
+        done.append(p.__name__)
+    return gm
+
+
+from .normalize_graph import normalize_graph  # noqa: E402
+from .annotate_shapes import annotate_shapes  # noqa: E402
+from .simplify_graph import simplify_graph  # noqa: E402
+from .check_coverage import check_coverage  # noqa: E402
+from .assign_layouts import assign_layouts  # noqa: E402
+from .generate_rank_program import generate_rank_program  # noqa: E402
+
+ANALYSIS = [normalize_graph, annotate_shapes, simplify_graph, check_coverage]
+PIPELINE = ANALYSIS + [assign_layouts, generate_rank_program]
+
+__all__ = ["PassContext", "PassError", "run_passes", "ANALYSIS", "PIPELINE", "normalize_graph",
+           "annotate_shapes", "simplify_graph", "check_coverage", "assign_layouts",
+           "generate_rank_program"]

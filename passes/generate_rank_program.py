@@ -1,0 +1,142 @@
+"""generate_rank_program: rewrite the planned graph into the SPMD program every rank runs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.fx import Node
+from torch.utils._pytree import tree_map
+
+from autopar.placement import Replicate, format_layout, local_shape, replicated
+from autopar.redistribute import plan_steps
+from autopar.rules import shape_of, tensor_inputs
+from autopar.runtime.collectives import grad_sum, step_call
+
+
+@dataclass
+class RankProgram:
+    """The per-rank program: one graph for all ranks, and how to shard each attribute."""
+
+    graph: fx.Graph
+    attrs: dict            # local attribute name -> (FQN, layout)
+    mesh: object
+    input_shapes: list     # global shape and dtype per placeholder
+    layouts: dict          # node name -> layout, for comments in the code
+
+
+def generate_rank_program(gm, ctx):
+    """Emit local shapes, local parameter shards and a collective on every edge whose layouts
+    differ, with the gradient-sum rule; outputs come back replicated.
+
+    Reads ``node.meta["autopar.strategy"]``, ``"autopar.layout"``, ``"val"``; sets
+    ``ctx.program``.
+    """
+    mesh = ctx.mesh
+    g = fx.Graph()
+    emit = _Emitter(g, mesh.names)
+    env, attrs, input_shapes = {}, {}, []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            p = g.placeholder(node.name)
+            emit.layouts[p.name] = replicated(mesh.ndim)
+            val = node.meta["val"]
+            input_shapes.append((node.name, tuple(val.shape), val.dtype))
+            env[node] = emit.convert(p, replicated(mesh.ndim), node.meta["autopar.layout"])
+        elif node.op == "get_attr":
+            name = _attr_name(node.target, attrs)
+            attrs[name] = (node.target, node.meta["autopar.layout"])
+            a = g.get_attr(name)
+            emit.layouts[a.name] = node.meta["autopar.layout"]
+            env[node] = a
+        elif node.op in ("call_function", "call_method"):
+            env[node] = _emit_op(node, env, emit, mesh)
+        elif node.op == "output":
+            outs = [emit.convert(env[v], v.meta["autopar.layout"], replicated(mesh.ndim))
+                    for v in node.args[0]]
+            g.output(tuple(outs))
+    g.lint()
+    ctx.program = RankProgram(g, attrs, mesh, input_shapes, emit.layouts)
+    return gm
+
+
+def _emit_op(node, env, emit, mesh):
+    strat = node.meta["autopar.strategy"]
+    local = {}
+    for src, need in zip(tensor_inputs(node), strat.inputs):
+        v = emit.convert(env[src], src.meta["autopar.layout"], need)
+        if _floating(src):
+            # gradient-sum rule: a replicated input of work split over an axis gets only a
+            # partial gradient there, so its backward all-reduces over that axis
+            for axis, (p, q) in enumerate(zip(need, strat.output)):
+                if isinstance(p, Replicate) and not isinstance(q, Replicate):
+                    v = emit.call(grad_sum, (v, mesh.names[axis]), need)
+        local[src] = v
+    args = tree_map(lambda a: local.get(a, env.get(a)) if isinstance(a, Node) else a, node.args)
+    kwargs = tree_map(lambda a: local.get(a, env.get(a)) if isinstance(a, Node) else a,
+                      node.kwargs)
+    if strat.spec.rewrite is not None:
+        args, kwargs = strat.spec.rewrite(args, kwargs,
+                                          local_shape(shape_of(node), strat.output, mesh.shape))
+    n = emit.graph.create_node(node.op, node.target, tuple(args), dict(kwargs), name=node.name)
+    n.meta["autopar.op"] = node.meta["autopar.op"]
+    emit.layouts[n.name] = strat.output
+    return n
+
+
+class _Emitter:
+    def __init__(self, graph, axis_names):
+        self.graph = graph
+        self.axis_names = axis_names
+        self.layouts = {}
+        self._cache = {}
+
+    def call(self, fn, args, layout):
+        n = self.graph.call_function(fn, args)
+        n.meta["autopar.op"] = fn.__name__
+        self.layouts[n.name] = layout
+        return n
+
+    def convert(self, value, src, dst):
+        """``value`` held in layout ``src`` -> the same value in layout ``dst``."""
+        key = (value, tuple(dst))
+        if key in self._cache:
+            return self._cache[key]
+        cur = list(src)
+        out = value
+        for step in plan_steps(tuple(src), tuple(dst)):
+            fn, extra = step_call(step, self.axis_names)
+            cur[step.axis] = dst[step.axis] if step.kind not in ("all_gather", "all_reduce") \
+                else Replicate()
+            out = self.call(fn, (out, *extra), tuple(cur))
+        self._cache[key] = out
+        return out
+
+
+def _floating(node) -> bool:
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (tuple, list)) else [val]
+    return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in vals)
+
+
+def _attr_name(fqn: str, taken: dict) -> str:
+    base = re.sub(r"[^0-9a-zA-Z_]", "_", fqn)
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def annotate_code(code: str, layouts: dict) -> str:
+    """Append each value's layout as a comment on the line that defines it."""
+    out = []
+    for line in code.splitlines():
+        m = re.match(r"\s+(\w+) = ", line)
+        if m and m.group(1) in layouts:
+            line = f"{line}  # {format_layout(layouts[m.group(1)])}"
+        elif line.lstrip().startswith("def forward"):
+            pass
+        out.append(line)
+    return "\n".join(out)

@@ -1,0 +1,131 @@
+"""simplify_graph: fold size arithmetic into constants and rewrite ops into plannable pieces."""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from autopar.graph_utils import as_constant, is_foldable_constant, replace_with_constant
+from autopar.rules import arg, is_tensor_like, norm_dim
+from autopar.rules.names import canonical_name
+
+from .annotate_shapes import annotate_shapes
+
+_REDUCTION = {0: "none", 1: "mean", 2: "sum"}
+
+
+def simplify_graph(gm, ctx):
+    """Specialize and decompose, so that every remaining op has a simple rule.
+
+    Reads ``node.meta["val"]`` and ``"autopar.op"``; rewrites the graph and re-annotates it.
+    - Nodes computing Python values (``x.size(0)``, ``C // n_head``) become constants: the
+      program is specialized to the planned shapes, and codegen rewrites sizes per rank.
+    - ``mean`` becomes ``sum / count`` and ``cross_entropy(reduction="mean")`` becomes
+      ``cross_entropy(reduction="sum") / (number of counted targets)``, so that a split batch
+      or feature dim yields a Partial sum instead of a wrong local mean.
+    - ``x.type_as(y)`` and ``x.to(y)`` become ``x.to(dtype)``: ``y`` is read only for its dtype.
+    """
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method"):
+            continue
+        val = node.meta.get("val")
+        if not is_tensor_like(val) and is_foldable_constant(val):
+            replace_with_constant(node, as_constant(val))
+            changed = True
+            continue
+        op = node.meta.get("autopar.op")
+        rewrite = _REWRITES.get(op)
+        if rewrite is not None and rewrite(gm.graph, node):
+            changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+        annotate_shapes(gm, ctx)
+    return gm
+
+
+def _insert(graph, before, target, args, kwargs=None):
+    with graph.inserting_before(before):
+        n = graph.call_function(target, tuple(args), kwargs or {})
+    n.meta["autopar.op"] = canonical_name(n)
+    if "nn_module_stack" in before.meta:
+        n.meta["nn_module_stack"] = before.meta["nn_module_stack"]
+    if "stack_trace" in before.meta:
+        n.meta["stack_trace"] = before.meta["stack_trace"]
+    return n
+
+
+def _mean(graph, node):
+    x = node.args[0]
+    if node.kwargs.get("dtype") is not None or not isinstance(x.meta.get("val"), torch.Tensor) \
+            or not x.meta["val"].is_floating_point():
+        return False
+    shape = tuple(x.meta["val"].shape)
+    dim = arg(node, 1, "dim")
+    keepdim = bool(arg(node, 2, "keepdim", False))
+    if dim is None or dim == [] or dim == ():
+        dims, s_args = list(range(len(shape))), (x,)
+    else:
+        dims = [norm_dim(d, len(shape)) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
+        s_args = (x, dim, keepdim)
+    count = math.prod(shape[d] for d in dims)
+    total = _insert(graph, node, torch.sum, s_args)
+    mean = _insert(graph, node, operator.truediv, (total, count))
+    node.replace_all_uses_with(mean)
+    graph.erase_node(node)
+    return True
+
+
+def _cross_entropy(graph, node):
+    if node.meta["autopar.op"] == "cross_entropy_loss":  # torch._C._nn spelling (Dynamo)
+        logits, target, weight = node.args[0], node.args[1], arg(node, 2, "weight")
+        reduction = _REDUCTION.get(arg(node, 3, "reduction", 1))
+        ignore_index = arg(node, 4, "ignore_index", -100)
+        smoothing = arg(node, 5, "label_smoothing", 0.0)
+    else:
+        logits, target, weight = node.args[0], arg(node, 1, "target"), arg(node, 2, "weight")
+        reduction = arg(node, 6, "reduction", "mean")
+        ignore_index = arg(node, 4, "ignore_index", -100)
+        smoothing = arg(node, 7, "label_smoothing", 0.0)
+        if arg(node, 3, "size_average") is not None or arg(node, 5, "reduce") is not None:
+            return False
+    tval = target.meta.get("val") if hasattr(target, "meta") else None
+    if weight is not None or smoothing or not isinstance(tval, torch.Tensor) \
+            or tval.is_floating_point():
+        return False
+    kw = {"ignore_index": ignore_index}
+    if reduction != "mean":
+        if node.meta["autopar.op"] == "cross_entropy":
+            return False
+        out = _insert(graph, node, F.cross_entropy, (logits, target), {**kw, "reduction": reduction})
+    else:
+        total = _insert(graph, node, F.cross_entropy, (logits, target), {**kw, "reduction": "sum"})
+        counted = _insert(graph, node, torch.ne, (target, ignore_index))
+        count = _insert(graph, node, torch.sum, (counted,))
+        out = _insert(graph, node, operator.truediv, (total, count))
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return True
+
+
+def _type_as(graph, node):
+    other = node.args[1] if len(node.args) > 1 else None
+    if node.meta["autopar.op"] == "to" and not (hasattr(other, "meta") and
+                                                isinstance(other.meta.get("val"), torch.Tensor)):
+        return False
+    if other is None or not isinstance(other.meta.get("val"), torch.Tensor):
+        return False
+    node.args = (node.args[0], other.meta["val"].dtype)
+    node.kwargs = {}
+    if node.op == "call_method":
+        node.target = "to"
+    node.meta["autopar.op"] = "to"
+    return True
+
+
+_REWRITES = {"mean": _mean, "cross_entropy": _cross_entropy, "cross_entropy_loss": _cross_entropy,
+             "type_as": _type_as, "to": _type_as}
