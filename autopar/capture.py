@@ -241,7 +241,6 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
     owners = {}
     for table in (consts, buffers, params):
         owners.update({id(t): fqn for fqn, t in table.items()})
-    root = torch.nn.Module()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     order, names, used_params, used_buffers = [], [], [], []
     input_names = [_clean(str(k)) for k in _leaf_names(tensors)]
@@ -255,7 +254,7 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
             raise CaptureError(f"Dynamo lifted a tensor that is neither an input nor a "
                                f"parameter or buffer of the model: {node.name} "
                                f"{tuple(value.shape)}; register it as a buffer")
-        _install(root, fqn, value, fqn in params)
+        _install(gm, fqn, value, fqn in params)
         (used_params if fqn in params else used_buffers).append(fqn)
         with gm.graph.inserting_before(node):
             attr = gm.graph.get_attr(fqn)
@@ -289,7 +288,7 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
             out_leaves.append(("const", leaf))
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     out_node.args = (tuple(tree_flatten(out_node.args[0])[0]),)
-    new = fx.GraphModule(root, gm.graph, type(model).__name__
+    new = fx.GraphModule(gm, gm.graph, type(model).__name__
                          if isinstance(model, torch.nn.Module) else "fn")
     _drop_unused(new)
     new.recompile()

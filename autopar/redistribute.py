@@ -41,22 +41,24 @@ def plan_steps(src: tuple, dst: tuple) -> list:
     n = len(src)
     cur = list(src)
     unshard = {i for i in range(n) if src[i] != dst[i]}
-    # an axis splitting dim d may only change once every later axis splitting d has been undone
+    # an axis may only split or unsplit dim d once every later (inner) axis splitting d has
+    # been undone; those are gathered here and split again afterwards
     changed = True
     while changed:
         changed = False
         for i in sorted(unshard):
-            if isinstance(src[i], Shard):
-                for j in range(i + 1, n):
-                    if j not in unshard and isinstance(src[j], Shard) and src[j].dim == src[i].dim:
-                        unshard.add(j)
-                        changed = True
+            dims = {p.dim for p in (src[i], dst[i]) if isinstance(p, Shard)}
+            for j in range(i + 1, n):
+                if j not in unshard and isinstance(src[j], Shard) and src[j].dim in dims:
+                    unshard.add(j)
+                    changed = True
     steps = []
     for i in sorted(unshard, reverse=True):
         s, d = cur[i], dst[i]
         others = [cur[j] for j in range(n) if j != i] + [dst[j] for j in range(n) if j != i]
         if isinstance(s, Shard):
-            if isinstance(d, Shard) and _free(d.dim, others) and _free(s.dim, others):
+            if isinstance(d, Shard) and d != s and _free(d.dim, others) and \
+                    _free(s.dim, others):
                 steps.append(Step("all_to_all", i, s.dim, d.dim))
                 cur[i] = d
                 continue

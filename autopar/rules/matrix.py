@@ -124,9 +124,13 @@ def attention(node):
     batch = _batch_labels(nb)
     labels = {q: batch + [None, None], k: batch + [None, None], v: batch + [None, None]}
     if mask is not None:
+        # the mask broadcasts against (*batch, q_len, k_len): its batch dims take the batch
+        # labels of q, k and v, its sequence dims stay whole
         ms = shape_of(mask)
-        (ml,), _ = broadcast_labels([ms], qs[:-1] + (ks[-2],))
-        labels[mask] = ml[:len(ml) - 2] + [None, None] if len(ml) >= 2 else [None] * len(ml)
+        scores = qs[:-1] + (ks[-2],)
+        (ml,), out_l = broadcast_labels([ms], scores)
+        labels[mask] = [batch[out_l.index(l)] if l is not None and out_l.index(l) < nb else None
+                        for l in ml]
     in_labels = [labels[x] for x in ins]
     options = einsum_options(in_labels, batch + [None, None])
     n = 1

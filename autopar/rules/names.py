@@ -31,6 +31,9 @@ _ALIASES = {
     "__getitem__": "getitem", "absolute": "abs", "clip": "clamp", "negative": "neg",
     "_unsafe_view": "view", "reshape_as": "view_as", "greater": "gt", "less": "lt",
     "not_equal": "ne", "greater_equal": "ge", "less_equal": "le",
+    # torch.mm compares equal to torch.dsmm and torch.spmm (one builtin), and dir() meets
+    # dsmm first
+    "dsmm": "mm", "spmm": "mm",
 }
 
 _FUNCTION_NAMES: dict = {}

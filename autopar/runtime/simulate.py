@@ -127,6 +127,26 @@ class _Replicated(torch.autograd.Function):
         return (g,) * ctx.n
 
 
+class _PerRankCopies(torch.autograd.Function):
+    """One copy of a user input per rank; backward takes rank 0's gradient, which is the whole
+    gradient of a replicated value on every rank (as each process of a real run holds its
+    own copy of the input)."""
+
+    @staticmethod
+    def forward(ctx, x, n):
+        return tuple(x.view_as(x) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *gs):
+        return gs[0], None
+
+
+def per_rank_copies(x, n: int) -> list:
+    if isinstance(x, torch.Tensor) and x.requires_grad:
+        return list(_PerRankCopies.apply(x, n))
+    return [x] * n
+
+
 def merge_replicated(per_rank: list):
     if isinstance(per_rank[0], torch.Tensor) and per_rank[0].is_floating_point():
         return _Replicated.apply(*per_rank)
@@ -148,8 +168,7 @@ def run_ranks(gms: list, mesh: Mesh, inputs: list) -> list:
 
     for node in graph.nodes:
         if node.op == "placeholder":
-            x = next(inputs)
-            env[node] = [x] * n
+            env[node] = per_rank_copies(next(inputs), n)
         elif node.op == "get_attr":
             env[node] = [_fetch(gm, node.target) for gm in gms]
         elif node.op == "call_function" and node.target in _SIM:

@@ -1,0 +1,84 @@
+"""Compare a parallel module with the single-device model: outputs, gradients, and parameters
+after optimizer steps. Shared by the simulated and the multi-process tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+# fp32: every compared tensor within this relative error of the single-device value
+RTOL = 1e-5
+
+
+# A gradient that is mathematically zero (a key bias: softmax ignores a shift shared by a row)
+# is float noise on both sides, and a bias initialized at zero holds only an optimizer step or
+# two; gradients and parameters are measured against at least this share of the model's
+# largest gradient or parameter entry.
+GRAD_FLOOR = 1e-2
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor, floor: float = 0.0) -> float:
+    """max |got - want| / max(max |want|, floor) (absolute where both are zero)."""
+    diff = (got.detach().double() - want.detach().double()).abs().max().item()
+    scale = max(want.detach().double().abs().max().item(), floor)
+    return diff / scale if scale > 0 else diff
+
+
+def assert_close(got, want, what: str, floor: float = 0.0):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = rel_error(got, want, floor)
+    assert err <= RTOL, f"{what}: relative error {err:.2e} > {RTOL:.0e}"
+    return err
+
+
+def loss_of(out, probe_seed=1):
+    """A scalar from any output: the output itself if scalar, else a fixed random projection."""
+    leaves = [x for x in tree_leaves(out) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    if len(leaves) >= 1 and leaves[0].dim() == 0:
+        return leaves[0]
+    g = torch.Generator().manual_seed(probe_seed)
+    return sum((x * torch.randn(x.shape, generator=g)).sum() for x in leaves)
+
+
+def check_training(pm, ref: torch.nn.Module, inputs, kwargs=None, steps=("sgd", "adamw")):
+    """Forward, backward, then one step of each optimizer in ``steps``; after each, compare
+    outputs, every gradient and every parameter. Returns the worst relative error seen."""
+    kwargs = kwargs or {}
+    worst = 0.0
+    for i, name in enumerate(steps):
+        out, want = pm(*inputs, **kwargs), ref(*inputs, **kwargs)
+        for a, b in zip(tree_leaves(out), tree_leaves(want)):
+            if isinstance(b, torch.Tensor):
+                worst = max(worst, assert_close(a, b, f"step {i} output"))
+        loss_of(out).backward()
+        loss_of(want).backward()
+        grads = pm.full_grad_dict()
+        floor = GRAD_FLOOR * max(p.grad.abs().max().item() for p in ref.parameters()
+                                 if p.grad is not None)
+        for fqn, p in ref.named_parameters():
+            if p.grad is not None:
+                worst = max(worst, assert_close(grads[fqn], p.grad, f"step {i} grad {fqn}",
+                                                floor))
+        opt_cls = torch.optim.SGD if name == "sgd" else torch.optim.AdamW
+        # AdamW's first step is about lr * sign(g) wherever |g| >> eps, so an entry whose true
+        # gradient is zero (a key bias: softmax ignores a shift shared by a row) would turn
+        # float rounding into an lr-sized step on either side; eps keeps such entries still.
+        opt_args = dict(lr=0.1) if name == "sgd" else dict(lr=1e-3, weight_decay=0.01, eps=1e-5)
+        opt, ref_opt = opt_cls(pm.parameters(), **opt_args), opt_cls(ref.parameters(), **opt_args)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        state = pm.full_state_dict()
+        floor = GRAD_FLOOR * max(p.detach().abs().max().item() for p in ref.parameters())
+        for fqn, p in ref.named_parameters():
+            worst = max(worst, assert_close(state[fqn], p, f"{name} step: parameter {fqn}",
+                                            floor))
+    return worst
+
+
+def twin(model):
+    """An independent copy, so the parallel module and the reference start equal."""
+    return copy.deepcopy(model)
