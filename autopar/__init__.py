@@ -9,7 +9,7 @@ from .api import Examination, compile, examine, plan
 from .cluster import Cluster, DeviceSpec, LinkSpec
 from .errors import AutoparError, CaptureError, InputError, PlanError
 from .placement import Partial, Replicate, Shard, format_layout, parse_layout
-from .plan import Cost, Plan
+from .plans import Cost, Plan
 from .runtime.module import ParallelModule
 
 __version__ = "0.1.0"

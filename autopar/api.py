@@ -121,6 +121,9 @@ def _decorate(target, cluster, example_inputs, opts):
             return LazyParallel(instance, cluster, opts)
         return build
     if callable(target):
+        if example_inputs is not None:
+            ex = example_inputs() if callable(example_inputs) else example_inputs
+            return _compile_now(target, cluster, ex, **opts)
         lazy = LazyParallel(target, cluster, opts)
         functools.update_wrapper(lazy, target, updated=())
         return lazy

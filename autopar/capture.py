@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import CaptureError, InputError
-from .graph_utils import replace_with_constant
+from .graph_utils import replace_with_constant, user_frame
 
 
 @dataclass
@@ -150,6 +151,11 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m, qualname):
         return False
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        node.meta["autopar.source"] = user_frame(traceback.extract_stack())
+        return node
 
 
 def _symbolic(model, sig, named) -> Captured:

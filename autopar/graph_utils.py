@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.fx import Node
 from torch.utils._pytree import tree_map
@@ -22,17 +24,28 @@ def where(node: Node) -> tuple:
     if stack:
         path = list(stack.values())[-1][0]
         path = path.replace("L['self'].", "").replace("L['self']", "")
-    trace = node.meta.get("stack_trace") or ""
-    loc = ""
-    for line in reversed(trace.strip().splitlines()):
+    if node.meta.get("autopar.source"):
+        return path or node.name, node.meta["autopar.source"]
+    frames = []
+    for line in (node.meta.get("stack_trace") or "").strip().splitlines():
         line = line.strip()
-        if line.startswith("File "):
-            parts = line.split('"')
-            if len(parts) >= 3:
-                lineno = line.split("line ")[-1].split(",")[0]
-                loc = f"{parts[1].split('/')[-1]}:{lineno}"
-            break
-    return path or node.name, loc
+        parts = line.split('"')
+        if line.startswith("File ") and len(parts) >= 3:
+            frames.append((parts[1], int(line.split("line ")[-1].split(",")[0])))
+    return path or node.name, user_frame(frames)
+
+
+def user_frame(frames) -> str:
+    """"file.py:line" of the innermost frame outside torch and autopar, from
+    ``(filename, lineno, ...)`` tuples or ``traceback.FrameSummary`` entries."""
+    import autopar
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(autopar.__file__),
+            os.path.dirname(os.path.dirname(autopar.__file__)) + os.sep + "passes")
+    for frame in reversed(list(frames)):
+        filename, lineno = frame[0], frame[1]
+        if not filename.startswith(skip) and not filename.startswith("<"):
+            return f"{os.path.basename(filename)}:{lineno}"
+    return ""
 
 
 def is_foldable_constant(val) -> bool:

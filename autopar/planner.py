@@ -165,3 +165,26 @@ def propagate(gm, mesh: Mesh, fixed: dict, pricer: Pricer) -> dict:
         node.meta["autopar.layout"] = best.output
         chosen[node] = best
     return chosen
+
+
+def estimate_cost(gm, chosen: dict, pricer: Pricer):
+    """A rough step time and memory for a propagated plan: compute shares, every input
+    redistribution counted for forward and backward, parameters and gradients in memory."""
+    from .plans import Cost
+    compute_s = sum(pricer.compute_s(s.spec.flops, s.output) for s in chosen.values())
+    comm_s = 0.0
+    for node, strat in chosen.items():
+        for src, need in zip(tensor_inputs(node), strat.inputs):
+            num_bytes = _value_bytes(src)
+            comm_s += 2 * pricer.redistribute_s(num_bytes, src.meta["autopar.layout"], need)
+            for axis, (p, q) in enumerate(zip(need, strat.output)):
+                if isinstance(p, Replicate) and not isinstance(q, Replicate):  # gradient sum
+                    partial = tuple(Partial() if i == axis else x for i, x in enumerate(need))
+                    comm_s += pricer.redistribute_s(num_bytes, partial, need)
+    memory = 0.0
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            val = node.meta["val"]
+            local = _value_bytes(node) * _fraction(node.meta["autopar.layout"], pricer.mesh)
+            memory += local * (2 if val.requires_grad else 1)
+    return Cost(compute_s + comm_s, compute_s, comm_s, memory)

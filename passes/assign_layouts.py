@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from autopar.errors import PlanError
-from autopar.plan import Cost, Plan
-from autopar.planner import (Pricer, choose_mesh, input_layout, propagate,
+from autopar.plans import Plan
+from autopar.planner import (Pricer, choose_mesh, estimate_cost, input_layout, propagate,
                              resolve_constraints)
-from autopar.placement import Replicate, Shard, format_layout, replicated
+from autopar.placement import Shard, replicated
 from autopar.rules import shape_of
 
 
@@ -25,22 +24,22 @@ def assign_layouts(gm, ctx):
                   if isinstance(p, Shard)}
     free_axes = [a for a in range(mesh.ndim) if a not in split_axes]
     fixed, inputs = {}, {}
+    names = iter(ctx.input_names)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             fixed[node] = pinned.get(node.target, replicated(mesh.ndim))
         elif node.op == "placeholder":
             fixed[node] = input_layout(shape_of(node), free_axes, mesh)
-            inputs[node.name] = fixed[node]
+            inputs[next(names, node.name)] = fixed[node]
     pricer = Pricer(ctx.cluster, mesh)
     chosen = propagate(gm, mesh, fixed, pricer)
-    compute_s = sum(pricer.compute_s(s.spec.flops, s.output) for s in chosen.values())
     ctx.plan = Plan(
         mesh=mesh.as_dict(),
         placements={n.target: fixed[n] for n in attrs},
         inputs=inputs,
         nodes={n.name: {"op": n.meta["autopar.op"], "inputs": list(s.inputs),
                         "output": s.output} for n, s in chosen.items()},
-        cost=Cost(total_s=compute_s, compute_s=compute_s),
+        cost=estimate_cost(gm, chosen, pricer),
         stats=ctx.stats,
         cluster=str(ctx.cluster),
     )

@@ -454,16 +454,21 @@ def test_strategy_matches_single_device(case_name, node_name, mesh_shape, strate
             assert_close(got, want, f"rank {r} gradient of {fqn} ({format_layout(layout)})")
 
 
-def test_every_case_offers_a_split():
-    """The parametrization above is not all-replicated: every case's op has at least one
-    strategy that splits work on each mesh (the factories excepted, which are made whole)."""
-    whole = {"arange", "zeros", "ones", "full", "new_zeros"}
+# ops whose every input and output stays whole: factories are made on every rank, and a max
+# over all dims has no Partial form (a Partial is a sum)
+WHOLE = {("arange", "arange"), ("zeros", "zeros"), ("ones", "ones"), ("full", "full"),
+         ("new_zeros", "new_zeros"), ("max_all", "max_1")}
+
+
+def test_only_whole_ops_are_replicated_only():
+    """The parametrization is not all-replicated: on every mesh each checked node is offered
+    a strategy that splits or leaves a Partial, except the few that must stay whole."""
+    splits = {}
     for name, node_name, mesh_shape, s in PARAMS:
-        pass
-    split = {}
-    for name, node_name, mesh_shape, s in PARAMS:
-        key = (name, node_name, mesh_shape)
-        split[key] = split.get(key, False) or any(
-            not isinstance(p, Replicate) for lay in (*s.inputs, s.output) for p in lay)
-    lonely = sorted(k for k, v in split.items() if not v and k[1].rstrip("_0123456789") not in whole)
-    assert not lonely, f"only the replicated strategy is offered for {lonely}"
+        split = any(not isinstance(p, Replicate) for lay in (*s.inputs, s.output) for p in lay)
+        splits[(name, node_name)] = splits.get((name, node_name), set()) | {(mesh_shape, split)}
+    replicated_only = {k for k, v in splits.items()
+                       if not any(split for _, split in v)}
+    assert replicated_only == WHOLE
+    for key, seen in splits.items():
+        assert {m for m, _ in seen} == set(MESH_SHAPES), f"{key} is missing a mesh"

@@ -74,13 +74,19 @@ def additive(node):
     return _spec(node, options)
 
 
+def _uses(node, x) -> int:
+    return sum(1 for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs)) if a is x)
+
+
 @register(*SCALING)
 def scaling(node):
-    """mul is linear in either factor, div in its numerator only."""
+    """mul is linear in either factor, div in its numerator only; neither is linear in a
+    value that appears twice (``x * x``, ``x / x``)."""
     ins, in_labels, out_labels = _labels(node)
     if node.meta["autopar.op"] == "mul":
-        linear = range(len(ins))
+        linear = [i for i, x in enumerate(ins) if _uses(node, x) == 1]
     else:
         first = node.args[0] if node.args else None
-        linear = [0] if isinstance(first, Node) and ins and ins[0] is first else []
+        linear = [0] if isinstance(first, Node) and ins and ins[0] is first \
+            and _uses(node, first) == 1 else []
     return _spec(node, einsum_options(in_labels, out_labels, linear_in=linear))

@@ -2,7 +2,7 @@
 
 A reduced dim that is split leaves a Partial result only where the reduction is a sum;
 ``mean`` and ``cross_entropy(reduction="mean")`` are rewritten into sums divided by a count
-before planning (``normalize_graph``), so they need no rule of their own for that case.
+before planning (``simplify_graph``), so they need no rule of their own for that case.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch.fx import Node
 
 from . import (P, R, OpSpec, Shard, arg, einsum_options, io_bytes, norm_dim, register,
-               shape_of, tensor_inputs)
+               shape_of, spec_for, tensor_inputs)
 
 
 def reshape_labels(in_shape, out_shape):
@@ -142,8 +142,13 @@ def cat(node):
 def getitem(node):
     src, index = node.args
     if isinstance(src, Node) and isinstance(src.meta.get("val"), (tuple, list)):
-        labels = [f"d{i}" for i in range(len(shape_of(node)))]
-        return _spec(node, einsum_options([labels], labels, linear_in=(0,)))
+        # a tuple is consumed in the layout it was made in: offer exactly the placements
+        # its producer can make (not a split dim of split, not Partial for max's indices)
+        made = []
+        for _, o in spec_for(src).options:
+            if o not in made:
+                made.append(o)
+        return _spec(node, tuple(((o,), o) for o in made))
     return _spec(node, _index_options(node, src, index))
 
 

@@ -12,6 +12,12 @@ from __future__ import annotations
 import torch
 import torch.distributed._functional_collectives as funcol
 
+# torch.distributed._functional_collectives is the traceable collective API (private, but the
+# one torch.compile understands). Checked against torch 2.5 through 2.13: the *_single names
+# replaced all_gather_tensor / reduce_scatter_tensor in 2.13, which still accepts the old ones.
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+
 _ACTIVE = {"mesh": None}
 
 
@@ -43,7 +49,7 @@ def _wait(t):
 
 
 def _gather(x, dim, axis):
-    return _wait(funcol.all_gather_tensor(x.contiguous(), dim, _group(axis)))
+    return _wait(_all_gather(x.contiguous(), dim, _group(axis)))
 
 
 def _reduce(x, axis):
@@ -51,7 +57,7 @@ def _reduce(x, axis):
 
 
 def _scatter(x, dim, axis):
-    return _wait(funcol.reduce_scatter_tensor(x.contiguous(), "sum", dim, _group(axis)))
+    return _wait(_reduce_scatter(x.contiguous(), "sum", dim, _group(axis)))
 
 
 def _slice(x, dim, axis):

@@ -103,7 +103,7 @@ class ParallelModule(torch.nn.Module):
         gm = self.ranks[0] if self.simulate else self.program
         header = (f"# autopar rank program: mesh {self._mesh}, plan {self.plan.fingerprint()}\n"
                   "# layouts: R replicated, S(d) split on dim d, P partial sum; one per axis\n")
-        return header + annotate_code(gm.code, self._program.layouts)
+        return header + annotate_code(gm.code.strip("\n"), self._program.layouts) + "\n"
 
     def rank_program(self, rank: int | None = None) -> fx.GraphModule:
         """The fx.GraphModule rank ``rank`` runs (simulated mode: any rank)."""

@@ -81,8 +81,7 @@ class Plan:
         from rich.console import Console
         from rich.table import Table
 
-        mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
-        table = Table(title=f"autopar plan: mesh {mesh} on {self.cluster}")
+        table = Table()
         if per == "op":
             for col in ("node", "op", "inputs", "output"):
                 table.add_column(col)
@@ -98,12 +97,21 @@ class Plan:
                 table.add_row(f"(input) {name}", format_layout(layout))
         c = self.cost
         buf = StringIO()
-        console = Console(file=buf, width=100, force_terminal=False)
+        console = Console(file=buf, width=120, force_terminal=False)
+        mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
+        console.print(f"autopar plan: mesh {mesh} on {self.cluster}")
         console.print(table)
-        console.print(f"predicted step: {c.total_s * 1e3:.3f} ms (compute {c.compute_s * 1e3:.3f} "
-                      f"ms, communication {c.comm_s * 1e3:.3f} ms); memory per device "
-                      f"{c.memory_bytes_per_device / 2**20:.1f} MiB")
+        console.print(f"predicted step {_seconds(c.total_s)} (compute {_seconds(c.compute_s)}, "
+                      f"communication {_seconds(c.comm_s)}); parameter memory per device "
+                      f"{c.memory_bytes_per_device / 2**20:.2f} MiB")
         return buf.getvalue()
 
     def __str__(self) -> str:
         return self.explain()
+
+
+def _seconds(t: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if t >= scale:
+            return f"{t / scale:.3g} {unit}"
+    return f"{t / 1e-9:.3g} ns"

@@ -1,0 +1,84 @@
+"""Cases run for real by tests/test_distributed.py: one process per rank, gloo on CPU.
+
+Each process runs every case in order (collectives need every rank in step), trains the
+parallel module and a single-device twin for three steps, and reports the worst relative
+error, or the error raised, per case.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "examples")]
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import autopar  # noqa: E402
+from equivalence import check_training, twin  # noqa: E402
+from test_e2e_simulated import make, megatron  # noqa: E402
+
+STEPS = ("sgd", "adamw", "adamw")
+
+
+def training_cases(world):
+    meshes = {f"{world}": {"tp": world}}
+    if world == 4:
+        meshes["2x2"] = {"dp": 2, "tp": 2}
+    for name in ("gpt", "llama"):
+        for mesh_id, axes in meshes.items():
+            yield f"{name}-default-{mesh_id}", name, dict(mesh=axes)
+            yield f"{name}-megatron-{mesh_id}", name, dict(mesh=axes,
+                                                         constraints=megatron(name, axes))
+
+
+def run_training(name, opts):
+    model, args, kwargs = make(name)
+    ref = twin(model)
+    pm = autopar.compile(model, autopar.Cluster.local(), example_inputs=kwargs or args, **opts)
+    assert not pm.simulate
+    return check_training(pm, ref, args, kwargs, steps=STEPS)
+
+
+def run_errors(world):
+    """Misuse in a real run gives a clear error on every rank, never a hang."""
+    out = {}
+    model, args, _ = make("mlp")
+    try:
+        autopar.compile(model, autopar.Cluster.local(world * 2), example_inputs=args)
+        out["world-size-mismatch"] = "no error"
+    except autopar.PlanError as e:
+        out["world-size-mismatch"] = f"PlanError: {e}"
+    opts = dict(mesh={"tp": world})
+    if dist.get_rank() == 0:
+        opts["constraints"] = {"fc1.weight": (autopar.Shard(0),)}
+    try:
+        autopar.compile(model, autopar.Cluster.local(), example_inputs=args, **opts)
+        out["plan-mismatch"] = "no error"
+    except autopar.PlanError as e:
+        out["plan-mismatch"] = f"PlanError: {e}"
+    return out
+
+
+def main(rank, world, port, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    results = {}
+    for case, name, opts in training_cases(world):
+        try:
+            results[case] = {"worst": run_training(name, opts)}
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            results[case] = {"error": f"{type(e).__name__}: {e}",
+                             "trace": traceback.format_exc()[-2000:]}
+    results.update({k: {"message": v} for k, v in run_errors(world).items()})
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
