@@ -14,6 +14,8 @@ from typing import Sequence
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement
 
+from .errors import PlanError
+
 __all__ = ["Shard", "Replicate", "Partial", "Placement", "Layout", "format_layout",
            "parse_layout", "local_shape", "is_shard", "is_partial", "is_replicate",
            "replicated"]
@@ -68,7 +70,7 @@ def parse_layout(text: str) -> Layout:
             out.append(Shard(int(text[i + 2:j])))
             i = j + 1
         else:
-            raise ValueError(f"cannot parse layout {text!r} at position {i}; "
+            raise PlanError(f"cannot parse layout {text!r} at position {i}; "
                              "write placements as R, P or S(dim), e.g. 'S(0)R'")
     return tuple(out)
 

@@ -1,0 +1,50 @@
+"""Every example runs, and every ```python block of the docs runs in order (one namespace per
+document)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCRIPTS = sorted(p for p in (ROOT / "examples").glob("*.py")
+                 if "__main__" in p.read_text())
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_example_runs(script):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "examples"))
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    if script.name == "quickstart.py":
+        assert "matches one device" in done.stdout
+
+
+def python_blocks(path):
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_doc_code_runs(doc, monkeypatch):
+    blocks = python_blocks(doc)
+    assert blocks, f"{doc.name} has no python example"
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    namespace = {"__name__": f"doc_{doc.stem}"}
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"{doc.name}[block {i}]", "exec"), namespace)
+        except Exception as e:
+            raise AssertionError(f"{doc.name} block {i} failed: {e}\n{block}") from e
+
+
+def test_readme_python_example_runs(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    [block] = python_blocks(ROOT / "README.md")
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
