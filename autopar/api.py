@@ -12,11 +12,13 @@ import torch
 from .capture import capture, normalize_example_inputs
 from .cluster import Cluster
 from .errors import InputError, PlanError
+from .graph_utils import fetch_attr
 
 
-def _context(captured, cluster, mesh, constraints):
+def _context(captured, cluster, mesh, constraints, memory_budget_bytes=None):
     from autopar.passes import PassContext
     return PassContext(cluster=cluster, mesh_request=mesh, constraints=dict(constraints or {}),
+                       memory_budget_bytes=memory_budget_bytes,
                        example_inputs=captured.example_inputs, input_names=captured.input_names,
                        param_fqns=captured.param_fqns)
 
@@ -34,7 +36,7 @@ def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budge
         raise PlanError(f"level={level!r}: choose 'fast' or 'full'")
     start = time.perf_counter()
     captured = capture(model, example_inputs)
-    ctx = _context(captured, cluster, mesh, constraints)
+    ctx = _context(captured, cluster, mesh, constraints, memory_budget_bytes)
     ctx.stats["seconds"] = {"capture": time.perf_counter() - start}
     run_passes(captured.gm, ctx, PIPELINE)
     ctx.stats["nodes"] = sum(1 for _ in captured.gm.graph.nodes)
@@ -66,10 +68,7 @@ def _source_tensors(model, captured) -> dict:
     gm = captured.gm
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target not in out:
-            obj = gm
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
-            out[node.target] = obj
+            out[node.target] = fetch_attr(gm, node.target)
     return out
 
 

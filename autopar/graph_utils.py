@@ -9,6 +9,14 @@ from torch.fx import Node
 from torch.utils._pytree import tree_map
 
 
+def fetch_attr(module, target: str):
+    """The attribute at dotted path ``target`` of ``module`` (a get_attr node's value)."""
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def replace_with_constant(node: Node, value) -> None:
     """Substitute ``value`` for ``node`` in the arguments of every user, then drop it."""
     for user in list(node.users):

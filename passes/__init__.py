@@ -27,7 +27,7 @@ class PassContext:
     example_inputs: list = field(default_factory=list)   # flat, one per placeholder
     input_names: list = field(default_factory=list)
     param_fqns: list = field(default_factory=list)
-    strict_coverage: bool = False
+    memory_budget_bytes: float | None = None
     unsupported: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     plan: object = None

@@ -7,7 +7,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Interpreter
 
 from autopar.errors import CaptureError
-from autopar.graph_utils import where
+from autopar.graph_utils import fetch_attr, where
 
 
 def annotate_shapes(gm, ctx):
@@ -22,7 +22,7 @@ def annotate_shapes(gm, ctx):
         attrs = {}
         for node in gm.graph.nodes:
             if node.op == "get_attr":
-                attrs[node.target] = _fake(_fetch(gm, node.target))
+                attrs[node.target] = _fake(fetch_attr(gm, node.target))
         _Prop(gm, attrs).run(*inputs)
     return gm
 
@@ -33,13 +33,6 @@ def _fake(t):
     device = "cpu" if t.device.type == "meta" else t.device
     out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=device)
     return out.requires_grad_(t.requires_grad) if t.is_floating_point() else out
-
-
-def _fetch(gm, target):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class _Prop(Interpreter):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from autopar.errors import PlanError
 from autopar.plans import Plan
 from autopar.planner import (Pricer, choose_mesh, estimate_cost, input_layout, propagate,
                              resolve_constraints)
@@ -43,4 +44,16 @@ def assign_layouts(gm, ctx):
         stats=ctx.stats,
         cluster=str(ctx.cluster),
     )
+    _check_memory(ctx.plan.cost.memory_bytes_per_device, ctx)
     return gm
+
+
+def _check_memory(need: float, ctx):
+    budget = ctx.memory_budget_bytes
+    if budget is None:
+        budget = min(d.memory_bytes for d in ctx.cluster.devices())
+    if need > budget:
+        raise PlanError(f"parameters and gradients need {need / 2**30:.2f} GiB per device but "
+                        f"the budget is {budget / 2**30:.2f} GiB on {ctx.cluster}; shard large "
+                        "parameters with constraints=, add devices, or raise "
+                        "memory_budget_bytes")

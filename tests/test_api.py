@@ -247,3 +247,13 @@ def test_gpt_with_tied_embeddings_shares_one_parameter():
     pm = autopar.compile(model, Cluster.local(2), example_inputs=(tokens, targets),
                          simulate=True)
     assert "wte.weight" in pm.plan.placements and "lm_head.weight" not in pm.plan.placements
+
+
+def test_memory_budget_is_enforced():
+    model = MLP()  # 16*64 + 64 + 64*8 + 8 = 1608 parameters: 12.9 kB with gradients
+    with pytest.raises(PlanError, match="need .* GiB per device but the budget"):
+        autopar.plan(model, Cluster.local(2), example_inputs=(X,), memory_budget_bytes=10_000)
+    plan = autopar.plan(model, Cluster.local(2), example_inputs=(X,), mesh={"tp": 2},
+                        constraints={"fc1.*": "S(0)", "fc2.weight": "S(1)"},
+                        memory_budget_bytes=10_000)
+    assert plan.cost.memory_bytes_per_device == 4 * (1608 - 8) / 2 * 2 + 4 * 8 * 2

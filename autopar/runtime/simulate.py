@@ -9,9 +9,10 @@ an optimizer step exercise exactly the gradient flow of the distributed program.
 from __future__ import annotations
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Node
 from torch.utils._pytree import tree_map
 
+from ..graph_utils import fetch_attr
 from ..mesh import Mesh
 from . import collectives as C
 
@@ -170,7 +171,7 @@ def run_ranks(gms: list, mesh: Mesh, inputs: list) -> list:
         if node.op == "placeholder":
             env[node] = per_rank_copies(next(inputs), n)
         elif node.op == "get_attr":
-            env[node] = [_fetch(gm, node.target) for gm in gms]
+            env[node] = [fetch_attr(gm, node.target) for gm in gms]
         elif node.op == "call_function" and node.target in _SIM:
             src = env[node.args[0]]
             env[node] = run_collective(node.target, src, mesh, node.args[1:])
@@ -192,10 +193,3 @@ def run_ranks(gms: list, mesh: Mesh, inputs: list) -> list:
         else:
             raise RuntimeError(f"simulated run cannot execute node {node.format_node()}")
     raise RuntimeError("graph has no output node")
-
-
-def _fetch(gm: GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
