@@ -220,6 +220,14 @@ def _impure(node) -> bool:
 def _dynamo(model, sig, args, kwargs, named) -> Captured:
     tensors = _tensor_bearing(named)
     flat_inputs, in_spec = tree_flatten(tensors)
+    # the same tensor passed twice is one graph input to Dynamo; give each argument its own
+    seen = set()
+    for i, t in enumerate(flat_inputs):
+        if id(t) in seen:
+            flat_inputs[i] = t.clone()
+        seen.add(id(flat_inputs[i]))
+    tensors = tree_unflatten(flat_inputs, in_spec)
+    args, kwargs = _rebind(sig, args, kwargs, tensors)
     input_index = {id(t): i for i, t in enumerate(flat_inputs)}
     recorded = {}
 
@@ -300,6 +308,23 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
     new.recompile()
     return Captured(new, sig, input_names, in_spec, flat_inputs, out_spec, out_leaves,
                     used_params, used_buffers, "dynamo")
+
+
+def _rebind(sig, args, kwargs, tensors: dict):
+    """(args, kwargs) with the tensor-bearing arguments replaced by those in ``tensors``."""
+    if sig is None:
+        return args, kwargs
+    bound = sig.bind(*args, **kwargs)
+    for name, value in list(bound.arguments.items()):
+        kind = sig.parameters[name].kind
+        if kind == inspect.Parameter.VAR_KEYWORD:
+            bound.arguments[name] = {k: tensors.get(k, v) for k, v in value.items()}
+        elif kind == inspect.Parameter.VAR_POSITIONAL:
+            bound.arguments[name] = tuple(tensors.get(f"{name}_{i}", v)
+                                          for i, v in enumerate(value))
+        elif name in tensors:
+            bound.arguments[name] = tensors[name]
+    return bound.args, bound.kwargs
 
 
 def _leaf_names(tree: dict) -> list:

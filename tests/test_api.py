@@ -257,3 +257,19 @@ def test_memory_budget_is_enforced():
                         constraints={"fc1.*": "S(0)", "fc2.weight": "S(1)"},
                         memory_budget_bytes=10_000)
     assert plan.cost.memory_bytes_per_device == 4 * (1608 - 8) / 2 * 2 + 4 * 8 * 2
+
+
+def test_transformers_model_output_comes_back_whole():
+    import transformers
+    cfg = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                   max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 64, (4, 8))
+    pm = autopar.compile(model, Cluster.local(2), example_inputs={"input_ids": ids, "labels": ids},
+                         simulate=True)
+    out, want = pm(input_ids=ids, labels=ids), model(input_ids=ids, labels=ids)
+    assert type(out) is type(want)
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-6)
