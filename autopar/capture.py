@@ -108,7 +108,7 @@ def _tensor_bearing(named: dict) -> dict:
 
 def _state(module) -> tuple:
     if not isinstance(module, torch.nn.Module):
-        return [], [], {}
+        return {}, {}, {}
     params = dict(module.named_parameters(remove_duplicate=False))
     buffers = dict(module.named_buffers(remove_duplicate=False))
     # plain tensor attributes (not registered) are constants of the program too

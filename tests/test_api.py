@@ -273,3 +273,13 @@ def test_transformers_model_output_comes_back_whole():
     assert type(out) is type(want)
     torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_function_fx_cannot_trace_goes_through_dynamo():
+    def pad(x):
+        return torch.cat([x, torch.zeros(x.size(0), 4)], 1)
+
+    x = torch.randn(4, 8)
+    pm = autopar.compile(pad, Cluster.local(2), example_inputs=(x,), simulate=True)
+    assert pm.plan.stats["capture_method"] == "dynamo"
+    torch.testing.assert_close(pm(x), pad(x))

@@ -61,8 +61,13 @@ def pointwise(node):
 
 @register(*CASTS)
 def cast(node):
+    """Linear between floating-point dtypes; a cast to an integer dtype rounds each Partial
+    piece separately, so it takes no Partial."""
     ins, in_labels, out_labels = _labels(node)
-    return _spec(node, einsum_options(in_labels, out_labels, linear_in=range(len(ins))))
+    out = node.meta["val"]
+    floating = isinstance(out, torch.Tensor) and out.is_floating_point()
+    return _spec(node, einsum_options(in_labels, out_labels,
+                                      linear_in=range(len(ins)) if floating else ()))
 
 
 @register(*ADDITIVE)
@@ -80,11 +85,13 @@ def _uses(node, x) -> int:
 
 @register(*SCALING)
 def scaling(node):
-    """mul is linear in either factor, div in its numerator only; neither is linear in a
-    value that appears twice (``x * x``, ``x / x``)."""
+    """mul is linear in either factor, div (without rounding) in its numerator only; neither
+    is linear in a value that appears twice (``x * x``, ``x / x``)."""
     ins, in_labels, out_labels = _labels(node)
     if node.meta["autopar.op"] == "mul":
         linear = [i for i, x in enumerate(ins) if _uses(node, x) == 1]
+    elif node.kwargs.get("rounding_mode") is not None:
+        linear = []  # floor or trunc of each piece is not that of the sum
     else:
         first = node.args[0] if node.args else None
         linear = [0] if isinstance(first, Node) and ins and ins[0] is first \

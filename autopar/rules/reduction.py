@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import (P, R, OpSpec, arg, einsum_options, io_bytes, norm_dim, register, shape_of,
                tensor_inputs)
+from .pointwise import pointwise
 
 
 def _dims(node, ndim, index=1, name="dim"):
@@ -53,7 +54,10 @@ def sum_(node):
 @register("max", "min", "amax", "amin", "argmax", "argmin", "logsumexp", "var", "std",
           "norm", "prod", "any", "all", "median")
 def reduce_(node):
-    shape = shape_of(tensor_inputs(node)[0])
+    ins = tensor_inputs(node)
+    if node.meta["autopar.op"] in ("max", "min") and len(ins) == 2:
+        return pointwise(node)  # torch.max(x, y): the elementwise maximum
+    shape = shape_of(ins[0])
     dim_pos = 2 if node.meta["autopar.op"] == "norm" else 1
     reduced = _dims(node, len(shape), dim_pos)
     keepdim = bool(arg(node, dim_pos + 1, "keepdim", False))
@@ -73,10 +77,10 @@ def along_dim(node):
         fixed = [norm_dim(arg(node, 2, "dim", -1), nd)]
     elif op in ("flip", "roll"):
         fixed = _dims(node, nd, 1 if op == "flip" else 2, "dims")
-    elif op in ("sort", "argsort"):
-        fixed = [norm_dim(arg(node, 1, "dim", -1), nd)]
     else:
-        fixed = [norm_dim(arg(node, 1, "dim", -1), nd)]
+        dim = arg(node, 1, "dim", -1)
+        # softmax(x) without a dim picks one from the input's rank (deprecated): keep all whole
+        fixed = list(range(nd)) if dim is None else [norm_dim(dim, nd)]
     labels = [None if i in fixed else f"d{i}" for i in range(nd)]
     return _spec(node, einsum_options([labels], labels))
 

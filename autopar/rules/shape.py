@@ -61,7 +61,17 @@ def reshape(node):
     rewrite = _rewrite_sizes if op in ("view", "reshape") else None
     if op == "view" and len(node.args) == 2 and not isinstance(node.args[1], (int, list, tuple)):
         rewrite = None  # view(dtype)
+    if op == "squeeze":
+        rewrite = _squeeze_rewrite(node, shape_of(x))
     return _spec(node, einsum_options(in_labels, out_l, linear_in=(0,)), rewrite)
+
+
+def _squeeze_rewrite(node, shape):
+    """Name the dims squeezed globally: a split dim whose local size is 1 must stay."""
+    dim = arg(node, 1, "dim")
+    dims = range(len(shape)) if dim is None else dim if isinstance(dim, (list, tuple)) else [dim]
+    kept = tuple(d for d in (norm_dim(d, len(shape)) for d in dims) if shape[d] == 1)
+    return lambda args, kwargs, local_shape: ((args[0], kept), {})
 
 
 @register("transpose", "permute", "t", "movedim", "adjoint")
