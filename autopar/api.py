@@ -11,14 +11,17 @@ import torch
 
 from .capture import capture, normalize_example_inputs
 from .cluster import Cluster
+from .cost import Training
 from .errors import InputError, PlanError
 from .graph_utils import fetch_attr
 
 
-def _context(captured, cluster, mesh, constraints, memory_budget_bytes=None):
+def _context(captured, cluster, mesh=None, constraints=None, memory_budget_bytes=None,
+             level="full", precision="fp32", optimizer="adamw"):
     from autopar.passes import PassContext
     return PassContext(cluster=cluster, mesh_request=mesh, constraints=dict(constraints or {}),
-                       memory_budget_bytes=memory_budget_bytes,
+                       memory_budget_bytes=memory_budget_bytes, level=level,
+                       precision=precision, optimizer=optimizer,
                        example_inputs=captured.example_inputs, input_names=captured.input_names,
                        param_fqns=captured.param_fqns)
 
@@ -29,14 +32,17 @@ def _check_cluster(cluster):
                         "use Cluster.preset('dgx-a100'), Cluster.local(4) or Cluster.load(path)")
 
 
-def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes):
+def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
+          precision, optimizer):
     from autopar.passes import PIPELINE, run_passes
     _check_cluster(cluster)
     if level not in ("fast", "full"):
-        raise PlanError(f"level={level!r}: choose 'fast' or 'full'")
+        raise PlanError(f"level={level!r}: choose 'fast' (propagation) or 'full' (exact)")
+    Training(precision, optimizer)  # validates both
     start = time.perf_counter()
     captured = capture(model, example_inputs)
-    ctx = _context(captured, cluster, mesh, constraints, memory_budget_bytes)
+    ctx = _context(captured, cluster, mesh, constraints, memory_budget_bytes, level, precision,
+                   optimizer)
     ctx.stats["seconds"] = {"capture": time.perf_counter() - start}
     run_passes(captured.gm, ctx, PIPELINE)
     ctx.stats["nodes"] = sum(1 for _ in captured.gm.graph.nodes)
@@ -46,8 +52,8 @@ def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budge
     return captured, ctx
 
 
-def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, level="fast",
-         memory_budget_bytes=None):
+def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, level="full",
+         memory_budget_bytes=None, precision="fp32", optimizer="adamw"):
     """Plan ``model`` for ``cluster`` without running it; meta-device models are fine.
 
     >>> import torch, autopar
@@ -56,7 +62,8 @@ def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, le
     >>> p.mesh
     {'dp': 2}
     """
-    _, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes)
+    _, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
+                   precision, optimizer)
     return ctx.plan
 
 
@@ -73,10 +80,10 @@ def _source_tensors(model, captured) -> dict:
 
 
 def _compile_now(model, cluster, example_inputs, simulate, mesh, constraints, level,
-                 memory_budget_bytes):
+                 memory_budget_bytes, precision, optimizer):
     from .runtime.module import ParallelModule
     captured, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level,
-                          memory_budget_bytes)
+                          memory_budget_bytes, precision, optimizer)
     if any(t.device.type == "meta" for t in _source_tensors(model, captured).values()):
         raise PlanError("the model's parameters are on the meta device: autopar.plan() plans "
                         "it, but to run it materialize the parameters first (to_empty + init)")
@@ -85,7 +92,8 @@ def _compile_now(model, cluster, example_inputs, simulate, mesh, constraints, le
 
 
 def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, mesh=None,
-            constraints=None, level="fast", memory_budget_bytes=None):
+            constraints=None, level="full", memory_budget_bytes=None, precision="fp32",
+            optimizer="adamw"):
     """Make ``model`` a distributed program for ``cluster``: a :class:`ParallelModule`.
 
     ``model`` is an nn.Module instance or a function of tensors. Without ``example_inputs``
@@ -94,7 +102,8 @@ def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, me
     parallel modules) or a function.
     """
     opts = dict(simulate=simulate, mesh=mesh, constraints=constraints, level=level,
-                memory_budget_bytes=memory_budget_bytes)
+                memory_budget_bytes=memory_budget_bytes, precision=precision,
+                optimizer=optimizer)
     if model is None:
         if cluster is None:
             raise PlanError("autopar.compile needs a cluster: @autopar.compile(cluster=...)")

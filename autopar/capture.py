@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import re
-import traceback
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -147,14 +147,18 @@ class _Tracer(fx.Tracer):
 
     def __init__(self):
         super().__init__()
-        self.record_stack_traces = True
+        self.record_stack_traces = False  # autopar.source below is much cheaper
 
     def is_leaf_module(self, m, qualname):
         return False
 
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
-        node.meta["autopar.source"] = user_frame(traceback.extract_stack())
+        frames, f = [], sys._getframe(1)
+        while f is not None:  # (file, line) pairs only: reading source lines is slow
+            frames.append((f.f_code.co_filename, f.f_lineno))
+            f = f.f_back
+        node.meta["autopar.source"] = user_frame(reversed(frames))
         return node
 
 

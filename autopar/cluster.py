@@ -1,6 +1,16 @@
 """The cluster model: device types, nodes of devices, and the links between them.
 
-Figures are vendor datasheet numbers (dense, no sparsity); sources are named beside each.
+Device figures are vendor datasheet numbers, dense (no structured sparsity); link bandwidths are
+per device, one direction; between nodes a device gets its share of its node's network. Each
+figure names its source beside it. Latencies are not on datasheets: they are order-of-magnitude
+estimates, marked as such, that only matter for small messages.
+
+Four ways to get a cluster::
+
+    Cluster.preset("p4d.24xlarge", nodes=2)      # a known machine, below in PRESETS
+    Cluster.load("cluster.yaml")                 # a file; see Cluster.from_dict for the schema
+    Cluster.local(2)                             # this machine, measured once and cached
+    Cluster.preset("dgx-h100") + Cluster.preset("p4d.24xlarge")   # heterogeneous
 """
 
 from __future__ import annotations
@@ -13,8 +23,16 @@ from typing import Mapping
 from .errors import PlanError, closest
 
 GB = 1e9
-GiB = 2**30
 TFLOPS = 1e12
+Gbps = 1e9 / 8  # network line rate in bytes per second
+
+# What a dtype name falls back to when a device has no figure of its own for it: V100 and T4
+# have no bf16 units (their fp16 tensor figure is the nearest), nothing but Ampere and later
+# has tf32, and fp32 is always there.
+_FALLBACK = {"fp32": ("fp32",), "tf32": ("tf32", "fp32"), "fp16": ("fp16", "bf16", "fp32"),
+             "bf16": ("bf16", "fp16", "fp32")}
+_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
+            "bfloat16": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -25,9 +43,34 @@ class DeviceSpec:
     peak_flops: Mapping[str, float]
     memory_bytes: float
     memory_bandwidth_bytes_per_s: float
+    # True when the figures were measured (Cluster.local): rates this device sustained, which
+    # the cost model takes as they are rather than discounting them like datasheet peaks.
+    measured: bool = False
 
-    def flops_for(self, dtype: str) -> float:
-        return self.peak_flops.get(dtype) or self.peak_flops["fp32"]
+    def __post_init__(self):
+        if not self.peak_flops.get("fp32", 0) > 0:
+            raise PlanError(f"device type {self.name!r} needs a positive fp32 peak; "
+                            f"got peak_flops={dict(self.peak_flops)!r}")
+
+    def flops_for(self, dtype) -> float:
+        """Peak FLOP/s for ``dtype`` ("fp32", "tf32", "fp16", "bf16" or a torch.dtype),
+        falling back bf16 -> fp16 -> fp32 (and fp16 -> bf16, tf32 -> fp32) where the device
+        has no figure for it.
+
+        >>> DEVICES["V100-16GB"].flops_for("bf16") == DEVICES["V100-16GB"].flops_for("fp16")
+        True
+        """
+        name = _dtype_name(dtype)
+        return next(self.peak_flops[d] for d in _FALLBACK[name] if d in self.peak_flops)
+
+
+def _dtype_name(dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    name = _ALIASES.get(name, name)
+    if name not in _FALLBACK:
+        raise PlanError(f"no peak FLOP/s figure for dtype {dtype!r}; use one of "
+                        f"{sorted(_FALLBACK)} (closest: {closest(name, _FALLBACK)})")
+    return name
 
 
 @dataclass(frozen=True)
@@ -38,36 +81,94 @@ class LinkSpec:
     latency_s: float
 
 
-DEVICES = {
-    # NVIDIA A100 datasheet (2021): FP32 19.5 TF, TF32 156 TF, BF16/FP16 312 TF;
-    # 40GB HBM2 at 1,555 GB/s, 80GB HBM2e at 2,039 GB/s (SXM).
-    "A100-40GB": DeviceSpec("A100-40GB", {"fp32": 19.5 * TFLOPS, "tf32": 156 * TFLOPS,
-                                          "bf16": 312 * TFLOPS}, 40 * GB, 1555 * GB),
-    "A100-80GB": DeviceSpec("A100-80GB", {"fp32": 19.5 * TFLOPS, "tf32": 156 * TFLOPS,
-                                          "bf16": 312 * TFLOPS}, 80 * GB, 2039 * GB),
-    # NVIDIA H100 SXM datasheet (2023): FP32 67 TF, TF32 494.5 TF, BF16 989.5 TF; 80GB at 3.35 TB/s.
-    "H100-80GB": DeviceSpec("H100-80GB", {"fp32": 67 * TFLOPS, "tf32": 494.5 * TFLOPS,
-                                          "bf16": 989.5 * TFLOPS}, 80 * GB, 3350 * GB),
-    # NVIDIA V100 SXM2 datasheet (2020): FP32 15.7 TF, FP16 tensor 125 TF; 900 GB/s HBM2.
-    "V100-16GB": DeviceSpec("V100-16GB", {"fp32": 15.7 * TFLOPS, "fp16": 125 * TFLOPS},
-                            16 * GB, 900 * GB),
-    "V100-32GB": DeviceSpec("V100-32GB", {"fp32": 15.7 * TFLOPS, "fp16": 125 * TFLOPS},
-                            32 * GB, 900 * GB),
-    # A nominal CPU core set, used by Cluster.local() for planning local process groups.
-    "cpu": DeviceSpec("cpu", {"fp32": 0.1 * TFLOPS}, 16 * GB, 20 * GB),
-}
+def _tf(fp32, tf32=None, fp16=None, bf16=None) -> dict:
+    figures = dict(fp32=fp32, tf32=tf32, fp16=fp16, bf16=bf16)
+    return {k: v * TFLOPS for k, v in figures.items() if v is not None}
 
-# NVLink 3 (A100): 600 GB/s total per GPU, 300 GB/s each way; NVLink 4 (H100): 900 / 450.
-# DGX A100: 8 x 200 Gb/s HDR InfiniBand = 25 GB/s per GPU; DGX H100: 8 x 400 Gb/s NDR = 50 GB/s.
+
+DEVICES = {d.name: d for d in [
+    # NVIDIA A100 Tensor Core GPU datasheet (2021, SXM column): FP32 19.5 TF, TF32 156 TF,
+    # BF16 312 TF, FP16 312 TF (dense; the starred figures are 2x with sparsity);
+    # A100 40GB HBM2 at 1,555 GB/s, A100 80GB HBM2e at 2,039 GB/s.
+    DeviceSpec("A100-40GB", _tf(19.5, 156, 312, 312), 40 * GB, 1555 * GB),
+    DeviceSpec("A100-80GB", _tf(19.5, 156, 312, 312), 80 * GB, 2039 * GB),
+    # NVIDIA H100 Tensor Core GPU datasheet (2023, H100 SXM column): FP32 67 TF; TF32 989 TF,
+    # BF16 and FP16 1,979 TF are with sparsity, so 494.5 and 989.5 dense; 80GB at 3.35 TB/s.
+    DeviceSpec("H100-80GB", _tf(67, 494.5, 989.5, 989.5), 80 * GB, 3350 * GB),
+    # NVIDIA Tesla V100 datasheet (2020, V100 SXM2 column, as in AWS p3): single precision
+    # 15.7 TF, tensor (FP16 in, FP32 accumulate) 125 TF; 16 or 32 GB HBM2 at 900 GB/s.
+    DeviceSpec("V100-16GB", _tf(15.7, fp16=125), 16 * GB, 900 * GB),
+    DeviceSpec("V100-32GB", _tf(15.7, fp16=125), 32 * GB, 900 * GB),
+    # NVIDIA T4 datasheet (2019): single precision 8.1 TF, mixed precision (FP16/FP32) 65 TF;
+    # 16 GB GDDR6 at "320+ GB/s".
+    DeviceSpec("T4", _tf(8.1, fp16=65), 16 * GB, 320 * GB),
+    # A10G (AWS g5) has no NVIDIA datasheet; figures as AWS gives them, tabulated in Baseten,
+    # "NVIDIA A10 vs A10G for ML model inference" (2023): FP32 35 TF, TF32 35 TF, BF16 and
+    # FP16 70 TF (dense); 24 GB GDDR6 at 600 GB/s. (The A10 proper: 31.2 / 62.5 / 125.)
+    DeviceSpec("A10G", _tf(35, 35, 70, 70), 24 * GB, 600 * GB),
+    # NVIDIA L4 datasheet (2023): FP32 30.3 TF; TF32 120 TF, BF16 and FP16 242 TF are with
+    # sparsity, so 60 and 121 dense; 24 GB GDDR6 at 300 GB/s.
+    DeviceSpec("L4", _tf(30.3, 60, 121, 121), 24 * GB, 300 * GB),
+    # A nominal set of CPU cores, used by Cluster.local(measure=False); measure=True replaces it
+    # with this machine's measured figures (autopar/probe.py).
+    DeviceSpec("cpu", _tf(0.1), 16 * GB, 20 * GB),
+]}
+
+# Latency estimates (not datasheet figures): NVLink/NVSwitch hop ~2 us, PCIe peer copy ~5 us,
+# InfiniBand ~5 us, AWS EFA (SRD) ~15 us, TCP over the instance's ENA network ~30 us.
+# V100 in a 4-GPU quad of the 8-GPU hybrid cube-mesh (NVIDIA DGX-1 with V100 whitepaper, 2017):
+# 4 of its 6 NVLink2 links (25 GB/s each way) reach the other three GPUs of the quad.
+NVLINK2_QUAD = LinkSpec(100 * GB, 2e-6)
+NVLINK2 = LinkSpec(150 * GB, 2e-6)       # V100 datasheet: NVLink 300 GB/s, both directions
+NVLINK3 = LinkSpec(300 * GB, 2e-6)       # A100 datasheet: NVLink 600 GB/s, both directions
+NVLINK4 = LinkSpec(450 * GB, 2e-6)       # H100 SXM datasheet: NVLink 900 GB/s, both directions
+PCIE3 = LinkSpec(15.75 * GB, 5e-6)       # PCIe 3.0 x16: 8 GT/s x 16 lanes x 128/130, one way
+PCIE4 = LinkSpec(31.5 * GB, 5e-6)        # PCIe 4.0 x16: 16 GT/s x 16 lanes x 128/130, one way
+
+
+@dataclass(frozen=True)
+class NodePreset:
+    """A known machine: ``count`` devices, the link within it and each device's share of the
+    network between machines."""
+
+    device: str
+    count: int
+    intra_node: LinkSpec
+    inter_node: LinkSpec
+
+
 PRESETS = {
-    "dgx-a100": dict(device="A100-80GB", count=8,
-                     intra=LinkSpec(300 * GB, 2e-6), inter=LinkSpec(25 * GB, 5e-6)),
-    "dgx-h100": dict(device="H100-80GB", count=8,
-                     intra=LinkSpec(450 * GB, 2e-6), inter=LinkSpec(50 * GB, 5e-6)),
+    # NVIDIA DGX A100 user guide: 8 x A100 (80GB in the DGX A100 640GB) on NVSwitch; eight
+    # single-port ConnectX-6 200 Gb/s HDR InfiniBand for compute, one per GPU.
+    "dgx-a100": NodePreset("A100-80GB", 8, NVLINK3, LinkSpec(200 * Gbps, 5e-6)),
+    # NVIDIA DGX H100 user guide: 8 x H100 SXM on NVSwitch; eight ConnectX-7 400 Gb/s NDR
+    # InfiniBand ports for compute, one per GPU.
+    "dgx-h100": NodePreset("H100-80GB", 8, NVLINK4, LinkSpec(400 * Gbps, 5e-6)),
+    # AWS EC2 P3 instance page: p3.8xlarge 4 x V100-16GB with NVLink, "up to 10 Gbps"
+    # network; p3.16xlarge 8 x V100-16GB, 25 Gbps; p3dn.24xlarge 8 x V100-32GB, 100 Gbps EFA.
+    "p3.8xlarge": NodePreset("V100-16GB", 4, NVLINK2_QUAD, LinkSpec(10 * Gbps / 4, 30e-6)),
+    "p3.16xlarge": NodePreset("V100-16GB", 8, NVLINK2, LinkSpec(25 * Gbps / 8, 30e-6)),
+    "p3dn.24xlarge": NodePreset("V100-32GB", 8, NVLINK2, LinkSpec(100 * Gbps / 8, 15e-6)),
+    # AWS EC2 P4 instance page: p4d.24xlarge 8 x A100-40GB, p4de.24xlarge 8 x A100-80GB, both
+    # NVSwitch (600 GB/s) and 400 Gbps EFA with GPUDirect RDMA.
+    "p4d.24xlarge": NodePreset("A100-40GB", 8, NVLINK3, LinkSpec(400 * Gbps / 8, 15e-6)),
+    "p4de.24xlarge": NodePreset("A100-80GB", 8, NVLINK3, LinkSpec(400 * Gbps / 8, 15e-6)),
+    # AWS EC2 P5 instance page: p5.48xlarge 8 x H100-80GB, NVSwitch (900 GB/s), 3,200 Gbps EFAv2.
+    "p5.48xlarge": NodePreset("H100-80GB", 8, NVLINK4, LinkSpec(3200 * Gbps / 8, 15e-6)),
+    # AWS EC2 G4 instance page: g4dn.12xlarge 4 x T4 (PCIe 3.0 x16, T4 datasheet), 50 Gbps.
+    "g4dn.12xlarge": NodePreset("T4", 4, PCIE3, LinkSpec(50 * Gbps / 4, 15e-6)),
+    # AWS EC2 G5 instance page: g5.48xlarge 8 x A10G (PCIe 4.0), 100 Gbps.
+    "g5.48xlarge": NodePreset("A10G", 8, PCIE4, LinkSpec(100 * Gbps / 8, 15e-6)),
+    # AWS EC2 G6 instance page: g6.48xlarge 8 x L4 (PCIe 4.0 x16, L4 datasheet), 100 Gbps.
+    "g6.48xlarge": NodePreset("L4", 8, PCIE4, LinkSpec(100 * Gbps / 8, 15e-6)),
 }
 
-# Local gloo over loopback: measured figures replace these once Cluster.local() probes.
+# Gloo over loopback, nominal: Cluster.local() measures the real figures (autopar/probe.py).
 LOCAL_LINK = LinkSpec(2 * GB, 50e-6)
+
+# Links a cluster file may leave out: DGX A100's (NVSwitch within, HDR InfiniBand between).
+DEFAULT_INTRA_NODE = NVLINK3
+DEFAULT_INTER_NODE = LinkSpec(25 * GB, 5e-6)
 
 
 @dataclass(frozen=True)
@@ -81,7 +182,12 @@ class NodeSpec:
 
 @dataclass(frozen=True)
 class Cluster:
-    """Nodes in rank order and the link between nodes."""
+    """Nodes in rank order and the link between nodes.
+
+    >>> c = Cluster.preset("dgx-a100", nodes=2)
+    >>> c.world_size, c.devices()[0].name
+    (16, 'A100-80GB')
+    """
 
     nodes: tuple
     inter_node: LinkSpec
@@ -97,100 +203,301 @@ class Cluster:
 
     @classmethod
     def preset(cls, name: str, nodes: int = 1, devices_per_node: int | None = None) -> "Cluster":
-        """A cluster of ``nodes`` identical machines of a known kind, e.g. ``"dgx-a100"``."""
-        if name not in PRESETS:
-            raise PlanError(f"unknown cluster preset {name!r}; known: {sorted(PRESETS)} "
-                            f"(closest: {closest(name, PRESETS)})")
-        if not isinstance(nodes, int) or nodes < 1:
-            raise PlanError(f"nodes={nodes!r} must be a positive int")
-        spec = PRESETS[name]
-        count = spec["count"] if devices_per_node is None else devices_per_node
-        if not isinstance(count, int) or not 1 <= count <= spec["count"]:
+        """``nodes`` identical machines of a known kind: one of ``PRESETS``, e.g. "dgx-a100",
+        "p4d.24xlarge"; ``devices_per_node`` uses only the first devices of each."""
+        spec = PRESETS[_lookup(name, PRESETS, "cluster preset")]
+        _check_count(nodes, "nodes")
+        count = spec.count if devices_per_node is None else devices_per_node
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= spec.count:
             raise PlanError(f"devices_per_node={devices_per_node!r}: a {name} node holds "
-                            f"1 to {spec['count']} devices")
-        node = NodeSpec(DEVICES[spec["device"]], count, spec["intra"])
-        return cls((node,) * nodes, spec["inter"], name=f"{nodes} x {name}")
+                            f"1 to {spec.count} devices")
+        node = NodeSpec(DEVICES[spec.device], count, spec.intra_node)
+        return cls((node,) * nodes, spec.inter_node, name=f"{nodes} x {name}")
 
     @classmethod
-    def local(cls, world_size: int | None = None) -> "Cluster":
-        """This machine as ``world_size`` CPU processes (gloo over loopback).
+    def local(cls, world_size: int | None = None, measure: bool = True) -> "Cluster":
+        """This machine as ``world_size`` CPU processes talking gloo over loopback.
 
         ``world_size`` defaults to the torch.distributed world size when a process group is
         initialized, else to the ``WORLD_SIZE`` environment variable set by torchrun.
+
+        With ``measure=True`` the figures are this machine's: fp32 matmul FLOP/s and memory
+        bandwidth (each process gets a 1/world_size share of them and of the memory), and the
+        bandwidth and latency of a gloo all-reduce between local processes. They are measured
+        once (a few seconds) and cached as JSON under ``$AUTOPAR_CACHE_DIR`` or
+        ``~/.cache/autopar/``, keyed by host name, CPU count and torch version; delete the file
+        or run ``python -m autopar.probe --refresh`` to measure again. Inside an initialized
+        process group every rank must call this together: rank 0 loads or measures (the
+        all-reduce over the existing group) and broadcasts, so all ranks plan with the same
+        figures. ``measure=False`` gives fixed nominal figures without probing (the same on
+        every machine: what tests that want reproducible plans should use).
         """
-        if world_size is None:
-            import torch.distributed as dist
-            if dist.is_available() and dist.is_initialized():
-                world_size = dist.get_world_size()
-            elif os.environ.get("WORLD_SIZE"):
-                world_size = int(os.environ["WORLD_SIZE"])
-            else:
-                raise PlanError("Cluster.local() cannot tell the world size: torch.distributed "
-                                "is not initialized and WORLD_SIZE is unset; pass world_size=N")
-        if not isinstance(world_size, int) or world_size < 1:
-            raise PlanError(f"world_size={world_size!r} must be a positive int")
-        node = NodeSpec(DEVICES["cpu"], world_size, LOCAL_LINK)
-        return cls((node,), LOCAL_LINK, name=f"local x {world_size}")
+        world_size = _local_world_size(world_size)
+        if not measure:
+            node = NodeSpec(DEVICES["cpu"], world_size, LOCAL_LINK)
+            return cls((node,), LOCAL_LINK, name=f"local x {world_size}")
+        from .probe import local_measurement
+        m = local_measurement()
+        device = DeviceSpec("cpu", {"fp32": m.peak_flops / world_size},
+                            m.memory_bytes / world_size,
+                            m.memory_bandwidth_bytes_per_s / world_size, measured=True)
+        link = LinkSpec(m.link_bandwidth_bytes_per_s, m.link_latency_s)
+        return cls((NodeSpec(device, world_size, link),), link, name=f"local x {world_size}",
+                   extra={"measurement": m})
+
+    @classmethod
+    def combine(cls, *clusters: "Cluster", inter_node: LinkSpec | None = None,
+                name: str | None = None) -> "Cluster":
+        """One cluster of the given clusters' nodes, in order (``a + b`` is the same).
+
+        Traffic between them goes over ``inter_node``, by default the slowest of their own
+        inter-node links (least bandwidth, most latency).
+        """
+        if not clusters or not all(isinstance(c, Cluster) for c in clusters):
+            raise PlanError(f"Cluster.combine takes Clusters, got {clusters!r}")
+        if inter_node is None:
+            inter_node = LinkSpec(min(c.inter_node.bandwidth_bytes_per_s for c in clusters),
+                                  max(c.inter_node.latency_s for c in clusters))
+        nodes = tuple(n for c in clusters for n in c.nodes)
+        return cls(nodes, inter_node, name=name or " + ".join(c.name for c in clusters))
+
+    def __add__(self, other: "Cluster") -> "Cluster":
+        if not isinstance(other, Cluster):
+            return NotImplemented
+        return Cluster.combine(self, other)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Cluster":
-        """Build from the cluster-file schema::
+        """Build from the cluster-file schema (YAML or JSON; sizes in GB = 1e9 bytes)::
 
-            {"nodes": [{"device": "A100-80GB", "count": 8}, ...],
-             "links": {"intra_node": {"bandwidth_GBps": 300, "latency_us": 2},
-                       "inter_node": {"bandwidth_GBps": 25, "latency_us": 5}},
-             "devices": {"MyAccel": {"peak_tflops": {"fp32": 60}, "memory_GB": 96,
-                                     "memory_bandwidth_GBps": 4000}}}
+            name: my-cluster             # optional
+            nodes:                       # in rank order; each node holds `count` devices
+              - {device: A100-80GB, count: 8}
+              - {device: V100-16GB, count: 4, intra_node: {bandwidth_GBps: 150, latency_us: 3}}
+            links:                       # optional; per device, one direction
+              intra_node: {bandwidth_GBps: 300, latency_us: 2}
+              inter_node: {bandwidth_GBps: 25, latency_us: 5}
+            devices:                     # optional: types not built in (or overriding one)
+              MyAccel: {peak_tflops: {fp32: 60, bf16: 500}, memory_GB: 96,
+                        memory_bandwidth_GBps: 4000}   # measured: true, for sustained rates
+
+        A node's ``intra_node`` overrides ``links.intra_node``; links left out default to
+        DGX A100's (NVSwitch 300 GB/s within a node, 25 GB/s InfiniBand between).
         """
         if not isinstance(d, Mapping) or "nodes" not in d:
             raise PlanError("a cluster description needs a 'nodes' list, e.g. "
                             "{'nodes': [{'device': 'A100-80GB', 'count': 8}]}")
+        _check_keys(d, ("name", "nodes", "links", "devices"), "the cluster description")
         devices = dict(DEVICES)
-        for name, spec in (d.get("devices") or {}).items():
-            try:
-                devices[name] = DeviceSpec(
-                    name, {k: v * TFLOPS for k, v in spec["peak_tflops"].items()},
-                    spec["memory_GB"] * GB, spec["memory_bandwidth_GBps"] * GB)
-            except KeyError as e:
-                raise PlanError(f"device type {name!r} lacks {e.args[0]!r}; give peak_tflops, "
-                                "memory_GB and memory_bandwidth_GBps") from None
-        links = d.get("links") or {}
-        intra = _link(links.get("intra_node"), "links.intra_node", LinkSpec(300 * GB, 2e-6))
-        inter = _link(links.get("inter_node"), "links.inter_node", LinkSpec(25 * GB, 5e-6))
-        nodes = []
-        for i, n in enumerate(d["nodes"]):
-            dev = n.get("device")
-            if dev not in devices:
-                raise PlanError(f"nodes[{i}]: unknown device type {dev!r}; known: "
-                                f"{sorted(devices)} (closest: {closest(str(dev), devices)}); "
-                                "describe new types under 'devices'")
-            count = n.get("count", 1)
-            if not isinstance(count, int) or count < 1:
-                raise PlanError(f"nodes[{i}]: count={count!r} must be a positive int")
-            own = _link(n.get("intra_node"), f"nodes[{i}].intra_node", intra)
-            nodes.append(NodeSpec(devices[dev], count, own))
-        if not nodes:
-            raise PlanError("the cluster has no nodes; list at least one under 'nodes'")
-        return cls(tuple(nodes), inter, name=d.get("name", "cluster"))
+        for dev_name, spec in _mapping(d.get("devices"), "devices").items():
+            devices[dev_name] = _device(dev_name, spec)
+        links = _mapping(d.get("links"), "links")
+        _check_keys(links, ("intra_node", "inter_node"), "links")
+        intra = _link(links.get("intra_node"), "links.intra_node", DEFAULT_INTRA_NODE)
+        inter = _link(links.get("inter_node"), "links.inter_node", DEFAULT_INTER_NODE)
+        if not isinstance(d["nodes"], (list, tuple)) or not d["nodes"]:
+            raise PlanError(f"nodes={d['nodes']!r}: list at least one node, e.g. "
+                            "[{'device': 'A100-80GB', 'count': 8}]")
+        nodes = tuple(_node(n, f"nodes[{i}]", devices, intra) for i, n in enumerate(d["nodes"]))
+        return cls(nodes, inter, name=str(d.get("name", "cluster")))
+
+    def to_dict(self) -> dict:
+        """The cluster-file form. ``Cluster.from_dict(c.to_dict()) == c`` wherever the figures
+        have at most 12 significant digits (all built-in ones do; measured ones are rounded)."""
+        seen, custom = {}, {}
+        for n in self.nodes:
+            dev = n.device
+            if seen.setdefault(dev.name, dev) != dev:
+                raise PlanError(f"two different device types are named {dev.name!r}; give them "
+                                "different names (DeviceSpec.name) before writing the cluster")
+            if DEVICES.get(dev.name) != dev:
+                custom[dev.name] = {
+                    "peak_tflops": {k: _tidy(v / TFLOPS) for k, v in dev.peak_flops.items()},
+                    "memory_GB": _tidy(dev.memory_bytes / GB),
+                    "memory_bandwidth_GBps": _tidy(dev.memory_bandwidth_bytes_per_s / GB),
+                    **({"measured": True} if dev.measured else {})}
+        out = {"name": self.name,
+               "nodes": [{"device": n.device.name, "count": n.count,
+                          "intra_node": _link_dict(n.intra_node)} for n in self.nodes],
+               "links": {"inter_node": _link_dict(self.inter_node)}}
+        if custom:
+            out["devices"] = custom
+        return out
 
     @classmethod
     def load(cls, path) -> "Cluster":
         """Read a YAML or JSON cluster file (the schema of :meth:`from_dict`)."""
-        text = open(path).read()
+        with open(path) as f:
+            text = f.read()
         if str(path).endswith(".json"):
-            return cls.from_dict(json.loads(text))
-        import yaml
-        return cls.from_dict(yaml.safe_load(text))
+            parse, errors = json.loads, (ValueError,)
+        else:
+            import yaml
+            parse, errors = yaml.safe_load, (yaml.YAMLError,)
+        try:
+            data = parse(text)
+        except errors as e:
+            raise PlanError(f"cannot parse cluster file {path}: {e}") from None
+        return cls.from_dict(data)
+
+    def describe(self) -> str:
+        """Every node's devices and links, and for a measured local cluster how it was measured.
+        """
+        lines = [f"{self.name}: {self.world_size} devices"]
+        first = 0
+        for i, n in enumerate(self.nodes):
+            if i + 1 < len(self.nodes) and self.nodes[i + 1] == n:
+                continue  # print a run of identical nodes once
+            where = f"node {i}" if first == i else f"nodes {first}-{i}, each"
+            lines.append(f"  {where}: {n.count} x {_device_line(n.device)}; "
+                         f"within the node {_link_line(n.intra_node)}")
+            first = i + 1
+        if len(self.nodes) > 1:
+            lines.append(f"  between nodes: {_link_line(self.inter_node)}")
+        m = self.extra.get("measurement")
+        if m is not None:
+            lines.append(f"  measured on {m.host} ({m.cpu_count} CPUs, torch {m.torch_version}, "
+                         f"{m.num_threads} threads) in {m.probe_s:.1f} s: matmul "
+                         f"{_si(m.peak_flops, 'FLOP/s')}, copy "
+                         f"{_si(m.memory_bandwidth_bytes_per_s, 'B/s')} for the whole machine, "
+                         f"each of {self.world_size} processes taking an equal share; "
+                         f"all-reduce over {m.link_ranks} processes; {m.source}")
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         return f"{self.name} ({self.world_size} devices)"
 
 
+def _local_world_size(world_size) -> int:
+    if world_size is None:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            world_size = dist.get_world_size()
+        elif os.environ.get("WORLD_SIZE"):
+            world_size = int(os.environ["WORLD_SIZE"])
+        else:
+            raise PlanError("Cluster.local() cannot tell the world size: torch.distributed "
+                            "is not initialized and WORLD_SIZE is unset; pass world_size=N")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise PlanError(f"world_size={world_size!r} must be a positive int")
+    return world_size
+
+
+def _lookup(name, table, what: str) -> str:
+    """``name`` as a key of ``table``, matched exactly or else ignoring case."""
+    if name in table:
+        return name
+    folded = [k for k in table if isinstance(name, str) and k.lower() == name.lower()]
+    if len(folded) == 1:
+        return folded[0]
+    raise PlanError(f"unknown {what} {name!r}; known: {sorted(table)} "
+                    f"(closest: {closest(str(name), table)})")
+
+
+def _check_count(value, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PlanError(f"{where}={value!r} must be a positive int")
+
+
+def _check_keys(d: Mapping, allowed, where: str) -> None:
+    for key in d:
+        if key not in allowed:
+            raise PlanError(f"{where}: unknown key {key!r}; expected some of {list(allowed)} "
+                            f"(closest: {closest(str(key), allowed)})")
+
+
+def _mapping(value, where: str) -> Mapping:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise PlanError(f"{where}={value!r} must be a mapping")
+    return value
+
+
+def _positive(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise PlanError(f"{where}={value!r} must be a positive number")
+    return float(value)
+
+
+def _node(n, where: str, devices: Mapping, intra: LinkSpec) -> NodeSpec:
+    if not isinstance(n, Mapping) or "device" not in n:
+        raise PlanError(f"{where}={n!r}: write a node as {{'device': 'A100-80GB', 'count': 8}}")
+    _check_keys(n, ("device", "count", "intra_node"), where)
+    dev = n["device"]
+    if dev not in devices:
+        raise PlanError(f"{where}: unknown device type {dev!r}; known: {sorted(devices)} "
+                        f"(closest: {closest(str(dev), devices)}); describe new types under "
+                        "'devices'")
+    count = n.get("count", 1)
+    _check_count(count, f"{where}.count")
+    return NodeSpec(devices[dev], count, _link(n.get("intra_node"), f"{where}.intra_node", intra))
+
+
+def _device(name: str, spec) -> DeviceSpec:
+    where = f"devices.{name}"
+    keys = ("peak_tflops", "memory_GB", "memory_bandwidth_GBps")
+    if not isinstance(spec, Mapping) or not all(k in spec for k in keys):
+        raise PlanError(f"{where}={spec!r}: give peak_tflops, memory_GB and "
+                        "memory_bandwidth_GBps, e.g. {'peak_tflops': {'fp32': 60, 'bf16': 500}, "
+                        "'memory_GB': 96, 'memory_bandwidth_GBps': 4000}")
+    _check_keys(spec, (*keys, "measured"), where)
+    measured = spec.get("measured", False)
+    if not isinstance(measured, bool):
+        raise PlanError(f"{where}.measured={measured!r} must be true or false")
+    tflops = _mapping(spec["peak_tflops"], f"{where}.peak_tflops")
+    for dtype in tflops:
+        if dtype not in _FALLBACK:
+            raise PlanError(f"{where}.peak_tflops: unknown dtype {dtype!r}; use "
+                            f"{sorted(_FALLBACK)} (closest: {closest(str(dtype), _FALLBACK)})")
+    if "fp32" not in tflops:
+        raise PlanError(f"{where}.peak_tflops={dict(tflops)!r} lacks 'fp32', the figure every "
+                        "other dtype falls back to")
+    peak = {k: _positive(v, f"{where}.peak_tflops.{k}") * TFLOPS for k, v in tflops.items()}
+    return DeviceSpec(name, peak, _positive(spec["memory_GB"], f"{where}.memory_GB") * GB,
+                      _positive(spec["memory_bandwidth_GBps"],
+                                f"{where}.memory_bandwidth_GBps") * GB, measured)
+
+
 def _link(d, where: str, default: LinkSpec) -> LinkSpec:
     if d is None:
         return default
-    try:
-        return LinkSpec(d["bandwidth_GBps"] * GB, d.get("latency_us", 0) * 1e-6)
-    except (KeyError, TypeError):
-        raise PlanError(f"{where}={d!r}: write a link as "
-                        "{'bandwidth_GBps': 300, 'latency_us': 2}") from None
+    example = "{'bandwidth_GBps': 300, 'latency_us': 2}"
+    if not isinstance(d, Mapping) or "bandwidth_GBps" not in d:
+        raise PlanError(f"{where}={d!r}: write a link as {example}")
+    _check_keys(d, ("bandwidth_GBps", "latency_us"), where)
+    latency = d.get("latency_us", 0)
+    if isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0:
+        raise PlanError(f"{where}.latency_us={latency!r} must be a number >= 0; "
+                        f"write a link as {example}")
+    return LinkSpec(_positive(d["bandwidth_GBps"], f"{where}.bandwidth_GBps") * GB,
+                    latency / 1e6)
+
+
+def _link_dict(link: LinkSpec) -> dict:
+    return {"bandwidth_GBps": _tidy(link.bandwidth_bytes_per_s / GB),
+            "latency_us": _tidy(link.latency_s * 1e6)}
+
+
+def _tidy(x: float) -> float:
+    """``x`` to 12 significant digits: drops the float noise of unit conversion (15 * 1e6 *
+    1e-6 is not 15) so that a cluster written and read back compares equal."""
+    return float(f"{x:.12g}")
+
+
+def _si(value: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def _device_line(d: DeviceSpec) -> str:
+    flops = ", ".join(f"{k} {_si(v, 'FLOP/s')}" for k, v in d.peak_flops.items())
+    return (f"{d.name} ({flops}; memory {_si(d.memory_bytes, 'B')} at "
+            f"{_si(d.memory_bandwidth_bytes_per_s, 'B/s')})")
+
+
+def _link_line(link: LinkSpec) -> str:
+    return f"{_si(link.bandwidth_bytes_per_s, 'B/s')} per device each way, " \
+           f"{link.latency_s * 1e6:.3g} us latency"

@@ -1,62 +1,63 @@
-"""The propagation planner: data parallel by default, user constraints pinned and propagated.
+"""Choosing the plan: candidate meshes, the propagation planner (level "fast"), and the
+choice between meshes.
 
-The mesh is 1-D over all devices unless ``mesh=`` is given. Parameters are replicated unless a
-constraint pins them; each tensor input is split on its batch dim (dim 0) across the mesh axes
-on which no constraint splits a parameter, where it divides. Then every op, in graph order,
-takes the strategy with the least predicted time given the layouts its inputs arrive in:
-redistribution on each input edge plus its compute share.
+Level "fast" walks the graph once per mesh and gives each op the strategy that is cheapest
+given the layouts its inputs arrive in (an input or a parameter takes the layout its first
+reader wants); it also tries parameters stored sharded on the outermost axis (ZeRO-3/FSDP)
+and keeps the cheaper assignment that fits in memory. Level "full" solves the integer program
+of :mod:`autopar.solver` per mesh and keeps the better of it and the fast plan. Either way the
+mesh with the least predicted step time wins.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
+import time
 
-import torch
-
+from .cost import CostModel, Training
 from .errors import PlanError, closest
 from .mesh import Mesh
-from .placement import Partial, Replicate, Shard, divides, format_layout, parse_layout, replicated
-from .redistribute import local_bytes_after, plan_steps, step_bytes
-from .rules import out_vals, strategies, tensor_inputs
+from .placement import Partial, Replicate, Shard, divides, format_layout, parse_layout
+from .plans import format_bytes
+from .problem import Problem, build_problem
+from .solver import Infeasible, solve
 
-R = Replicate()
-
-
-def choose_mesh(cluster, mesh_request) -> Mesh:
-    if mesh_request is None:
-        return Mesh(("dp",), (cluster.world_size,))
-    mesh = Mesh.from_dict(mesh_request)
-    if mesh.size != cluster.world_size:
-        raise PlanError(f"mesh {mesh} has {mesh.size} devices but the cluster {cluster} has "
-                        f"{cluster.world_size}; give axes whose sizes multiply to "
-                        f"{cluster.world_size}")
-    return mesh
+AXIS_NAMES = {1: ("dp",), 2: ("dp", "tp"), 3: ("dp", "sp", "tp")}
+# Past this many (producer layout, consumer need) pairs the exact program keeps, per node,
+# the KEEP_PER_NODE strategies of best local score plus those of the fast plans.
+MAX_EXACT_PAIRS = 150_000
+KEEP_PER_NODE = 24
 
 
-def axis_links(cluster, mesh: Mesh) -> list:
-    """The slowest link each mesh axis's groups cross (inter-node if any group spans nodes)."""
-    node_of = []
-    for i, node in enumerate(cluster.nodes):
-        node_of += [i] * node.count
-    links = []
-    for a in range(mesh.ndim):
-        spans = any(len({node_of[r] for r in g}) > 1 for g in mesh.groups(a))
-        if spans:
-            links.append(cluster.inter_node)
-        else:
-            links.append(min((n.intra_node for n in cluster.nodes),
-                             key=lambda l: l.bandwidth_bytes_per_s))
-    return links
+def candidate_meshes(cluster, mesh_request) -> list:
+    """The user's mesh, else every factorization of the device count into up to three axes
+    (outer to inner; the innermost axis spans the most closely linked devices)."""
+    n = cluster.world_size
+    if mesh_request is not None:
+        mesh = Mesh.from_dict(mesh_request)
+        if mesh.size != n:
+            raise PlanError(f"mesh {mesh} has {mesh.size} devices but the cluster {cluster} has "
+                            f"{n}; give axes whose sizes multiply to {n}")
+        return [mesh]
+    shapes = [(n,)]
+    for a in _divisors(n):
+        shapes.append((a, n // a))
+        for b in _divisors(n // a):
+            shapes.append((a, b, n // a // b))
+    return [Mesh(AXIS_NAMES[len(s)], s) for s in shapes]
+
+
+def _divisors(n: int) -> list:
+    return [d for d in range(2, n) if n % d == 0]
 
 
 def resolve_constraints(constraints, fqns, shapes: dict, mesh: Mesh) -> dict:
-    """FQN glob -> layout, checked and expanded to FQN -> layout."""
+    """Glob over parameter FQNs and input names -> layout, checked and expanded per name."""
     out = {}
     for pattern, layout in (constraints or {}).items():
         matched = [f for f in fqns if fnmatch.fnmatchcase(f, pattern)]
         if not matched:
-            raise PlanError(f"constraint {pattern!r} matches no parameter; closest names: "
+            raise PlanError(f"constraint {pattern!r} matches no parameter or input; closest: "
                             f"{closest(pattern.replace('*', ''), fqns)}")
         if isinstance(layout, str):
             layout = parse_layout(layout)
@@ -70,7 +71,7 @@ def resolve_constraints(constraints, fqns, shapes: dict, mesh: Mesh) -> dict:
                             f"{len(layout)} placements but mesh {mesh} has {mesh.ndim} axes; "
                             "give one placement per mesh axis")
         if any(isinstance(p, Partial) for p in layout):
-            raise PlanError(f"constraint {pattern!r}: a parameter cannot be stored Partial; "
+            raise PlanError(f"constraint {pattern!r}: a parameter or input cannot be Partial; "
                             "use Shard(dim) or Replicate()")
         for f in matched:
             shape = shapes[f]
@@ -84,107 +85,137 @@ def resolve_constraints(constraints, fqns, shapes: dict, mesh: Mesh) -> dict:
     return out
 
 
-def input_layout(shape, free_axes, mesh: Mesh) -> tuple:
-    layout = list(replicated(mesh.ndim))
-    if not shape:
-        return tuple(layout)
-    pieces = 1
-    for a in free_axes:
-        if shape[0] % (pieces * mesh.shape[a]) == 0:
-            layout[a] = Shard(0)
-            pieces *= mesh.shape[a]
-    return tuple(layout)
-
-
-class Pricer:
-    """Seconds for redistributions and compute under a cluster, used by the planner."""
-
-    def __init__(self, cluster, mesh: Mesh):
-        self.mesh = mesh
-        self.links = axis_links(cluster, mesh)
-        self.peak_flops = min(d.flops_for("fp32") for d in cluster.devices())
-
-    def redistribute_s(self, num_bytes: float, src, dst) -> float:
-        if src == dst:
-            return 0.0
-        local = num_bytes * _fraction(src, self.mesh)
-        total = 0.0
-        for step in plan_steps(src, dst):
-            n = self.mesh.shape[step.axis]
-            sent = step_bytes(step, local, n)
-            if sent:
-                link = self.links[step.axis]
-                total += sent / link.bandwidth_bytes_per_s + link.latency_s * (n - 1)
-            local = local_bytes_after(step, local, n)
-        return total
-
-    def compute_s(self, flops: float, out_layout) -> float:
-        split = math.prod(n for p, n in zip(out_layout, self.mesh.shape)
-                          if not isinstance(p, Replicate))
-        return 3.0 * flops / split / self.peak_flops  # forward + backward (~2x forward)
-
-
-def _fraction(layout, mesh):
-    return 1.0 / math.prod(n for p, n in zip(layout, mesh.shape) if isinstance(p, Shard)) \
-        if any(isinstance(p, Shard) for p in layout) else 1.0
-
-
-def _value_bytes(node) -> float:
-    return float(sum(v.numel() * v.element_size() for v in out_vals(node)
-                     if isinstance(v, torch.Tensor)))
-
-
-def propagate(gm, mesh: Mesh, fixed: dict, pricer: Pricer) -> dict:
-    """Choose each call node's strategy greedily in graph order.
-
-    ``fixed`` maps placeholder and get_attr nodes to their layouts. Returns node -> Strategy
-    and writes ``node.meta["autopar.strategy"]`` and ``node.meta["autopar.layout"]``.
-    """
-    chosen = {}
-    for node in gm.graph.nodes:
-        if node in fixed:
-            node.meta["autopar.layout"] = fixed[node]
+def propagate(prob: Problem, sharded_params: bool = False) -> dict:
+    """Greedy assignment in graph order; sources take the layout their first reader wants."""
+    incoming = {n: [] for n in prob.nodes}
+    for e in prob.edges:
+        if e.dst in incoming:
+            incoming[e.dst].append(e)
+    allowed = {n: range(len(prob.options[n])) for n in prob.nodes}
+    if sharded_params:
+        for n in prob.nodes:
+            if n.op == "get_attr" and len(prob.options[n]) > 1:
+                sharded = [i for i, s in enumerate(prob.options[n])
+                           if isinstance(s.output[0], Shard)]
+                allowed[n] = sharded or allowed[n]
+    choice = {}
+    for n in prob.nodes:
+        if n in choice or not incoming[n] and n.op in ("placeholder", "get_attr"):
             continue
-        if node.op not in ("call_function", "call_method"):
-            continue
-        ins = tensor_inputs(node)
-        best, best_s = None, math.inf
-        for strat in strategies(node, mesh.shape):
-            t = pricer.compute_s(strat.spec.flops, strat.output)
-            for src, need in zip(ins, strat.inputs):
-                have = src.meta["autopar.layout"]
-                if isinstance(src.meta["val"], (tuple, list)) and have != need:
-                    t = math.inf  # a tuple of values is consumed in its own layout
-                    break
-                t += pricer.redistribute_s(_value_bytes(src), have, need)
-            if t < best_s:
-                best, best_s = strat, t
+        best, best_t, best_src = None, float("inf"), {}
+        for s in allowed[n]:
+            t = prob.node_s[n][s]
+            src_pick = {}
+            for e in incoming[n]:
+                need = e.dst_keys[s]
+                if e.src in choice:
+                    t += e.cost[(e.src_keys[choice[e.src]], need)]
+                    continue
+                if e.src in src_pick:
+                    t += e.cost[(e.src_keys[src_pick[e.src]], need)]
+                    continue
+                picks = [(prob.node_s[e.src][a] + e.cost[(e.src_keys[a], need)], a)
+                         for a in allowed[e.src]]
+                c, a = min(picks)
+                src_pick[e.src] = a
+                t += c
+            if t < best_t:
+                best, best_t, best_src = s, t, src_pick
         if best is None:
-            raise PlanError(f"no strategy fits {node.format_node()}")
-        node.meta["autopar.strategy"] = best
-        node.meta["autopar.layout"] = best.output
-        chosen[node] = best
-    return chosen
+            raise PlanError(f"no strategy fits {n.format_node()}")
+        choice[n] = best
+        choice.update(best_src)
+    for n in prob.nodes:
+        choice.setdefault(n, allowed[n][0])
+    return choice
 
 
-def estimate_cost(gm, chosen: dict, pricer: Pricer):
-    """A rough step time and memory for a propagated plan: compute shares, every input
-    redistribution counted for forward and backward, parameters and gradients in memory."""
-    from .plans import Cost
-    compute_s = sum(pricer.compute_s(s.spec.flops, s.output) for s in chosen.values())
-    comm_s = 0.0
-    for node, strat in chosen.items():
-        for src, need in zip(tensor_inputs(node), strat.inputs):
-            num_bytes = _value_bytes(src)
-            comm_s += 2 * pricer.redistribute_s(num_bytes, src.meta["autopar.layout"], need)
-            for axis, (p, q) in enumerate(zip(need, strat.output)):
-                if isinstance(p, Replicate) and not isinstance(q, Replicate):  # gradient sum
-                    partial = tuple(Partial() if i == axis else x for i, x in enumerate(need))
-                    comm_s += pricer.redistribute_s(num_bytes, partial, need)
-    memory = 0.0
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            val = node.meta["val"]
-            local = _value_bytes(node) * _fraction(node.meta["autopar.layout"], pricer.mesh)
-            memory += local * (2 if val.requires_grad else 1)
-    return Cost(compute_s + comm_s, compute_s, comm_s, memory)
+def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats) -> tuple:
+    """(problem, choice, cost) of the best assignment on ``mesh``; raises Infeasible."""
+    start = time.perf_counter()
+    model = CostModel(cluster, mesh, training)
+    prob = build_problem(gm, mesh, model, pinned)
+    built = time.perf_counter()
+    found, objective = [], None
+    for sharded in (False, True):
+        choice = propagate(prob, sharded_params=sharded)
+        cost = prob.evaluate(choice)
+        if cost.memory_bytes_per_device <= budget:
+            found.append((cost.total_s, choice, cost))
+    if level == "full":
+        exact, back = prob, None
+        pairs = prob.pair_count()
+        if pairs > MAX_EXACT_PAIRS:
+            seeds = sorted(found, key=lambda f: f[0])
+            exact, back = _pruned(prob, [f[1] for f in seeds] +
+                                  [propagate(prob, sharded_params=s) for s in (False, True)])
+        try:
+            choice, objective = solve(exact, budget)
+            if back is not None:
+                choice = {n: back[n][i] for n, i in choice.items()}
+            cost = prob.evaluate(choice)
+            if cost.memory_bytes_per_device <= budget * (1 + 1e-9):
+                found.append((cost.total_s, choice, cost))
+        except Infeasible:
+            if not found:
+                raise
+    if not found:
+        from .solver import min_memory
+        raise Infeasible(min_memory(prob))
+    found.sort(key=lambda f: f[0])
+    _, choice, cost = found[0]
+    stats.setdefault("meshes", {})[str(mesh)] = {
+        "strategies": sum(len(v) for v in prob.options.values()),
+        "pairs": prob.pair_count() if level == "full" else None,
+        "build_s": built - start, "solve_s": time.perf_counter() - built,
+        "predicted_step_s": cost.total_s, "exact_objective_s": objective}
+    return prob, choice, cost
+
+
+def _pruned(prob: Problem, seeds: list) -> tuple:
+    """``prob`` keeping each node's best-scoring strategies next to the first seed and every
+    strategy the seed assignments use, so the exact plan is never worse than the seeds."""
+    scores = prob.scores_near(seeds[0])
+    kept = {}
+    for n in prob.nodes:
+        order = sorted(range(len(prob.options[n])), key=lambda i: (scores[n][i], i))
+        keep = set(order[:KEEP_PER_NODE]) | {seed[n] for seed in seeds}
+        kept[n] = sorted(keep)
+    return prob.restrict(kept)
+
+
+def _named_sources(gm, input_names) -> dict:
+    """Parameters and buffers by FQN, inputs by argument name: what constraints name."""
+    out, names = {}, iter(input_names)
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            out[n.target] = n
+        elif n.op == "placeholder":
+            out[next(names, n.name)] = n
+    return out
+
+
+def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budget: float,
+                level: str, stats: dict, input_names=()):
+    """The best (mesh, problem, choice, cost) over candidate meshes."""
+    sources = _named_sources(gm, input_names)
+    shapes = {name: tuple(n.meta["val"].shape) for name, n in sources.items()}
+    best, smallest = None, None
+    for mesh in candidate_meshes(cluster, mesh_request):
+        pinned = {sources[name]: layout for name, layout in
+                  resolve_constraints(constraints, list(shapes), shapes, mesh).items()}
+        try:
+            prob, choice, cost = plan_on_mesh(gm, mesh, cluster, training, pinned, budget,
+                                              level, stats)
+        except Infeasible as e:
+            smallest = e.min_bytes if smallest is None else min(smallest, e.min_bytes)
+            continue
+        if best is None or cost.total_s < best[3].total_s:
+            best = (mesh, prob, choice, cost)
+    if best is None:
+        raise PlanError(
+            f"no plan fits in {format_bytes(budget)} per device on {cluster}: the smallest "
+            f"any plan needs is {format_bytes(smallest)}. Add devices, allow sharded "
+            "parameters (drop constraints that replicate them), lower the batch size, or "
+            "raise memory_budget_bytes")
+    return best

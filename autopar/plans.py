@@ -102,12 +102,20 @@ class Plan:
         console.print(f"autopar plan: mesh {mesh} on {self.cluster}")
         console.print(table)
         console.print(f"predicted step {_seconds(c.total_s)} (compute {_seconds(c.compute_s)}, "
-                      f"communication {_seconds(c.comm_s)}); parameter memory per device "
-                      f"{c.memory_bytes_per_device / 2**20:.2f} MiB")
+                      f"communication {_seconds(c.comm_s)}); peak memory per device "
+                      f"{format_bytes(c.memory_bytes_per_device)}")
         return buf.getvalue()
 
     def __str__(self) -> str:
         return self.explain()
+
+
+def format_bytes(n: float) -> str:
+    """``10000`` -> ``'9.8 KiB'``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
 
 
 def _seconds(t: float) -> str:

@@ -17,6 +17,7 @@ dim has been.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .placement import Partial, Replicate, Shard
@@ -34,10 +35,11 @@ class Step:
     dim2: int = -1   # all_to_all: the dim split before the exchange (becomes sharded)
 
 
-def plan_steps(src: tuple, dst: tuple) -> list:
+@functools.lru_cache(maxsize=None)
+def plan_steps(src: tuple, dst: tuple) -> tuple:
     """The steps that take a value from layout ``src`` to layout ``dst``."""
     if src == dst:
-        return []
+        return ()
     n = len(src)
     cur = list(src)
     unshard = {i for i in range(n) if src[i] != dst[i]}
@@ -79,7 +81,7 @@ def plan_steps(src: tuple, dst: tuple) -> list:
         elif isinstance(dst[i], Partial):
             steps.append(Step("to_partial", i))
         cur[i] = dst[i]
-    return steps
+    return tuple(steps)
 
 
 def _free(dim: int, placements) -> bool:

@@ -28,6 +28,9 @@ class PassContext:
     input_names: list = field(default_factory=list)
     param_fqns: list = field(default_factory=list)
     memory_budget_bytes: float | None = None
+    level: str = "full"
+    precision: str = "fp32"
+    optimizer: str = "adamw"
     unsupported: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     plan: object = None

@@ -13,7 +13,8 @@ from torch.utils._pytree import tree_map
 from autopar.placement import Replicate, format_layout, local_shape, replicated
 from autopar.redistribute import plan_steps
 from autopar.rules import shape_of, tensor_inputs
-from autopar.runtime.collectives import grad_sum, step_call
+from autopar.problem import fused_axis, grad_sum_axes
+from autopar.runtime.collectives import gather_shards, grad_sum, step_call
 
 
 @dataclass
@@ -43,7 +44,7 @@ def generate_rank_program(gm, ctx):
             p = g.placeholder(node.name)
             emit.layouts[p.name] = replicated(mesh.ndim)
             val = node.meta["val"]
-            input_shapes.append((node.name, tuple(val.shape), val.dtype))
+            input_shapes.append((node.name, tuple(val.shape), val.dtype, val.requires_grad))
             env[node] = emit.convert(p, replicated(mesh.ndim), node.meta["autopar.layout"])
         elif node.op == "get_attr":
             name = _attr_name(node.target, attrs)
@@ -66,13 +67,18 @@ def _emit_op(node, env, emit, mesh):
     strat = node.meta["autopar.strategy"]
     local = {}
     for src, need in zip(tensor_inputs(node), strat.inputs):
-        v = emit.convert(env[src], src.meta["autopar.layout"], need)
-        if _floating(src):
-            # gradient-sum rule: a replicated input of work split over an axis gets only a
-            # partial gradient there, so its backward all-reduces over that axis
-            for axis, (p, q) in enumerate(zip(need, strat.output)):
-                if isinstance(p, Replicate) and not isinstance(q, Replicate):
-                    v = emit.call(grad_sum, (v, mesh.names[axis]), need)
+        # gradient-sum rule: a replicated input of work split over an axis gets only a
+        # partial gradient there, so its backward all-reduces over that axis
+        axes = grad_sum_axes(src, need, strat.output)
+        have = src.meta["autopar.layout"]
+        fused = fused_axis(have, need)
+        if fused in axes:  # gathered just before: reduce-scatter the gradient back instead
+            v = emit.convert(env[src], have, need, fuse_last=True)
+            axes = tuple(a for a in axes if a != fused)
+        else:
+            v = emit.convert(env[src], have, need)
+        for axis in axes:
+            v = emit.call(grad_sum, (v, mesh.names[axis]), need)
         local[src] = v
     args = tree_map(lambda a: local.get(a, env.get(a)) if isinstance(a, Node) else a, node.args)
     kwargs = tree_map(lambda a: local.get(a, env.get(a)) if isinstance(a, Node) else a,
@@ -99,26 +105,24 @@ class _Emitter:
         self.layouts[n.name] = layout
         return n
 
-    def convert(self, value, src, dst):
-        """``value`` held in layout ``src`` -> the same value in layout ``dst``."""
-        key = (value, tuple(dst))
-        if key in self._cache:
+    def convert(self, value, src, dst, fuse_last=False):
+        """``value`` held in layout ``src`` -> the same value in layout ``dst``; with
+        ``fuse_last`` the final all_gather becomes ``gather_shards`` (not shared)."""
+        key = (value, tuple(dst), fuse_last)
+        if key in self._cache and not fuse_last:
             return self._cache[key]
         cur = list(src)
         out = value
-        for step in plan_steps(tuple(src), tuple(dst)):
+        steps = plan_steps(tuple(src), tuple(dst))
+        for i, step in enumerate(steps):
             fn, extra = step_call(step, self.axis_names)
+            if fuse_last and i == len(steps) - 1:
+                fn = gather_shards
             cur[step.axis] = dst[step.axis] if step.kind not in ("all_gather", "all_reduce") \
                 else Replicate()
             out = self.call(fn, (out, *extra), tuple(cur))
         self._cache[key] = out
         return out
-
-
-def _floating(node) -> bool:
-    val = node.meta.get("val")
-    vals = val if isinstance(val, (tuple, list)) else [val]
-    return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in vals)
 
 
 def _attr_name(fqn: str, taken: dict) -> str:

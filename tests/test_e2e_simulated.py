@@ -85,9 +85,9 @@ def test_plain_function_matches_one_device(mesh):
     n = 1
     for v in axes.values():
         n *= v
-    pm = autopar.compile(fn, autopar.Cluster.local(n), example_inputs=(x, w1, w2), simulate=True,
-                         mesh=axes)
     ws = [w.clone().requires_grad_() for w in (w1, w2)]
+    pm = autopar.compile(fn, autopar.Cluster.local(n), example_inputs=(x, *ws), simulate=True,
+                         mesh=axes)
     ref_ws = [w.clone().requires_grad_() for w in (w1, w2)]
     out, want = pm(x, *ws), fn(x, *ref_ws)
     assert torch.allclose(out, want, rtol=1e-5, atol=1e-6)

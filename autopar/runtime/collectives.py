@@ -127,6 +127,17 @@ class _AllToAll(torch.autograd.Function):
         return _exchange(g, gather_dim, split_dim, ctx.axis), None, None, None
 
 
+class _GatherShards(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, axis):
+        ctx.dim, ctx.axis = dim, axis
+        return _gather(x, dim, axis)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _scatter(g, ctx.dim, ctx.axis), None, None
+
+
 class _ToPartial(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, axis):
@@ -173,6 +184,13 @@ def all_to_all(x, gather_dim: int, split_dim: int, axis: str):
     return _AllToAll.apply(x, gather_dim, split_dim, axis)
 
 
+def gather_shards(x, dim: int, axis: str):
+    """S(dim) -> R on ``axis`` for a value whose gradient is then summed over ``axis``
+    (a parameter stored sharded, gathered for use): backward reduce-scatters the gradient,
+    which is all_gather's slice and the gradient sum fused into one collective."""
+    return _GatherShards.apply(x, dim, axis)
+
+
 def to_partial(x, axis: str):
     """R -> P on ``axis``: coordinate 0 keeps the value, the others hold zeros."""
     return _ToPartial.apply(x, axis)
@@ -184,7 +202,8 @@ def grad_sum(x, axis: str):
     return _GradSum.apply(x, axis)
 
 
-COLLECTIVES = {all_gather, shard, all_reduce, reduce_scatter, all_to_all, to_partial, grad_sum}
+COLLECTIVES = {all_gather, shard, all_reduce, reduce_scatter, all_to_all, to_partial, grad_sum,
+               gather_shards}
 STEP_FUNCTIONS = {"all_gather": all_gather, "shard": shard, "all_reduce": all_reduce,
                   "reduce_scatter": reduce_scatter, "all_to_all": all_to_all,
                   "to_partial": to_partial}

@@ -87,12 +87,16 @@ class ParallelModule(torch.nn.Module):
         return self._captured.unflatten_outputs(list(outs), inputs)
 
     def _check_inputs(self, inputs):
-        for x, (name, shape, dtype) in zip(inputs, self._program.input_shapes):
+        for x, (name, shape, dtype, grad) in zip(inputs, self._program.input_shapes):
             if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape or x.dtype != dtype:
                 got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
                 raise InputError(f"input {name!r}: planned for shape {shape} {dtype}, got "
                                  f"{got}; call with the example's shapes or compile again "
                                  "with example_inputs of the new shape")
+            if x.requires_grad and not grad:
+                raise InputError(f"input {name!r} requires grad but was planned without: its "
+                                 "gradient would miss the sums over split work; give an "
+                                 "example input with requires_grad=True")
 
     # -- inspection -----------------------------------------------------------------------------
 

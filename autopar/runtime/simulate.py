@@ -89,6 +89,7 @@ _SIM = {
                    lambda gs, m, gd, sd, a: _sim_exchange(gs, m, gd, sd, a)),
     C.to_partial: (_sim_keep_first, _identity),
     C.grad_sum: (_identity, _sim_sum),
+    C.gather_shards: (_sim_all_gather, _sim_scatter),
 }
 
 

@@ -1,0 +1,228 @@
+"""The cost model: seconds of compute and communication and bytes of memory per device.
+
+Compute is a roofline per op, forward and backward, on the slowest device of the mesh (a
+synchronous step waits for it): ``max(FLOPs / (peak x MATMUL_EFFICIENCY), bytes / (memory
+bandwidth x MEMORY_EFFICIENCY)) + KERNEL_LAUNCH_S``. Communication is alpha-beta per mesh
+axis, priced on the slowest link the axis's groups cross: a ring all-reduce of ``b`` bytes on
+``n`` ranks takes ``2(n-1)/n b / bandwidth + 2(n-1) latency``, all-gather and reduce-scatter
+half that, all-to-all ``(n-1)/n b / bandwidth + (n-1) latency``. Every forward collective has
+its backward mirror from the redistribution table, and gradient sums are all-reduces (or
+reduce-scatters, where a gathered parameter's gradient goes back to its shards).
+
+Memory per device is parameters, gradients and optimizer states in their storage layouts,
+plus activations saved for backward and values alive at each point of the forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .placement import Partial, Replicate, Shard
+from .redistribute import plan_steps
+
+# Share of datasheet peak FLOP/s a large GEMM sustains. NVIDIA's A100 and H100 tuning guides
+# and MLPerf training submissions show dense GEMMs at roughly 60-80% of peak; take 0.7.
+MATMUL_EFFICIENCY = 0.7
+# Share of datasheet memory bandwidth a streaming kernel reaches (STREAM-like copies on
+# HBM2e/HBM3 reach ~80-90%).
+MEMORY_EFFICIENCY = 0.8
+# Per-kernel launch and framework overhead on a GPU: ~5 us (CUDA launch latency, PyTorch
+# dispatcher), counted once per op forward and once backward.
+KERNEL_LAUNCH_S = 5e-6
+# Devices measured on this machine (Cluster.local) report what they sustained: no discount.
+MEASURED_EFFICIENCY = 1.0
+
+# Backward FLOPs relative to forward: a contraction computes two GEMMs (grad of each input),
+# elementwise ops about one pass.
+CONTRACTIONS = {"linear", "matmul", "bmm", "mm", "addmm", "baddbmm", "addbmm", "einsum",
+                "scaled_dot_product_attention"}
+BACKWARD_FACTOR_CONTRACTION = 2.0
+BACKWARD_FACTOR_OTHER = 1.0
+
+# Ops whose backward needs none of their inputs (linear maps and data movement).
+SAVES_NOTHING = {
+    "add", "sub", "neg", "pos", "rsub", "view", "reshape", "flatten", "unsqueeze", "squeeze",
+    "view_as", "ravel", "transpose", "permute", "t", "movedim", "adjoint", "expand",
+    "expand_as", "broadcast_to", "contiguous", "clone", "detach", "alias", "to", "type",
+    "float", "half", "bfloat16", "double", "getitem", "split", "chunk", "unbind",
+    "tensor_split", "split_with_sizes", "cat", "stack", "repeat_interleave", "sum", "mean",
+    "zeros_like", "ones_like", "empty_like", "full_like", "arange", "zeros", "ones", "full",
+    "new_zeros", "new_ones", "new_full", "new_empty", "eq", "ne", "lt", "le", "gt", "ge",
+    "dropout",
+}
+
+OPTIMIZERS = {"sgd": 0, "adamw": 2, "adam": 2}      # fp32 state tensors per parameter
+PRECISIONS = {
+    # compute dtype, bytes per activation element (fp32 model), bytes per parameter
+    # (weights + gradients): fp32 keeps one copy of each; bf16-mixed keeps fp32 master
+    # weights and gradients plus a bf16 working copy.
+    "fp32": dict(dtype="fp32", activation_scale=1.0, param_bytes=8.0),
+    "bf16-mixed": dict(dtype="bf16", activation_scale=0.5, param_bytes=10.0),
+}
+
+
+@dataclass(frozen=True)
+class Training:
+    """What a training step holds and computes: precision and optimizer."""
+
+    precision: str = "fp32"
+    optimizer: str = "adamw"
+
+    def __post_init__(self):
+        from .errors import PlanError
+        if self.precision not in PRECISIONS:
+            raise PlanError(f"precision={self.precision!r}: choose one of {sorted(PRECISIONS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise PlanError(f"optimizer={self.optimizer!r}: choose one of {sorted(OPTIMIZERS)}")
+
+    def bytes_per_parameter(self, trainable: bool, element_size: int) -> float:
+        """Bytes per parameter element: weights, gradients, optimizer states."""
+        if not trainable:
+            return float(element_size)
+        p = PRECISIONS[self.precision]
+        return p["param_bytes"] * element_size / 4 + 4.0 * OPTIMIZERS[self.optimizer]
+
+
+def axis_links(cluster, mesh) -> list:
+    """The slowest link each mesh axis's groups cross (inter-node if any group spans nodes,
+    else the slowest intra-node link among the nodes it touches)."""
+    node_of = []
+    for i, node in enumerate(cluster.nodes):
+        node_of += [i] * node.count
+    links = []
+    for a in range(mesh.ndim):
+        groups = mesh.groups(a)
+        if any(len({node_of[r] for r in g}) > 1 for g in groups):
+            links.append(cluster.inter_node)
+        else:
+            touched = {node_of[r] for g in groups for r in g}
+            links.append(min((cluster.nodes[i].intra_node for i in touched),
+                             key=lambda l: l.bandwidth_bytes_per_s))
+    return links
+
+
+class CostModel:
+    """Prices strategies and redistributions on one mesh of one cluster."""
+
+    def __init__(self, cluster, mesh, training: Training = Training()):
+        self.mesh = mesh
+        self.training = training
+        self.links = axis_links(cluster, mesh)
+        dtype = PRECISIONS[training.precision]["dtype"]
+        devices = cluster.devices()
+        self.peak_flops = min(d.flops_for(dtype) * _efficiency(d, MATMUL_EFFICIENCY)
+                              for d in devices)
+        self.memory_bandwidth = min(d.memory_bandwidth_bytes_per_s *
+                                    _efficiency(d, MEMORY_EFFICIENCY) for d in devices)
+        self.memory_bytes = min(d.memory_bytes for d in devices)
+        self.activation_scale = PRECISIONS[training.precision]["activation_scale"]
+        self._moves = {}
+
+    # -- compute -------------------------------------------------------------------------------
+
+    def work_split(self, in_layouts, out_layout) -> int:
+        """Ranks sharing one op's work: every axis on which its output is split, or partial
+        because a contracted dim is split (Partial passed through is whole work per rank)."""
+        split = 1
+        for a, (p, n) in enumerate(zip(out_layout, self.mesh.shape)):
+            if isinstance(p, Shard) or (isinstance(p, Partial) and any(
+                    isinstance(lay[a], Shard) for lay in in_layouts)):
+                split *= n
+        return split
+
+    def compute_s(self, op: str, flops: float, num_bytes: float, in_layouts, out_layout) -> float:
+        """Forward plus backward seconds of one op's local share."""
+        if flops == 0 and num_bytes == 0:
+            return 0.0
+        split = self.work_split(in_layouts, out_layout)
+        fwd = max(flops / split / self.peak_flops,
+                  num_bytes * self.activation_scale / split / self.memory_bandwidth)
+        factor = BACKWARD_FACTOR_CONTRACTION if op in CONTRACTIONS else BACKWARD_FACTOR_OTHER
+        return fwd * (1 + factor) + 2 * KERNEL_LAUNCH_S
+
+    def optimizer_s(self, num_bytes_local: float, trainable: bool, element_size: int) -> float:
+        """The optimizer step over one parameter's local shard: streaming its state."""
+        if not trainable:
+            return 0.0
+        per = self.training.bytes_per_parameter(True, element_size)
+        return num_bytes_local / element_size * per / self.memory_bandwidth
+
+    # -- communication -------------------------------------------------------------------------
+
+    def collective_s(self, kind: str, axis: int, num_bytes_full: float) -> float:
+        """One collective on ``axis``; ``num_bytes_full`` is the bytes of the whole (gathered
+        or reduced) tensor held by the axis's group, local to the other axes."""
+        n = self.mesh.shape[axis]
+        if n == 1 or kind in ("shard", "to_partial", "identity"):
+            return 0.0
+        link = self.links[axis]
+        bw, lat = link.bandwidth_bytes_per_s, link.latency_s
+        ring = (n - 1) / n
+        if kind == "all_reduce":
+            return 2 * ring * num_bytes_full / bw + 2 * (n - 1) * lat
+        if kind in ("all_gather", "reduce_scatter", "all_to_all"):
+            return ring * num_bytes_full / bw + (n - 1) * lat
+        raise ValueError(f"unknown collective {kind}")
+
+    def redistribute_s(self, num_bytes: float, src, dst, grad: bool = True) -> float:
+        """Forward plus backward seconds to move a value of ``num_bytes`` (whole) from layout
+        ``src`` to ``dst``, following the table: all_gather's backward is a local slice, a
+        slice's backward an all_gather, all_reduce's backward the identity, reduce_scatter's
+        an all_gather, all_to_all's an all_to_all. Without ``grad`` (no gradient flows into
+        the value) only the forward collectives count."""
+        if src == dst:
+            return 0.0
+        key = (num_bytes, src, dst, grad)
+        if key not in self._moves:
+            self._moves[key] = self._redistribute_s(num_bytes * self.activation_scale, src, dst,
+                                                    grad)
+        return self._moves[key]
+
+    def _redistribute_s(self, num_bytes, src, dst, grad) -> float:
+        cur = list(src)
+        total = 0.0
+        for step in plan_steps(tuple(src), tuple(dst)):
+            before = _local(num_bytes, cur, self.mesh, step.axis)
+            back = 1.0 if grad else 0.0
+            if step.kind == "all_gather":
+                total += self.collective_s("all_gather", step.axis, before)
+            elif step.kind == "shard":
+                total += back * self.collective_s("all_gather", step.axis, before)
+            elif step.kind == "all_reduce":
+                total += self.collective_s("all_reduce", step.axis, before)
+            elif step.kind == "reduce_scatter":
+                total += (1 + back) * self.collective_s("reduce_scatter", step.axis, before)
+            elif step.kind == "all_to_all":
+                total += (1 + back) * self.collective_s("all_to_all", step.axis, before)
+            cur[step.axis] = dst[step.axis] if step.kind not in ("all_gather", "all_reduce") \
+                else Replicate()
+        return total
+
+    def grad_sum_s(self, num_bytes: float, layout, axis: int, fused: bool) -> float:
+        """The backward all-reduce of a replicated input's gradient over ``axis``; ``fused``
+        where that input was just gathered over the same axis, so the gradient is
+        reduce-scattered back to the shards instead."""
+        num_bytes *= self.activation_scale
+        full = _local(num_bytes, list(layout), self.mesh, axis)
+        return self.collective_s("reduce_scatter" if fused else "all_reduce", axis, full)
+
+
+def _local(num_bytes, layout, mesh, except_axis) -> float:
+    """Bytes a group along ``except_axis`` handles: the value split by every other axis."""
+    split = math.prod(n for a, (p, n) in enumerate(zip(layout, mesh.shape))
+                      if a != except_axis and isinstance(p, Shard))
+    return num_bytes / split
+
+
+def _efficiency(device, default: float) -> float:
+    return MEASURED_EFFICIENCY if getattr(device, "measured", False) else default
+
+
+def fraction(layout, mesh) -> float:
+    """The share of a value's elements one rank holds under ``layout``."""
+    return 1.0 / math.prod(n for p, n in zip(layout, mesh.shape) if isinstance(p, Shard))
+
+
+def is_partial(layout) -> bool:
+    return any(isinstance(p, Partial) for p in layout)

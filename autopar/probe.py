@@ -1,0 +1,338 @@
+"""Measure this machine for ``Cluster.local()``, and cache what was measured.
+
+Three figures, each the best of a few runs so that a passing hiccup does not count:
+
+- compute: fp32 ``torch.mm`` of two MATMUL_N x MATMUL_N matrices, 2 N^3 FLOPs, on all usable
+  CPUs (the machine's figure; ``Cluster.local(n)`` gives each of n processes a 1/n share);
+- memory bandwidth: copying a COPY_BYTES tensor, counted as read plus write (STREAM's "copy");
+- link: gloo all-reduce between local processes, either two processes started for the purpose
+  or, inside an initialized process group, the group's own ranks. Latency is a tiny all-reduce's
+  time over 2(n-1), the ring's message count; bandwidth is the NCCL-tests "bus bandwidth",
+  bytes x 2(n-1)/n / time, so both read directly as the alpha and beta of the cost model.
+
+Results are cached as JSON in ``$AUTOPAR_CACHE_DIR`` or ``~/.cache/autopar/``, one file per
+host name, CPU count and torch version. ``python -m autopar.probe`` prints this machine's
+figures (``--refresh`` measures again).
+
+This module imports only torch and the standard library: it is also the script that each
+probe process runs (``probe.py --worker RANK WORLD PORT``), started with subprocess
+rather than torch.multiprocessing because spawn re-imports the caller's ``__main__``, which
+would re-run a user's script that calls ``Cluster.local()`` without a main guard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+MATMUL_N = 2048            # large enough for BLAS to reach its steady rate; ~0.1 s on 2 cores
+MATMUL_RUNS = 5
+COPY_BYTES = 2**27         # 128 MiB, far beyond any last-level cache
+COPY_RUNS = 5
+SMALL_RUNS = 20            # tiny all-reduces per timed batch (latency)
+SMALL_BATCHES = 3
+BIG_BYTES = 2**24          # 16 MiB: bandwidth-bound on loopback
+BIG_RUNS = 3
+PROBE_PROCESSES = 2
+PROBE_TIMEOUT_S = 120      # a stuck probe process is killed after this
+NOMINAL_MEMORY_BYTES = 16e9   # when the OS will not say how much memory there is
+
+# Set when the cache file's format changes, so that older files are measured again.
+CACHE_VERSION = 1
+
+measurements_taken = 0     # probes run by this process: tests check that the cache is used
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What the probe found on one machine (compute and memory for the whole machine)."""
+
+    peak_flops: float
+    memory_bandwidth_bytes_per_s: float
+    memory_bytes: float
+    link_bandwidth_bytes_per_s: float
+    link_latency_s: float
+    link_ranks: int        # processes in the all-reduce probe; 0: it failed, link is nominal
+    num_threads: int
+    host: str
+    cpu_count: int
+    torch_version: str
+    probe_s: float
+    source: str = "measured now"
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        del d["source"]  # where it came from is a fact about this copy, not the machine
+        return json.dumps({"version": CACHE_VERSION, **d}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> "Measurement":
+        d = json.loads(text)
+        if d.pop("version", None) != CACHE_VERSION:
+            raise ValueError("cache file from another autopar version")
+        d["source"] = source
+        return cls(**d)
+
+
+def usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cache_path() -> str:
+    """The cache file for this host, CPU count and torch version."""
+    root = os.environ.get("AUTOPAR_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "autopar")
+    key = f"{socket.gethostname()}-{usable_cpus()}cpu-torch{torch.__version__}"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+    return os.path.join(root, f"local-{safe}.json")
+
+
+def load_cached(path: str | None = None) -> Measurement | None:
+    """The cached measurement, or None if there is none (or it is unreadable or stale)."""
+    path = path or cache_path()
+    try:
+        with open(path) as f:
+            m = Measurement.from_json(f.read(), source=f"cached in {path}")
+    except (OSError, ValueError, TypeError):
+        return None
+    here = (socket.gethostname(), usable_cpus(), torch.__version__)
+    return m if (m.host, m.cpu_count, m.torch_version) == here else None
+
+
+def save(m: Measurement, path: str | None = None) -> None:
+    path = path or cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(m.to_json())
+        os.replace(tmp, path)  # atomic: concurrent readers see the old file or the new one
+    except OSError as e:
+        warnings.warn(f"autopar: cannot cache the local measurement at {path} ({e}); it will "
+                      "be measured again next time; set AUTOPAR_CACHE_DIR to a writable folder",
+                      stacklevel=3)
+
+
+def local_measurement(refresh: bool = False) -> Measurement:
+    """This machine's figures: from the cache, else measured now and cached.
+
+    Inside an initialized process group this is collective: rank 0 loads or measures and
+    broadcasts, so every rank gets the same figures.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return _shared_measurement(refresh)
+    m = None if refresh else load_cached()
+    if m is None:
+        m = measure()
+        if m.link_ranks:  # a failed link probe is tried again next time
+            save(m)
+    return m
+
+
+def _shared_measurement(refresh: bool) -> Measurement:
+    rank = dist.get_rank()
+    box = [None if refresh or rank else load_cached()]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        return box[0]
+    link = None  # a group of one has no link to time: measure() then starts probe processes
+    if dist.get_world_size() > 1:
+        group = None if "gloo" in str(dist.get_backend()) else dist.new_group(backend="gloo")
+        link = time_allreduce(group)  # every rank takes part; rank 0's timing is kept
+    box = [measure(link) if rank == 0 else None]
+    if rank == 0 and box[0].link_ranks:
+        save(box[0])
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def measure(link: tuple | None = None) -> Measurement:
+    """Measure now: compute and memory here, and the all-reduce ``link`` figures
+    (bandwidth, latency, ranks) given, or else from two probe processes started for it."""
+    global measurements_taken
+    measurements_taken += 1
+    start = time.perf_counter()
+    with _threads(usable_cpus()):
+        peak_flops = _matmul_flops()
+        memory_bandwidth = _copy_bandwidth()
+        threads = torch.get_num_threads()
+    if link is None:
+        link = _spawned_link()
+    bandwidth, latency, ranks = link
+    return Measurement(peak_flops, memory_bandwidth, _memory_bytes(), bandwidth, latency, ranks,
+                       threads, socket.gethostname(), usable_cpus(), torch.__version__,
+                       time.perf_counter() - start)
+
+
+def _spawned_link() -> tuple:
+    try:
+        return spawn_allreduce_probe(PROBE_PROCESSES)
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        from autopar.cluster import LOCAL_LINK
+        warnings.warn(f"autopar: could not time gloo all-reduce between local processes ({e}); "
+                      "planning with nominal link figures, and not caching them", stacklevel=4)
+        return LOCAL_LINK.bandwidth_bytes_per_s, LOCAL_LINK.latency_s, 0
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _best_s(fn, runs: int) -> float:
+    fn()  # warm-up: first-touch page faults, BLAS thread start
+    best = float("inf")
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _matmul_flops() -> float:
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    out = torch.empty(MATMUL_N, MATMUL_N)
+    return 2 * MATMUL_N**3 / _best_s(lambda: torch.mm(a, b, out=out), MATMUL_RUNS)
+
+
+def _copy_bandwidth() -> float:
+    src = torch.ones(COPY_BYTES // 4)
+    dst = torch.empty_like(src)
+    return 2 * COPY_BYTES / _best_s(lambda: dst.copy_(src), COPY_RUNS)
+
+
+def _memory_bytes() -> float:
+    """Physical memory, or the container's cgroup limit where that is lower."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = NOMINAL_MEMORY_BYTES
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            with open(limit_file) as f:
+                total = min(total, int(f.read().strip()))  # "max" (no limit) fails int()
+    return float(total)
+
+
+def time_allreduce(group=None) -> tuple:
+    """(bus bandwidth bytes/s, latency s, ranks) of gloo all-reduce over ``group``; every rank
+    of the group must call it."""
+    n = dist.get_world_size(group)
+    if n < 2:
+        raise RuntimeError("an all-reduce probe needs at least 2 processes")
+    small, big = torch.zeros(1), torch.zeros(BIG_BYTES // 4)
+
+    def small_batch():
+        for _ in range(SMALL_RUNS):
+            dist.all_reduce(small, group=group)
+
+    def big_one():
+        dist.barrier(group=group)  # so that no rank's time includes waiting for the others
+        t = time.perf_counter()
+        dist.all_reduce(big, group=group)
+        return time.perf_counter() - t
+
+    small_batch()
+    big_one()  # warm-up: connections, buffers
+    small_s = min(_timed(small_batch) for _ in range(SMALL_BATCHES)) / SMALL_RUNS
+    big_s = min(big_one() for _ in range(BIG_RUNS))
+    return BIG_BYTES * 2 * (n - 1) / n / big_s, small_s / (2 * (n - 1)), n
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def spawn_allreduce_probe(nprocs: int = PROBE_PROCESSES) -> tuple:
+    """Start ``nprocs`` processes on a free loopback port and time gloo all-reduce among them."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"  # the probe moves bytes; threads would only compete
+    if "GLOO_SOCKET_IFNAME" not in env and any(n == "lo" for _, n in socket.if_nameindex()):
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _RUN_WORKER, os.path.abspath(__file__),
+                               "--worker", str(r), str(nprocs), str(port)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for r in range(nprocs)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=PROBE_TIMEOUT_S))
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the all-reduce probe did not finish in {PROBE_TIMEOUT_S} s") from None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outs):
+        if p.returncode:
+            raise RuntimeError(f"an all-reduce probe process failed: {err.strip()[-800:]}")
+    d = json.loads(outs[0][0].strip().splitlines()[-1])
+    return d["bandwidth_bytes_per_s"], d["latency_s"], d["ranks"]
+
+
+# Runs this file as a script without putting autopar/ first on sys.path, where its modules
+# (errors.py, mesh.py, ...) could shadow top-level modules of the same name.
+_RUN_WORKER = ("import runpy, sys; sys.argv = sys.argv[1:]; "
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        bandwidth, latency, ranks = time_allreduce()
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        print(json.dumps({"bandwidth_bytes_per_s": bandwidth, "latency_s": latency,
+                          "ranks": ranks}))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m autopar.probe",
+                                     description="Measure this machine for Cluster.local().")
+    parser.add_argument("--refresh", action="store_true", help="measure again, ignoring the cache")
+    parser.add_argument("--world-size", type=int, default=2, help="processes to describe")
+    parser.add_argument("--worker", nargs=3, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(*args.worker)
+        return
+    if args.refresh:
+        local_measurement(refresh=True)
+    from autopar import Cluster
+    print(Cluster.local(args.world_size).describe())
+
+
+if __name__ == "__main__":
+    main()

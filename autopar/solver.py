@@ -1,0 +1,208 @@
+r"""The exact planner: an integer program over every node's strategy, solved by HiGHS.
+
+Variables
+    x[v, s] in {0, 1}    node v takes strategy s (a layout for each input and its output)
+    y[e, a, b] >= 0      edge e = (u -> v) carries producer layout a to consumer need b
+
+Objective (seconds of one training step, forward and backward)
+    minimize  sum_v sum_s  t[v, s] x[v, s]  +  sum_e sum_(a,b)  c[e, a, b] y[e, a, b]
+
+    t[v, s]: compute of v's local share (roofline), the optimizer step over a parameter's
+    shard, and for graph outputs the move back to replicated; c[e, a, b]: the collectives of
+    the redistribution table moving a to b, both directions, plus the gradient sums b implies.
+
+Constraints
+    one_strategy_per_node   sum_s x[v, s] = 1                                  for every v
+    edge_marginals          sum_b y[e, a, b] = sum_{s : out(s) = a} x[u, s]     for every e, a
+                            sum_a y[e, a, b] = sum_{s : need(s) = b} x[v, s]    for every e, b
+    memory_budget           sum_v sum_s m_t[v, s] x[v, s] <= budget            for checkpoints t
+    fixed_choices           pinned parameters keep their one layout (their x is fixed)
+
+    With x integral each marginal has a single 1, so y is the indicator of the pair actually
+    used: y stays continuous and the edge cost is exactly linear. m_t[v, s] counts, after
+    node t of the forward pass, parameter storage (with gradients and optimizer states),
+    activations saved for backward, and outputs still to be read.
+
+The same inputs always give the same plan: variables are laid out in graph order and HiGHS
+runs single-threaded with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_array
+
+from .errors import PlanError
+
+TIME_LIMIT_S = 60.0
+
+
+class _Builder:
+    """Columns and rows of the program, added by family."""
+
+    def __init__(self):
+        self.cost, self.integral, self.upper = [], [], []
+        self.rows, self.cols, self.vals, self.lo, self.hi = [], [], [], [], []
+        self.n_rows = 0
+
+    def var(self, cost: float, integral: bool, upper: float = 1.0) -> int:
+        self.cost.append(cost)
+        self.integral.append(1 if integral else 0)
+        self.upper.append(upper)
+        return len(self.cost) - 1
+
+    def row(self, terms: dict, lo: float, hi: float):
+        for col, v in terms.items():
+            if v:
+                self.rows.append(self.n_rows)
+                self.cols.append(col)
+                self.vals.append(v)
+        self.lo.append(lo)
+        self.hi.append(hi)
+        self.n_rows += 1
+
+    def solve(self, time_limit_s: float):
+        n = len(self.cost)
+        a = coo_array((self.vals, (self.rows, self.cols)), shape=(self.n_rows, n)).tocsr()
+        return milp(np.array(self.cost), integrality=np.array(self.integral),
+                    bounds=Bounds(np.zeros(n), np.array(self.upper)),
+                    constraints=LinearConstraint(a, self.lo, self.hi),
+                    options={"time_limit": time_limit_s, "presolve": True})
+
+
+def strategy_variables(b: _Builder, prob) -> dict:
+    """x[v, s]: one binary per strategy of every node that has a choice."""
+    x = {}
+    for n in prob.nodes:
+        if len(prob.options[n]) > 1:
+            x[n] = [b.var(t, True) for t in prob.node_s[n]]
+    return x
+
+
+def one_strategy_per_node(b: _Builder, prob, x: dict):
+    for n, cols in x.items():
+        b.row({c: 1.0 for c in cols}, 1.0, 1.0)
+
+
+def edge_marginals(b: _Builder, prob, x: dict) -> float:
+    """y[e, a, b] for edges with a choice on both sides; edges with one side fixed fold their
+    cost into the other side's x. Returns the constant cost of fully fixed edges."""
+    constant = 0.0
+    for e in prob.edges:
+        src_free, dst_free = e.src in x, e.dst in x
+        if not src_free and not dst_free:
+            constant += e.cost[(e.src_keys[0], e.dst_keys[0])]
+        elif not dst_free:
+            for s, col in enumerate(x[e.src]):
+                b.cost[col] += e.cost[(e.src_keys[s], e.dst_keys[0])]
+        elif not src_free:
+            for s, col in enumerate(x[e.dst]):
+                b.cost[col] += e.cost[(e.src_keys[0], e.dst_keys[s])]
+        else:
+            _pair_variables(b, e, x)
+    return constant
+
+
+def _pair_variables(b: _Builder, e, x: dict):
+    src_groups, dst_groups = _groups(e.src_keys), _groups(e.dst_keys)
+    by_src = {ka: {} for ka in src_groups}
+    by_dst = {kb: {} for kb in dst_groups}
+    for ka in src_groups:
+        for kb in dst_groups:
+            c = e.cost[(ka, kb)]
+            if np.isfinite(c):
+                col = b.var(c, False)
+                by_src[ka][col] = 1.0
+                by_dst[kb][col] = 1.0
+    for groups, terms_by, cols in ((src_groups, by_src, x[e.src]), (dst_groups, by_dst, x[e.dst])):
+        for k, members in groups.items():
+            terms = terms_by[k]
+            for s in members:
+                terms[cols[s]] = terms.get(cols[s], 0.0) - 1.0
+            b.row(terms, 0.0, 0.0)
+
+
+def _groups(keys) -> dict:
+    out = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return out
+
+
+def _memory_terms(prob, x: dict, t: int):
+    """(coefficients on x, constant bytes) of memory after checkpoint node ``t``."""
+    terms, constant = {}, 0.0
+    for i, n in enumerate(prob.nodes):
+        per = list(prob.static_bytes[n])
+        if i <= t:
+            per = [p + s for p, s in zip(per, prob.saved_bytes[n])]
+            if prob.last_use.get(n, -1) > t:
+                per = [p + o for p, o in zip(per, prob.out_bytes[n])]
+        if n in x:
+            for col, v in zip(x[n], per):
+                terms[col] = terms.get(col, 0.0) + v
+        else:
+            constant += per[0]
+    return terms, constant
+
+
+def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, peak_col: int | None = None):
+    """Memory after each checkpoint stays within the budget (or below ``peak_col``)."""
+    for t in prob.checkpoints():
+        terms, constant = _memory_terms(prob, x, t)
+        if peak_col is None:
+            b.row(terms, -np.inf, budget_bytes - constant)
+        else:
+            terms[peak_col] = -1.0
+            b.row(terms, -np.inf, -constant)
+
+
+def fixed_choices(prob) -> dict:
+    """Nodes with a single admissible strategy (pinned parameters among them) need no
+    variable: their choice is index 0."""
+    return {n: 0 for n in prob.nodes if len(prob.options[n]) == 1}
+
+
+def solve(prob, budget_bytes: float, time_limit_s: float = TIME_LIMIT_S) -> tuple:
+    """The optimal assignment (node -> strategy index) within the memory budget, and the
+    program's objective value (seconds)."""
+    b = _Builder()
+    x = strategy_variables(b, prob)
+    one_strategy_per_node(b, prob, x)
+    constant = edge_marginals(b, prob, x)
+    constant += sum(prob.node_s[n][0] for n in prob.nodes if n not in x)
+    memory_budget(b, prob, x, budget_bytes)
+    res = b.solve(time_limit_s)
+    if res.status == 2 or res.x is None:
+        raise Infeasible(min_memory(prob, time_limit_s))
+    choice = fixed_choices(prob)
+    for n, cols in x.items():
+        choice[n] = int(np.argmax([res.x[c] for c in cols]))
+    return choice, float(res.fun) + constant
+
+
+def min_memory(prob, time_limit_s: float = TIME_LIMIT_S) -> float:
+    """The smallest peak memory per device any assignment on this mesh reaches."""
+    b = _Builder()
+    x = strategy_variables(b, prob)
+    b.cost = [0.0] * len(b.cost)
+    peak = b.var(1.0, False, upper=np.inf)
+    one_strategy_per_node(b, prob, x)
+    # edges impose no cost here, but tuple edges still forbid some pairs
+    for e in prob.edges:
+        if e.src in x and e.dst in x and not all(np.isfinite(v) for v in e.cost.values()):
+            _pair_variables(b, e, x)
+    memory_budget(b, prob, x, 0.0, peak_col=peak)
+    res = b.solve(time_limit_s)
+    if res.x is None:
+        raise PlanError("no layout assignment exists for this program on this mesh")
+    return float(res.x[peak])
+
+
+class Infeasible(Exception):
+    """No assignment fits; carries the smallest memory any assignment needs."""
+
+    def __init__(self, min_bytes: float):
+        super().__init__(min_bytes)
+        self.min_bytes = min_bytes

@@ -1,0 +1,150 @@
+"""The planner finds the known optimum: data parallel for a small model on a large batch,
+Megatron tensor parallel for wide layers on a tiny batch, tensor parallel inside nodes when
+links between nodes are slow, sharded parameters when replicas do not fit; it is never
+predicted slower than forced baselines; the fast and exact levels agree where they should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import autopar
+from autopar import Cluster, PlanError, Replicate, Shard, format_layout
+
+
+class Net(nn.Module):
+    """Residual MLP blocks returning a scalar loss (as training does)."""
+
+    def __init__(self, d, h, layers=1):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
+                                    for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x.pow(2).mean()
+
+
+def meta_net(d, h, layers=1):
+    with torch.device("meta"):
+        return Net(d, h, layers)
+
+
+def batch(n, d):
+    return (torch.empty(n, d, device="meta"),)
+
+
+def linears(plan):
+    return [v for v in plan.nodes.values() if v["op"] == "linear"]
+
+
+def test_small_model_large_batch_is_data_parallel():
+    plan = autopar.plan(meta_net(64, 256), Cluster.preset("dgx-a100"),
+                        example_inputs=batch(2**20, 64))
+    every_axis_batch = tuple(Shard(0) for _ in plan.mesh)
+    for lin in linears(plan):
+        x, w = lin["inputs"][:2]
+        assert x == every_axis_batch and lin["output"] == every_axis_batch
+        assert all(p == Replicate() for p in w), f"weights used whole, got {format_layout(w)}"
+
+
+def test_wide_layers_small_batch_is_megatron_tensor_parallel():
+    plan = autopar.plan(meta_net(8192, 32768), Cluster.preset("dgx-a100"),
+                        example_inputs=batch(512, 8192))
+    fc1 = plan.placements["layers.0.0.weight"]
+    fc2 = plan.placements["layers.0.2.weight"]
+    assert all(p == Shard(0) for p in fc1), format_layout(fc1)    # column parallel
+    assert all(p == Shard(1) for p in fc2), format_layout(fc2)    # row parallel
+    first, second = linears(plan)
+    assert all(p == Replicate() for p in first["inputs"][0])      # activations not split
+    assert all(p == Shard(1) for p in first["output"])
+
+
+def test_tensor_parallel_stays_inside_nodes_when_links_between_nodes_are_slow():
+    cluster = Cluster.preset("dgx-a100", nodes=2, devices_per_node=4)
+    plan = autopar.plan(meta_net(1024, 4096, 2), cluster, example_inputs=batch(16384, 1024))
+    assert list(plan.mesh.values()) == [2, 4]     # outer axis across nodes, inner inside
+    for lin in linears(plan):
+        x, w = lin["inputs"][:2]
+        assert x[0] == Shard(0) and lin["output"][0] == Shard(0)   # data parallel across
+        assert w[0] == Replicate() and isinstance(w[1], Shard)     # weights split inside
+
+
+def test_memory_budget_forces_sharded_parameters():
+    model, x = meta_net(1024, 4096, 4), batch(1024, 1024)
+    cluster = Cluster.preset("dgx-a100")
+    free = autopar.plan(model, cluster, example_inputs=x, mesh={"dp": 8},
+                        constraints={"*": "R"})
+    budget = free.cost.memory_bytes_per_device / 3
+    plan = autopar.plan(model, cluster, example_inputs=x, memory_budget_bytes=budget)
+    assert plan.cost.memory_bytes_per_device <= budget
+    for name, layout in plan.placements.items():
+        if name.endswith("weight"):
+            assert any(isinstance(p, Shard) for p in layout), f"{name} {format_layout(layout)}"
+
+
+def test_infeasible_budget_names_the_smallest_memory_any_plan_needs():
+    with pytest.raises(PlanError, match=r"smallest any plan needs is [\d.]+ MiB.*Add devices"):
+        autopar.plan(meta_net(1024, 4096, 4), Cluster.preset("dgx-a100"),
+                     example_inputs=batch(1024, 1024), memory_budget_bytes=1e6)
+
+
+@pytest.mark.parametrize("case", ["dp", "tp", "dpxtp"])
+def test_automatic_plan_never_predicted_slower_than_baselines(case):
+    model, x = {"dp": (meta_net(64, 256), batch(2**16, 64)),
+                "tp": (meta_net(4096, 16384), batch(8, 4096)),
+                "dpxtp": (meta_net(1024, 4096, 2), batch(4096, 1024))}[case]
+    cluster = Cluster.preset("dgx-a100", nodes=2, devices_per_node=4)
+    auto = autopar.plan(model, cluster, example_inputs=x)
+    data_parallel = autopar.plan(model, cluster, example_inputs=x, mesh={"dp": 8},
+                                 constraints={"*": "R"})
+    megatron = autopar.plan(model, cluster, example_inputs=x, mesh={"tp": 8},
+                            constraints={"*.0.weight": "S(0)", "*.0.bias": "S(0)",
+                                         "*.2.weight": "S(1)"})
+    assert auto.cost.total_s <= data_parallel.cost.total_s * (1 + 1e-9)
+    assert auto.cost.total_s <= megatron.cost.total_s * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("d,h,n", [(64, 256, 2**16), (4096, 16384, 8), (256, 1024, 512)])
+def test_exact_level_is_never_worse_than_fast(d, h, n):
+    cluster = Cluster.preset("dgx-h100", devices_per_node=4)
+    fast = autopar.plan(meta_net(d, h, 2), cluster, example_inputs=batch(n, d), level="fast")
+    full = autopar.plan(meta_net(d, h, 2), cluster, example_inputs=batch(n, d), level="full")
+    assert full.cost.total_s <= fast.cost.total_s * (1 + 1e-9)
+
+
+def test_exact_objective_equals_the_evaluated_cost_of_its_plan():
+    plan = autopar.plan(meta_net(1024, 4096, 2), Cluster.preset("dgx-a100", nodes=2,
+                                                               devices_per_node=4),
+                        example_inputs=batch(4096, 1024))
+    for mesh, m in plan.stats["meshes"].items():
+        if m["exact_objective_s"] is not None and m["predicted_step_s"] == plan.cost.total_s:
+            assert m["exact_objective_s"] == pytest.approx(plan.cost.total_s, rel=1e-6)
+            break
+    else:
+        raise AssertionError(f"no exact solution chose the plan: {plan.stats['meshes']}")
+
+
+def test_plans_are_deterministic():
+    model, x = meta_net(1024, 4096, 2), batch(4096, 1024)
+    cluster = Cluster.preset("dgx-a100", nodes=2, devices_per_node=4)
+    a = autopar.plan(model, cluster, example_inputs=x)
+    b = autopar.plan(model, cluster, example_inputs=x)
+    assert a.fingerprint() == b.fingerprint() and a.to_json() != ""
+
+
+def test_plan_reports_cost_stats_and_explains():
+    plan = autopar.plan(meta_net(1024, 4096, 2), Cluster.preset("dgx-a100"),
+                        example_inputs=batch(4096, 1024))
+    c = plan.cost
+    assert c.total_s == pytest.approx(c.compute_s + c.comm_s)
+    assert c.memory_bytes_per_device > 0
+    seconds = plan.stats["seconds"]
+    assert {"capture", "annotate_shapes", "assign_layouts", "total"} <= set(seconds)
+    assert len(plan.stats["meshes"]) == 4                  # 8 = 8, 2x4, 4x2, 2x2x2
+    text = plan.explain(per="op")
+    assert "linear" in text and "compute" in text
+    again = autopar.Plan.from_json(plan.to_json())
+    assert again.cost == plan.cost
