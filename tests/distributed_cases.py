@@ -21,7 +21,7 @@ import torch.distributed as dist  # noqa: E402
 
 import autopar  # noqa: E402
 from equivalence import check_training, twin  # noqa: E402
-from test_e2e_simulated import make, megatron  # noqa: E402
+from test_e2e_simulated import SHARDED_INPUTS, make, megatron, slow_devices  # noqa: E402
 
 STEPS = ("sgd", "adamw", "adamw")
 
@@ -35,12 +35,20 @@ def training_cases(world):
             yield f"{name}-default-{mesh_id}", name, dict(mesh=axes)
             yield f"{name}-megatron-{mesh_id}", name, dict(mesh=axes,
                                                          constraints=megatron(name, axes))
+        # parameters stored sharded, gathered for use, gradients reduce-scattered back
+        yield f"{name}-sharded-{world}", name, dict(
+            mesh={"dp": world}, cluster=slow_devices(world), expect="gather_shards",
+            constraints={"*weight": "S(0)", **SHARDED_INPUTS[name]})
 
 
 def run_training(name, opts):
     model, args, kwargs = make(name)
     ref = twin(model)
-    pm = autopar.compile(model, autopar.Cluster.local(), example_inputs=kwargs or args, **opts)
+    opts = dict(opts)
+    cluster = opts.pop("cluster", None) or autopar.Cluster.local()
+    expect = opts.pop("expect", None)
+    pm = autopar.compile(model, cluster, example_inputs=kwargs or args, **opts)
+    assert expect is None or expect in pm.code, f"{expect} missing from the rank program"
     assert not pm.simulate
     return check_training(pm, ref, args, kwargs, steps=STEPS)
 

@@ -1,0 +1,185 @@
+"""What the runtime benchmarks share: the models they train, running work on local gloo
+processes, and timing a training step.
+
+Not a benchmark itself; ``cost_model_accuracy.py`` and ``runtime_vs_torch.py`` import it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+from models import GPT, GPTConfig, Llama, LlamaConfig, tiny_batch  # noqa: E402
+
+WORLD = 2
+SEED = 0
+PROCESS_GROUP_TIMEOUT_S = 300
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+class ResidualBlock(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class ResidualMLP(nn.Module):
+    """Wide residual MLP blocks and a mean squared error: a training step returns a scalar."""
+
+    def __init__(self, dim: int = 1024, hidden: int = 4096, blocks: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResidualBlock(dim, hidden) for _ in range(blocks))
+
+    def forward(self, x, y):
+        for block in self.blocks:
+            x = block(x)
+        # written out rather than F.mse_loss, which has no sharding rule and would run replicated
+        return ((x - y) ** 2).mean()
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model, its global batch, and how a hand-written parallel version splits it."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    batch: Callable[[], tuple]
+    # Megatron column/row parallel as autopar constraints: parameter glob -> split dim.
+    megatron: dict
+    # The MLP layers for torch's parallelize_module: module glob -> "colwise" / "rowwise".
+    mlp_layers: dict
+    # Modules that FSDP2 shards one by one (then the root); attribute path of a ModuleList.
+    blocks_attr: str
+
+
+def _mlp_batch(batch=64, dim=1024):
+    g = torch.Generator().manual_seed(SEED)
+    return torch.randn(batch, dim, generator=g), torch.randn(batch, dim, generator=g)
+
+
+GPT_CONFIG = GPTConfig(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=256)
+LLAMA_CONFIG = LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
+                           hidden_dim=768, max_seq_len=128)
+
+WORKLOADS = [
+    # wide layers, a small batch: weights outweigh activations, so tensor parallel should win
+    Workload("mlp 2x1024x4096, batch 64", ResidualMLP, _mlp_batch,
+             megatron={"blocks.*.fc1.*": 0, "blocks.*.fc2.weight": 1},
+             mlp_layers={"blocks.*.fc1": "colwise", "blocks.*.fc2": "rowwise"},
+             blocks_attr="blocks"),
+    # many tokens per weight: data parallel (or sharded parameters) should win
+    Workload("gpt 2x256, 8x128 tokens", lambda: GPT(GPT_CONFIG),
+             lambda: tiny_batch(GPT_CONFIG, batch=8, seq=128),
+             megatron={"h.*.attn.c_attn.*": 0, "h.*.attn.c_proj.weight": 1,
+                       "h.*.mlp.c_fc.*": 0, "h.*.mlp.c_proj.weight": 1},
+             mlp_layers={"h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"},
+             blocks_attr="h"),
+    Workload("llama 2x256, 8x128 tokens", lambda: Llama(LLAMA_CONFIG),
+             lambda: tiny_batch(LLAMA_CONFIG, batch=8, seq=128),
+             megatron={"layers.*.attention.w[qkv].weight": 0, "layers.*.attention.wo.weight": 1,
+                       "layers.*.feed_forward.w[13].weight": 0,
+                       "layers.*.feed_forward.w2.weight": 1},
+             mlp_layers={"layers.*.feed_forward.w1": "colwise",
+                         "layers.*.feed_forward.w3": "colwise",
+                         "layers.*.feed_forward.w2": "rowwise"},
+             blocks_attr="layers"),
+]
+
+
+def build(workload: Workload) -> nn.Module:
+    """The model with the same weights on every rank."""
+    torch.manual_seed(SEED)
+    return workload.build()
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+def run_on_processes(fn: Callable, *args):
+    """Run ``fn(*args)`` on WORLD local processes joined by a gloo process group (spawned
+    once: every case runs inside them); return what rank 0's call returned (JSON-able)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_process, args=(WORLD, port, tmp, fn, args), nprocs=WORLD,
+                           start_method="spawn")
+        with open(os.path.join(tmp, "result.json")) as f:
+            return json.load(f)
+
+
+def _process(rank: int, world: int, port: int, tmp: str, fn: Callable, args: tuple):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
+    # one core per process: the two processes share this machine's cores
+    torch.set_num_threads(1)
+    try:
+        result = fn(*args)
+        if rank == 0:
+            with open(os.path.join(tmp, "result.json"), "w") as f:
+                json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+def train_step(model: nn.Module, optimizer, batch: tuple) -> torch.Tensor:
+    """Forward, backward, optimizer step; returns the loss (this rank's)."""
+    loss = model(*batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def time_steps(step: Callable[[], object], repeat: int) -> list:
+    """Seconds of ``repeat`` calls of ``step``, each between barriers so that no rank starts
+    early, as the slowest rank saw it."""
+    times = []
+    for _ in range(repeat):
+        dist.barrier()
+        start = time.perf_counter()
+        step()
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+    slowest = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return slowest.tolist()
+
+
+def barrier_s(repeat: int = 50) -> float:
+    """Median seconds of one gloo barrier: what each timed step carries beyond its work."""
+    return statistics.median(time_steps(lambda: None, repeat))
+
+
+def relative_error(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def short_error(e: BaseException, limit: int = 160) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -1,0 +1,189 @@
+"""How well autopar's cost model predicts real step times on this machine.
+
+For three models (a wide residual MLP, the GPT and the LLaMA of examples/models.py) it compiles
+four plans each for ``Cluster.local(2)`` (this machine's measured figures), forced through
+``mesh=`` and ``constraints=``:
+
+- data parallel: every parameter stored replicated, the batch split (S(0));
+- Megatron tensor parallel: attention and MLP weights split column- then row-wise, the batch
+  and every other parameter replicated;
+- sharded parameters (ZeRO-3/FSDP): every parameter stored split on dim 0, the batch split;
+- automatic: no mesh, no constraints.
+
+Constraints pin how parameters and inputs are stored; the planner still picks every op's
+layout, so the collectives column shows what each rank program actually does. Each plan trains
+for real on 2 gloo processes (spawned once; one thread each): a few warm-up steps, then the
+median of timed steps (forward, backward, AdamW step), each between barriers. The table sets
+this against the plan's prediction ``pm.plan.cost.total_s`` and reports Spearman's rank
+correlation and the median and mean absolute relative error.
+
+    python benchmarks/cost_model_accuracy.py          # from the repository root, ~1-2 minutes
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import statistics
+import sys
+import time
+import warnings
+from collections import Counter
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from scipy.stats import spearmanr
+
+import autopar
+from common import (WORKLOADS, WORLD, barrier_s, build, run_on_processes, short_error,
+                    time_steps, train_step)
+
+WARMUP_STEPS = 3
+TIMED_STEPS = 10
+LEARNING_RATE = 1e-4
+
+
+# -- the plans ---------------------------------------------------------------------------------
+
+def input_names(model, batch) -> list:
+    """The names of the forward arguments the batch fills, as constraints name inputs."""
+    return list(inspect.signature(model.forward).parameters)[:len(batch)]
+
+
+def forced_plans(workload, model, batch) -> dict:
+    """Plan name -> compile options (mesh, constraints) for this model."""
+    params = {fqn: p.shape for fqn, p in model.named_parameters()}
+    inputs = input_names(model, batch)
+    replicated = {fqn: "R" for fqn in params}
+    split_batch = {name: "S(0)" for name in inputs}
+    megatron = {glob: f"S({dim})" for glob, dim in workload.megatron.items()}
+    sharded = {fqn: "S(0)" if shape[0] % WORLD == 0 else "R" for fqn, shape in params.items()}
+    return {
+        "data parallel": dict(mesh={"dp": WORLD}, constraints={**replicated, **split_batch}),
+        "Megatron TP": dict(mesh={"tp": WORLD}, constraints={
+            **replicated, **megatron, **{name: "R" for name in inputs}}),
+        "sharded params": dict(mesh={"dp": WORLD}, constraints={**sharded, **split_batch}),
+        "automatic": {},
+    }
+
+
+def collectives(code: str) -> str:
+    """The collectives a rank program calls (forward; backward mirrors them), counted."""
+    calls = Counter(re.findall(r"autopar_runtime_collectives_(\w+)\(", code))
+    return ", ".join(f"{name} {n}" for name, n in sorted(calls.items())) or "none"
+
+
+def layouts(plan) -> str:
+    """Parameter storage at a glance: how many parameters take each layout, and the inputs'."""
+    counts = Counter(autopar.format_layout(v) for v in plan.placements.values())
+    params = " ".join(f"{n}x{lay}" for lay, n in sorted(counts.items()))
+    inputs = " ".join(autopar.format_layout(v) for v in plan.inputs.values())
+    return f"params {params}; inputs {inputs}"
+
+
+# -- measuring (inside each process) ---------------------------------------------------------------
+
+def measure_plan(workload, name, options, cluster) -> dict:
+    row = {"model": workload.name, "plan": name}
+    model, batch = build(workload), workload.batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            pm = autopar.compile(model, cluster, example_inputs=batch, **options)
+        except Exception as e:  # noqa: BLE001 - a plan that does not compile is a table row
+            return {**row, "error": short_error(e)}
+    row["warnings"] = sorted({str(w.message).split(";")[0] for w in caught})
+    cost = pm.plan.cost
+    row.update(mesh=" x ".join(f"{k}={v}" for k, v in pm.plan.mesh.items()),
+               layouts=layouts(pm.plan), collectives=collectives(pm.code),
+               predicted_s=cost.total_s, compute_s=cost.compute_s, comm_s=cost.comm_s)
+    optimizer = torch.optim.AdamW(pm.parameters(), lr=LEARNING_RATE)
+    step = lambda: train_step(pm, optimizer, batch)  # noqa: E731
+    try:
+        for _ in range(WARMUP_STEPS):
+            step()
+        times = time_steps(step, TIMED_STEPS)
+    except Exception as e:  # noqa: BLE001
+        return {**row, "error": short_error(e)}
+    row.update(measured_s=statistics.median(times), fastest_s=min(times), slowest_s=max(times))
+    return row
+
+
+def measure_all() -> dict:
+    """Every plan of every workload, in the same order on every rank."""
+    cluster = autopar.Cluster.local(WORLD)
+    rows = []
+    for workload in WORKLOADS:
+        model, batch = build(workload), workload.batch()
+        for name, options in forced_plans(workload, model, batch).items():
+            rows.append(measure_plan(workload, name, options, cluster))
+    return {"rows": rows, "barrier_s": barrier_s()}
+
+
+# -- reporting (in the parent) -------------------------------------------------------------------------
+
+def ms(t: float) -> str:
+    return f"{t * 1e3:.1f}"
+
+
+def results_table(rows) -> Table:
+    table = Table(title=f"predicted vs measured training step, {WORLD} gloo processes "
+                        f"(median of {TIMED_STEPS} steps after {WARMUP_STEPS} warm-up)")
+    for col, justify in (("model", "left"), ("plan", "left"), ("mesh", "left"),
+                         ("storage", "left"), ("collectives in the rank program", "left"),
+                         ("predicted ms\n(compute + comm)", "right"),
+                         ("measured ms\n(min-max)", "right"), ("measured /\npredicted", "right")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["model"], r["plan"], r.get("mesh", ""), "", f"[red]{r['error']}",
+                          "", "", "")
+            continue
+        table.add_row(
+            r["model"], r["plan"], r["mesh"], r["layouts"], r["collectives"],
+            f"{ms(r['predicted_s'])}\n({ms(r['compute_s'])} + {ms(r['comm_s'])})",
+            f"{ms(r['measured_s'])}\n({ms(r['fastest_s'])}-{ms(r['slowest_s'])})",
+            f"{r['measured_s'] / r['predicted_s']:.2f}")
+    return table
+
+
+def summary(rows) -> list:
+    done = [r for r in rows if "error" not in r]
+    if len(done) < 3:
+        return [f"only {len(done)} plans ran; no statistics"]
+    predicted = [r["predicted_s"] for r in done]
+    measured = [r["measured_s"] for r in done]
+    rho, p_value = spearmanr(predicted, measured)
+    errors = [abs(p - m) / m for p, m in zip(predicted, measured)]
+    under = sum(p < m for p, m in zip(predicted, measured))
+    return [
+        f"plans measured: {len(done)} of {len(rows)}",
+        f"Spearman rank correlation, predicted vs measured: {rho:.3f} (p = {p_value:.2g})",
+        f"absolute relative error |predicted - measured| / measured: median "
+        f"{statistics.median(errors):.1%}, mean {statistics.mean(errors):.1%}, "
+        f"worst {max(errors):.1%}",
+        f"predicted below measured in {under} of {len(done)} plans",
+    ]
+
+
+def main():
+    start = time.perf_counter()
+    console = Console(width=200)
+    cluster = autopar.Cluster.local(WORLD)
+    console.print(cluster.describe() if hasattr(cluster, "describe") else repr(cluster))
+    result = run_on_processes(measure_all)
+    rows = result["rows"]
+    console.print(results_table(rows))
+    for line in summary(rows):
+        console.print(line)
+    console.print(f"one gloo barrier (carried by every timed step): "
+                  f"{result['barrier_s'] * 1e6:.0f} us")
+    notes = sorted({w for r in rows for w in r.get("warnings", [])})
+    for note in notes:
+        console.print(f"[yellow]warning while planning:[/] {note}")
+    console.print(f"finished in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
