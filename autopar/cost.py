@@ -40,6 +40,11 @@ CONTRACTIONS = {"linear", "matmul", "bmm", "mm", "addmm", "baddbmm", "addbmm", "
 BACKWARD_FACTOR_CONTRACTION = 2.0
 BACKWARD_FACTOR_OTHER = 1.0
 
+# Ops that launch no kernel: they return a view of their input's storage.
+NO_KERNEL = {"view", "transpose", "permute", "t", "getitem", "split", "chunk", "unbind",
+             "unsqueeze", "squeeze", "flatten", "expand", "expand_as", "view_as", "detach",
+             "alias", "movedim", "adjoint", "broadcast_to", "tensor_split", "split_with_sizes"}
+
 # Ops whose backward needs none of their inputs (linear maps and data movement).
 SAVES_NOTHING = {
     "add", "sub", "neg", "pos", "rsub", "view", "reshape", "flatten", "unsqueeze", "squeeze",
@@ -133,7 +138,7 @@ class CostModel:
 
     def compute_s(self, op: str, flops: float, num_bytes: float, in_layouts, out_layout) -> float:
         """Forward plus backward seconds of one op's local share."""
-        if flops == 0 and num_bytes == 0:
+        if (flops == 0 and num_bytes == 0) or op in NO_KERNEL:
             return 0.0
         split = self.work_split(in_layouts, out_layout)
         fwd = max(flops / split / self.peak_flops,

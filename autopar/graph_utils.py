@@ -25,13 +25,18 @@ def replace_with_constant(node: Node, value) -> None:
     node.graph.erase_node(node)
 
 
+def module_path(node: Node) -> str:
+    """The FQN of the module a node was traced in ("" at the top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.replace("L['self'].", "").replace("L['self']", "")
+
+
 def where(node: Node) -> tuple:
     """(module path, "file:line") a node came from, as far as the trace recorded it."""
-    stack = node.meta.get("nn_module_stack") or {}
-    path = ""
-    if stack:
-        path = list(stack.values())[-1][0]
-        path = path.replace("L['self'].", "").replace("L['self']", "")
+    path = module_path(node)
     if node.meta.get("autopar.source"):
         return path or node.name, node.meta["autopar.source"]
     frames = []

@@ -28,7 +28,8 @@ class Plan:
     mesh: dict                      # axis name -> size, in order
     placements: dict                # parameter/buffer FQN -> layout (tuple of placements)
     inputs: dict                    # input name -> layout
-    nodes: dict                     # node name -> {"op", "inputs": [layout], "output": layout}
+    nodes: dict                     # node name -> {"op", "inputs": [layout], "output": layout,
+                                    #   "module", "compute_s", "comm_s", "memory_bytes"}
     cost: Cost = field(default_factory=Cost)
     stats: dict = field(default_factory=dict)
     cluster: str = ""
@@ -46,7 +47,7 @@ class Plan:
             "cluster": self.cluster,
             "placements": {k: format_layout(v) for k, v in self.placements.items()},
             "inputs": {k: format_layout(v) for k, v in self.inputs.items()},
-            "nodes": {k: {"op": v["op"], "inputs": [format_layout(x) for x in v["inputs"]],
+            "nodes": {k: {**v, "inputs": [format_layout(x) for x in v["inputs"]],
                           "output": format_layout(v["output"])} for k, v in self.nodes.items()},
             "cost": asdict(self.cost),
             "stats": self.stats,
@@ -62,7 +63,7 @@ class Plan:
             mesh=dict(d["mesh"]),
             placements={k: parse_layout(v) for k, v in d["placements"].items()},
             inputs={k: parse_layout(v) for k, v in d["inputs"].items()},
-            nodes={k: {"op": v["op"], "inputs": [parse_layout(x) for x in v["inputs"]],
+            nodes={k: {**v, "inputs": [parse_layout(x) for x in v["inputs"]],
                        "output": parse_layout(v["output"])} for k, v in d["nodes"].items()},
             cost=Cost(**d.get("cost", {})), stats=d.get("stats", {}), cluster=d.get("cluster", ""))
 
@@ -71,33 +72,45 @@ class Plan:
         d = self.to_dict()
         d.pop("stats")
         d.pop("cost")
+        d["nodes"] = {k: {"op": v["op"], "inputs": v["inputs"], "output": v["output"]}
+                      for k, v in d["nodes"].items()}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def explain(self, per: str = "param") -> str:
-        """A table of the plan: parameters and their layouts (``per="param"``) or every op
-        (``per="op"``), with the predicted cost."""
+        """The plan as a table, with the predicted cost.
+
+        ``per="param"``: every parameter's and input's layout; ``per="op"``: every op's
+        layouts, compute, communication and memory; ``per="block"``: the same summed per
+        block of the module hierarchy (``h.0``, ``layers.3``).
+        """
         from io import StringIO
 
         from rich.console import Console
         from rich.table import Table
 
+        if per not in ("param", "op", "block"):
+            raise ValueError(f"per={per!r}: choose 'param', 'op' or 'block'")
         table = Table()
-        if per == "op":
-            for col in ("node", "op", "inputs", "output"):
-                table.add_column(col)
-            for name, v in self.nodes.items():
-                table.add_row(name, v["op"], " ".join(format_layout(x) for x in v["inputs"]),
-                              format_layout(v["output"]))
-        else:
+        if per == "param":
             table.add_column("parameter")
             table.add_column("layout")
             for name, layout in self.placements.items():
                 table.add_row(name, format_layout(layout))
             for name, layout in self.inputs.items():
                 table.add_row(f"(input) {name}", format_layout(layout))
+        else:
+            first = ["node", "op", "inputs", "output"] if per == "op" else ["block", "ops",
+                                                                            "outputs"]
+            for col in first:
+                table.add_column(col)
+            for col in ("compute", "communication", "saved memory"):
+                table.add_column(col, justify="right")
+            for row in (self._op_rows() if per == "op" else self._block_rows()):
+                table.add_row(*row[:-3], _seconds(row[-3]), _seconds(row[-2]),
+                              format_bytes(row[-1]))
         c = self.cost
         buf = StringIO()
-        console = Console(file=buf, width=120, force_terminal=False)
+        console = Console(file=buf, width=140, force_terminal=False)
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
         console.print(f"autopar plan: mesh {mesh} on {self.cluster}")
         console.print(table)
@@ -105,6 +118,24 @@ class Plan:
                       f"communication {_seconds(c.comm_s)}); peak memory per device "
                       f"{format_bytes(c.memory_bytes_per_device)}")
         return buf.getvalue()
+
+    def _op_rows(self):
+        for name, v in self.nodes.items():
+            yield (name, v["op"], " ".join(format_layout(x) for x in v["inputs"]),
+                   format_layout(v["output"]), v.get("compute_s", 0.0), v.get("comm_s", 0.0),
+                   v.get("memory_bytes", 0.0))
+
+    def _block_rows(self):
+        blocks = {}
+        for v in self.nodes.values():
+            b = blocks.setdefault(block_of(v.get("module", "")), [0, set(), 0.0, 0.0, 0.0])
+            b[0] += 1
+            b[1].add(format_layout(v["output"]))
+            b[2] += v.get("compute_s", 0.0)
+            b[3] += v.get("comm_s", 0.0)
+            b[4] += v.get("memory_bytes", 0.0)
+        for name, (ops, outs, comp, comm, mem) in blocks.items():
+            yield (name or "(top level)", str(ops), " ".join(sorted(outs)), comp, comm, mem)
 
     def __str__(self) -> str:
         return self.explain()
@@ -123,3 +154,13 @@ def _seconds(t: float) -> str:
         if t >= scale:
             return f"{t / scale:.3g} {unit}"
     return f"{t / 1e-9:.3g} ns"
+
+
+def block_of(module_path: str) -> str:
+    """The block a module path belongs to: up to and including its first numeric part
+    (``h.0.attn.c_attn`` -> ``h.0``), else its first part."""
+    parts = [p for p in module_path.split(".") if p]
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i + 1])
+    return parts[0] if parts else ""

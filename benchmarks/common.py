@@ -6,6 +6,7 @@ Not a benchmark itself; ``cost_model_accuracy.py`` and ``runtime_vs_torch.py`` i
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -48,7 +49,7 @@ class ResidualBlock(nn.Module):
 class ResidualMLP(nn.Module):
     """Wide residual MLP blocks and a mean squared error: a training step returns a scalar."""
 
-    def __init__(self, dim: int = 1024, hidden: int = 4096, blocks: int = 2):
+    def __init__(self, dim: int, hidden: int, blocks: int):
         super().__init__()
         self.blocks = nn.ModuleList(ResidualBlock(dim, hidden) for _ in range(blocks))
 
@@ -74,30 +75,35 @@ class Workload:
     blocks_attr: str
 
 
-def _mlp_batch(batch=64, dim=1024):
-    g = torch.Generator().manual_seed(SEED)
-    return torch.randn(batch, dim, generator=g), torch.randn(batch, dim, generator=g)
-
-
+MLP_DIM, MLP_HIDDEN, MLP_BLOCKS, MLP_BATCH = 768, 3072, 2, 64
 GPT_CONFIG = GPTConfig(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=256)
 LLAMA_CONFIG = LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
                            hidden_dim=768, max_seq_len=128)
+LM_BATCH, LM_SEQ = 4, 128
+
+
+def _mlp_batch():
+    g = torch.Generator().manual_seed(SEED)
+    return (torch.randn(MLP_BATCH, MLP_DIM, generator=g),
+            torch.randn(MLP_BATCH, MLP_DIM, generator=g))
+
 
 WORKLOADS = [
     # wide layers, a small batch: weights outweigh activations, so tensor parallel should win
-    Workload("mlp 2x1024x4096, batch 64", ResidualMLP, _mlp_batch,
+    Workload(f"mlp {MLP_BLOCKS}x{MLP_DIM}x{MLP_HIDDEN}, batch {MLP_BATCH}",
+             lambda: ResidualMLP(MLP_DIM, MLP_HIDDEN, MLP_BLOCKS), _mlp_batch,
              megatron={"blocks.*.fc1.*": 0, "blocks.*.fc2.weight": 1},
              mlp_layers={"blocks.*.fc1": "colwise", "blocks.*.fc2": "rowwise"},
              blocks_attr="blocks"),
     # many tokens per weight: data parallel (or sharded parameters) should win
-    Workload("gpt 2x256, 8x128 tokens", lambda: GPT(GPT_CONFIG),
-             lambda: tiny_batch(GPT_CONFIG, batch=8, seq=128),
+    Workload(f"gpt {GPT_CONFIG.n_layer}x{GPT_CONFIG.n_embd}, {LM_BATCH}x{LM_SEQ} tokens",
+             lambda: GPT(GPT_CONFIG), lambda: tiny_batch(GPT_CONFIG, LM_BATCH, LM_SEQ),
              megatron={"h.*.attn.c_attn.*": 0, "h.*.attn.c_proj.weight": 1,
                        "h.*.mlp.c_fc.*": 0, "h.*.mlp.c_proj.weight": 1},
              mlp_layers={"h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"},
              blocks_attr="h"),
-    Workload("llama 2x256, 8x128 tokens", lambda: Llama(LLAMA_CONFIG),
-             lambda: tiny_batch(LLAMA_CONFIG, batch=8, seq=128),
+    Workload(f"llama {LLAMA_CONFIG.n_layers}x{LLAMA_CONFIG.dim}, {LM_BATCH}x{LM_SEQ} tokens",
+             lambda: Llama(LLAMA_CONFIG), lambda: tiny_batch(LLAMA_CONFIG, LM_BATCH, LM_SEQ),
              megatron={"layers.*.attention.w[qkv].weight": 0, "layers.*.attention.wo.weight": 1,
                        "layers.*.feed_forward.w[13].weight": 0,
                        "layers.*.feed_forward.w2.weight": 1},
@@ -112,6 +118,40 @@ def build(workload: Workload) -> nn.Module:
     """The model with the same weights on every rank."""
     torch.manual_seed(SEED)
     return workload.build()
+
+
+# -- the cluster ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def fresh_local_figures(enabled: bool = True):
+    """Within it, ``Cluster.local()`` measures this machine now (a few seconds) instead of
+    reading the figures cached by an earlier run: on a shared virtual machine the sustained
+    FLOP/s can halve between one hour and the next. The fresh figures go to a temporary cache,
+    which the spawned processes inherit, and the user's cache is left alone."""
+    if not enabled:
+        yield
+        return
+    saved = os.environ.get("AUTOPAR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="autopar-bench-") as tmp:
+        os.environ["AUTOPAR_CACHE_DIR"] = tmp
+        try:
+            yield
+        finally:
+            if saved is None:
+                del os.environ["AUTOPAR_CACHE_DIR"]
+            else:
+                os.environ["AUTOPAR_CACHE_DIR"] = saved
+
+
+def cached_figures() -> str | None:
+    """The figures an earlier ``Cluster.local()`` cached for this machine, in one line."""
+    from autopar.probe import load_cached
+    m = load_cached()
+    if m is None:
+        return None
+    return (f"matmul {m.peak_flops / 1e9:.0f} GFLOP/s, copy "
+            f"{m.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s, all-reduce "
+            f"{m.link_bandwidth_bytes_per_s / 1e9:.2f} GB/s, {m.link_latency_s * 1e6:.0f} us")
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -169,6 +209,17 @@ def time_steps(step: Callable[[], object], repeat: int) -> list:
     slowest = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return slowest.tolist()
+
+
+def interleaved_times(steps: dict, rounds: int, per_round: int) -> dict:
+    """Name -> seconds of each timed step of each step function in ``steps``, timed in turns
+    (``per_round`` steps of each, ``rounds`` times over) so that drift in the machine's speed
+    (a shared virtual machine's cores come and go) falls on all of them alike."""
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name] += time_steps(step, per_round)
+    return times
 
 
 def barrier_s(repeat: int = 50) -> float:

@@ -13,15 +13,21 @@ four plans each for ``Cluster.local(2)`` (this machine's measured figures), forc
 Constraints pin how parameters and inputs are stored; the planner still picks every op's
 layout, so the collectives column shows what each rank program actually does. Each plan trains
 for real on 2 gloo processes (spawned once; one thread each): a few warm-up steps, then the
-median of timed steps (forward, backward, AdamW step), each between barriers. The table sets
+median of timed steps (forward, backward, AdamW step), each between barriers, the plans of one
+model taking turns so that drift in this machine's speed falls on all of them alike. The table sets
 this against the plan's prediction ``pm.plan.cost.total_s`` and reports Spearman's rank
 correlation and the median and mean absolute relative error.
 
     python benchmarks/cost_model_accuracy.py          # from the repository root, ~1-2 minutes
+    python benchmarks/cost_model_accuracy.py --cached # plan with Cluster.local()'s cached figures
+
+By default it measures this machine afresh (into a temporary cache) rather than trusting
+figures cached earlier: on a shared virtual machine they go stale.
 """
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import re
 import statistics
@@ -36,11 +42,12 @@ from rich.table import Table
 from scipy.stats import spearmanr
 
 import autopar
-from common import (WORKLOADS, WORLD, barrier_s, build, run_on_processes, short_error,
-                    time_steps, train_step)
+from common import (WORKLOADS, WORLD, barrier_s, build, cached_figures, fresh_local_figures,
+                    interleaved_times, run_on_processes, short_error, train_step)
 
 WARMUP_STEPS = 3
-TIMED_STEPS = 10
+ROUNDS = 4             # the plans of one model take turns: STEPS_PER_ROUND steps each, ROUNDS times
+STEPS_PER_ROUND = 3
 LEARNING_RATE = 1e-4
 
 
@@ -84,7 +91,9 @@ def layouts(plan) -> str:
 
 # -- measuring (inside each process) ---------------------------------------------------------------
 
-def measure_plan(workload, name, options, cluster) -> dict:
+def prepare(workload, name, options, cluster) -> tuple:
+    """(table row, step function or None): the plan compiled, its prediction, and warm-up
+    steps taken; a plan that fails says why in its row."""
     row = {"model": workload.name, "plan": name}
     model, batch = build(workload), workload.batch()
     with warnings.catch_warnings(record=True) as caught:
@@ -92,7 +101,7 @@ def measure_plan(workload, name, options, cluster) -> dict:
         try:
             pm = autopar.compile(model, cluster, example_inputs=batch, **options)
         except Exception as e:  # noqa: BLE001 - a plan that does not compile is a table row
-            return {**row, "error": short_error(e)}
+            return {**row, "error": short_error(e)}, None
     row["warnings"] = sorted({str(w.message).split(";")[0] for w in caught})
     cost = pm.plan.cost
     row.update(mesh=" x ".join(f"{k}={v}" for k, v in pm.plan.mesh.items()),
@@ -103,21 +112,29 @@ def measure_plan(workload, name, options, cluster) -> dict:
     try:
         for _ in range(WARMUP_STEPS):
             step()
-        times = time_steps(step, TIMED_STEPS)
     except Exception as e:  # noqa: BLE001
-        return {**row, "error": short_error(e)}
-    row.update(measured_s=statistics.median(times), fastest_s=min(times), slowest_s=max(times))
-    return row
+        return {**row, "error": short_error(e)}, None
+    return row, step
+
+
+def measure_workload(workload, cluster) -> list:
+    """Every plan of one model, timed in turns."""
+    model, batch = build(workload), workload.batch()
+    rows, steps = {}, {}
+    for name, options in forced_plans(workload, model, batch).items():
+        rows[name], step = prepare(workload, name, options, cluster)
+        if step is not None:
+            steps[name] = step
+    for name, times in interleaved_times(steps, ROUNDS, STEPS_PER_ROUND).items():
+        rows[name].update(measured_s=statistics.median(times), fastest_s=min(times),
+                          slowest_s=max(times))
+    return list(rows.values())
 
 
 def measure_all() -> dict:
     """Every plan of every workload, in the same order on every rank."""
     cluster = autopar.Cluster.local(WORLD)
-    rows = []
-    for workload in WORKLOADS:
-        model, batch = build(workload), workload.batch()
-        for name, options in forced_plans(workload, model, batch).items():
-            rows.append(measure_plan(workload, name, options, cluster))
+    rows = [row for workload in WORKLOADS for row in measure_workload(workload, cluster)]
     return {"rows": rows, "barrier_s": barrier_s()}
 
 
@@ -129,7 +146,7 @@ def ms(t: float) -> str:
 
 def results_table(rows) -> Table:
     table = Table(title=f"predicted vs measured training step, {WORLD} gloo processes "
-                        f"(median of {TIMED_STEPS} steps after {WARMUP_STEPS} warm-up)")
+                        f"(median of {ROUNDS * STEPS_PER_ROUND} steps after {WARMUP_STEPS} warm-up)")
     for col, justify in (("model", "left"), ("plan", "left"), ("mesh", "left"),
                          ("storage", "left"), ("collectives in the rank program", "left"),
                          ("predicted ms\n(compute + comm)", "right"),
@@ -167,12 +184,25 @@ def summary(rows) -> list:
     ]
 
 
-def main():
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cached", action="store_true",
+                        help="plan with the figures Cluster.local() cached earlier instead of "
+                             "measuring this machine afresh")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     start = time.perf_counter()
     console = Console(width=200)
-    cluster = autopar.Cluster.local(WORLD)
-    console.print(cluster.describe() if hasattr(cluster, "describe") else repr(cluster))
-    result = run_on_processes(measure_all)
+    before = cached_figures()
+    with fresh_local_figures(enabled=not args.cached):
+        cluster = autopar.Cluster.local(WORLD)
+        console.print(cluster.describe())
+        if before is not None and not args.cached:
+            console.print(f"  (cached by an earlier run, not used: {before})")
+        result = run_on_processes(measure_all)
     rows = result["rows"]
     console.print(results_table(rows))
     for line in summary(rows):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from autopar.cost import Training
+from autopar.graph_utils import module_path
 from autopar.planner import choose_plan
 from autopar.plans import Plan
 
@@ -21,6 +22,10 @@ def assign_layouts(gm, ctx):
                                            training, budget, ctx.level, ctx.stats,
                                            ctx.input_names)
     ctx.mesh = mesh
+    comm = {n: 0.0 for n in prob.nodes}
+    for e in prob.edges:  # an edge's collectives are charged to its reader (outputs: writer)
+        t = e.cost[(e.src_keys[choice[e.src]], e.dst_keys[choice.get(e.dst, 0)])]
+        comm[e.dst if e.dst in comm else e.src] += t
     placements, inputs, nodes = {}, {}, {}
     names = iter(ctx.input_names)
     for n in prob.nodes:
@@ -32,8 +37,11 @@ def assign_layouts(gm, ctx):
         elif n.op == "placeholder":
             inputs[next(names, n.name)] = s.output
         else:
+            c = choice[n]
             nodes[n.name] = {"op": n.meta["autopar.op"], "inputs": list(s.inputs),
-                             "output": s.output}
+                             "output": s.output, "module": module_path(n),
+                             "compute_s": prob.node_s[n][c], "comm_s": comm[n],
+                             "memory_bytes": prob.saved_bytes[n][c]}
     ctx.plan = Plan(mesh=mesh.as_dict(), placements=placements, inputs=inputs, nodes=nodes,
                     cost=cost, stats=ctx.stats, cluster=str(ctx.cluster))
     return gm
