@@ -10,11 +10,13 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import socket
 import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
+from autopar import format_layout  # noqa: E402
 from models import GPT, GPTConfig, Llama, LlamaConfig, tiny_batch  # noqa: E402
 
 WORLD = 2
@@ -118,6 +121,22 @@ def build(workload: Workload) -> nn.Module:
     """The model with the same weights on every rank."""
     torch.manual_seed(SEED)
     return workload.build()
+
+
+# -- describing autopar's plans --------------------------------------------------------------------
+
+def collectives(code: str) -> str:
+    """The collectives a rank program calls (forward; backward mirrors them), counted."""
+    calls = Counter(re.findall(r"autopar_runtime_collectives_(\w+)\(", code))
+    return ", ".join(f"{name} {n}" for name, n in sorted(calls.items())) or "none"
+
+
+def layouts(plan) -> str:
+    """Parameter storage at a glance: how many parameters take each layout, and the inputs'."""
+    counts = Counter(format_layout(v) for v in plan.placements.values())
+    params = " ".join(f"{n}x{lay}" for lay, n in sorted(counts.items()))
+    inputs = " ".join(format_layout(v) for v in plan.inputs.values())
+    return f"params {params}; inputs {inputs}"
 
 
 # -- the cluster ---------------------------------------------------------------------------------

@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import re
 import statistics
 import sys
 import time
 import warnings
-from collections import Counter
 
 import torch
 from rich.console import Console
@@ -42,8 +40,9 @@ from rich.table import Table
 from scipy.stats import spearmanr
 
 import autopar
-from common import (WORKLOADS, WORLD, barrier_s, build, cached_figures, fresh_local_figures,
-                    interleaved_times, run_on_processes, short_error, train_step)
+from common import (WORKLOADS, WORLD, barrier_s, build, cached_figures, collectives,
+                    fresh_local_figures, interleaved_times, layouts, run_on_processes,
+                    short_error, train_step)
 
 WARMUP_STEPS = 3
 ROUNDS = 4             # the plans of one model take turns: STEPS_PER_ROUND steps each, ROUNDS times
@@ -73,20 +72,6 @@ def forced_plans(workload, model, batch) -> dict:
         "sharded params": dict(mesh={"dp": WORLD}, constraints={**sharded, **split_batch}),
         "automatic": {},
     }
-
-
-def collectives(code: str) -> str:
-    """The collectives a rank program calls (forward; backward mirrors them), counted."""
-    calls = Counter(re.findall(r"autopar_runtime_collectives_(\w+)\(", code))
-    return ", ".join(f"{name} {n}" for name, n in sorted(calls.items())) or "none"
-
-
-def layouts(plan) -> str:
-    """Parameter storage at a glance: how many parameters take each layout, and the inputs'."""
-    counts = Counter(autopar.format_layout(v) for v in plan.placements.values())
-    params = " ".join(f"{n}x{lay}" for lay, n in sorted(counts.items()))
-    inputs = " ".join(autopar.format_layout(v) for v in plan.inputs.values())
-    return f"params {params}; inputs {inputs}"
 
 
 # -- measuring (inside each process) ---------------------------------------------------------------
