@@ -139,13 +139,13 @@ def layouts(plan) -> str:
     return f"params {params}; inputs {inputs}"
 
 
-# -- the cluster ---------------------------------------------------------------------------------
+# -- the cluster -----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def fresh_local_figures(enabled: bool = True):
     """Within it, ``Cluster.local()`` measures this machine now (a few seconds) instead of
     reading the figures cached by an earlier run: on a shared virtual machine the sustained
-    FLOP/s can halve between one hour and the next. The fresh figures go to a temporary cache,
+    FLOP/s can halve from one run to the next. The fresh figures go to a temporary cache,
     which the spawned processes inherit, and the user's cache is left alone."""
     if not enabled:
         yield
@@ -173,7 +173,7 @@ def cached_figures() -> str | None:
             f"{m.link_bandwidth_bytes_per_s / 1e9:.2f} GB/s, {m.link_latency_s * 1e6:.0f} us")
 
 
-# -- processes ---------------------------------------------------------------------------------
+# -- processes -------------------------------------------------------------------------------------
 
 def run_on_processes(fn: Callable, *args):
     """Run ``fn(*args)`` on WORLD local processes joined by a gloo process group (spawned
@@ -204,7 +204,7 @@ def _process(rank: int, world: int, port: int, tmp: str, fn: Callable, args: tup
         dist.destroy_process_group()
 
 
-# -- timing ------------------------------------------------------------------------------------
+# -- timing ----------------------------------------------------------------------------------------
 
 def train_step(model: nn.Module, optimizer, batch: tuple) -> torch.Tensor:
     """Forward, backward, optimizer step; returns the loss (this rank's)."""
@@ -239,6 +239,52 @@ def interleaved_times(steps: dict, rounds: int, per_round: int) -> dict:
         for name, step in steps.items():
             times[name] += time_steps(step, per_round)
     return times
+
+
+_NOT_COMMUNICATION = {"wait_tensor", "_wrap_tensor_autograd"}  # bookkeeping, no message
+
+
+def collective_calls(step: Callable[[], object]) -> int:
+    """How many collectives one call of ``step`` issues on this rank, forward and backward:
+    the ``_c10d_functional`` ops (what autopar's rank programs call) the dispatcher sees."""
+    # TorchDispatchMode lives in a private module; checked with torch 2.13. A
+    # TorchFunctionMode (public) would miss the backward pass, which autograd runs below it.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "_c10d_functional" and func._opname not in _NOT_COMMUNICATION:
+                self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        step()
+    return count.calls
+
+
+def sustained_rates(matmul_n: int = 1024, copy_bytes: int = 2**26, runs: int = 15) -> dict:
+    """This process's median matmul FLOP/s and copy bytes/s while every rank runs the same
+    loop at once: what a rank sustains during a step, to set beside Cluster.local's share."""
+    a, b = torch.randn(matmul_n, matmul_n), torch.randn(matmul_n, matmul_n)
+    src = torch.ones(copy_bytes // 4)
+    dst = torch.empty_like(src)
+    dist.barrier()
+    matmul_s = statistics.median(_timed(lambda: torch.mm(a, b)) for _ in range(runs))
+    copy_s = statistics.median(_timed(lambda: dst.copy_(src)) for _ in range(runs))
+    rates = torch.tensor([2 * matmul_n**3 / matmul_s, 2 * copy_bytes / copy_s],
+                         dtype=torch.float64)
+    dist.all_reduce(rates, op=dist.ReduceOp.MIN)
+    return {"flops": rates[0].item(), "copy_bytes_per_s": rates[1].item()}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def barrier_s(repeat: int = 50) -> float:

@@ -13,10 +13,12 @@ four plans each for ``Cluster.local(2)`` (this machine's measured figures), forc
 Constraints pin how parameters and inputs are stored; the planner still picks every op's
 layout, so the collectives column shows what each rank program actually does. Each plan trains
 for real on 2 gloo processes (spawned once; one thread each): a few warm-up steps, then the
-median of timed steps (forward, backward, AdamW step), each between barriers, the plans of one
-model taking turns so that drift in this machine's speed falls on all of them alike. The table sets
-this against the plan's prediction ``pm.plan.cost.total_s`` and reports Spearman's rank
-correlation and the median and mean absolute relative error.
+median of timed steps (forward, backward, AdamW step), each between barriers, the plans of
+one model taking turns so that drift in this machine's speed falls on all of them alike. The
+table sets this against the plan's prediction ``pm.plan.cost.total_s`` and reports Spearman's
+rank correlation, the median and mean absolute relative error, per model whether the plan
+predicted fastest was the fastest, and how much of the shortfall grows with the number of
+collective calls a step makes (counted on an untimed step).
 
     python benchmarks/cost_model_accuracy.py          # from the repository root, ~1-2 minutes
     python benchmarks/cost_model_accuracy.py --cached # plan with Cluster.local()'s cached figures
@@ -37,20 +39,20 @@ import warnings
 import torch
 from rich.console import Console
 from rich.table import Table
-from scipy.stats import spearmanr
+from scipy.stats import linregress, spearmanr
 
 import autopar
-from common import (WORKLOADS, WORLD, barrier_s, build, cached_figures, collectives,
-                    fresh_local_figures, interleaved_times, layouts, run_on_processes,
-                    short_error, train_step)
+from common import (WORKLOADS, WORLD, barrier_s, build, cached_figures, collective_calls,
+                    collectives, fresh_local_figures, interleaved_times, layouts, run_on_processes,
+                    short_error, sustained_rates, train_step)
 
 WARMUP_STEPS = 3
-ROUNDS = 4             # the plans of one model take turns: STEPS_PER_ROUND steps each, ROUNDS times
+ROUNDS = 4             # the plans of one model take turns, STEPS_PER_ROUND steps each time
 STEPS_PER_ROUND = 3
 LEARNING_RATE = 1e-4
 
 
-# -- the plans ---------------------------------------------------------------------------------
+# -- the plans -------------------------------------------------------------------------------------
 
 def input_names(model, batch) -> list:
     """The names of the forward arguments the batch fills, as constraints name inputs."""
@@ -95,8 +97,9 @@ def prepare(workload, name, options, cluster) -> tuple:
     optimizer = torch.optim.AdamW(pm.parameters(), lr=LEARNING_RATE)
     step = lambda: train_step(pm, optimizer, batch)  # noqa: E731
     try:
-        for _ in range(WARMUP_STEPS):
+        for _ in range(WARMUP_STEPS - 1):
             step()
+        row["collective_calls"] = collective_calls(step)  # the last warm-up step
     except Exception as e:  # noqa: BLE001
         return {**row, "error": short_error(e)}, None
     return row, step
@@ -119,31 +122,35 @@ def measure_workload(workload, cluster) -> list:
 def measure_all() -> dict:
     """Every plan of every workload, in the same order on every rank."""
     cluster = autopar.Cluster.local(WORLD)
+    before = sustained_rates()
     rows = [row for workload in WORKLOADS for row in measure_workload(workload, cluster)]
-    return {"rows": rows, "barrier_s": barrier_s()}
+    return {"rows": rows, "barrier_s": barrier_s(), "sustained": [before, sustained_rates()]}
 
 
-# -- reporting (in the parent) -------------------------------------------------------------------------
+# -- reporting (in the parent) ---------------------------------------------------------------------
 
 def ms(t: float) -> str:
     return f"{t * 1e3:.1f}"
 
 
 def results_table(rows) -> Table:
+    steps = ROUNDS * STEPS_PER_ROUND
     table = Table(title=f"predicted vs measured training step, {WORLD} gloo processes "
-                        f"(median of {ROUNDS * STEPS_PER_ROUND} steps after {WARMUP_STEPS} warm-up)")
+                        f"(median of {steps} steps after {WARMUP_STEPS} warm-up)")
     for col, justify in (("model", "left"), ("plan", "left"), ("mesh", "left"),
                          ("storage", "left"), ("collectives in the rank program", "left"),
+                         ("collective\ncalls/step", "right"),
                          ("predicted ms\n(compute + comm)", "right"),
                          ("measured ms\n(min-max)", "right"), ("measured /\npredicted", "right")):
         table.add_column(col, justify=justify, overflow="fold")
     for r in rows:
         if "error" in r:
             table.add_row(r["model"], r["plan"], r.get("mesh", ""), "", f"[red]{r['error']}",
-                          "", "", "")
+                          "", "", "", "")
             continue
         table.add_row(
             r["model"], r["plan"], r["mesh"], r["layouts"], r["collectives"],
+            str(r["collective_calls"]),
             f"{ms(r['predicted_s'])}\n({ms(r['compute_s'])} + {ms(r['comm_s'])})",
             f"{ms(r['measured_s'])}\n({ms(r['fastest_s'])}-{ms(r['slowest_s'])})",
             f"{r['measured_s'] / r['predicted_s']:.2f}")
@@ -166,7 +173,43 @@ def summary(rows) -> list:
         f"{statistics.median(errors):.1%}, mean {statistics.mean(errors):.1%}, "
         f"worst {max(errors):.1%}",
         f"predicted below measured in {under} of {len(done)} plans",
+        overhead_fit(done),
+        *[picks(model, [r for r in done if r["model"] == model])
+          for model in dict.fromkeys(r["model"] for r in done)],
     ]
+
+
+def overhead_fit(rows) -> str:
+    """How much of the shortfall the number of collective calls explains: a least-squares
+    line through (calls per step, measured - predicted)."""
+    calls = [r["collective_calls"] for r in rows]
+    missed_ms = [(r["measured_s"] - r["predicted_s"]) * 1e3 for r in rows]
+    if len(set(calls)) < 2:
+        return "every plan makes as many collective calls: no fit"
+    fit = linregress(calls, missed_ms)
+    return (f"measured - predicted ~ {fit.intercept:.1f} ms + {fit.slope:.2f} ms per collective "
+            f"call (least squares over the plans, r = {fit.rvalue:.2f})")
+
+
+def picks(model, rows) -> str:
+    """Whether the plan predicted fastest for ``model`` was the one measured fastest."""
+    predicted = min(rows, key=lambda r: r["predicted_s"])
+    measured = min(rows, key=lambda r: r["measured_s"])
+    if predicted is measured:
+        return f"{model}: the plan predicted fastest ({predicted['plan']}) was measured fastest"
+    slower = predicted["measured_s"] / measured["measured_s"] - 1
+    return (f"{model}: predicted fastest {predicted['plan']}, measured fastest "
+            f"{measured['plan']}; the predicted pick ran {slower:.0%} slower")
+
+
+def sustained_line(cluster, sustained) -> str:
+    """What each process sustained, before and after the runs, beside the planner's figures."""
+    device = cluster.devices()[0]
+    rates = " and ".join(f"{r['flops'] / 1e9:.1f} GFLOP/s, {r['copy_bytes_per_s'] / 1e9:.1f} "
+                         f"GB/s" for r in sustained)
+    return (f"each process sustained (matmul, copy; median, all ranks at once; before and after "
+            f"the runs): {rates}; the planner took {device.flops_for('fp32') / 1e9:.1f} GFLOP/s, "
+            f"{device.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s")
 
 
 def parse_args(argv):
@@ -194,6 +237,7 @@ def main(argv=None):
         console.print(line)
     console.print(f"one gloo barrier (carried by every timed step): "
                   f"{result['barrier_s'] * 1e6:.0f} us")
+    console.print(sustained_line(cluster, result["sustained"]))
     notes = sorted({w for r in rows for w in r.get("warnings", [])})
     for note in notes:
         console.print(f"[yellow]warning while planning:[/] {note}")

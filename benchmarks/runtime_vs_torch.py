@@ -1,0 +1,238 @@
+"""autopar's automatic plan against hand-written PyTorch parallelism, same models, same run.
+
+On 2 local gloo processes (spawned once; one thread each) it trains each model of
+``common.WORKLOADS`` (a wide residual MLP, the GPT and the LLaMA of examples/models.py) four ways:
+
+- autopar: ``autopar.compile(model, Cluster.local(2), example_inputs=batch)``, no mesh and no
+  constraints: the plan it chooses;
+- DistributedDataParallel: each rank takes half the batch, gradients all-reduced in buckets;
+- tensor parallel with ``torch.distributed.tensor.parallel.parallelize_module``: the MLP layers
+  column- then row-parallel (ColwiseParallel / RowwiseParallel), attention, embeddings and
+  norms replicated, the whole batch on every rank;
+- FSDP2 ``torch.distributed.fsdp.fully_shard`` on every block, then the root, half the batch
+  per rank.
+
+Each first step's loss is checked against the same model on one device (the check column);
+then the four take turns, a few timed steps each round (forward, backward, AdamW step, each
+step between barriers), and the table gives the median step and its ratio to the fastest. A
+baseline that fails on CPU/gloo in this torch version is a row with its error, not dropped.
+
+    python benchmarks/runtime_vs_torch.py             # from the repository root, ~1 minute
+    python benchmarks/runtime_vs_torch.py --cached    # plan with Cluster.local()'s cached figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from rich.console import Console
+from rich.table import Table
+
+import autopar
+from common import (WORKLOADS, WORLD, build, cached_figures, collectives, fresh_local_figures,
+                    interleaved_times, layouts, relative_error, run_on_processes, short_error,
+                    train_step)
+
+WARMUP_STEPS = 3       # the first of them is the loss check
+ROUNDS = 4             # the contenders take turns: STEPS_PER_ROUND steps each, ROUNDS times over
+STEPS_PER_ROUND = 3
+LEARNING_RATE = 1e-4
+LOSS_RTOL = 1e-5       # fp32, as autopar's own equivalence tests
+
+
+@dataclass
+class Contender:
+    """One way of training the model: its module, this rank's inputs, and whether its loss
+    is this rank's share of the batch (then averaged over ranks to compare)."""
+
+    model: nn.Module
+    batch: tuple
+    averaged: bool
+    note: str = ""
+    predicted_s: float | None = None
+    optimizer: torch.optim.Optimizer = field(init=False)
+
+    def __post_init__(self):
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LEARNING_RATE)
+
+    def step(self) -> torch.Tensor:
+        return train_step(self.model, self.optimizer, self.batch)
+
+    def global_loss(self, loss: torch.Tensor) -> float:
+        if self.averaged:
+            loss = loss.clone()
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        return loss.item()
+
+
+# -- the contenders (each builds the model afresh, same weights on every rank) ---------------------
+
+def rank_slice(batch: tuple) -> tuple:
+    """This rank's part of the global batch (split on dim 0, as data parallel does)."""
+    return tuple(t.chunk(WORLD)[dist.get_rank()].contiguous() for t in batch)
+
+
+def with_autopar(workload, batch, cluster, mesh) -> Contender:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ops without a rule are named by cost_model_accuracy
+        pm = autopar.compile(build(workload), cluster, example_inputs=batch)
+    axes = " x ".join(f"{k}={v}" for k, v in pm.plan.mesh.items())
+    note = f"{axes}; {layouts(pm.plan)}; {collectives(pm.code)}"
+    return Contender(pm, batch, averaged=False, note=note, predicted_s=pm.plan.cost.total_s)
+
+
+def with_ddp(workload, batch, cluster, mesh) -> Contender:
+    from torch.nn.parallel import DistributedDataParallel
+    model = DistributedDataParallel(build(workload))
+    return Contender(model, rank_slice(batch), averaged=True,
+                     note="batch split, gradients all-reduced in 25 MB buckets")
+
+
+def with_tensor_parallel(workload, batch, cluster, mesh) -> Contender:
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    model = build(workload)
+    plan = {name: styles[style]() for name, _ in model.named_modules()
+            for glob, style in workload.mlp_layers.items() if fnmatch.fnmatchcase(name, glob)}
+    parallelize_module(model, mesh, plan)
+    return Contender(model, batch, averaged=False,
+                     note=f"{len(plan)} MLP linears col/row-parallel; the rest replicated")
+
+
+def with_fsdp2(workload, batch, cluster, mesh) -> Contender:
+    from torch.distributed.fsdp import fully_shard
+    model = build(workload)
+    for block in getattr(model, workload.blocks_attr):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return Contender(model, rank_slice(batch), averaged=True,
+                     note="batch split; parameters sharded per block, gathered for use")
+
+
+CONTENDERS = {
+    "autopar (automatic plan)": with_autopar,
+    "DistributedDataParallel": with_ddp,
+    "tensor parallel (parallelize_module)": with_tensor_parallel,
+    "FSDP2 (fully_shard)": with_fsdp2,
+}
+
+
+# -- measuring (inside each process) ---------------------------------------------------------------
+
+def reference_loss(workload, batch) -> float:
+    """The first step's loss on one device."""
+    with torch.no_grad():
+        return build(workload)(*batch).item()
+
+
+def prepare(name, make, workload, batch, cluster, mesh, reference) -> tuple:
+    """(row, contender or None): built, its first loss checked, warmed up."""
+    row = {"model": workload.name, "implementation": name}
+    try:
+        contender = make(workload, batch, cluster, mesh)
+        loss = contender.global_loss(contender.step())
+        for _ in range(WARMUP_STEPS - 1):
+            contender.step()
+    except Exception as e:  # noqa: BLE001 - a baseline that fails here is a table row
+        return {**row, "error": short_error(e, 240)}, None
+    row.update(note=contender.note, predicted_s=contender.predicted_s, loss=loss,
+               reference=reference, loss_error=relative_error(loss, reference))
+    return row, contender
+
+
+def compare_workload(workload, cluster, mesh) -> list:
+    batch = workload.batch()
+    reference = reference_loss(workload, batch)
+    rows, steps = {}, {}
+    for name, make in CONTENDERS.items():
+        rows[name], contender = prepare(name, make, workload, batch, cluster, mesh, reference)
+        if contender is not None:
+            steps[name] = contender.step
+    for name, times in interleaved_times(steps, ROUNDS, STEPS_PER_ROUND).items():
+        rows[name].update(measured_s=statistics.median(times), fastest_s=min(times),
+                          slowest_s=max(times))
+    return list(rows.values())
+
+
+def compare_all() -> list:
+    from torch.distributed.device_mesh import init_device_mesh
+    cluster = autopar.Cluster.local(WORLD)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    return [row for workload in WORKLOADS for row in compare_workload(workload, cluster, mesh)]
+
+
+# -- reporting (in the parent) ---------------------------------------------------------------------
+
+def ms(t: float) -> str:
+    return f"{t * 1e3:.1f}"
+
+
+def loss_check(r) -> str:
+    ok = r["loss_error"] <= LOSS_RTOL
+    mark = "[green]ok" if ok else "[red]differs"
+    return f"{mark}[/] {r['loss_error']:.0e}\n({r['loss']:.5f})"
+
+
+def results_table(rows) -> Table:
+    table = Table(title=f"training step on {WORLD} gloo processes, autopar vs hand-written "
+                        f"PyTorch (median of {ROUNDS * STEPS_PER_ROUND} steps, taken in turns)")
+    for col, justify in (("model", "left"), ("implementation", "left"), ("what it does", "left"),
+                         ("first loss vs\none device", "right"), ("step ms\n(min-max)", "right"),
+                         ("x fastest", "right")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        group = [r for r in rows if r["model"] == model]
+        timed = [r["measured_s"] for r in group if "measured_s" in r]
+        fastest = min(timed) if timed else None
+        for r in group:
+            table.add_row(*row_cells(r, fastest))
+        table.add_section()
+    return table
+
+
+def row_cells(r, fastest) -> list:
+    if "error" in r:
+        return [r["model"], r["implementation"], f"[red]does not run: {r['error']}", "", "", ""]
+    note = r["note"]
+    if r["predicted_s"] is not None:
+        note += f"; predicted {ms(r['predicted_s'])} ms"
+    ratio = r["measured_s"] / fastest
+    ratio_text = f"[bold]{ratio:.2f}" if ratio == 1 else f"{ratio:.2f}"
+    return [r["model"], r["implementation"], note, loss_check(r),
+            f"{ms(r['measured_s'])}\n({ms(r['fastest_s'])}-{ms(r['slowest_s'])})", ratio_text]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cached", action="store_true",
+                        help="plan with the figures Cluster.local() cached earlier instead of "
+                             "measuring this machine afresh")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    console = Console(width=200)
+    before = cached_figures()
+    with fresh_local_figures(enabled=not args.cached):
+        console.print(autopar.Cluster.local(WORLD).describe())
+        if before is not None and not args.cached:
+            console.print(f"  (cached by an earlier run, not used: {before})")
+        rows = run_on_processes(compare_all)
+    console.print(results_table(rows))
+    console.print(f"torch {torch.__version__}; finished in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
