@@ -46,6 +46,9 @@ class DeviceSpec:
     # True when the figures were measured (Cluster.local): rates this device sustained, which
     # the cost model takes as they are rather than discounting them like datasheet peaks.
     measured: bool = False
+    # Framework and launch time per op (forward and backward) where it was measured; the
+    # cost model's KERNEL_LAUNCH_S otherwise.
+    op_overhead_s: float | None = None
 
     def __post_init__(self):
         if not self.peak_flops.get("fp32", 0) > 0:
@@ -240,7 +243,8 @@ class Cluster:
         m = local_measurement()
         device = DeviceSpec("cpu", {"fp32": m.peak_flops / world_size},
                             m.memory_bytes / world_size,
-                            m.memory_bandwidth_bytes_per_s / world_size, measured=True)
+                            m.memory_bandwidth_bytes_per_s / world_size, measured=True,
+                            op_overhead_s=m.op_overhead_s)
         link = LinkSpec(m.link_bandwidth_bytes_per_s, m.link_latency_s)
         return cls((NodeSpec(device, world_size, link),), link, name=f"local x {world_size}",
                    extra={"measurement": m})

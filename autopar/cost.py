@@ -27,9 +27,9 @@ MATMUL_EFFICIENCY = 0.7
 # Share of datasheet memory bandwidth a streaming kernel reaches (STREAM-like copies on
 # HBM2e/HBM3 reach ~80-90%).
 MEMORY_EFFICIENCY = 0.8
-# Per-kernel launch and framework overhead on a GPU: ~5 us (CUDA launch latency, PyTorch
-# dispatcher), counted once per op forward and once backward.
-KERNEL_LAUNCH_S = 5e-6
+# Per-op launch and framework overhead on a GPU, forward and backward together: ~5 us each
+# way (CUDA launch latency, PyTorch dispatcher). Measured devices bring their own figure.
+KERNEL_LAUNCH_S = 10e-6
 # Devices measured on this machine (Cluster.local) report what they sustained: no discount.
 MEASURED_EFFICIENCY = 1.0
 
@@ -58,6 +58,10 @@ SAVES_NOTHING = {
 }
 
 OPTIMIZERS = {"sgd": 0, "adamw": 2, "adam": 2}      # fp32 state tensors per parameter
+# Bytes an optimizer step moves per fp32 parameter: SGD reads the weight and gradient and
+# writes the weight (12); AdamW also reads and writes both moments (28) in a fused kernel,
+# and PyTorch's foreach implementation makes about twice that in passes with temporaries.
+OPTIMIZER_TRAFFIC_BYTES = {"sgd": 12.0, "adamw": 56.0, "adam": 56.0}
 PRECISIONS = {
     # compute dtype, bytes per activation element (fp32 model), bytes per parameter
     # (weights + gradients): fp32 keeps one copy of each; bf16-mixed keeps fp32 master
@@ -121,6 +125,8 @@ class CostModel:
         self.memory_bandwidth = min(d.memory_bandwidth_bytes_per_s *
                                     _efficiency(d, MEMORY_EFFICIENCY) for d in devices)
         self.memory_bytes = min(d.memory_bytes for d in devices)
+        self.op_overhead_s = max(getattr(d, "op_overhead_s", None) or KERNEL_LAUNCH_S
+                                 for d in devices)
         self.activation_scale = PRECISIONS[training.precision]["activation_scale"]
         self._moves = {}
 
@@ -144,14 +150,14 @@ class CostModel:
         fwd = max(flops / split / self.peak_flops,
                   num_bytes * self.activation_scale / split / self.memory_bandwidth)
         factor = BACKWARD_FACTOR_CONTRACTION if op in CONTRACTIONS else BACKWARD_FACTOR_OTHER
-        return fwd * (1 + factor) + 2 * KERNEL_LAUNCH_S
+        return fwd * (1 + factor) + self.op_overhead_s
 
     def optimizer_s(self, num_bytes_local: float, trainable: bool, element_size: int) -> float:
         """The optimizer step over one parameter's local shard: streaming its state."""
         if not trainable:
             return 0.0
-        per = self.training.bytes_per_parameter(True, element_size)
-        return num_bytes_local / element_size * per / self.memory_bandwidth
+        per = OPTIMIZER_TRAFFIC_BYTES[self.training.optimizer]
+        return num_bytes_local / element_size * per / self.memory_bandwidth + self.op_overhead_s
 
     # -- communication -------------------------------------------------------------------------
 

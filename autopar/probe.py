@@ -41,16 +41,18 @@ MATMUL_N = 2048            # large enough for BLAS to reach its steady rate; ~0.
 MATMUL_RUNS = 5
 COPY_BYTES = 2**27         # 128 MiB, far beyond any last-level cache
 COPY_RUNS = 5
-SMALL_RUNS = 20            # tiny all-reduces per timed batch (latency)
-SMALL_BATCHES = 3
-BIG_BYTES = 2**24          # 16 MiB: bandwidth-bound on loopback
-BIG_RUNS = 3
+# All-reduce sizes (bytes) timed one by one between barriers; latency and bandwidth are the
+# least-squares fit of t = 2(n-1) latency + 2(n-1)/n bytes / bandwidth over their medians,
+# so per-message costs that a one-float probe misses are part of the latency.
+ALLREDUCE_BYTES = (4, 4096, 2**16, 2**20, 2**22)
+ALLREDUCE_RUNS = 7
+OP_RUNS = 2000             # tiny ops timed for the per-op overhead
 PROBE_PROCESSES = 2
 PROBE_TIMEOUT_S = 120      # a stuck probe process is killed after this
 NOMINAL_MEMORY_BYTES = 16e9   # when the OS will not say how much memory there is
 
 # Set when the cache file's format changes, so that older files are measured again.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 measurements_taken = 0     # probes run by this process: tests check that the cache is used
 
@@ -66,6 +68,7 @@ class Measurement:
     link_latency_s: float
     link_ranks: int        # processes in the all-reduce probe; 0: it failed, link is nominal
     num_threads: int
+    op_overhead_s: float   # framework time per op (and its backward) beyond its arithmetic
     host: str
     cpu_count: int
     torch_version: str
@@ -170,12 +173,13 @@ def measure(link: tuple | None = None) -> Measurement:
         peak_flops = _matmul_flops()
         memory_bandwidth = _copy_bandwidth()
         threads = torch.get_num_threads()
+        op_overhead = _op_overhead_s()
     if link is None:
         link = _spawned_link()
     bandwidth, latency, ranks = link
     return Measurement(peak_flops, memory_bandwidth, _memory_bytes(), bandwidth, latency, ranks,
-                       threads, socket.gethostname(), usable_cpus(), torch.__version__,
-                       time.perf_counter() - start)
+                       threads, op_overhead, socket.gethostname(), usable_cpus(),
+                       torch.__version__, time.perf_counter() - start)
 
 
 def _spawned_link() -> tuple:
@@ -220,6 +224,20 @@ def _copy_bandwidth() -> float:
     return 2 * COPY_BYTES / _best_s(lambda: dst.copy_(src), COPY_RUNS)
 
 
+def _op_overhead_s() -> float:
+    """Seconds per tiny op, forward and backward, with autograd recording: what every op
+    costs here before its arithmetic."""
+    x = torch.ones(8, requires_grad=True)
+
+    def ops():
+        y = x
+        for _ in range(OP_RUNS):
+            y = y * 1.0
+        y.sum().backward()
+
+    return _best_s(ops, 3) / OP_RUNS
+
+
 def _memory_bytes() -> float:
     """Physical memory, or the container's cgroup limit where that is lower."""
     try:
@@ -239,23 +257,31 @@ def time_allreduce(group=None) -> tuple:
     n = dist.get_world_size(group)
     if n < 2:
         raise RuntimeError("an all-reduce probe needs at least 2 processes")
-    small, big = torch.zeros(1), torch.zeros(BIG_BYTES // 4)
+    times = []
+    for num_bytes in ALLREDUCE_BYTES:
+        t = torch.zeros(max(1, num_bytes // 4))
+        dist.all_reduce(t, group=group)  # warm-up: connections, buffers
+        runs = []
+        for _ in range(ALLREDUCE_RUNS):
+            dist.barrier(group=group)  # so that no rank's time includes waiting for the others
+            start = time.perf_counter()
+            dist.all_reduce(t, group=group)
+            runs.append(time.perf_counter() - start)
+        times.append(sorted(runs)[len(runs) // 2])
+    latency, bandwidth = fit_alpha_beta(ALLREDUCE_BYTES, times, n)
+    return bandwidth, latency, n
 
-    def small_batch():
-        for _ in range(SMALL_RUNS):
-            dist.all_reduce(small, group=group)
 
-    def big_one():
-        dist.barrier(group=group)  # so that no rank's time includes waiting for the others
-        t = time.perf_counter()
-        dist.all_reduce(big, group=group)
-        return time.perf_counter() - t
-
-    small_batch()
-    big_one()  # warm-up: connections, buffers
-    small_s = min(_timed(small_batch) for _ in range(SMALL_BATCHES)) / SMALL_RUNS
-    big_s = min(big_one() for _ in range(BIG_RUNS))
-    return BIG_BYTES * 2 * (n - 1) / n / big_s, small_s / (2 * (n - 1)), n
+def fit_alpha_beta(sizes, times, n: int) -> tuple:
+    """(latency s, bandwidth bytes/s) of ring all-reduce fitting ``times`` over ``sizes``:
+    t = 2(n-1) latency + 2(n-1)/n bytes / bandwidth, least squares, both kept positive."""
+    import numpy as np
+    a = np.array([[2 * (n - 1), 2 * (n - 1) / n * b] for b in sizes], dtype=float)
+    (alpha, inv_beta), *_ = np.linalg.lstsq(a, np.array(times, dtype=float), rcond=None)
+    alpha = max(alpha, min(times) / (2 * (n - 1)) / 4)
+    if inv_beta <= 0:  # all sizes cost alike: take the largest at face value
+        inv_beta = max(times) / (2 * (n - 1) / n * max(sizes))
+    return float(alpha), float(1 / inv_beta)
 
 
 def _timed(fn) -> float:

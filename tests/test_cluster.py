@@ -246,8 +246,8 @@ def test_stale_or_broken_cache_files_are_ignored(monkeypatch, tmp_path):
     with open(path, "w") as f:
         f.write("{not json")
     assert probe.load_cached() is None
-    m = probe.Measurement(1e9, 1e9, 1e9, 1e9, 1e-5, 2, 1, "another-host", probe.usable_cpus(),
-                          torch.__version__, 1.0)
+    m = probe.Measurement(1e9, 1e9, 1e9, 1e9, 1e-5, 2, 1, 2e-5, "another-host",
+                          probe.usable_cpus(), torch.__version__, 1.0)
     probe.save(m)
     assert probe.load_cached() is None  # measured on another host
     probe.save(m.__class__(**{**m.__dict__, "host": socket.gethostname()}))
@@ -281,3 +281,12 @@ def test_ranks_of_a_process_group_share_one_measurement(monkeypatch, tmp_path):
     assert r0["first"] == r1["first"] == r0["second"] == r1["second"]
     assert r0["ranks"] == 2 and (r0["measured"], r1["measured"]) == (1, 0)
     assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_alpha_beta_fit_recovers_latency_and_bandwidth():
+    sizes = [4, 4096, 2**16, 2**20, 2**22]
+    n, latency, bandwidth = 2, 150e-6, 1.5e9
+    times = [2 * (n - 1) * latency + 2 * (n - 1) / n * b / bandwidth for b in sizes]
+    got_latency, got_bandwidth = probe.fit_alpha_beta(sizes, times, n)
+    assert got_latency == pytest.approx(latency, rel=1e-6)
+    assert got_bandwidth == pytest.approx(bandwidth, rel=1e-6)
