@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from .placement import Partial, Replicate, Shard
 from .redistribute import plan_steps
+from .runtime.grad_sync import BUCKET_BYTES
 
 # Share of datasheet peak FLOP/s a large GEMM sustains. NVIDIA's A100 and H100 tuning guides
 # and MLPerf training submissions show dense GEMMs at roughly 60-80% of peak; take 0.7.
@@ -161,14 +162,16 @@ class CostModel:
 
     # -- communication -------------------------------------------------------------------------
 
-    def collective_s(self, kind: str, axis: int, num_bytes_full: float) -> float:
+    def collective_s(self, kind: str, axis: int, num_bytes_full: float,
+                     latency_share: float = 1.0) -> float:
         """One collective on ``axis``; ``num_bytes_full`` is the bytes of the whole (gathered
-        or reduced) tensor held by the axis's group, local to the other axes."""
+        or reduced) tensor held by the axis's group, local to the other axes. A collective
+        sharing a bucket with others pays ``latency_share`` of the latency."""
         n = self.mesh.shape[axis]
         if n == 1 or kind in ("shard", "to_partial", "identity"):
             return 0.0
         link = self.links[axis]
-        bw, lat = link.bandwidth_bytes_per_s, link.latency_s
+        bw, lat = link.bandwidth_bytes_per_s, link.latency_s * latency_share
         ring = (n - 1) / n
         if kind == "all_reduce":
             return 2 * ring * num_bytes_full / bw + 2 * (n - 1) * lat
@@ -210,13 +213,16 @@ class CostModel:
                 else Replicate()
         return total
 
-    def grad_sum_s(self, num_bytes: float, layout, axis: int, fused: bool) -> float:
+    def grad_sum_s(self, num_bytes: float, layout, axis: int, fused: bool,
+                   bucketed: bool = False) -> float:
         """The backward all-reduce of a replicated input's gradient over ``axis``; ``fused``
         where that input was just gathered over the same axis, so the gradient is
-        reduce-scattered back to the shards instead."""
+        reduce-scattered back to the shards instead; ``bucketed`` for a parameter's gradient,
+        summed with others in buckets of BUCKET_BYTES (its share of one latency)."""
         num_bytes *= self.activation_scale
         full = _local(num_bytes, list(layout), self.mesh, axis)
-        return self.collective_s("reduce_scatter" if fused else "all_reduce", axis, full)
+        share = min(1.0, full / BUCKET_BYTES) if bucketed and not fused else 1.0
+        return self.collective_s("reduce_scatter" if fused else "all_reduce", axis, full, share)
 
 
 def _local(num_bytes, layout, mesh, except_axis) -> float:

@@ -271,6 +271,7 @@ def _edge(prob: Problem, src: Node, dst: Node, slot: int) -> Edge:
     dst_keys = [(lid(s.inputs[slot]), grad_sum_axes(src, s.inputs[slot], s.output))
                 for s in prob.options[dst]]
     is_tuple = isinstance(src.meta["val"], (tuple, list))
+    bucketed = src.op == "get_attr"  # parameter gradients are summed in buckets
 
     def price(key):
         a, (need, axes) = key
@@ -280,7 +281,8 @@ def _edge(prob: Problem, src: Node, dst: Node, slot: int) -> Edge:
         if axes:
             fused = fused_axis(lay[a], lay[need])
             for axis in axes:
-                t += m.grad_sum_s(num_bytes, lay[need], axis, fused=axis == fused)
+                t += m.grad_sum_s(num_bytes, lay[need], axis, fused=axis == fused,
+                                  bucketed=bucketed)
         return t
 
     return Edge(src, dst, slot, src_keys, dst_keys, _Priced(price))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_map
 from autopar.placement import Replicate, format_layout, local_shape, replicated
 from autopar.redistribute import plan_steps
 from autopar.rules import shape_of, tensor_inputs
-from autopar.problem import fused_axis, grad_sum_axes
+from autopar.problem import fused_axis, grad_sum_axes, needs_grad
 from autopar.runtime.collectives import gather_shards, grad_sum, step_call
 
 
@@ -26,6 +26,7 @@ class RankProgram:
     mesh: object
     input_shapes: list     # global shape and dtype per placeholder
     layouts: dict          # node name -> layout, for comments in the code
+    grad_sync: dict = field(default_factory=dict)  # attribute name -> axis names to sum
 
 
 def generate_rank_program(gm, ctx):
@@ -38,7 +39,8 @@ def generate_rank_program(gm, ctx):
     mesh = ctx.mesh
     g = fx.Graph()
     emit = _Emitter(g, mesh.names)
-    env, attrs, input_shapes = {}, {}, []
+    emit.deferred = deferred_gradient_sums(gm)
+    env, attrs, input_shapes, grad_sync = {}, {}, [], {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             p = g.placeholder(node.name)
@@ -49,6 +51,8 @@ def generate_rank_program(gm, ctx):
         elif node.op == "get_attr":
             name = _attr_name(node.target, attrs)
             attrs[name] = (node.target, node.meta["autopar.layout"])
+            if node in emit.deferred:
+                grad_sync[name] = tuple(mesh.names[a] for a in emit.deferred[node])
             a = g.get_attr(name)
             emit.layouts[a.name] = node.meta["autopar.layout"]
             env[node] = a
@@ -59,8 +63,32 @@ def generate_rank_program(gm, ctx):
                     for v in node.args[0]]
             g.output(tuple(outs))
     g.lint()
-    ctx.program = RankProgram(g, attrs, mesh, input_shapes, emit.layouts)
+    ctx.program = RankProgram(g, attrs, mesh, input_shapes, emit.layouts, grad_sync)
     return gm
+
+
+def deferred_gradient_sums(gm) -> dict:
+    """Trainable parameters whose every use sums its gradient over the same axes (and none
+    gathers it): their sums run once per backward on the accumulated gradient, in buckets,
+    instead of once per use (data-parallel gradient sync). Parameter node -> axes."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or not needs_grad(node):
+            continue
+        per_use = set()
+        for user in node.users:
+            strat = user.meta.get("autopar.strategy")
+            if strat is None:
+                per_use.add(None)
+                continue
+            for src, need in zip(tensor_inputs(user), strat.inputs):
+                if src is node:
+                    axes = grad_sum_axes(src, need, strat.output)
+                    fused = fused_axis(node.meta["autopar.layout"], need)
+                    per_use.add(None if fused in axes else axes)
+        if len(per_use) == 1 and None not in per_use and per_use != {()}:
+            out[node] = per_use.pop()
+    return out
 
 
 def _emit_op(node, env, emit, mesh):
@@ -69,7 +97,7 @@ def _emit_op(node, env, emit, mesh):
     for src, need in zip(tensor_inputs(node), strat.inputs):
         # gradient-sum rule: a replicated input of work split over an axis gets only a
         # partial gradient there, so its backward all-reduces over that axis
-        axes = grad_sum_axes(src, need, strat.output)
+        axes = () if src in emit.deferred else grad_sum_axes(src, need, strat.output)
         have = src.meta["autopar.layout"]
         fused = fused_axis(have, need)
         if fused in axes:  # gathered just before: reduce-scatter the gradient back instead
@@ -97,6 +125,7 @@ class _Emitter:
         self.graph = graph
         self.axis_names = axis_names
         self.layouts = {}
+        self.deferred = {}
         self._cache = {}
 
     def call(self, fn, args, layout):

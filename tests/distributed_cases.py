@@ -35,6 +35,10 @@ def training_cases(world):
             yield f"{name}-default-{mesh_id}", name, dict(mesh=axes)
             yield f"{name}-megatron-{mesh_id}", name, dict(mesh=axes,
                                                          constraints=megatron(name, axes))
+        # data parallel: gradient sums bucketed after backward
+        yield f"{name}-dataparallel-{world}", name, dict(
+            mesh={"dp": world}, cluster=slow_devices(world), expect="summed over dp",
+            constraints={"*": "R", **SHARDED_INPUTS[name]})
         # parameters stored sharded, gathered for use, gradients reduce-scattered back
         yield f"{name}-sharded-{world}", name, dict(
             mesh={"dp": world}, cluster=slow_devices(world), expect="gather_shards",

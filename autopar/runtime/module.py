@@ -19,6 +19,7 @@ from ..mesh import Mesh
 from ..placement import Shard, format_layout, replicated
 from ..redistribute import plan_steps
 from . import collectives as C
+from .grad_sync import DistributedGradSync, SimulatedGradSync
 from .simulate import merge_replicated, run_collective, run_ranks
 
 
@@ -52,6 +53,18 @@ class ParallelModule(torch.nn.Module):
             coord = tuple(self._device_mesh.get_coordinate())
             self._coords = [coord]
             self.program = self._build(source, coord, device=_device_of(self._device_mesh))
+        self._grad_sync = self._gradient_sync()
+
+    def _gradient_sync(self):
+        """Bucketed gradient sums of the parameters whose every use sums over the same axes."""
+        sync = self._program.grad_sync
+        if not sync:
+            return None
+        if self.simulate:
+            return SimulatedGradSync({n: ([getattr(r, n) for r in self.ranks], axes)
+                                      for n, axes in sync.items()}, self._mesh)
+        return DistributedGradSync({n: (getattr(self.program, n), axes)
+                                    for n, axes in sync.items()}, self._device_mesh)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -107,6 +120,12 @@ class ParallelModule(torch.nn.Module):
         gm = self.ranks[0] if self.simulate else self.program
         header = (f"# autopar rank program: mesh {self._mesh}, plan {self.plan.fingerprint()}\n"
                   "# layouts: R replicated, S(d) split on dim d, P partial sum; one per axis\n")
+        by_axes = {}
+        for name, axes in self._program.grad_sync.items():
+            by_axes.setdefault(axes, []).append(name)
+        for axes, names in by_axes.items():
+            header += (f"# gradients summed over {', '.join(axes)} after backward, in buckets: "
+                       f"{', '.join(names)}\n")
         return header + annotate_code(gm.code.strip("\n"), self._program.layouts) + "\n"
 
     def rank_program(self, rank: int | None = None) -> fx.GraphModule:
