@@ -59,10 +59,11 @@ from .normalize_graph import normalize_graph  # noqa: E402
 from .annotate_shapes import annotate_shapes  # noqa: E402
 from .simplify_graph import simplify_graph  # noqa: E402
 from .check_coverage import check_coverage  # noqa: E402
+from .fold_repeated_blocks import fold_repeated_blocks  # noqa: E402
 from .assign_layouts import assign_layouts  # noqa: E402
 from .generate_rank_program import generate_rank_program  # noqa: E402
 
-ANALYSIS = [normalize_graph, annotate_shapes, simplify_graph, check_coverage]
+ANALYSIS = [normalize_graph, annotate_shapes, simplify_graph, check_coverage, fold_repeated_blocks]
 PIPELINE = ANALYSIS + [assign_layouts, generate_rank_program]
 
 __all__ = ["PassContext", "PassError", "run_passes", "ANALYSIS", "PIPELINE", "normalize_graph",
