@@ -100,6 +100,16 @@ def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, me
     planning waits for the first call and uses its arguments. Used with no model, as
     ``@autopar.compile(cluster=...)``, it decorates an nn.Module subclass (instances become
     parallel modules) or a function.
+
+    simulate: run every rank inside this process instead of one process per rank.
+    mesh: axis name -> size (e.g. ``{"dp": 2, "tp": 4}``); by default every factorization
+        of the device count into up to three axes is tried.
+    constraints: glob over parameter FQNs and input names -> one placement per mesh axis
+        (``(Replicate(), Shard(0))`` or ``"RS(0)"``); those layouts are fixed.
+    level: "full" solves the integer program, "fast" propagates greedily.
+    memory_budget_bytes: per-device memory the plan must fit (default: the device's).
+    precision, optimizer: what a training step holds and computes ("fp32" or
+        "bf16-mixed"; "adamw" or "sgd"), for the cost model's memory and time.
     """
     opts = dict(simulate=simulate, mesh=mesh, constraints=constraints, level=level,
                 memory_budget_bytes=memory_budget_bytes, precision=precision,
