@@ -17,10 +17,10 @@ from .graph_utils import fetch_attr
 
 
 def _context(captured, cluster, mesh=None, constraints=None, memory_budget_bytes=None,
-             level="full", precision="fp32", optimizer="adamw"):
+             level="full", precision="fp32", optimizer="adamw", fold=True):
     from autopar.passes import PassContext
     return PassContext(cluster=cluster, mesh_request=mesh, constraints=dict(constraints or {}),
-                       memory_budget_bytes=memory_budget_bytes, level=level,
+                       memory_budget_bytes=memory_budget_bytes, level=level, fold=fold,
                        precision=precision, optimizer=optimizer,
                        example_inputs=captured.example_inputs, input_names=captured.input_names,
                        param_fqns=captured.param_fqns)
@@ -33,7 +33,7 @@ def _check_cluster(cluster):
 
 
 def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
-          precision, optimizer):
+          precision, optimizer, fold=True):
     from autopar.passes import PIPELINE, run_passes
     _check_cluster(cluster)
     if level not in ("fast", "full"):
@@ -42,7 +42,7 @@ def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budge
     start = time.perf_counter()
     captured = capture(model, example_inputs)
     ctx = _context(captured, cluster, mesh, constraints, memory_budget_bytes, level, precision,
-                   optimizer)
+                   optimizer, fold)
     ctx.stats["seconds"] = {"capture": time.perf_counter() - start}
     run_passes(captured.gm, ctx, PIPELINE)
     ctx.stats["nodes"] = sum(1 for _ in captured.gm.graph.nodes)
@@ -53,7 +53,7 @@ def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budge
 
 
 def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, level="full",
-         memory_budget_bytes=None, precision="fp32", optimizer="adamw"):
+         memory_budget_bytes=None, precision="fp32", optimizer="adamw", fold=True):
     """Plan ``model`` for ``cluster`` without running it; meta-device models are fine.
 
     >>> import torch, autopar
@@ -63,7 +63,7 @@ def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, le
     {'dp': 2}
     """
     _, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
-                   precision, optimizer)
+                   precision, optimizer, fold)
     return ctx.plan
 
 
@@ -80,10 +80,10 @@ def _source_tensors(model, captured) -> dict:
 
 
 def _compile_now(model, cluster, example_inputs, simulate, mesh, constraints, level,
-                 memory_budget_bytes, precision, optimizer):
+                 memory_budget_bytes, precision, optimizer, fold):
     from .runtime.module import ParallelModule
     captured, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level,
-                          memory_budget_bytes, precision, optimizer)
+                          memory_budget_bytes, precision, optimizer, fold)
     if any(t.device.type == "meta" for t in _source_tensors(model, captured).values()):
         raise PlanError("the model's parameters are on the meta device: autopar.plan() plans "
                         "it, but to run it materialize the parameters first (to_empty + init)")
@@ -93,7 +93,7 @@ def _compile_now(model, cluster, example_inputs, simulate, mesh, constraints, le
 
 def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, mesh=None,
             constraints=None, level="full", memory_budget_bytes=None, precision="fp32",
-            optimizer="adamw"):
+            optimizer="adamw", fold=True):
     """Make ``model`` a distributed program for ``cluster``: a :class:`ParallelModule`.
 
     ``model`` is an nn.Module instance or a function of tensors. Without ``example_inputs``
@@ -110,10 +110,12 @@ def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, me
     memory_budget_bytes: per-device memory the plan must fit (default: the device's).
     precision, optimizer: what a training step holds and computes ("fp32" or
         "bf16-mixed"; "adamw" or "sgd"), for the cost model's memory and time.
+    fold: plan every repeated block (a transformer layer) once and give all its instances
+        the same layouts; False plans each node on its own.
     """
     opts = dict(simulate=simulate, mesh=mesh, constraints=constraints, level=level,
                 memory_budget_bytes=memory_budget_bytes, precision=precision,
-                optimizer=optimizer)
+                optimizer=optimizer, fold=fold)
     if model is None:
         if cluster is None:
             raise PlanError("autopar.compile needs a cluster: @autopar.compile(cluster=...)")

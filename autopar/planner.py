@@ -130,11 +130,13 @@ def propagate(prob: Problem, sharded_params: bool = False) -> dict:
     return choice
 
 
-def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats) -> tuple:
+def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
+                 blocks=()) -> tuple:
     """(problem, choice, cost) of the best assignment on ``mesh``; raises Infeasible."""
     start = time.perf_counter()
     model = CostModel(cluster, mesh, training)
     prob = build_problem(gm, mesh, model, pinned)
+    tied = prob.tie_blocks(blocks)
     built = time.perf_counter()
     found, objective = [], None
     for sharded in (False, True):
@@ -166,7 +168,7 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats) -> t
     _, choice, cost = found[0]
     stats.setdefault("meshes", {})[str(mesh)] = {
         "strategies": sum(len(v) for v in prob.options.values()),
-        "pairs": prob.pair_count() if level == "full" else None,
+        "pairs": prob.pair_count() if level == "full" else None, "tied_nodes": tied,
         "build_s": built - start, "solve_s": time.perf_counter() - built,
         "predicted_step_s": cost.total_s, "exact_objective_s": objective}
     return prob, choice, cost
@@ -180,7 +182,7 @@ def _pruned(prob: Problem, seeds: list) -> tuple:
     for n in prob.nodes:
         order = sorted(range(len(prob.options[n])), key=lambda i: (scores[n][i], i))
         keep = set(order[:KEEP_PER_NODE]) | {seed[n] for seed in seeds}
-        kept[n] = sorted(keep)
+        kept[n] = kept[prob.tied[n]] if n in prob.tied else sorted(keep)
     return prob.restrict(kept)
 
 
@@ -196,7 +198,7 @@ def _named_sources(gm, input_names) -> dict:
 
 
 def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budget: float,
-                level: str, stats: dict, input_names=()):
+                level: str, stats: dict, input_names=(), blocks=()):
     """The best (mesh, problem, choice, cost) over candidate meshes."""
     sources = _named_sources(gm, input_names)
     shapes = {name: tuple(n.meta["val"].shape) for name, n in sources.items()}
@@ -206,7 +208,7 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
                   resolve_constraints(constraints, list(shapes), shapes, mesh).items()}
         try:
             prob, choice, cost = plan_on_mesh(gm, mesh, cluster, training, pinned, budget,
-                                              level, stats)
+                                              level, stats, blocks)
         except Infeasible as e:
             smallest = e.min_bytes if smallest is None else min(smallest, e.min_bytes)
             continue

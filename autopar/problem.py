@@ -66,6 +66,19 @@ class Problem:
     outputs: list = field(default_factory=list)        # nodes returned by the graph
     layout_id: LayoutIds = field(default_factory=LayoutIds)
     _moves: dict = field(default_factory=dict)
+    tied: dict = field(default_factory=dict)   # node -> its counterpart in a first instance
+
+    def tie_blocks(self, blocks) -> int:
+        """Tie every instance of each repeated block to the first one, node by node, where
+        their strategies agree. Returns how many nodes were tied."""
+        for cls in blocks:
+            first = cls.instances[0].nodes
+            for inst in cls.instances[1:]:
+                pairs = list(zip(first, inst.nodes))
+                if all(a in self.options and self.options[a] == self.options[b]
+                       for a, b in pairs):
+                    self.tied.update({b: a for a, b in pairs})
+        return len(self.tied)
 
     def move_s(self, num_bytes: float, a: int, b: int, grad: bool) -> float:
         """Cached seconds to move a value between the layouts with ids ``a`` and ``b``."""
@@ -110,7 +123,8 @@ class Problem:
         """A copy keeping only strategies ``kept[node]`` (indices), and per node the map from
         new indices back to the old."""
         new = Problem(self.mesh, self.model, self.nodes, outputs=self.outputs,
-                      last_use=self.last_use, layout_id=self.layout_id, _moves=self._moves)
+                      last_use=self.last_use, layout_id=self.layout_id, _moves=self._moves,
+                      tied=self.tied)
         for n in self.nodes:
             idx = kept[n]
             new.options[n] = [self.options[n][i] for i in idx]

@@ -18,6 +18,10 @@ Constraints
     memory_budget           sum_v sum_s m_t[v, s] x[v, s] <= budget            for checkpoints t
     fixed_choices           pinned parameters keep their one layout (their x is fixed)
 
+    Folding: the nodes of every instance of a repeated block share the x of the block's
+    first instance (and edges whose ends share x share y), so the program grows with the
+    number of distinct blocks, not with depth; each instance's costs still add up.
+
     With x integral each marginal has a single 1, so y is the indicator of the pair actually
     used: y stays continuous and the edge cost is exactly linear. m_t[v, s] counts, after
     node t of the forward pass, parameter storage (with gradients and optimizer states),
@@ -72,23 +76,34 @@ class _Builder:
 
 
 def strategy_variables(b: _Builder, prob) -> dict:
-    """x[v, s]: one binary per strategy of every node that has a choice."""
+    """x[v, s]: one binary per strategy of every node that has a choice; a node of a
+    repeated block shares the variables of its counterpart in the block's first instance."""
     x = {}
     for n in prob.nodes:
-        if len(prob.options[n]) > 1:
+        if len(prob.options[n]) <= 1:
+            continue
+        rep = prob.tied.get(n)
+        if rep is not None and rep in x:
+            x[n] = x[rep]
+            for col, t in zip(x[n], prob.node_s[n]):
+                b.cost[col] += t
+        else:
             x[n] = [b.var(t, True) for t in prob.node_s[n]]
     return x
 
 
 def one_strategy_per_node(b: _Builder, prob, x: dict):
+    done = set()
     for n, cols in x.items():
-        b.row({c: 1.0 for c in cols}, 1.0, 1.0)
+        if id(cols) not in done:
+            done.add(id(cols))
+            b.row({c: 1.0 for c in cols}, 1.0, 1.0)
 
 
 def edge_marginals(b: _Builder, prob, x: dict) -> float:
     """y[e, a, b] for edges with a choice on both sides; edges with one side fixed fold their
     cost into the other side's x. Returns the constant cost of fully fixed edges."""
-    constant = 0.0
+    constant, shared = 0.0, {}
     for e in prob.edges:
         src_free, dst_free = e.src in x, e.dst in x
         if not src_free and not dst_free:
@@ -100,7 +115,13 @@ def edge_marginals(b: _Builder, prob, x: dict) -> float:
             for s, col in enumerate(x[e.dst]):
                 b.cost[col] += e.cost[(e.src_keys[0], e.dst_keys[s])]
         else:
-            _pair_variables(b, e, x)
+            # edges of repeated blocks whose ends share variables share their pairs too
+            key = (prob.tied.get(e.src, e.src), prob.tied.get(e.dst, e.dst), e.slot)
+            if key in shared:
+                for pair, col in shared[key].items():
+                    b.cost[col] += e.cost[pair]
+            else:
+                shared[key] = _pair_variables(b, e, x)
     return constant
 
 
@@ -108,11 +129,12 @@ def _pair_variables(b: _Builder, e, x: dict):
     src_groups, dst_groups = _groups(e.src_keys), _groups(e.dst_keys)
     by_src = {ka: {} for ka in src_groups}
     by_dst = {kb: {} for kb in dst_groups}
+    pairs = {}
     for ka in src_groups:
         for kb in dst_groups:
             c = e.cost[(ka, kb)]
             if np.isfinite(c):
-                col = b.var(c, False)
+                col = pairs[(ka, kb)] = b.var(c, False)
                 by_src[ka][col] = 1.0
                 by_dst[kb][col] = 1.0
     for groups, terms_by, cols in ((src_groups, by_src, x[e.src]), (dst_groups, by_dst, x[e.dst])):
@@ -121,6 +143,7 @@ def _pair_variables(b: _Builder, e, x: dict):
             for s in members:
                 terms[cols[s]] = terms.get(cols[s], 0.0) - 1.0
             b.row(terms, 0.0, 0.0)
+    return pairs
 
 
 def _groups(keys) -> dict:

@@ -29,6 +29,7 @@ class PassContext:
     param_fqns: list = field(default_factory=list)
     memory_budget_bytes: float | None = None
     level: str = "full"
+    fold: bool = True
     precision: str = "fp32"
     optimizer: str = "adamw"
     unsupported: list = field(default_factory=list)

@@ -20,7 +20,8 @@ def assign_layouts(gm, ctx):
         budget = min(d.memory_bytes for d in ctx.cluster.devices())
     mesh, prob, choice, cost = choose_plan(gm, ctx.cluster, ctx.mesh_request, ctx.constraints,
                                            training, budget, ctx.level, ctx.stats,
-                                           ctx.input_names)
+                                           ctx.input_names,
+                                           getattr(ctx, "blocks", []) if ctx.fold else [])
     ctx.mesh = mesh
     comm = {n: 0.0 for n in prob.nodes}
     for e in prob.edges:  # an edge's collectives are charged to its reader (outputs: writer)

@@ -227,3 +227,20 @@ def test_fold_time_on_an_eight_layer_llama_is_logged(record_property):
              len(captured.gm.graph.nodes), seconds)
     record_property("fold_seconds", seconds)
     assert ctx.stats["block_classes"]["instances"] == [8]
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_folded_and_unfolded_plans_reach_the_same_optimum(family, depth):
+    """Tying every layer to the first gives the exact program's unfolded optimum here."""
+    from models import GPT, GPTConfig, Llama, LlamaConfig, tiny_batch
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=depth)) if family == "gpt" else \
+        Llama(LlamaConfig(n_layers=depth))
+    cluster = autopar.Cluster.preset("dgx-a100", devices_per_node=2)
+    example = tiny_batch(model.cfg)
+    folded = autopar.plan(model, cluster, example_inputs=example, fold=True)
+    unfolded = autopar.plan(model, cluster, example_inputs=example, fold=False)
+    assert all(m["tied_nodes"] > 0 for m in folded.stats["meshes"].values())
+    assert all(m["tied_nodes"] == 0 for m in unfolded.stats["meshes"].values())
+    assert folded.cost.total_s == pytest.approx(unfolded.cost.total_s, rel=1e-9)
