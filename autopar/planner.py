@@ -203,7 +203,10 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
     sources = _named_sources(gm, input_names)
     shapes = {name: tuple(n.meta["val"].shape) for name, n in sources.items()}
     best, smallest = None, None
-    for mesh in candidate_meshes(cluster, mesh_request):
+    meshes = candidate_meshes(cluster, mesh_request)
+    progress = _LazyProgress(len(meshes))
+    for mesh in meshes:
+        progress.advance(f"mesh {mesh}")
         pinned = {sources[name]: layout for name, layout in
                   resolve_constraints(constraints, list(shapes), shapes, mesh).items()}
         try:
@@ -214,6 +217,7 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
             continue
         if best is None or cost.total_s < best[3].total_s:
             best = (mesh, prob, choice, cost)
+    progress.close()
     if best is None:
         raise PlanError(
             f"no plan fits in {format_bytes(budget)} per device on {cluster}: the smallest "
@@ -221,3 +225,30 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
             "parameters (drop constraints that replicate them), lower the batch size, or "
             "raise memory_budget_bytes")
     return best
+
+
+class _LazyProgress:
+    """A progress bar over the candidate meshes on a terminal, shown only once planning has
+    taken longer than a second; quiet otherwise."""
+
+    def __init__(self, total: int, after_s: float = 1.0):
+        self.total, self.after_s = total, after_s
+        self.start = time.perf_counter()
+        self.done, self.bar, self.task = 0, None, None
+
+    def advance(self, label: str):
+        if self.bar is None and time.perf_counter() - self.start > self.after_s:
+            from rich.console import Console
+            from rich.progress import Progress
+            console = Console(stderr=True)
+            if console.is_terminal:
+                self.bar = Progress(console=console, transient=True)
+                self.bar.start()
+                self.task = self.bar.add_task("planning", total=self.total)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, description=f"planning: {label}")
+        self.done += 1
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.stop()

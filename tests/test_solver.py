@@ -148,3 +148,10 @@ def test_plan_reports_cost_stats_and_explains():
     assert "linear" in text and "compute" in text
     again = autopar.Plan.from_json(plan.to_json())
     assert again.cost == plan.cost
+
+
+def test_planning_prints_nothing_off_a_terminal(capfd):
+    autopar.plan(meta_net(1024, 4096, 2), Cluster.preset("dgx-a100"),
+                 example_inputs=batch(4096, 1024))
+    out, err = capfd.readouterr()
+    assert out == "" and "planning" not in err
