@@ -260,7 +260,7 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
     for table in (consts, buffers, params):
         owners.update({id(t): fqn for fqn, t in table.items()})
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    order, names, used_params, used_buffers = [], [], [], []
+    order, used_params, used_buffers = [], [], []
     input_names = [_clean(str(k)) for k in _leaf_names(tensors)]
     for node, value in zip(placeholders, recorded["inputs"]):
         if id(value) in input_index:

@@ -299,3 +299,13 @@ def relative_error(a: float, b: float) -> float:
 def short_error(e: BaseException, limit: int = 160) -> str:
     text = " ".join(f"{type(e).__name__}: {e}".split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def parse_args(argv, doc: str):
+    """The benchmarks' one option: plan with cached figures instead of measuring afresh."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--cached", action="store_true",
+                        help="plan with the figures Cluster.local() cached earlier instead of "
+                             "measuring this machine afresh")
+    return parser.parse_args(argv)

@@ -29,7 +29,6 @@ figures cached earlier: on a shared virtual machine they go stale.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import statistics
 import sys
@@ -44,7 +43,7 @@ from scipy.stats import linregress, spearmanr
 import autopar
 from common import (WORKLOADS, WORLD, barrier_s, build, cached_figures, collective_calls,
                     collectives, fresh_local_figures, interleaved_times, layouts, run_on_processes,
-                    short_error, sustained_rates, train_step)
+                    parse_args, short_error, sustained_rates, train_step)
 
 WARMUP_STEPS = 3
 ROUNDS = 4             # the plans of one model take turns, STEPS_PER_ROUND steps each time
@@ -212,16 +211,8 @@ def sustained_line(cluster, sustained) -> str:
             f"{device.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s")
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cached", action="store_true",
-                        help="plan with the figures Cluster.local() cached earlier instead of "
-                             "measuring this machine afresh")
-    return parser.parse_args(argv)
-
-
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__)
     start = time.perf_counter()
     console = Console(width=200)
     before = cached_figures()

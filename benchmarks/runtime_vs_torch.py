@@ -23,7 +23,6 @@ baseline that fails on CPU/gloo in this torch version is a row with its error, n
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import statistics
 import sys
@@ -40,7 +39,7 @@ from rich.table import Table
 import autopar
 from common import (WORKLOADS, WORLD, build, cached_figures, collectives, fresh_local_figures,
                     interleaved_times, layouts, relative_error, run_on_processes, short_error,
-                    train_step)
+                    parse_args, train_step)
 
 WARMUP_STEPS = 3       # the first of them is the loss check
 ROUNDS = 4             # the contenders take turns: STEPS_PER_ROUND steps each, ROUNDS times over
@@ -212,16 +211,8 @@ def row_cells(r, fastest) -> list:
             f"{ms(r['measured_s'])}\n({ms(r['fastest_s'])}-{ms(r['slowest_s'])})", ratio_text]
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cached", action="store_true",
-                        help="plan with the figures Cluster.local() cached earlier instead of "
-                             "measuring this machine afresh")
-    return parser.parse_args(argv)
-
-
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__)
     start = time.perf_counter()
     console = Console(width=200)
     before = cached_figures()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 from torch.fx import Node
 from torch.utils._pytree import tree_map

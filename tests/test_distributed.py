@@ -5,7 +5,6 @@ every case runs inside them."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 
 import pytest

@@ -11,7 +11,7 @@ import numbers
 
 import torch
 
-from . import (P, R, OpSpec, broadcast_labels, einsum_options, io_bytes, register, shape_of,
+from . import (P, OpSpec, broadcast_labels, einsum_options, io_bytes, register, shape_of,
                tensor_inputs)
 from torch.fx import Node
 

@@ -7,7 +7,7 @@ before planning (``simplify_graph``), so they need no rule of their own for that
 
 from __future__ import annotations
 
-from . import (P, R, OpSpec, arg, einsum_options, io_bytes, norm_dim, register, shape_of,
+from . import (R, OpSpec, arg, einsum_options, io_bytes, norm_dim, register, shape_of,
                tensor_inputs)
 from .pointwise import pointwise
 

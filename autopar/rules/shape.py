@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch.fx import Node
 
-from . import (P, R, OpSpec, Shard, arg, einsum_options, io_bytes, norm_dim, register,
+from . import (P, R, OpSpec, arg, einsum_options, io_bytes, norm_dim, register,
                shape_of, spec_for, tensor_inputs)
 
 

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ..errors import InputError, PlanError
 from ..mesh import Mesh
-from ..placement import Shard, format_layout, replicated
+from ..placement import Shard, replicated
 from ..redistribute import plan_steps
 from . import collectives as C
 from .grad_sync import DistributedGradSync, SimulatedGradSync
