@@ -135,12 +135,13 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
     """(problem, choice, cost) of the best assignment on ``mesh``; raises Infeasible."""
     start = time.perf_counter()
     model = CostModel(cluster, mesh, training)
-    prob = build_problem(gm, mesh, model, pinned)
+    prob = build_problem(gm, mesh, model, pinned, blocks)
     tied = prob.tie_blocks(blocks)
     built = time.perf_counter()
-    found, objective = [], None
+    found, objective, greedy = [], None, []
     for sharded in (False, True):
         choice = propagate(prob, sharded_params=sharded)
+        greedy.append(choice)
         cost = prob.evaluate(choice)
         if cost.memory_bytes_per_device <= budget:
             found.append((cost.total_s, choice, cost))
@@ -149,8 +150,7 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
         pairs = prob.pair_count()
         if pairs > MAX_EXACT_PAIRS:
             seeds = sorted(found, key=lambda f: f[0])
-            exact, back = _pruned(prob, [f[1] for f in seeds] +
-                                  [propagate(prob, sharded_params=s) for s in (False, True)])
+            exact, back = _pruned(prob, [f[1] for f in seeds] + greedy)
         try:
             choice, objective = solve(exact, budget)
             if back is not None:

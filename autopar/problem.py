@@ -99,8 +99,22 @@ class Problem:
         comm = 0.0
         for e in self.edges:
             comm += e.cost[(e.src_keys[choice[e.src]], e.dst_keys[choice.get(e.dst, 0)])]
-        peak = max(self.memory_at(choice, t) for t in range(len(self.nodes)))
-        return Cost(compute + comm, compute, comm, peak)
+        return Cost(compute + comm, compute, comm, self.peak_memory(choice))
+
+    def peak_memory(self, choice: dict) -> float:
+        """The largest of :meth:`memory_at` over the forward pass, in one sweep."""
+        static = sum(self.static_bytes[n][choice[n]] for n in self.nodes)
+        ends = [0.0] * (len(self.nodes) + 1)
+        held, peak = static, static
+        for t, n in enumerate(self.nodes):
+            c = choice[n]
+            held += self.saved_bytes[n][c] - ends[t]
+            end = self.last_use.get(n, -1)
+            if end > t:
+                held += self.out_bytes[n][c]
+                ends[min(end, len(self.nodes))] += self.out_bytes[n][c]
+            peak = max(peak, held)
+        return peak
 
     def memory_at(self, choice: dict, t: int) -> float:
         """Bytes held by one device just after node ``t`` runs in the forward pass."""
@@ -159,17 +173,22 @@ class Problem:
         return sorted(picked)
 
 
-def build_problem(gm, mesh, model: CostModel, pinned: dict) -> Problem:
+def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=()) -> Problem:
     """Enumerate strategies for every node of ``gm`` on ``mesh`` and price them.
 
-    ``pinned`` maps parameter and input nodes to the only layout they may take.
+    ``pinned`` maps parameter and input nodes to the only layout they may take. The nodes of
+    repeated ``blocks`` (classes of structurally identical instances) reuse the strategies
+    and prices of their counterpart in the first instance.
     """
     nodes = [n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr", "call_function",
                                                    "call_method")]
     prob = Problem(mesh, model, nodes)
     pos = prob.index()
+    same = _counterparts(blocks, pinned, pos)
     for n in nodes:
-        if n.op in ("placeholder", "get_attr"):
+        if n in same:
+            prob.options[n] = prob.options[same[n]]
+        elif n.op in ("placeholder", "get_attr"):
             prob.options[n] = _source_options(n, mesh, pinned)
         else:
             prob.options[n] = strategies(n, mesh.shape)
@@ -180,13 +199,35 @@ def build_problem(gm, mesh, model: CostModel, pinned: dict) -> Problem:
             elif user in pos:
                 prob.last_use[n] = max(prob.last_use.get(n, -1), pos[user])
     for n in nodes:
-        _price_node(prob, n)
+        if n in same:
+            for table in (prob.node_s, prob.static_bytes, prob.saved_bytes, prob.out_bytes):
+                table[n] = table[same[n]]
+        else:
+            _price_node(prob, n)
+    priced = {}  # edges of repeated blocks share one table of costs
     for n in nodes:
         if n.op in ("call_function", "call_method"):
             for slot, src in enumerate(tensor_inputs(n)):
-                prob.edges.append(_edge(prob, src, n, slot))
+                e = _edge(prob, src, n, slot)
+                key = (same.get(src, src), same.get(n, n), slot)
+                e.cost = priced.setdefault(key, e.cost)
+                prob.edges.append(e)
     _price_outputs(prob)
     return prob
+
+
+def _counterparts(blocks, pinned, pos) -> dict:
+    """Node of a later instance -> the same node of its block's first instance, where both
+    are planned nodes and no constraint pins either."""
+    out = {}
+    for cls in blocks:
+        first = cls.instances[0].nodes
+        for inst in cls.instances[1:]:
+            for a, b in zip(first, inst.nodes):
+                if a in pos and b in pos and a not in pinned and b not in pinned \
+                        and pos[a] < pos[b]:
+                    out[b] = a
+    return out
 
 
 def _source_options(node, mesh, pinned) -> list:

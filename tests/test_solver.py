@@ -155,3 +155,21 @@ def test_planning_prints_nothing_off_a_terminal(capfd):
                  example_inputs=batch(4096, 1024))
     out, err = capfd.readouterr()
     assert out == "" and "planning" not in err
+
+
+def test_peak_memory_sweep_equals_the_largest_checkpoint():
+    from autopar.capture import capture
+    from autopar.cost import CostModel
+    from autopar.mesh import Mesh
+    from autopar.passes import ANALYSIS, PassContext, run_passes
+    from autopar.problem import build_problem
+    model, x = meta_net(256, 1024, 2), batch(64, 256)
+    captured = capture(model, x)
+    ctx = PassContext(example_inputs=captured.example_inputs, input_names=captured.input_names)
+    run_passes(captured.gm, ctx, ANALYSIS)
+    mesh = Mesh(("dp", "tp"), (2, 2))
+    prob = build_problem(captured.gm, mesh, CostModel(Cluster.preset("dgx-a100"), mesh), {})
+    for k in range(4):   # a few different assignments, chosen deterministically
+        choice = {n: (i * 7 + k) % len(prob.options[n]) for i, n in enumerate(prob.nodes)}
+        every = max(prob.memory_at(choice, t) for t in range(len(prob.nodes)))
+        assert prob.peak_memory(choice) == pytest.approx(every, rel=1e-12)
