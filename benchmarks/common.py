@@ -309,3 +309,24 @@ def parse_args(argv, doc: str):
                         help="plan with the figures Cluster.local() cached earlier instead of "
                              "measuring this machine afresh")
     return parser.parse_args(argv)
+
+
+def time_rows(rows: dict, steps: dict, rounds: int, per_round: int) -> list:
+    """Time ``steps`` (name -> step function) taking turns, and add the median, fastest and
+    slowest step seconds to each name's row."""
+    for name, times in interleaved_times(steps, rounds, per_round).items():
+        rows[name].update(measured_s=statistics.median(times), fastest_s=min(times),
+                          slowest_s=max(times))
+    return list(rows.values())
+
+
+def run_planned_here(console, fn, cached: bool):
+    """Run ``fn`` on the benchmark's processes with Cluster.local() figures measured afresh
+    (or, with ``cached``, those cached earlier), after printing them."""
+    import autopar
+    before = cached_figures()
+    with fresh_local_figures(enabled=not cached):
+        console.print(autopar.Cluster.local(WORLD).describe())
+        if before is not None and not cached:
+            console.print(f"  (cached by an earlier run, not used: {before})")
+        return run_on_processes(fn)

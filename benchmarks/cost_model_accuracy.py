@@ -41,9 +41,9 @@ from rich.table import Table
 from scipy.stats import linregress, spearmanr
 
 import autopar
-from common import (WORKLOADS, WORLD, barrier_s, build, cached_figures, collective_calls,
-                    collectives, fresh_local_figures, interleaved_times, layouts, run_on_processes,
-                    parse_args, short_error, sustained_rates, train_step)
+from common import (WORKLOADS, WORLD, barrier_s, build, collective_calls, collectives, layouts,
+                    parse_args, run_planned_here, short_error, sustained_rates, time_rows,
+                    train_step)
 
 WARMUP_STEPS = 3
 ROUNDS = 4             # the plans of one model take turns, STEPS_PER_ROUND steps each time
@@ -112,10 +112,7 @@ def measure_workload(workload, cluster) -> list:
         rows[name], step = prepare(workload, name, options, cluster)
         if step is not None:
             steps[name] = step
-    for name, times in interleaved_times(steps, ROUNDS, STEPS_PER_ROUND).items():
-        rows[name].update(measured_s=statistics.median(times), fastest_s=min(times),
-                          slowest_s=max(times))
-    return list(rows.values())
+    return time_rows(rows, steps, ROUNDS, STEPS_PER_ROUND)
 
 
 def measure_all() -> dict:
@@ -123,7 +120,11 @@ def measure_all() -> dict:
     cluster = autopar.Cluster.local(WORLD)
     before = sustained_rates()
     rows = [row for workload in WORKLOADS for row in measure_workload(workload, cluster)]
-    return {"rows": rows, "barrier_s": barrier_s(), "sustained": [before, sustained_rates()]}
+    device = cluster.devices()[0]
+    planner = {"flops": device.flops_for("fp32"),
+               "copy_bytes_per_s": device.memory_bandwidth_bytes_per_s}
+    return {"rows": rows, "barrier_s": barrier_s(), "sustained": [before, sustained_rates()],
+            "planner": planner}
 
 
 # -- reporting (in the parent) ---------------------------------------------------------------------
@@ -201,34 +202,27 @@ def picks(model, rows) -> str:
             f"{measured['plan']}; the predicted pick ran {slower:.0%} slower")
 
 
-def sustained_line(cluster, sustained) -> str:
+def sustained_line(planner, sustained) -> str:
     """What each process sustained, before and after the runs, beside the planner's figures."""
-    device = cluster.devices()[0]
     rates = " and ".join(f"{r['flops'] / 1e9:.1f} GFLOP/s, {r['copy_bytes_per_s'] / 1e9:.1f} "
                          f"GB/s" for r in sustained)
     return (f"each process sustained (matmul, copy; median, all ranks at once; before and after "
-            f"the runs): {rates}; the planner took {device.flops_for('fp32') / 1e9:.1f} GFLOP/s, "
-            f"{device.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s")
+            f"the runs): {rates}; the planner took {planner['flops'] / 1e9:.1f} GFLOP/s, "
+            f"{planner['copy_bytes_per_s'] / 1e9:.1f} GB/s")
 
 
 def main(argv=None):
     args = parse_args(argv, __doc__)
     start = time.perf_counter()
     console = Console(width=200)
-    before = cached_figures()
-    with fresh_local_figures(enabled=not args.cached):
-        cluster = autopar.Cluster.local(WORLD)
-        console.print(cluster.describe())
-        if before is not None and not args.cached:
-            console.print(f"  (cached by an earlier run, not used: {before})")
-        result = run_on_processes(measure_all)
+    result = run_planned_here(console, measure_all, args.cached)
     rows = result["rows"]
     console.print(results_table(rows))
     for line in summary(rows):
         console.print(line)
     console.print(f"one gloo barrier (carried by every timed step): "
                   f"{result['barrier_s'] * 1e6:.0f} us")
-    console.print(sustained_line(cluster, result["sustained"]))
+    console.print(sustained_line(result["planner"], result["sustained"]))
     notes = sorted({w for r in rows for w in r.get("warnings", [])})
     for note in notes:
         console.print(f"[yellow]warning while planning:[/] {note}")

@@ -24,7 +24,6 @@ baseline that fails on CPU/gloo in this torch version is a row with its error, n
 from __future__ import annotations
 
 import fnmatch
-import statistics
 import sys
 import time
 import warnings
@@ -37,9 +36,8 @@ from rich.console import Console
 from rich.table import Table
 
 import autopar
-from common import (WORKLOADS, WORLD, build, cached_figures, collectives, fresh_local_figures,
-                    interleaved_times, layouts, relative_error, run_on_processes, short_error,
-                    parse_args, train_step)
+from common import (WORKLOADS, WORLD, build, collectives, layouts, parse_args, relative_error,
+                    run_planned_here, short_error, time_rows, train_step)
 
 WARMUP_STEPS = 3       # the first of them is the loss check
 ROUNDS = 4             # the contenders take turns: STEPS_PER_ROUND steps each, ROUNDS times over
@@ -157,10 +155,7 @@ def compare_workload(workload, cluster, mesh) -> list:
         rows[name], contender = prepare(name, make, workload, batch, cluster, mesh, reference)
         if contender is not None:
             steps[name] = contender.step
-    for name, times in interleaved_times(steps, ROUNDS, STEPS_PER_ROUND).items():
-        rows[name].update(measured_s=statistics.median(times), fastest_s=min(times),
-                          slowest_s=max(times))
-    return list(rows.values())
+    return time_rows(rows, steps, ROUNDS, STEPS_PER_ROUND)
 
 
 def compare_all() -> list:
@@ -215,12 +210,7 @@ def main(argv=None):
     args = parse_args(argv, __doc__)
     start = time.perf_counter()
     console = Console(width=200)
-    before = cached_figures()
-    with fresh_local_figures(enabled=not args.cached):
-        console.print(autopar.Cluster.local(WORLD).describe())
-        if before is not None and not args.cached:
-            console.print(f"  (cached by an earlier run, not used: {before})")
-        rows = run_on_processes(compare_all)
+    rows = run_planned_here(console, compare_all, args.cached)
     console.print(results_table(rows))
     console.print(f"torch {torch.__version__}; finished in {time.perf_counter() - start:.0f} s")
 

@@ -72,91 +72,39 @@ def _exchange(x, split_dim, cat_dim, axis):
     return torch.cat(pieces, cat_dim)
 
 
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, axis):
-        ctx.dim, ctx.axis = dim, axis
-        return _gather(x, dim, axis)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _slice(g, ctx.dim, ctx.axis), None, None
+def _identity(x, *args):
+    return x.view_as(x)
 
 
-class _Shard(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, axis):
-        ctx.dim, ctx.axis = dim, axis
-        return _slice(x, dim, axis)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather(g, ctx.dim, ctx.axis), None, None
+def _keep_first(x, axis):
+    return x.clone() if _coord(axis) == 0 else torch.zeros_like(x)
 
 
-class _AllReduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, axis):
-        return _reduce(x, axis)
+def _function(name: str, forward, backward):
+    """An autograd Function whose forward and backward are ``forward(x, *args)`` and
+    ``backward(grad, *args)``, from the redistribution table."""
 
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+    def fwd(ctx, x, *args):
+        ctx.args = args
+        return forward(x, *args)
 
+    def bwd(ctx, g):
+        return (backward(g, *ctx.args),) + (None,) * len(ctx.args)
 
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, axis):
-        ctx.dim, ctx.axis = dim, axis
-        return _scatter(x, dim, axis)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather(g, ctx.dim, ctx.axis), None, None
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, gather_dim, split_dim, axis):
-        ctx.dims, ctx.axis = (gather_dim, split_dim), axis
-        return _exchange(x, split_dim, gather_dim, axis)
-
-    @staticmethod
-    def backward(ctx, g):
-        gather_dim, split_dim = ctx.dims
-        return _exchange(g, gather_dim, split_dim, ctx.axis), None, None, None
-
-
-class _GatherShards(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, axis):
-        ctx.dim, ctx.axis = dim, axis
-        return _gather(x, dim, axis)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _scatter(g, ctx.dim, ctx.axis), None, None
-
-
-class _ToPartial(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, axis):
-        return x.clone() if _coord(axis) == 0 else torch.zeros_like(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-class _GradSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, axis):
-        ctx.axis = axis
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce(g, ctx.axis), None
+# op -> (forward, backward); all_to_all's arguments are (gather_dim, split_dim, axis)
+_AllGather = _function("_AllGather", _gather, _slice)
+_Shard = _function("_Shard", _slice, _gather)
+_AllReduce = _function("_AllReduce", _reduce, _identity)
+_ReduceScatter = _function("_ReduceScatter", _scatter, _gather)
+_AllToAll = _function("_AllToAll", lambda x, gd, sd, a: _exchange(x, sd, gd, a),
+                      lambda g, gd, sd, a: _exchange(g, gd, sd, a))
+_GatherShards = _function("_GatherShards", _gather, _scatter)
+_ToPartial = _function("_ToPartial", _keep_first, _identity)
+_GradSum = _function("_GradSum", _identity, _reduce)
 
 
 def all_gather(x, dim: int, axis: str):
