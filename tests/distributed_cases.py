@@ -8,6 +8,7 @@ error, or the error raised, per case.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
 import os
 import sys
@@ -80,6 +81,9 @@ def run_errors(world):
 
 
 def main(rank, world, port, result_dir):
+    # a crash inside torch's C++ (an abort, a segfault) leaves this rank's Python stack here
+    crash_log = open(os.path.join(result_dir, f"rank{rank}.crash"), "w")  # noqa: SIM115
+    faulthandler.enable(crash_log)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world,
