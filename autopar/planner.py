@@ -86,10 +86,13 @@ def resolve_constraints(constraints, fqns, shapes: dict, mesh: Mesh) -> dict:
 
 
 def propagate(prob: Problem, sharded_params: bool = False) -> dict:
-    """Greedy assignment in graph order; sources take the layout their first reader wants."""
+    """Greedy assignment in graph order; sources take the layout their first reader wants.
+    An edge into a folded block from its own later part (the value the instance before made)
+    is not looked at: its producer comes later in this order."""
     incoming = {n: [] for n in prob.nodes}
+    pos = prob.index()
     for e in prob.edges:
-        if e.dst in incoming:
+        if e.dst in incoming and pos[e.src] < pos[e.dst]:
             incoming[e.dst].append(e)
     allowed = {n: range(len(prob.options[n])) for n in prob.nodes}
     if sharded_params:
@@ -103,18 +106,19 @@ def propagate(prob: Problem, sharded_params: bool = False) -> dict:
         if n in choice or not incoming[n] and n.op in ("placeholder", "get_attr"):
             continue
         best, best_t, best_src = None, float("inf"), {}
+        w = prob.weight.get(n, 1)
         for s in allowed[n]:
-            t = prob.node_s[n][s]
+            t = w * prob.node_s[n][s]
             src_pick = {}
             for e in incoming[n]:
-                need = e.dst_keys[s]
                 if e.src in choice:
-                    t += e.cost[(e.src_keys[choice[e.src]], need)]
+                    t += e.seconds(choice[e.src], s)
                     continue
                 if e.src in src_pick:
-                    t += e.cost[(e.src_keys[src_pick[e.src]], need)]
+                    t += e.seconds(src_pick[e.src], s)
                     continue
-                picks = [(prob.node_s[e.src][a] + e.cost[(e.src_keys[a], need)], a)
+                ws = prob.weight.get(e.src, 1)
+                picks = [(ws * prob.node_s[e.src][a] + e.seconds(a, s), a)
                          for a in allowed[e.src]]
                 c, a = min(picks)
                 src_pick[e.src] = a
@@ -136,7 +140,6 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
     start = time.perf_counter()
     model = CostModel(cluster, mesh, training)
     prob = build_problem(gm, mesh, model, pinned, blocks)
-    tied = prob.tie_blocks(blocks)
     built = time.perf_counter()
     found, objective, greedy = [], None, []
     for sharded in (False, True):
@@ -168,7 +171,8 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
     _, choice, cost = found[0]
     stats.setdefault("meshes", {})[str(mesh)] = {
         "strategies": sum(len(v) for v in prob.options.values()),
-        "pairs": prob.pair_count() if level == "full" else None, "tied_nodes": tied,
+        "pairs": prob.pair_count() if level == "full" else None,
+        "problem_nodes": len(prob.nodes),
         "build_s": built - start, "solve_s": time.perf_counter() - built,
         "predicted_step_s": cost.total_s, "exact_objective_s": objective}
     return prob, choice, cost
@@ -182,7 +186,7 @@ def _pruned(prob: Problem, seeds: list) -> tuple:
     for n in prob.nodes:
         order = sorted(range(len(prob.options[n])), key=lambda i: (scores[n][i], i))
         keep = set(order[:KEEP_PER_NODE]) | {seed[n] for seed in seeds}
-        kept[n] = kept[prob.tied[n]] if n in prob.tied else sorted(keep)
+        kept[n] = sorted(keep)
     return prob.restrict(kept)
 
 

@@ -26,14 +26,22 @@ MAX_MEMORY_CHECKPOINTS = 64
 
 @dataclass
 class Edge:
-    """Value ``src`` feeding input ``slot`` of ``dst``; costs by (src key, dst key)."""
+    """Value ``src`` feeding input ``slot`` of ``dst``; costs by (src key, dst key).
+
+    In a folded problem one edge stands for ``weight`` edges of the program: the same edge in
+    every instance of a repeated block."""
 
     src: Node
     dst: Node
     slot: int
     src_keys: list            # per src strategy: its output layout
     dst_keys: list            # per dst strategy: (needed layout, gradient-sum axes)
-    cost: dict                # (src key, dst key) -> seconds, forward and backward
+    cost: dict                # (src key, dst key) -> seconds, forward and backward, one edge
+    weight: int = 1
+
+    def seconds(self, src_choice: int, dst_choice: int) -> float:
+        """Seconds of every edge this one stands for, given both ends' strategies."""
+        return self.weight * self.cost[(self.src_keys[src_choice], self.dst_keys[dst_choice])]
 
 
 class LayoutIds:
@@ -52,33 +60,43 @@ class LayoutIds:
 
 
 @dataclass
+class Held:
+    """Memory one node holds over part of the forward pass: ``mult`` x ``table[node][s]``
+    bytes after every node ``t`` with ``start <= t < end`` (positions in ``Problem.nodes``)."""
+
+    node: Node
+    table: str          # "static_bytes", "saved_bytes" or "out_bytes"
+    start: int
+    end: int
+    mult: int = 1
+
+
+@dataclass
 class Problem:
+    """Strategies and prices of the nodes of a program on one mesh.
+
+    Folded: the nodes of every instance of a repeated block after the first are left out;
+    the first instance stands for all of them. ``weight[n]`` counts the instances a node
+    stands for (its seconds count that many times), ``rep`` maps a left-out node to the
+    node standing for it, and memory is held as in the last instance, where it peaks:
+    activations saved by the earlier instances are held from the block's start on.
+    """
+
     mesh: object
     model: CostModel
     nodes: list                                   # placeholders, get_attr and call nodes
     options: dict = field(default_factory=dict)   # node -> [Strategy]
-    node_s: dict = field(default_factory=dict)    # node -> [seconds] per strategy
+    node_s: dict = field(default_factory=dict)    # node -> [seconds] per strategy, one instance
     edges: list = field(default_factory=list)
     static_bytes: dict = field(default_factory=dict)   # node -> [bytes] (parameters)
     saved_bytes: dict = field(default_factory=dict)    # node -> [bytes] saved for backward
     out_bytes: dict = field(default_factory=dict)      # node -> [bytes] of its output
-    last_use: dict = field(default_factory=dict)       # node -> index of its last reader
+    held: list = field(default_factory=list)           # [Held]: when each table counts
     outputs: list = field(default_factory=list)        # nodes returned by the graph
+    weight: dict = field(default_factory=dict)         # node -> instances it stands for
+    rep: dict = field(default_factory=dict)            # left-out node -> node standing for it
     layout_id: LayoutIds = field(default_factory=LayoutIds)
     _moves: dict = field(default_factory=dict)
-    tied: dict = field(default_factory=dict)   # node -> its counterpart in a first instance
-
-    def tie_blocks(self, blocks) -> int:
-        """Tie every instance of each repeated block to the first one, node by node, where
-        their strategies agree. Returns how many nodes were tied."""
-        for cls in blocks:
-            first = cls.instances[0].nodes
-            for inst in cls.instances[1:]:
-                pairs = list(zip(first, inst.nodes))
-                if all(a in self.options and self.options[a] == self.options[b]
-                       for a, b in pairs):
-                    self.tied.update({b: a for a, b in pairs})
-        return len(self.tied)
 
     def move_s(self, num_bytes: float, a: int, b: int, grad: bool) -> float:
         """Cached seconds to move a value between the layouts with ids ``a`` and ``b``."""
@@ -91,42 +109,44 @@ class Problem:
     def index(self) -> dict:
         return {n: i for i, n in enumerate(self.nodes)}
 
+    def expand(self, choice: dict) -> dict:
+        """A choice over the problem's nodes extended to the nodes folded away."""
+        out = dict(choice)
+        for n, r in self.rep.items():
+            out[n] = choice[r]
+        return out
+
+    def strategy(self, choice: dict, n: Node):
+        """The strategy ``choice`` gives node ``n``, folded away or not."""
+        r = self.rep.get(n, n)
+        return self.options[r][choice[r]]
+
     # -- pricing an assignment -------------------------------------------------------------
 
     def evaluate(self, choice: dict) -> Cost:
         """The cost of ``choice`` (node -> strategy index): seconds and peak memory."""
-        compute = sum(self.node_s[n][choice[n]] for n in self.nodes)
-        comm = 0.0
-        for e in self.edges:
-            comm += e.cost[(e.src_keys[choice[e.src]], e.dst_keys[choice.get(e.dst, 0)])]
+        compute = sum(self.weight.get(n, 1) * self.node_s[n][choice[n]] for n in self.nodes)
+        comm = sum(e.seconds(choice[e.src], choice.get(e.dst, 0)) for e in self.edges)
         return Cost(compute + comm, compute, comm, self.peak_memory(choice))
 
     def peak_memory(self, choice: dict) -> float:
         """The largest of :meth:`memory_at` over the forward pass, in one sweep."""
-        static = sum(self.static_bytes[n][choice[n]] for n in self.nodes)
-        ends = [0.0] * (len(self.nodes) + 1)
-        held, peak = static, static
-        for t, n in enumerate(self.nodes):
-            c = choice[n]
-            held += self.saved_bytes[n][c] - ends[t]
-            end = self.last_use.get(n, -1)
-            if end > t:
-                held += self.out_bytes[n][c]
-                ends[min(end, len(self.nodes))] += self.out_bytes[n][c]
+        n = len(self.nodes)
+        delta = [0.0] * (n + 1)
+        for h in self.held:
+            v = h.mult * getattr(self, h.table)[h.node][choice[h.node]]
+            delta[h.start] += v
+            delta[min(h.end, n)] -= v
+        held, peak = 0.0, 0.0
+        for t in range(n):
+            held += delta[t]
             peak = max(peak, held)
         return peak
 
     def memory_at(self, choice: dict, t: int) -> float:
         """Bytes held by one device just after node ``t`` runs in the forward pass."""
-        total = 0.0
-        for i, n in enumerate(self.nodes):
-            c = choice[n]
-            total += self.static_bytes[n][c]
-            if i <= t:
-                total += self.saved_bytes[n][c]
-                if self.last_use.get(n, -1) > t:
-                    total += self.out_bytes[n][c]
-        return total
+        return sum(h.mult * getattr(self, h.table)[h.node][choice[h.node]]
+                   for h in self.held if h.start <= t < h.end)
 
     def pair_count(self) -> int:
         """How many (producer layout, consumer need) pairs the exact program would carry."""
@@ -136,9 +156,9 @@ class Problem:
     def restrict(self, kept: dict) -> tuple:
         """A copy keeping only strategies ``kept[node]`` (indices), and per node the map from
         new indices back to the old."""
-        new = Problem(self.mesh, self.model, self.nodes, outputs=self.outputs,
-                      last_use=self.last_use, layout_id=self.layout_id, _moves=self._moves,
-                      tied=self.tied)
+        new = Problem(self.mesh, self.model, self.nodes, outputs=self.outputs, held=self.held,
+                      weight=self.weight, rep=self.rep, layout_id=self.layout_id,
+                      _moves=self._moves)
         for n in self.nodes:
             idx = kept[n]
             new.options[n] = [self.options[n][i] for i in idx]
@@ -147,21 +167,19 @@ class Problem:
         for e in self.edges:
             src_keys = [e.src_keys[i] for i in kept[e.src]]
             dst_keys = e.dst_keys if e.dst not in kept else [e.dst_keys[i] for i in kept[e.dst]]
-            new.edges.append(Edge(e.src, e.dst, e.slot, src_keys, dst_keys, e.cost))
+            new.edges.append(Edge(e.src, e.dst, e.slot, src_keys, dst_keys, e.cost, e.weight))
         return new, kept
 
     def scores_near(self, seed: dict) -> dict:
         """Per node and strategy: its own seconds plus its edges' seconds when every
         neighbour keeps its ``seed`` choice; ranks the strategies worth keeping."""
-        score = {n: list(v) for n, v in self.node_s.items()}
+        score = {n: [self.weight.get(n, 1) * t for t in v] for n, v in self.node_s.items()}
         for e in self.edges:
             if e.dst in score:
-                ka = e.src_keys[seed[e.src]]
-                for s, kb in enumerate(e.dst_keys):
-                    score[e.dst][s] += e.cost[(ka, kb)]
-            kb = e.dst_keys[seed.get(e.dst, 0)]
-            for s, ka in enumerate(e.src_keys):
-                score[e.src][s] += e.cost[(ka, kb)]
+                for s in range(len(e.dst_keys)):
+                    score[e.dst][s] += e.seconds(seed[e.src], s)
+            for s in range(len(e.src_keys)):
+                score[e.src][s] += e.seconds(s, seed.get(e.dst, 0))
         return score
 
     def checkpoints(self) -> list:
@@ -173,61 +191,102 @@ class Problem:
         return sorted(picked)
 
 
-def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=()) -> Problem:
-    """Enumerate strategies for every node of ``gm`` on ``mesh`` and price them.
+_PLANNED = ("placeholder", "get_attr", "call_function", "call_method")
+_ALWAYS = 1 << 62   # the end of a held interval that lasts to the end of the forward pass
 
-    ``pinned`` maps parameter and input nodes to the only layout they may take. The nodes of
-    repeated ``blocks`` (classes of structurally identical instances) reuse the strategies
-    and prices of their counterpart in the first instance.
+
+def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=()) -> Problem:
+    """Enumerate strategies for the nodes of ``gm`` on ``mesh`` and price them.
+
+    ``pinned`` maps parameter and input nodes to the only layout they may take. Given
+    ``blocks`` (classes of structurally identical instances), the problem is folded: only the
+    first instance of each class is planned, standing for all of them (see :class:`Problem`).
     """
-    nodes = [n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr", "call_function",
-                                                   "call_method")]
-    prob = Problem(mesh, model, nodes)
+    rep, weight = _fold_map(blocks, pinned)
+    every = [n for n in gm.graph.nodes if n.op in _PLANNED]
+    nodes = [n for n in every if n not in rep]
+    prob = Problem(mesh, model, nodes, weight=weight, rep=rep)
     pos = prob.index()
-    same = _counterparts(blocks, pinned, pos)
     for n in nodes:
-        if n in same:
-            prob.options[n] = prob.options[same[n]]
-        elif n.op in ("placeholder", "get_attr"):
+        if n.op in ("placeholder", "get_attr"):
             prob.options[n] = _source_options(n, mesh, pinned)
         else:
             prob.options[n] = strategies(n, mesh.shape)
-        for user in n.users:
-            if user.op == "output":
-                prob.outputs.append(n)
-                prob.last_use[n] = len(nodes)
-            elif user in pos:
-                prob.last_use[n] = max(prob.last_use.get(n, -1), pos[user])
     for n in nodes:
-        if n in same:
-            for table in (prob.node_s, prob.static_bytes, prob.saved_bytes, prob.out_bytes):
-                table[n] = table[same[n]]
-        else:
-            _price_node(prob, n)
-    priced = {}  # edges of repeated blocks share one table of costs
-    for n in nodes:
-        if n.op in ("call_function", "call_method"):
-            for slot, src in enumerate(tensor_inputs(n)):
-                e = _edge(prob, src, n, slot)
-                key = (same.get(src, src), same.get(n, n), slot)
-                e.cost = priced.setdefault(key, e.cost)
-                prob.edges.append(e)
-    _price_outputs(prob)
+        _price_node(prob, n)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    returned = [rep.get(a, a) for a in output.all_input_nodes if a.op in _PLANNED]
+    prob.outputs = list(dict.fromkeys(returned))
+    uses = _fold_edges(prob, every, pos)
+    _hold_memory(prob, blocks, pos, uses)
+    _price_outputs(prob, output, returned)
     return prob
 
 
-def _counterparts(blocks, pinned, pos) -> dict:
-    """Node of a later instance -> the same node of its block's first instance, where both
-    are planned nodes and no constraint pins either."""
-    out = {}
+def _fold_map(blocks, pinned) -> tuple:
+    """(node of a later instance -> its counterpart in the first, node -> instance count)."""
+    rep, weight = {}, {}
     for cls in blocks:
         first = cls.instances[0].nodes
+        for a in first:
+            weight[a] = len(cls.instances)
         for inst in cls.instances[1:]:
             for a, b in zip(first, inst.nodes):
-                if a in pos and b in pos and a not in pinned and b not in pinned \
-                        and pos[a] < pos[b]:
-                    out[b] = a
-    return out
+                if pinned.get(a) != pinned.get(b):
+                    raise ValueError(f"{b.name} is pinned unlike {a.name}: the blocks "
+                                     "holding them were folded together")
+                rep[b] = a
+    return rep, weight
+
+
+def _fold_edges(prob: Problem, every: list, pos: dict) -> dict:
+    """The program's edges, one per (producer, consumer, slot) of the problem's nodes with
+    the count of program edges it stands for. Returns, per producer, the positions of its
+    readers, each with whether the read comes from a later instance of the producer's block
+    (the value made by the instance before)."""
+    found, uses = {}, {}
+    for n in every:
+        if n.op not in ("call_function", "call_method"):
+            continue
+        dst = prob.rep.get(n, n)
+        for slot, src in enumerate(tensor_inputs(n)):
+            key = (prob.rep.get(src, src), dst, slot)
+            if key in found:
+                found[key].weight += 1
+            else:
+                found[key] = _edge(prob, key[0], dst, slot)
+            back = pos[key[0]] >= pos[dst]
+            uses.setdefault(key[0], set()).add((pos[dst], back))
+    prob.edges.extend(found.values())
+    return uses
+
+
+def _hold_memory(prob: Problem, blocks, pos: dict, uses: dict):
+    """When each node's parameters, saved activations and output count toward memory.
+
+    Seen from the last instance of each block, where memory peaks: the activations saved by
+    all earlier instances are held from the first block's start, and a value read by the
+    next instance (the block's output) is live from that start until its last reader.
+    """
+    starts = [pos[cls.instances[0].nodes[0]] for cls in blocks
+              if cls.instances[0].nodes[0] in pos]
+    block_start = min(starts, default=0)
+    end_of_forward = len(prob.nodes)
+    for n in prob.nodes:
+        w, p = prob.weight.get(n, 1), pos[n]
+        prob.held.append(Held(n, "static_bytes", 0, _ALWAYS, w))
+        prob.held.append(Held(n, "saved_bytes", p, _ALWAYS, 1))
+        if w > 1:
+            prob.held.append(Held(n, "saved_bytes", block_start, _ALWAYS, w - 1))
+        readers = uses.get(n, ())
+        later = max((t for t, back in readers if not back), default=-1)
+        if n in prob.outputs:
+            later = end_of_forward
+        if later > p:
+            prob.held.append(Held(n, "out_bytes", p, later, 1))
+        earlier = max((t for t, back in readers if back), default=-1)
+        if earlier >= 0:
+            prob.held.append(Held(n, "out_bytes", block_start, earlier, 1))
 
 
 def _source_options(node, mesh, pinned) -> list:
@@ -289,8 +348,9 @@ def _price_node(prob: Problem, n: Node):
             for src, need in zip(ins, s.inputs):
                 if not _floating(src):
                     continue
-                if src.op == "get_attr" and len(prob.options[src]) == 1 and \
-                        prob.options[src][0].output == need:
+                src_options = prob.options[prob.rep.get(src, src)]
+                if src.op == "get_attr" and len(src_options) == 1 and \
+                        src_options[0].output == need:
                     continue  # the parameter itself, already counted
                 b += _value_bytes(src) * act * fraction(need, mesh)
         saved.append(b)
@@ -355,14 +415,15 @@ class _Priced(dict):
         return value
 
 
-def _price_outputs(prob: Problem):
+def _price_outputs(prob: Problem, output: Node, returned: list):
     """Outputs come back replicated: an edge from each output to the graph's output node,
-    which takes one fixed strategy (replicated inputs)."""
+    which takes one fixed strategy (replicated inputs). ``returned`` lists the problem node
+    standing for each value returned, so a folded output counts once per instance."""
     r = tuple(Replicate() for _ in range(prob.mesh.ndim))
     for n in prob.outputs:
-        out = next(u for u in n.users if u.op == "output")
         num_bytes = _value_bytes(n)
         keys = [prob.layout_id(s.output) for s in prob.options[n]]
         rid = prob.layout_id(r)
         cost = {(a, (rid, ())): prob.move_s(num_bytes, a, rid, needs_grad(n)) for a in set(keys)}
-        prob.edges.append(Edge(n, out, 0, keys, [(rid, ())], cost))  # few keys: priced now
+        prob.edges.append(Edge(n, output, 0, keys, [(rid, ())], cost,  # few keys: priced now
+                               weight=returned.count(n)))

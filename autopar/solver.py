@@ -18,9 +18,10 @@ Constraints
     memory_budget           sum_v sum_s m_t[v, s] x[v, s] <= budget            for checkpoints t
     fixed_choices           pinned parameters keep their one layout (their x is fixed)
 
-    Folding: the nodes of every instance of a repeated block share the x of the block's
-    first instance (and edges whose ends share x share y), so the program grows with the
-    number of distinct blocks, not with depth; each instance's costs still add up.
+    Folding: only the first instance of each repeated block has variables; it stands for
+    every instance (its t and the c of its edges count once per instance, and memory is
+    counted as in the last instance, where it peaks), so the program grows with the number
+    of distinct blocks, not with depth.
 
     With x integral each marginal has a single 1, so y is the indicator of the pair actually
     used: y stays continuous and the edge cost is exactly linear. m_t[v, s] counts, after
@@ -76,52 +77,37 @@ class _Builder:
 
 
 def strategy_variables(b: _Builder, prob) -> dict:
-    """x[v, s]: one binary per strategy of every node that has a choice; a node of a
-    repeated block shares the variables of its counterpart in the block's first instance."""
+    """x[v, s]: one binary per strategy of every node that has a choice; its cost counts
+    once per instance the node stands for."""
     x = {}
     for n in prob.nodes:
-        if len(prob.options[n]) <= 1:
-            continue
-        rep = prob.tied.get(n)
-        if rep is not None and rep in x:
-            x[n] = x[rep]
-            for col, t in zip(x[n], prob.node_s[n]):
-                b.cost[col] += t
-        else:
-            x[n] = [b.var(t, True) for t in prob.node_s[n]]
+        if len(prob.options[n]) > 1:
+            w = prob.weight.get(n, 1)
+            x[n] = [b.var(w * t, True) for t in prob.node_s[n]]
     return x
 
 
 def one_strategy_per_node(b: _Builder, prob, x: dict):
-    done = set()
-    for n, cols in x.items():
-        if id(cols) not in done:
-            done.add(id(cols))
-            b.row({c: 1.0 for c in cols}, 1.0, 1.0)
+    for cols in x.values():
+        b.row({c: 1.0 for c in cols}, 1.0, 1.0)
 
 
 def edge_marginals(b: _Builder, prob, x: dict) -> float:
     """y[e, a, b] for edges with a choice on both sides; edges with one side fixed fold their
     cost into the other side's x. Returns the constant cost of fully fixed edges."""
-    constant, shared = 0.0, {}
+    constant = 0.0
     for e in prob.edges:
         src_free, dst_free = e.src in x, e.dst in x
         if not src_free and not dst_free:
-            constant += e.cost[(e.src_keys[0], e.dst_keys[0])]
+            constant += e.seconds(0, 0)
         elif not dst_free:
             for s, col in enumerate(x[e.src]):
-                b.cost[col] += e.cost[(e.src_keys[s], e.dst_keys[0])]
+                b.cost[col] += e.seconds(s, 0)
         elif not src_free:
             for s, col in enumerate(x[e.dst]):
-                b.cost[col] += e.cost[(e.src_keys[0], e.dst_keys[s])]
+                b.cost[col] += e.seconds(0, s)
         else:
-            # edges of repeated blocks whose ends share variables share their pairs too
-            key = (prob.tied.get(e.src, e.src), prob.tied.get(e.dst, e.dst), e.slot)
-            if key in shared:
-                for pair, col in shared[key].items():
-                    b.cost[col] += e.cost[pair]
-            else:
-                shared[key] = _pair_variables(b, e, x)
+            _pair_variables(b, e, x)
     return constant
 
 
@@ -132,7 +118,7 @@ def _pair_variables(b: _Builder, e, x: dict):
     pairs = {}
     for ka in src_groups:
         for kb in dst_groups:
-            c = e.cost[(ka, kb)]
+            c = e.weight * e.cost[(ka, kb)]
             if np.isfinite(c):
                 col = pairs[(ka, kb)] = b.var(c, False)
                 by_src[ka][col] = 1.0
@@ -156,17 +142,16 @@ def _groups(keys) -> dict:
 def _memory_terms(prob, x: dict, t: int):
     """(coefficients on x, constant bytes) of memory after checkpoint node ``t``."""
     terms, constant = {}, 0.0
-    for i, n in enumerate(prob.nodes):
-        per = list(prob.static_bytes[n])
-        if i <= t:
-            per = [p + s for p, s in zip(per, prob.saved_bytes[n])]
-            if prob.last_use.get(n, -1) > t:
-                per = [p + o for p, o in zip(per, prob.out_bytes[n])]
-        if n in x:
-            for col, v in zip(x[n], per):
-                terms[col] = terms.get(col, 0.0) + v
+    for h in prob.held:
+        if not h.start <= t < h.end:
+            continue
+        per = getattr(prob, h.table)[h.node]
+        if h.node in x:
+            for col, v in zip(x[h.node], per):
+                if v:
+                    terms[col] = terms.get(col, 0.0) + h.mult * v
         else:
-            constant += per[0]
+            constant += h.mult * per[0]
     return terms, constant
 
 
@@ -194,7 +179,7 @@ def solve(prob, budget_bytes: float, time_limit_s: float = TIME_LIMIT_S) -> tupl
     x = strategy_variables(b, prob)
     one_strategy_per_node(b, prob, x)
     constant = edge_marginals(b, prob, x)
-    constant += sum(prob.node_s[n][0] for n in prob.nodes if n not in x)
+    constant += sum(prob.weight.get(n, 1) * prob.node_s[n][0] for n in prob.nodes if n not in x)
     memory_budget(b, prob, x, budget_bytes)
     res = b.solve(time_limit_s)
     if res.status == 2 or res.x is None:

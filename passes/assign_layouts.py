@@ -6,6 +6,7 @@ from autopar.cost import Training
 from autopar.graph_utils import module_path
 from autopar.planner import choose_plan
 from autopar.plans import Plan
+from autopar.rules import tensor_inputs
 
 
 def assign_layouts(gm, ctx):
@@ -23,14 +24,13 @@ def assign_layouts(gm, ctx):
                                            ctx.input_names,
                                            getattr(ctx, "blocks", []) if ctx.fold else [])
     ctx.mesh = mesh
-    comm = {n: 0.0 for n in prob.nodes}
-    for e in prob.edges:  # an edge's collectives are charged to its reader (outputs: writer)
-        t = e.cost[(e.src_keys[choice[e.src]], e.dst_keys[choice.get(e.dst, 0)])]
-        comm[e.dst if e.dst in comm else e.src] += t
+    comm = _comm_per_node(gm, prob, choice)
     placements, inputs, nodes = {}, {}, {}
     names = iter(ctx.input_names)
-    for n in prob.nodes:
-        s = prob.options[n][choice[n]]
+    for n in gm.graph.nodes:
+        if n.op not in ("placeholder", "get_attr", "call_function", "call_method"):
+            continue
+        s = prob.strategy(choice, n)
         n.meta["autopar.strategy"] = s
         n.meta["autopar.layout"] = s.output
         if n.op == "get_attr":
@@ -38,11 +38,30 @@ def assign_layouts(gm, ctx):
         elif n.op == "placeholder":
             inputs[next(names, n.name)] = s.output
         else:
-            c = choice[n]
+            r = prob.rep.get(n, n)
+            c = choice[r]
             nodes[n.name] = {"op": n.meta["autopar.op"], "inputs": list(s.inputs),
                              "output": s.output, "module": module_path(n),
-                             "compute_s": prob.node_s[n][c], "comm_s": comm[n],
-                             "memory_bytes": prob.saved_bytes[n][c]}
+                             "compute_s": prob.node_s[r][c], "comm_s": comm.get(n, 0.0),
+                             "memory_bytes": prob.saved_bytes[r][c]}
     ctx.plan = Plan(mesh=mesh.as_dict(), placements=placements, inputs=inputs, nodes=nodes,
                     cost=cost, stats=ctx.stats, cluster=str(ctx.cluster))
     return gm
+
+
+def _comm_per_node(gm, prob, choice) -> dict:
+    """Seconds of collectives per node of the program: an edge's are charged to its reader
+    (an output's to its writer); every instance of a folded block pays its own."""
+    edges = {(e.src, e.dst, e.slot): e for e in prob.edges}
+    comm = {}
+    for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method"):
+            dst = prob.rep.get(n, n)
+            for slot, src in enumerate(tensor_inputs(n)):
+                e = edges[(prob.rep.get(src, src), dst, slot)]
+                comm[n] = comm.get(n, 0.0) + e.seconds(choice[e.src], choice[dst]) / e.weight
+        elif n.op == "output":
+            for e in prob.edges:
+                if e.dst is n:
+                    comm[e.src] = comm.get(e.src, 0.0) + e.seconds(choice[e.src], 0)
+    return comm
