@@ -27,6 +27,8 @@ def replace_with_constant(node: Node, value) -> None:
 
 def module_path(node: Node) -> str:
     """The FQN of the module a node was traced in ("" at the top level)."""
+    if "autopar.module_path" in node.meta:  # a copy of a traced layer (passes.expand_repeats)
+        return node.meta["autopar.module_path"]
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""

@@ -32,6 +32,7 @@ class PassContext:
     fold: bool = True
     precision: str = "fp32"
     optimizer: str = "adamw"
+    repeats: list = field(default_factory=list)   # autopar.repeats.Repeat, from capture
     unsupported: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     plan: object = None
@@ -59,14 +60,16 @@ def run_passes(gm, ctx: PassContext, passes) -> object:
 from .normalize_graph import normalize_graph  # noqa: E402
 from .annotate_shapes import annotate_shapes  # noqa: E402
 from .simplify_graph import simplify_graph  # noqa: E402
+from .expand_repeats import expand_repeats  # noqa: E402
 from .check_coverage import check_coverage  # noqa: E402
 from .fold_repeated_blocks import fold_repeated_blocks  # noqa: E402
 from .assign_layouts import assign_layouts  # noqa: E402
 from .generate_rank_program import generate_rank_program  # noqa: E402
 
-ANALYSIS = [normalize_graph, annotate_shapes, simplify_graph, check_coverage, fold_repeated_blocks]
+ANALYSIS = [normalize_graph, annotate_shapes, simplify_graph, expand_repeats, check_coverage,
+            fold_repeated_blocks]
 PIPELINE = ANALYSIS + [assign_layouts, generate_rank_program]
 
 __all__ = ["PassContext", "PassError", "run_passes", "ANALYSIS", "PIPELINE", "normalize_graph",
-           "annotate_shapes", "simplify_graph", "check_coverage", "assign_layouts",
+           "annotate_shapes", "simplify_graph", "expand_repeats", "check_coverage", "assign_layouts",
            "generate_rank_program"]

@@ -257,3 +257,80 @@ def test_the_folded_program_does_not_grow_with_depth():
         plan = autopar.plan(model, cluster, example_inputs=tiny_batch(model.cfg), level="fast")
         sizes[depth] = {k: m["problem_nodes"] for k, m in plan.stats["meshes"].items()}
     assert sizes[2] == sizes[6]
+
+
+# -- folded capture: two layers traced, the others copied --------------------------------------
+
+def _ops(gm) -> tuple:
+    """The program as calls in order and parameters read (where get_attr nodes sit in the
+    graph does not matter)."""
+    def shape(n):
+        return tuple(n.meta["val"].shape) if isinstance(n.meta.get("val"), torch.Tensor) else None
+    calls = [(n.op, n.meta.get("autopar.op"), module_path(n), shape(n),
+              tuple(a.target if a.op == "get_attr" else a.meta.get("autopar.op")
+                    for a in n.all_input_nodes))
+             for n in gm.graph.nodes if n.op not in ("get_attr", "placeholder", "output")]
+    attrs = sorted((n.target, shape(n)) for n in gm.graph.nodes if n.op == "get_attr")
+    return calls, attrs
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_folded_capture_traces_two_layers_and_copies_the_rest(family):
+    """fx (GPT) and Dynamo (LLaMA): the program built from two traced layers is the program
+    traced at full depth, node for node, and runs the same."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=5)) if family == "gpt" else Llama(LlamaConfig(n_layers=5))
+    example = tiny_batch(model.cfg)
+    cluster = autopar.Cluster.local(2)
+    folded = autopar.compile(model, cluster, example_inputs=example, simulate=True)
+    full = autopar.compile(model, cluster, example_inputs=example, simulate=True, fold=False)
+    assert folded.plan.stats["repeats"] == {"h" if family == "gpt" else "layers": 5}
+    assert full.plan.stats["repeats"] == {}
+    assert _ops(folded._captured.gm) == _ops(full._captured.gm)
+    assert folded.plan.stats["block_classes"]["instances"] == [5]
+    torch.testing.assert_close(folded(*example), model(*example), rtol=1e-5, atol=0)
+
+
+class _Alternating(nn.Module):
+    """Layers alike in parameters whose forward branches on the layer's index."""
+
+    def __init__(self, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return x + (torch.relu(y) if self.layer_idx % 2 else torch.tanh(y))
+
+
+class _Stack(nn.Module):
+    def __init__(self, layer, n=4, keep_all=False):
+        super().__init__()
+        self.layers = nn.ModuleList(layer(i) for i in range(n))
+        self.keep_all = keep_all
+
+    def forward(self, x):
+        seen = []
+        for layer in self.layers:
+            x = layer(x)
+            seen.append(x)
+        return torch.stack(seen).sum(0) if self.keep_all else x
+
+
+class _Plain(nn.Module):
+    def __init__(self, layer_idx):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+
+@pytest.mark.parametrize("model", [_Stack(_Alternating), _Stack(_Plain, keep_all=True)],
+                         ids=["branches-on-layer-index", "reads-every-layer"])
+def test_folded_capture_falls_back_to_full_depth_where_layers_cannot_be_copied(model):
+    x = torch.randn(4, 8)
+    pm = autopar.compile(model, autopar.Cluster.local(2), example_inputs=(x,), simulate=True)
+    assert pm.plan.stats["repeats"] == {}
+    torch.testing.assert_close(pm(x), model(x), rtol=1e-5, atol=1e-6)
