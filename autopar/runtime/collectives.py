@@ -82,14 +82,17 @@ def _keep_first(x, axis):
 
 def _function(name: str, forward, backward):
     """An autograd Function whose forward and backward are ``forward(x, *args)`` and
-    ``backward(grad, *args)``, from the redistribution table."""
+    ``backward(grad, *args)``, from the redistribution table; ``apply(x, args)`` takes the
+    non-tensor arguments as one tuple. Dynamo (checked with torch 2.13) drops ``ctx`` when it
+    inlines a ``forward(ctx, x, *args)`` none of whose inputs needs a gradient, and breaks
+    the graph there; a fixed signature keeps a rank program one graph under torch.compile."""
 
-    def fwd(ctx, x, *args):
+    def fwd(ctx, x, args):
         ctx.args = args
         return forward(x, *args)
 
     def bwd(ctx, g):
-        return (backward(g, *ctx.args),) + (None,) * len(ctx.args)
+        return backward(g, *ctx.args), None
 
     return type(name, (torch.autograd.Function,),
                 {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
@@ -109,45 +112,45 @@ _GradSum = _function("_GradSum", _identity, _reduce)
 
 def all_gather(x, dim: int, axis: str):
     """S(dim) -> R on ``axis``; backward takes this rank's slice of the gradient."""
-    return _AllGather.apply(x, dim, axis)
+    return _AllGather.apply(x, (dim, axis))
 
 
 def shard(x, dim: int, axis: str):
     """R -> S(dim) on ``axis``: keep this rank's slice; backward all-gathers the gradient."""
-    return _Shard.apply(x, dim, axis)
+    return _Shard.apply(x, (dim, axis))
 
 
 def all_reduce(x, axis: str):
     """P -> R on ``axis``; backward is the identity."""
-    return _AllReduce.apply(x, axis)
+    return _AllReduce.apply(x, (axis,))
 
 
 def reduce_scatter(x, dim: int, axis: str):
     """P -> S(dim) on ``axis``; backward all-gathers the gradient."""
-    return _ReduceScatter.apply(x, dim, axis)
+    return _ReduceScatter.apply(x, (dim, axis))
 
 
 def all_to_all(x, gather_dim: int, split_dim: int, axis: str):
     """S(gather_dim) -> S(split_dim) on ``axis``; backward exchanges back."""
-    return _AllToAll.apply(x, gather_dim, split_dim, axis)
+    return _AllToAll.apply(x, (gather_dim, split_dim, axis))
 
 
 def gather_shards(x, dim: int, axis: str):
     """S(dim) -> R on ``axis`` for a value whose gradient is then summed over ``axis``
     (a parameter stored sharded, gathered for use): backward reduce-scatters the gradient,
     which is all_gather's slice and the gradient sum fused into one collective."""
-    return _GatherShards.apply(x, dim, axis)
+    return _GatherShards.apply(x, (dim, axis))
 
 
 def to_partial(x, axis: str):
     """R -> P on ``axis``: coordinate 0 keeps the value, the others hold zeros."""
-    return _ToPartial.apply(x, axis)
+    return _ToPartial.apply(x, (axis,))
 
 
 def grad_sum(x, axis: str):
     """Identity forward; backward all-reduces the gradient over ``axis`` (Megatron's f):
     a replicated value feeding work split over ``axis`` gets only part of its gradient."""
-    return _GradSum.apply(x, axis)
+    return _GradSum.apply(x, (axis,))
 
 
 COLLECTIVES = {all_gather, shard, all_reduce, reduce_scatter, all_to_all, to_partial, grad_sum,
