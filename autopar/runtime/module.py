@@ -20,7 +20,7 @@ from ..placement import Shard, replicated
 from ..redistribute import plan_steps
 from . import collectives as C
 from .grad_sync import DistributedGradSync, SimulatedGradSync
-from .simulate import merge_replicated, run_collective, run_ranks
+from .simulate import run_collective, run_replicated
 
 
 def shard_tensor(full: torch.Tensor, layout, mesh: Mesh, coord) -> torch.Tensor:
@@ -90,9 +90,7 @@ class ParallelModule(torch.nn.Module):
         inputs = self._captured.flatten_inputs(args, kwargs)
         self._check_inputs(inputs)
         if self.simulate:
-            per_rank = run_ranks(list(self.ranks), self._mesh, inputs)
-            outs = [merge_replicated([per_rank[r][i] for r in range(len(per_rank))])
-                    for i in range(len(per_rank[0]))]
+            outs = run_replicated(list(self.ranks), self._mesh, inputs)
         else:
             C.set_active_mesh(self._device_mesh)
             device = _device_of(self._device_mesh)

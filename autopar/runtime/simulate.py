@@ -155,6 +155,19 @@ def merge_replicated(per_rank: list):
     return per_rank[0]
 
 
+@torch.compiler.disable
+def run_replicated(gms: list, mesh: Mesh, inputs: list) -> list:
+    """Run every rank and return the graph's outputs as one replicated tensor each (rank 0's
+    copy; its gradient goes to every rank).
+
+    Dynamo does not trace into it: under ``torch.compile`` the per-rank interpreter runs as
+    written. Traced, the loop over ranks broke into fragments whose gradients came out wrong
+    under inductor (torch 2.13: rank 0's parameters got zeros, rank 1's the rest).
+    """
+    per_rank = run_ranks(gms, mesh, inputs)
+    return [merge_replicated([outs[i] for outs in per_rank]) for i in range(len(per_rank[0]))]
+
+
 def run_ranks(gms: list, mesh: Mesh, inputs: list) -> list:
     """Run the SPMD graph of ``gms`` (one GraphModule per rank, same graph) in lockstep.
 
