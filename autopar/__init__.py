@@ -6,6 +6,7 @@
 """
 
 from .api import Examination, compile, examine, plan
+from .backend import backend, register as _register_backend
 from .cluster import Cluster, DeviceSpec, LinkSpec
 from .errors import AutoparError, CaptureError, InputError, PlanError
 from .placement import Partial, Replicate, Shard, format_layout, parse_layout
@@ -14,6 +15,9 @@ from .runtime.module import ParallelModule
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "plan", "examine", "Examination", "Cluster", "DeviceSpec", "LinkSpec",
-           "Plan", "Cost", "ParallelModule", "Shard", "Replicate", "Partial", "format_layout",
-           "parse_layout", "AutoparError", "PlanError", "InputError", "CaptureError"]
+_register_backend()  # torch.compile(model, backend="autopar")
+
+__all__ = ["compile", "plan", "examine", "backend", "Examination", "Cluster", "DeviceSpec",
+           "LinkSpec", "Plan", "Cost", "ParallelModule", "Shard", "Replicate", "Partial",
+           "format_layout", "parse_layout", "AutoparError", "PlanError", "InputError",
+           "CaptureError"]
