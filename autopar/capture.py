@@ -13,6 +13,7 @@ through a backend that records the graph and never runs it.
 from __future__ import annotations
 
 import inspect
+import operator
 import re
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import CaptureError, InputError
-from .graph_utils import replace_with_constant, user_frame
+from .graph_utils import replace_with_constant, setitem, user_frame
 
 
 @dataclass
@@ -217,8 +218,63 @@ def _drop_unused(gm):
 
 
 def _impure(node) -> bool:
+    if node.op == "call_function" and node.target is operator.setitem:
+        return True
     return node.op == "call_method" and str(node.target).endswith("_") and \
         not str(node.target).startswith("__")
+
+
+def _functional_setitem(gm) -> None:
+    """Rewrite ``x[index] = value`` (Dynamo records ``operator.setitem``, a node with no users)
+    into ``y = setitem(x, index, value)`` on a copy; later readers of ``x`` read ``y``.
+    Writing into an input, a parameter or a view read again later is refused: each rank
+    holds only a slice of inputs and parameters, and a copy would not update a view's base."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not operator.setitem:
+            continue
+        dst = node.args[0]
+        if not isinstance(dst, fx.Node) or dst.op in ("placeholder", "get_attr") or \
+                _aliases_read_later(dst, order, order[node]):
+            what = f"{dst.op} {dst.target!r}" if isinstance(dst, fx.Node) else repr(dst)
+            raise CaptureError(f"{node.name}: an indexed assignment writes into {what}, "
+                               "an input, parameter or view of a tensor read later; write "
+                               "it out of place (x = torch.where(mask, value, x), "
+                               "x = x.index_put(...)) or into a fresh tensor (x.clone())")
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(setitem, node.args)
+        new.meta.update(node.meta)
+        for user in list(dst.users):
+            if user is not node and order.get(user, -1) > order[node]:
+                user.replace_input_with(dst, new)
+        gm.graph.erase_node(node)
+
+
+def _is_view(node) -> bool:
+    val = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val._is_view()
+
+
+def _aliases_read_later(dst, order, after: int) -> bool:
+    """Whether ``dst`` is a view (as Dynamo's example values tell) of a tensor that it, or
+    another view of it, is read by a node after position ``after``."""
+    if not _is_view(dst):
+        return False
+    root = dst
+    while _is_view(root) and root.args and isinstance(root.args[0], fx.Node):
+        root = root.args[0]
+    seen, todo = set(), [root]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for user in n.users:
+            if user is not dst and order.get(user, -1) > after:
+                return True
+            if _is_view(user):
+                todo.append(user)
+    return False
 
 
 def _dynamo(model, sig, args, kwargs, named) -> Captured:
@@ -252,13 +308,17 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
     import torch._dynamo
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
-    result = compiled(*args, **kwargs)
+    with torch._dynamo.config.patch(ignore_logging_functions=_logging_methods()):
+        result = compiled(*args, **kwargs)
     torch._dynamo.reset()
     gm = recorded["gm"]
     params, buffers, consts = _state(model)
+    # a tensor reachable by several names (tied weights: an LM head sharing the embedding)
+    # is named by its first FQN, as ``named_parameters()`` and fx name it
     owners = {}
-    for table in (consts, buffers, params):
-        owners.update({id(t): fqn for fqn, t in table.items()})
+    for table in (params, buffers, consts):
+        for fqn, t in table.items():
+            owners.setdefault(id(t), fqn)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     order, used_params, used_buffers = [], [], []
     input_names = [_clean(str(k)) for k in _leaf_names(tensors)]
@@ -284,7 +344,9 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
     if [i for i, _ in order] != list(range(len(flat_inputs))):
         raise CaptureError("some inputs were not traced as graph inputs (inputs Dynamo "
                            "specialized on); pass only tensors the model reads as inputs")
-    first = next(iter(gm.graph.nodes))
+    # new placeholders go before the first node that stays (one being replaced may be first)
+    replaced = {node for _, node in order}
+    first = next(n for n in gm.graph.nodes if n not in replaced)
     for i, node in order:
         with gm.graph.inserting_before(first):
             ph = gm.graph.placeholder(input_names[i])
@@ -308,10 +370,20 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
     out_node.args = (tuple(tree_flatten(out_node.args[0])[0]),)
     new = fx.GraphModule(gm, gm.graph, type(model).__name__
                          if isinstance(model, torch.nn.Module) else "fn")
+    _functional_setitem(new)
     _drop_unused(new)
     new.recompile()
     return Captured(new, sig, input_names, in_spec, flat_inputs, out_spec, out_leaves,
                     used_params, used_buffers, "dynamo")
+
+
+def _logging_methods() -> set:
+    """Every method of ``logging.Logger``, those libraries add included (transformers'
+    ``warning_once``): Dynamo refuses logger calls under fullgraph unless told to skip them,
+    and a log message changes nothing the graph computes."""
+    import logging
+    return {fn for name, fn in vars(logging.Logger).items()
+            if callable(fn) and not name.startswith("_")}
 
 
 def _rebind(sig, args, kwargs, tensors: dict):

@@ -63,6 +63,14 @@ def user_frame(frames) -> str:
     return ""
 
 
+def setitem(x, index, value):
+    """``x[index] = value`` on a copy of ``x``: the out-of-place form of an indexed
+    assignment, which capture puts in its place."""
+    out = x.clone()
+    out[index] = value
+    return out
+
+
 def is_foldable_constant(val) -> bool:
     if isinstance(val, (int, float, bool, str, type(None), torch.dtype, torch.device)):
         return True
