@@ -25,6 +25,7 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers.integrations.moe  # noqa: F401 - registers torch.ops.transformers.grouped_mm_fallback
 
 from autopar.capture import capture
 from autopar.mesh import Mesh
@@ -144,6 +145,15 @@ case("sdpa_batch_mask", lambda q, k, v, m: _attend(q, k, v, attn_mask=m), SDPA,
      q=T(4, 4, 8, 8), k=T(4, 4, 8, 8), v=T(4, 4, 8, 8), m=T(4, 1, 8, 8))
 case("sdpa_gqa", lambda q, k, v: _attend(q, k, v, enable_gqa=True), SDPA, q=T(4, 8, 4, 8),
      k=T(4, 4, 4, 8), v=T(4, 4, 4, 8))
+case("conv2d", lambda x, w, b: F.conv2d(x, w, b, padding=1), "conv2d", x=T(4, 4, 6, 6),
+     w=T(8, 4, 3, 3), b=T(8))
+case("conv2d_groups", lambda x, w: F.conv2d(x, w, groups=2), "conv2d", x=T(4, 4, 6, 6),
+     w=T(8, 2, 3, 3))
+case("conv1d", lambda x, w, b: F.conv1d(x, w, b), "conv1d", x=T(4, 4, 8), w=T(8, 4, 3), b=T(8))
+# rows grouped by expert: experts 0..3 own rows [0, 2), [2, 2), [2, 5), [5, 8)
+case("grouped_mm", lambda x, w, offs: torch.ops.transformers.grouped_mm_fallback(x, w, offs),
+     "grouped_mm_fallback", x=T(8, 8), w=T(4, 8, 12),
+     offs=torch.tensor([2, 2, 5, 8], dtype=torch.int32))
 
 # pointwise ops
 for _name, _fn in [("gelu", F.gelu), ("silu", F.silu), ("relu", torch.relu), ("tanh", torch.tanh),
@@ -182,6 +192,51 @@ case("cast_long", lambda x: x.long(), "long", x=T(4, 8) * 4)
 case("cast_to_long", lambda x: x.to(torch.long), "to", x=T(4, 8) * 4)
 case("div_floor", lambda x: torch.div(x, 2.0, rounding_mode="floor"), "div", x=T(4, 8) * 4)
 case("clone", lambda x: x.clone(), "clone", x=T(4, 8))
+
+# indexing by tensors and indexed assignment
+case("gather", lambda x, i: torch.gather(x, 1, i), "gather", x=T(4, 8, 12), i=Ids(8, 4, 6, 12))
+case("gather_narrower", lambda x, i: torch.gather(x, 0, i), "gather", x=T(8, 12),
+     i=Ids(8, 4, 8))
+case("index_select", lambda x, i: torch.index_select(x, 1, i), "index_select", x=T(4, 8, 12),
+     i=Ids(8, 4))
+case("getitem_tensor", lambda x, i: x[i], "getitem", x=T(8, 12), i=Ids(8, 4, 4))
+case("getitem_tensor_dim1", lambda x, i: x[:, i], "getitem", x=T(4, 8, 12), i=Ids(8, 4))
+case("one_hot", lambda x: F.one_hot(x.argmax(-1), 12), "one_hot", x=T(4, 8, 12))
+
+
+def _set_slice(x, v):
+    y = x * 1.0
+    y[:, 2:6] = v
+    return y
+
+
+def _set_column(x, v):
+    y = x * 1.0
+    y[:, 0] = v
+    return y
+
+
+def _set_scalar(x):
+    y = x * 1.0
+    y[..., :2] = 0.5
+    return y
+
+
+def _set_rows(x, i, v):
+    y = x * 1.0
+    y[i] = v
+    return y
+
+
+case("setitem_slice", _set_slice, "setitem", x=T(4, 8, 12), v=T(4, 4, 12))
+case("setitem_bcast", _set_column, "setitem", x=T(4, 8, 12), v=T(12))
+case("setitem_scalar", _set_scalar, "setitem", x=T(4, 8, 12))
+case("setitem_tensor_index", _set_rows, "setitem", x=T(8, 12),
+     i=torch.randperm(8, generator=_GEN)[:4], v=T(4, 12))
+case("pad", lambda x: F.pad(x, (1, 2)), "pad", x=T(4, 8, 12))
+case("pad_two_dims", lambda x: F.pad(x, (0, 0, 1, 1), value=0.5), "pad", x=T(4, 8, 12))
+case("pad_reflect", lambda x: F.pad(x, (2, 2), mode="reflect"), "pad", x=T(4, 8, 12))
+case("pad_ids", lambda x: F.pad(x.argmax(-1), (0, 1), value=-100), "pad", x=T(4, 8, 12))
 
 # reductions and normalizations
 case("sum_dim", lambda x: x.sum(1), "sum", x=T(4, 8, 12))
@@ -226,6 +281,22 @@ case("nll_loss", lambda z, t: F.nll_loss(z, t, reduction="sum"), "nll_loss", z=T
      t=_targets(12, 8))
 case("cross_entropy_seq", lambda z, t: F.cross_entropy(z, t, reduction="sum"), "cross_entropy",
      z=T(4, 12, 8), t=_targets(12, 4, 8))
+case("mse_loss_sum", lambda a, b: F.mse_loss(a, b, reduction="sum"), "mse_loss", a=T(4, 8, 12),
+     b=T(4, 8, 12))
+case("mse_loss_none", lambda a, b: F.mse_loss(a, b, reduction="none"), "mse_loss",
+     a=T(4, 8, 12), b=T(4, 8, 12))
+case("mse_loss_mean", lambda a, b: F.mse_loss(a, b), "mse_loss", a=T(4, 8), b=T(4, 8))
+case("huber_loss_sum", lambda a, b: F.huber_loss(a, b, "sum", 0.5), "huber_loss", a=T(4, 8),
+     b=T(4, 8))
+case("bce_logits_sum", lambda z, t, w: F.binary_cross_entropy_with_logits(
+    z, t, reduction="sum", pos_weight=w.detach()), "binary_cross_entropy_with_logits", z=T(4, 8, 12),
+     t=Pos(4, 8, 12) / 3, w=Pos(12))
+case("bce_none", lambda z, t: F.binary_cross_entropy(torch.sigmoid(z), t.detach(),
+                                                     reduction="none"),
+     "binary_cross_entropy", z=T(4, 8), t=Pos(4, 8) / 3)
+case("histc", lambda x: torch.histc(x.detach(), bins=6, min=-2.0, max=2.0), "histc",
+     x=T(4, 8, 12))
+case("histc_data_range", lambda x: torch.histc(x.detach(), bins=6), "histc", x=T(4, 8, 12))
 
 # view and shape ops
 case("view_split", lambda x: x.view(4, 8, 3, 4), "view", x=T(4, 8, 12))
@@ -481,9 +552,13 @@ def test_strategy_matches_single_device(case_name, node_name, mesh_shape, strate
 
 
 # ops whose every input and output stays whole: factories are made on every rank, a max over
-# all dims has no Partial form (a Partial is a sum), softmax without a dim is kept whole
+# all dims has no Partial form (a Partial is a sum), softmax without a dim is kept whole, a
+# mean has no Partial form either, assignment at tensor indices is replicated, and a
+# histogram over the data's own range depends on all of it
 WHOLE = {("arange", "arange"), ("zeros", "zeros"), ("ones", "ones"), ("full", "full"),
-         ("max_all", "max_1"), ("softmax_implicit_dim", "softmax")}
+         ("max_all", "max_1"), ("softmax_implicit_dim", "softmax"),
+         ("mse_loss_mean", "mse_loss"), ("setitem_tensor_index", "setitem_1"),
+         ("histc_data_range", "histc")}
 
 
 def test_only_whole_ops_are_replicated_only():

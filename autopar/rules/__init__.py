@@ -222,7 +222,7 @@ def strategies(node: Node, mesh_shape: Sequence[int]) -> list:
 
 
 def _load_families():
-    from . import factory, matrix, pointwise, reduction, shape  # noqa: F401
+    from . import factory, index, matrix, pointwise, reduction, shape  # noqa: F401
 
 
 _load_families()

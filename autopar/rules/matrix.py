@@ -1,4 +1,5 @@
-"""Matrix ops: linear, matmul, bmm, mm, addmm, baddbmm, einsum, attention, embedding.
+"""Matrix ops: linear, matmul, bmm, mm, addmm, baddbmm, einsum, attention, embedding,
+convolution, grouped (per-expert) matmul.
 
 Each is written as an einsum-like labelling of its operands' dims; splitting a contracted
 label gives a Partial output (Megatron's row-parallel linear), splitting a kept label a
@@ -153,3 +154,52 @@ def embedding(node):
     in_labels = [id_l if x is ids else w_l for x in ins]
     options = einsum_options(in_labels, id_l + ["d"])
     return OpSpec(options, 0.0, io_bytes(node))
+
+
+@register("conv1d", "conv2d", "conv3d")
+def conv(node):
+    """``n c *spatial, o c *kernel -> n o *spatial``: split the batch, the output channels
+    (weight and bias split with them) or the input channels (a Partial output). Spatial dims
+    stay whole (a split would need the neighbours' halo). Grouped convolutions split only the
+    batch: a channel split would have to fall on group boundaries."""
+    ins = tensor_inputs(node)
+    x, w, b = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
+    if len({x, w}) != 2 or ins[:2] != [x, w] or len(ins) != 2 + (b is not None):
+        return _fallback(node)
+    xs, ws = shape_of(x), shape_of(w)
+    spatial = [None] * (len(ws) - 2)
+    batch = ["n"] if len(xs) == len(ws) else []
+    if arg(node, 6, "groups", 1) == 1:
+        x_l, w_l, out_l = batch + ["c"] + spatial, ["o", "c"] + spatial, batch + ["o"] + spatial
+    else:
+        x_l, w_l, out_l = batch + [None] + spatial, [None, None] + spatial, batch + [None] + spatial
+    options = einsum_options([x_l, w_l], out_l, linear_in=(0, 1))
+    if b is not None:
+        options = tuple((ins_[1:] + ins_[:1], o) for ins_, o in _with_bias(options, out_l, ["o"]))
+    out = shape_of(node)
+    n = 1
+    for s in out:
+        n *= s
+    k = 1
+    for s in ws[1:]:
+        k *= s
+    return OpSpec(options, 2.0 * n * k, io_bytes(node))
+
+
+@register("grouped_mm_fallback")
+def grouped_mm(node):
+    """Per-expert matmul over rows grouped by expert (a mixture-of-experts layer):
+    ``input (s, k)``, ``weight (e, k, n)``, cumulative row counts ``offs (e,)`` -> ``(s, n)``.
+    Each expert's linear splits like a linear layer: ``n`` (column-parallel, the weight split
+    on dim 2) or ``k`` (row-parallel, a Partial output). Rows and experts stay whole: the
+    offsets index rows of the whole input and every expert of the whole weight."""
+    ins = tensor_inputs(node)
+    x, w, offs = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "offs")
+    if len({x, w, offs}) != 3 or len(ins) != 3 or len(shape_of(x)) != 2 \
+            or len(shape_of(w)) != 3:
+        return _fallback(node)
+    labels = {x: [None, "k"], w: [None, "k", "n"], offs: [None]}
+    options = einsum_options([labels[t] for t in ins], [None, "n"],
+                             linear_in=[ins.index(x), ins.index(w)])
+    (rows, k), n = shape_of(x), shape_of(w)[2]
+    return OpSpec(options, 2.0 * rows * k * n, io_bytes(node))

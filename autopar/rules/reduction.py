@@ -1,4 +1,5 @@
-"""Reductions and normalizations: sum, mean, max, softmax, layer_norm, rms_norm, losses.
+"""Reductions and normalizations: sum, mean, max, softmax, layer_norm, rms_norm, histc,
+losses.
 
 A reduced dim that is split leaves a Partial result only where the reduction is a sum;
 ``mean`` and ``cross_entropy(reduction="mean")`` are rewritten into sums divided by a count
@@ -7,8 +8,10 @@ before planning (``simplify_graph``), so they need no rule of their own for that
 
 from __future__ import annotations
 
-from . import (R, OpSpec, arg, einsum_options, io_bytes, norm_dim, register, shape_of,
-               tensor_inputs)
+import torch
+
+from . import (R, OpSpec, arg, broadcast_labels, einsum_options, io_bytes, norm_dim,
+               register, shape_of, tensor_inputs)
 from .pointwise import pointwise
 
 
@@ -112,3 +115,44 @@ def cross_entropy(node):
     l_l, t_l = ["n", None] + rest, ["n"] + rest
     out_l = t_l if reduction == "none" else []
     return _spec(node, einsum_options([l_l, t_l], out_l))
+
+
+@register("histc")
+def histc(node):
+    """Counts over a split input add up: any dim may be split, the counts come out Partial.
+    Without an explicit range (min == max) each piece would bin over its own min and max."""
+    ins = tensor_inputs(node)
+    lo, hi = arg(node, 2, "min", 0), arg(node, 3, "max", 0)
+    if len(ins) != 1 or not lo < hi:
+        return OpSpec(((tuple(R for _ in ins), R),), 0.0, io_bytes(node))
+    labels = [f"d{i}" for i in range(len(shape_of(ins[0])))]
+    return _spec(node, einsum_options([labels], []))
+
+
+# elementwise losses: canonical name -> parameter names in signature order
+_ELEMENTWISE_LOSSES = {
+    "mse_loss": "input target size_average reduce reduction weight",
+    "l1_loss": "input target size_average reduce reduction weight",
+    "smooth_l1_loss": "input target size_average reduce reduction beta",
+    "huber_loss": "input target reduction delta weight",
+    "binary_cross_entropy": "input target weight size_average reduce reduction",
+    "binary_cross_entropy_with_logits":
+        "input target weight size_average reduce reduction pos_weight",
+}
+
+
+@register(*_ELEMENTWISE_LOSSES)
+def elementwise_loss(node):
+    """A loss per element, then reduced: "none" splits like a pointwise op, "sum" splits any
+    dim and leaves a Partial sum. "mean" keeps everything whole: a rank's mean over its
+    piece is not its share of the global mean."""
+    ins = tensor_inputs(node)
+    names = _ELEMENTWISE_LOSSES[node.meta["autopar.op"]].split()
+    bound = dict(zip(names, node.args)) | dict(node.kwargs)
+    reduction = bound.get("reduction", "mean")
+    legacy = bound.get("size_average") is not None or bound.get("reduce") is not None
+    if reduction not in ("none", "sum") or legacy:
+        return OpSpec(((tuple(R for _ in ins), R),), 0.0, io_bytes(node))
+    shapes = [shape_of(x) for x in ins]
+    in_labels, out_labels = broadcast_labels(shapes, tuple(torch.broadcast_shapes(*shapes)))
+    return _spec(node, einsum_options(in_labels, out_labels if reduction == "none" else []))

@@ -1,4 +1,4 @@
-"""View ops: reshape, transpose, expand, split and concatenate, indexing.
+"""View ops: reshape, transpose, expand, split and concatenate, indexing, padding.
 
 A reshape keeps a split only on the leading dim of each group of dims it merges or splits,
 where contiguous chunks stay contiguous; the size arguments of view, reshape and expand are
@@ -7,6 +7,7 @@ rewritten to the local shape by codegen through each spec's ``rewrite``.
 
 from __future__ import annotations
 
+import torch
 from torch.fx import Node
 
 from . import (P, R, OpSpec, arg, einsum_options, io_bytes, norm_dim, register,
@@ -163,29 +164,74 @@ def getitem(node):
 
 
 def _index_options(node, src, index):
-    """Basic indexing: full slices keep a dim splittable, partial slices and ints do not;
-    tensor indices make the whole op replicated."""
+    """Basic indexing: full slices keep a dim splittable, partial slices and ints do not.
+    One integer tensor among full slices (``x[idx]``, ``x[:, idx]``) picks along its dim,
+    which stays whole, while the index may be split; other tensor indices are replicated."""
     ins = tensor_inputs(node)
     items = list(index) if isinstance(index, tuple) else [index]
-    if any(isinstance(i, Node) for i in items) or len(ins) != 1:
+    if any(isinstance(i, Node) for i in items):
+        return _tensor_index_options(src, items, ins)
+    if len(ins) != 1:
         return ((tuple(R for _ in ins), R),)
-    shape = shape_of(src)
+    in_l, out_l = basic_index_labels(shape_of(src), items)
+    return einsum_options([in_l], out_l, linear_in=(0,))
+
+
+def _expand_ellipsis(items: list, ndim: int) -> list:
     explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
     if Ellipsis in items:
         k = items.index(Ellipsis)
-        items = items[:k] + [slice(None)] * (len(shape) - explicit) + items[k + 1:]
-    else:
-        items = items + [slice(None)] * (len(shape) - explicit)
+        return items[:k] + [slice(None)] * (ndim - explicit) + items[k + 1:]
+    return items + [slice(None)] * (ndim - explicit)
+
+
+def _full(item, size) -> bool:
+    return isinstance(item, slice) and item.step in (None, 1) and item.start in (None, 0) \
+        and (item.stop is None or item.stop >= size)
+
+
+def basic_index_labels(shape, items) -> tuple:
+    """(labels of the indexed tensor, labels of the result) for an index of slices, ints,
+    None and Ellipsis: a dim is labelled (may be split) only where its slice is full."""
     in_l, out_l, d = [], [], 0
-    for item in items:
+    for item in _expand_ellipsis(list(items), len(shape)):
         if item is None:
             out_l.append(None)
             continue
-        label = f"d{d}"
-        full = isinstance(item, slice) and item.step in (None, 1) and \
-            item.start in (None, 0) and (item.stop is None or item.stop >= shape[d])
-        in_l.append(label if full else None)
+        label = f"d{d}" if _full(item, shape[d]) else None
+        in_l.append(label)
         if isinstance(item, slice):
-            out_l.append(label if full else None)
+            out_l.append(label)
         d += 1
-    return einsum_options([in_l], out_l, linear_in=(0,))
+    return in_l, out_l
+
+
+def _tensor_index_options(src, items, ins):
+    replicated_only = ((tuple(R for _ in ins), R),)
+    shape = shape_of(src)
+    if len(ins) != 2 or ins[0] is not src or None in items:
+        return replicated_only
+    items = _expand_ellipsis(items, len(shape))
+    where = [d for d, i in enumerate(items) if isinstance(i, Node)]
+    idx = ins[1]
+    if len(where) != 1 or idx.meta["val"].dtype in (torch.bool, torch.uint8) or \
+            not all(_full(i, shape[d]) for d, i in enumerate(items) if d != where[0]):
+        return replicated_only
+    p = where[0]
+    x_l = [None if d == p else f"d{d}" for d in range(len(shape))]
+    idx_l = [f"i{k}" for k in range(len(shape_of(idx)))]
+    return einsum_options([x_l, idx_l], x_l[:p] + idx_l + x_l[p + 1:], linear_in=(0,))
+
+
+@register("pad")
+def pad(node):
+    """The padded dims stay whole, any other may be split. Zero padding and the reflecting
+    and replicating modes are linear, so a Partial passes through them."""
+    x = tensor_inputs(node)[0]
+    nd = len(shape_of(x))
+    widths = list(arg(node, 1, "pad"))
+    padded = {nd - 1 - i // 2 for i, w in enumerate(widths) if w}
+    labels = [None if d in padded else f"d{d}" for d in range(nd)]
+    mode, value = arg(node, 2, "mode", "constant"), arg(node, 3, "value", None)
+    linear = x.meta["val"].is_floating_point() and (mode != "constant" or not value)
+    return _spec(node, einsum_options([labels], labels, linear_in=(0,) if linear else ()))

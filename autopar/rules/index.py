@@ -1,0 +1,86 @@
+"""Ops that pick or place values by index: gather, index_select, one_hot, indexed assignment.
+
+The dim an index picks along stays whole in the tensor it picks from; the index itself may be
+split, and so may every dim both tensors share with the same size. Picking is linear in the
+values picked from, so a Partial passes through.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+
+from . import (P, R, OpSpec, arg, einsum_options, io_bytes, norm_dim, register, shape_of,
+               tensor_inputs)
+from .shape import basic_index_labels
+
+
+def _spec(node, options):
+    return OpSpec(options, 0.0, io_bytes(node))
+
+
+def _replicated(node):
+    return _spec(node, ((tuple(R for _ in tensor_inputs(node)), R),))
+
+
+@register("gather")
+def gather(node):
+    """``out[i][j] = x[index[i][j]][j]`` (dim 0): the index and the output share every dim;
+    ``x`` shares a dim other than ``dim`` only where its size equals the index's (elsewhere
+    a local position would name another element)."""
+    ins = tensor_inputs(node)
+    x, index = arg(node, 0, "input"), arg(node, 2, "index")
+    if len(ins) != 2 or x is index or ins[0] is not x:
+        return _replicated(node)
+    xs, ids = shape_of(x), shape_of(index)
+    dim = norm_dim(arg(node, 1, "dim"), len(xs))
+    x_l = [f"d{d}" if d != dim and xs[d] == ids[d] else None for d in range(len(xs))]
+    idx_l = ["g" if d == dim else x_l[d] for d in range(len(ids))]
+    return _spec(node, einsum_options([x_l, idx_l], idx_l, linear_in=(0,)))
+
+
+@register("index_select")
+def index_select(node):
+    """``x`` keeps its other dims splittable; the picked dim comes from the 1-d index."""
+    ins = tensor_inputs(node)
+    x, index = arg(node, 0, "input"), arg(node, 2, "index")
+    if len(ins) != 2 or x is index or ins[0] is not x:
+        return _replicated(node)
+    nd = len(shape_of(x))
+    dim = norm_dim(arg(node, 1, "dim"), nd)
+    x_l = [None if d == dim else f"d{d}" for d in range(nd)]
+    out_l = x_l[:dim] + ["i"] + x_l[dim + 1:]
+    return _spec(node, einsum_options([x_l, ["i"]], out_l, linear_in=(0,)))
+
+
+@register("one_hot")
+def one_hot(node):
+    """Every dim of the ids may be split; the class dim is new and whole. Without
+    ``num_classes`` the class count is the largest id, which a piece cannot know."""
+    ins = tensor_inputs(node)
+    if len(ins) != 1 or arg(node, 1, "num_classes", -1) < 0:
+        return _replicated(node)
+    labels = [f"d{d}" for d in range(len(shape_of(ins[0])))]
+    return _spec(node, einsum_options([labels], labels + [None]))
+
+
+@register("setitem")
+def setitem(node):
+    """``x[index] = value`` out of place (see ``autopar.graph_utils.setitem``). With an index
+    of slices and ints, a dim of ``x`` fully sliced may be split, and the dims of ``value``
+    that line up with it split alike; both Partial give a Partial. A tensor index is
+    replicated."""
+    ins = tensor_inputs(node)
+    x, index, value = node.args
+    items = list(index) if isinstance(index, tuple) else [index]
+    if not ins or ins[0] is not x or x is value or any(isinstance(i, Node) for i in items):
+        return _replicated(node)
+    shape = shape_of(x)
+    x_l, region_l = basic_index_labels(shape, items)
+    if not isinstance(value, Node):
+        return _spec(node, einsum_options([x_l], x_l))
+    region = tuple(torch.empty(shape, device="meta")[index].shape)
+    vs = shape_of(value)
+    off = len(region) - len(vs)
+    v_l = [region_l[j + off] if vs[j] == region[j + off] else None for j in range(len(vs))]
+    return _spec(node, einsum_options([x_l, v_l], x_l) + (((P, P), P),))
