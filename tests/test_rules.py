@@ -25,7 +25,8 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers.integrations.moe  # noqa: F401 - registers torch.ops.transformers.grouped_mm_fallback
+# registers torch.ops.transformers.grouped_mm_fallback, the experts' matmul of MoE layers
+import transformers.integrations.moe  # noqa: F401
 
 from autopar.capture import capture
 from autopar.mesh import Mesh
@@ -289,8 +290,8 @@ case("mse_loss_mean", lambda a, b: F.mse_loss(a, b), "mse_loss", a=T(4, 8), b=T(
 case("huber_loss_sum", lambda a, b: F.huber_loss(a, b, "sum", 0.5), "huber_loss", a=T(4, 8),
      b=T(4, 8))
 case("bce_logits_sum", lambda z, t, w: F.binary_cross_entropy_with_logits(
-    z, t, reduction="sum", pos_weight=w.detach()), "binary_cross_entropy_with_logits", z=T(4, 8, 12),
-     t=Pos(4, 8, 12) / 3, w=Pos(12))
+    z, t, reduction="sum", pos_weight=w.detach()), "binary_cross_entropy_with_logits",
+     z=T(4, 8, 12), t=Pos(4, 8, 12) / 3, w=Pos(12))
 case("bce_none", lambda z, t: F.binary_cross_entropy(torch.sigmoid(z), t.detach(),
                                                      reduction="none"),
      "binary_cross_entropy", z=T(4, 8), t=Pos(4, 8) / 3)
