@@ -23,6 +23,7 @@ made dynamic is planned again (and cached) at each new shape.
 from __future__ import annotations
 
 import fnmatch
+import keyword
 import re
 import time
 from dataclasses import dataclass
@@ -292,10 +293,10 @@ def take_full_state(program, kinds: list) -> tuple:
             val_map[src] = g.placeholder(src.name)
             continue
         if kind.name not in by_fqn or by_fqn[kind.name][0] in attr_values:
-            g.placeholder(re.sub(r"\W", "_", kind.name) + "_unused")
+            g.placeholder(_identifier(kind.name + "_unused"))
             continue
         name, layout = by_fqn[kind.name]
-        v = g.placeholder(name)
+        v = g.placeholder(_identifier(name))
         cur = list(replicated(len(layout)))
         layouts[v.name] = tuple(cur)
         for step in plan_steps(tuple(cur), tuple(layout)):  # R -> S(i): shard steps only
@@ -311,6 +312,12 @@ def take_full_state(program, kinds: list) -> tuple:
     g.output(g.graph_copy(program.graph, val_map))
     g.lint()
     return fx.GraphModule(torch.nn.Module(), g, "RankProgram"), layouts
+
+
+def _identifier(name: str) -> str:
+    """A placeholder name from an attribute name (``0_weight`` of an nn.Sequential is not)."""
+    name = re.sub(r"\W", "_", name)
+    return name if name.isidentifier() and not keyword.iskeyword(name) else f"p_{name}"
 
 
 def _call(g, fn, args, layouts, layout):

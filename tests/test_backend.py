@@ -122,9 +122,11 @@ def test_unconstrained_parameters_are_planned_replicated():
 
 def test_registered_by_name_runs_on_one_device_without_a_process_group():
     assert "autopar" in torch._dynamo.list_backends(exclude_tags=())
-    model, args, _ = make("mlp")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))  # FQNs "0.weight"
     ref = twin(model)
-    check_compiled_training(torch.compile(model, backend="autopar"), model, ref, args)
+    check_compiled_training(torch.compile(model, backend="autopar"), model, ref,
+                            (torch.randn(8, 16),))
 
 
 class TwoGraphs(nn.Module):
