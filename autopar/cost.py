@@ -187,31 +187,30 @@ class CostModel:
         the value) only the forward collectives count."""
         if src == dst:
             return 0.0
-        key = (num_bytes, src, dst, grad)
-        if key not in self._moves:
-            self._moves[key] = self._redistribute_s(num_bytes * self.activation_scale, src, dst,
-                                                    grad)
-        return self._moves[key]
+        key = (src, dst, grad)
+        line = self._moves.get(key)
+        if line is None:
+            line = self._moves[key] = self._redistribute_line(src, dst, grad)
+        return line[0] + line[1] * num_bytes * self.activation_scale
 
-    def _redistribute_s(self, num_bytes, src, dst, grad) -> float:
+    def _redistribute_line(self, src, dst, grad) -> tuple:
+        """(seconds, seconds per byte of the whole value): collectives are alpha-beta, so
+        moving a value costs a fixed latency plus a time proportional to its bytes."""
         cur = list(src)
-        total = 0.0
+        fixed = per_byte = 0.0
+        back = 1.0 if grad else 0.0
         for step in plan_steps(tuple(src), tuple(dst)):
-            before = _local(num_bytes, cur, self.mesh, step.axis)
-            back = 1.0 if grad else 0.0
-            if step.kind == "all_gather":
-                total += self.collective_s("all_gather", step.axis, before)
-            elif step.kind == "shard":
-                total += back * self.collective_s("all_gather", step.axis, before)
-            elif step.kind == "all_reduce":
-                total += self.collective_s("all_reduce", step.axis, before)
-            elif step.kind == "reduce_scatter":
-                total += (1 + back) * self.collective_s("reduce_scatter", step.axis, before)
-            elif step.kind == "all_to_all":
-                total += (1 + back) * self.collective_s("all_to_all", step.axis, before)
+            share = _local(1.0, cur, self.mesh, step.axis)
+            kind, forward, backward = _STEP_COLLECTIVES.get(step.kind, (None, 0, 0))
+            times = forward + backward * back
+            if times:
+                at0 = self.collective_s(kind, step.axis, 0.0)
+                slope = (self.collective_s(kind, step.axis, _PROBE_BYTES) - at0) / _PROBE_BYTES
+                fixed += times * at0
+                per_byte += times * slope * share
             cur[step.axis] = dst[step.axis] if step.kind not in ("all_gather", "all_reduce") \
                 else Replicate()
-        return total
+        return fixed, per_byte
 
     def grad_sum_s(self, num_bytes: float, layout, axis: int, fused: bool,
                    bucketed: bool = False) -> float:
@@ -223,6 +222,16 @@ class CostModel:
         full = _local(num_bytes, list(layout), self.mesh, axis)
         share = min(1.0, full / BUCKET_BYTES) if bucketed and not fused else 1.0
         return self.collective_s("reduce_scatter" if fused else "all_reduce", axis, full, share)
+
+
+_PROBE_BYTES = float(1 << 30)
+# A redistribution step -> (collective, times run forward, times run backward), as in the
+# table of the design: all_gather's backward is a local slice, a slice's backward an
+# all_gather, all_reduce's backward the identity, reduce_scatter's an all_gather,
+# all_to_all's an all_to_all.
+_STEP_COLLECTIVES = {"all_gather": ("all_gather", 1, 0), "shard": ("all_gather", 0, 1),
+                     "all_reduce": ("all_reduce", 1, 0), "reduce_scatter": ("reduce_scatter", 1, 1),
+                     "all_to_all": ("all_to_all", 1, 1)}
 
 
 def _local(num_bytes, layout, mesh, except_axis) -> float:

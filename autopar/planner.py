@@ -142,15 +142,16 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
     prob = build_problem(gm, mesh, model, pinned, blocks)
     built = time.perf_counter()
     found, objective, greedy = [], None, []
-    for sharded in (False, True):
-        choice = propagate(prob, sharded_params=sharded)
-        greedy.append(choice)
-        cost = prob.evaluate(choice)
-        if cost.memory_bytes_per_device <= budget:
-            found.append((cost.total_s, choice, cost))
+    pairs = prob.pair_count() if level == "full" else 0
+    if level == "fast" or pairs > MAX_EXACT_PAIRS:  # the answer, or seeds of a pruned program
+        for sharded in (False, True):
+            choice = propagate(prob, sharded_params=sharded)
+            greedy.append(choice)
+            cost = prob.evaluate(choice)
+            if cost.memory_bytes_per_device <= budget:
+                found.append((cost.total_s, choice, cost))
     if level == "full":
         exact, back = prob, None
-        pairs = prob.pair_count()
         if pairs > MAX_EXACT_PAIRS:
             seeds = sorted(found, key=lambda f: f[0])
             exact, back = _pruned(prob, [f[1] for f in seeds] + greedy)
@@ -165,13 +166,12 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
             if not found:
                 raise
     if not found:
-        from .solver import min_memory
-        raise Infeasible(min_memory(prob))
+        raise Infeasible(prob)
     found.sort(key=lambda f: f[0])
     _, choice, cost = found[0]
     stats.setdefault("meshes", {})[str(mesh)] = {
         "strategies": sum(len(v) for v in prob.options.values()),
-        "pairs": prob.pair_count() if level == "full" else None,
+        "pairs": pairs if level == "full" else None,
         "problem_nodes": len(prob.nodes),
         "build_s": built - start, "solve_s": time.perf_counter() - built,
         "predicted_step_s": cost.total_s, "exact_objective_s": objective}
@@ -206,7 +206,7 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
     """The best (mesh, problem, choice, cost) over candidate meshes."""
     sources = _named_sources(gm, input_names)
     shapes = {name: tuple(n.meta["val"].shape) for name, n in sources.items()}
-    best, smallest = None, None
+    best, infeasible = None, []
     meshes = candidate_meshes(cluster, mesh_request)
     progress = _LazyProgress(len(meshes))
     for mesh in meshes:
@@ -217,12 +217,13 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
             prob, choice, cost = plan_on_mesh(gm, mesh, cluster, training, pinned, budget,
                                               level, stats, blocks)
         except Infeasible as e:
-            smallest = e.min_bytes if smallest is None else min(smallest, e.min_bytes)
+            infeasible.append(e)
             continue
         if best is None or cost.total_s < best[3].total_s:
             best = (mesh, prob, choice, cost)
     progress.close()
     if best is None:
+        smallest = min(e.min_bytes for e in infeasible)
         raise PlanError(
             f"no plan fits in {format_bytes(budget)} per device on {cluster}: the smallest "
             f"any plan needs is {format_bytes(smallest)}. Add devices, allow sharded "

@@ -34,6 +34,8 @@ runs single-threaded with a fixed seed.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
@@ -183,7 +185,7 @@ def solve(prob, budget_bytes: float, time_limit_s: float = TIME_LIMIT_S) -> tupl
     memory_budget(b, prob, x, budget_bytes)
     res = b.solve(time_limit_s)
     if res.status == 2 or res.x is None:
-        raise Infeasible(min_memory(prob, time_limit_s))
+        raise Infeasible(prob, time_limit_s)
     choice = fixed_choices(prob)
     for n, cols in x.items():
         choice[n] = int(np.argmax([res.x[c] for c in cols]))
@@ -209,8 +211,14 @@ def min_memory(prob, time_limit_s: float = TIME_LIMIT_S) -> float:
 
 
 class Infeasible(Exception):
-    """No assignment fits; carries the smallest memory any assignment needs."""
+    """No assignment fits. ``min_bytes``, the smallest memory any assignment needs, is
+    solved for only when asked: it takes a second program, and is only reported when no
+    mesh at all fits."""
 
-    def __init__(self, min_bytes: float):
-        super().__init__(min_bytes)
-        self.min_bytes = min_bytes
+    def __init__(self, prob, time_limit_s: float = TIME_LIMIT_S):
+        super().__init__("no assignment fits in memory")
+        self.prob, self.time_limit_s = prob, time_limit_s
+
+    @functools.cached_property
+    def min_bytes(self) -> float:
+        return min_memory(self.prob, self.time_limit_s)
