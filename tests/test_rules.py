@@ -319,6 +319,7 @@ case("contiguous", lambda x: x.transpose(0, 1).contiguous(), "contiguous", x=T(4
 case("expand", lambda x: x.expand(4, 8, 12), "expand", x=T(4, 1, 12))
 case("expand_minus_one", lambda x: x.expand(-1, 8, -1), "expand", x=T(4, 1, 12))
 case("expand_new_dim", lambda x: x.expand(4, 8, 12), "expand", x=T(12))
+case("expand_bool", lambda x: (x > 0).expand(4, 8, 12), "expand", x=T(4, 1, 12))
 case("repeat_interleave", lambda x: x.repeat_interleave(2, dim=1), "repeat_interleave",
      x=T(4, 8))
 case("split", _split_pair, "split getitem", x=T(4, 8, 12))
@@ -574,3 +575,23 @@ def test_only_whole_ops_are_replicated_only():
     assert replicated_only == WHOLE
     for key, seen in splits.items():
         assert {m for m, _ in seen} == set(MESH_SHAPES), f"{key} is missing a mesh"
+
+
+def test_boolean_values_are_never_partial():
+    """Booleans do not add up to a boolean: no strategy holds a boolean input or output
+    Partial, even where the rule lets a Partial through (a view, an expand)."""
+    _, captured = _analysed("expand_bool")
+    checked = 0
+    for node in captured.gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        values = [node] + tensor_inputs(node)
+        for mesh_shape in MESH_SHAPES:
+            for s in strategies(node, mesh_shape):
+                for v, layout in zip(values, (s.output, *s.inputs)):
+                    if v.meta["val"].dtype == torch.bool:
+                        checked += 1
+                        assert not any(isinstance(p, Partial) for p in layout), (node, s)
+    assert checked
+    assert any(o == Partial() for _, o in rule_for("expand")(
+        next(n for n in captured.gm.graph.nodes if n.name == "expand")).options)

@@ -205,7 +205,8 @@ def strategies(node: Node, mesh_shape: Sequence[int]) -> list:
     in_shapes = [[shape_of(v) for v in out_vals(a)] for a in ins]
     out_shapes = [tuple(v.shape) for v in out_vals(node) if isinstance(v, torch.Tensor)]
     found, seen = [], set()
-    for combo in itertools.product(spec.options, repeat=len(mesh_shape)):
+    for combo in itertools.product(_without_boolean_partials(node, ins, spec.options),
+                                   repeat=len(mesh_shape)):
         in_layouts = tuple(tuple(opt[0][i] for opt in combo) for i in range(len(ins)))
         out_layout = tuple(opt[1] for opt in combo)
         key = (in_layouts, out_layout)
@@ -219,6 +220,20 @@ def strategies(node: Node, mesh_shape: Sequence[int]) -> list:
             continue
         found.append(Strategy(in_layouts, out_layout, spec))
     return found
+
+
+def _is_boolean(node: Node) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.dtype == torch.bool for v in out_vals(node))
+
+
+def _without_boolean_partials(node: Node, ins: list, options) -> tuple:
+    """The options that hold no boolean value Partial: rules that pass a Partial through a
+    view or a copy say so whatever the dtype, but booleans do not add up to a boolean."""
+    bool_in = [_is_boolean(a) for a in ins]
+    bool_out = _is_boolean(node)
+    return tuple(o for o in options
+                 if not (bool_out and o[1] == P)
+                 and not any(b and p == P for b, p in zip(bool_in, o[0])))
 
 
 def _load_families():
