@@ -69,11 +69,16 @@ def generate_rank_program(gm, ctx):
 def deferred_gradient_sums(gm) -> dict:
     """Trainable parameters whose every use sums its gradient over the same axes (and none
     gathers it): their sums run once per backward on the accumulated gradient, in buckets,
-    instead of once per use (data-parallel gradient sync). Parameter node -> axes."""
+    instead of once per use (data-parallel gradient sync). Parameter node -> axes.
+
+    Only axes on which the parameter is stored replicated qualify: where it is stored split
+    and gathered before use, the ranks of a group hold different slices, whose gradients
+    must be summed before slicing, not after."""
     out = {}
     for node in gm.graph.nodes:
         if node.op != "get_attr" or not needs_grad(node):
             continue
+        stored = node.meta["autopar.layout"]
         per_use = set()
         for user in node.users:
             strat = user.meta.get("autopar.strategy")
@@ -86,7 +91,9 @@ def deferred_gradient_sums(gm) -> dict:
                     fused = fused_axis(node.meta["autopar.layout"], need)
                     per_use.add(None if fused in axes else axes)
         if len(per_use) == 1 and None not in per_use and per_use != {()}:
-            out[node] = per_use.pop()
+            axes = per_use.pop()
+            if all(isinstance(stored[a], Replicate) for a in axes):
+                out[node] = axes
     return out
 
 
