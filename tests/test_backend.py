@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import socket
+import time
 import traceback
 
 import pytest
@@ -232,10 +233,12 @@ def _free_port() -> int:
 
 
 def _capture(fn):
+    start = time.perf_counter()
     try:
-        return {"value": fn()}
+        out = {"value": fn()}
     except Exception as e:  # noqa: BLE001 - reported to the test
-        return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        out = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+    return out | {"seconds": time.perf_counter() - start}
 
 
 def _by_name_case():
@@ -267,8 +270,9 @@ def _worker(rank, world, port, out_dir):
     for case in BACKEND_CASES:
         results[f"backend-{case}"] = _capture(lambda: run_backend_case(case, False)[0])
     results["backend-by-name"] = _capture(_by_name_case)
-    for case in COMPILED_PM_CASES:
-        results[f"compiled-pm-{case}"] = _capture(lambda: run_compiled_pm_case(case, False))
+    # one inductor compile (fwd and bwd) costs 10-20 s here: the data-parallel case, whose
+    # sharded input once broke the graph and whose gradient sums run after compiled backward
+    results["compiled-pm"] = _capture(lambda: run_compiled_pm_case("mlp-dataparallel", False))
     results["world-mismatch"] = _capture(_world_mismatch_case)
     results["plan-mismatch"] = _capture(_plan_mismatch_case)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -296,13 +300,11 @@ def test_two_processes_train_like_one_device(two_processes):
 def test_two_processes_parallel_module_compiles_whole_under_inductor(two_processes):
     # the rank program, collectives included, is one graph for inductor: no graph break
     for rank, results in enumerate(two_processes):
-        for case in COMPILED_PM_CASES:
-            r = results[f"compiled-pm-{case}"]
-            assert "error" not in r, f"rank {rank} {case}: {r.get('error')}\n{r.get('trace')}"
-            worst, graphs, breaks = r["value"]
-            assert worst <= RTOL, f"rank {rank} {case}: worst relative error {worst}"
-            assert graphs >= 1 and breaks == 0, \
-                f"rank {rank} {case}: {graphs} graphs, {breaks} graph breaks"
+        r = results["compiled-pm"]
+        assert "error" not in r, f"rank {rank}: {r.get('error')}\n{r.get('trace')}"
+        worst, graphs, breaks = r["value"]
+        assert worst <= RTOL, f"rank {rank}: worst relative error {worst}"
+        assert graphs >= 1 and breaks == 0, f"rank {rank}: {graphs} graphs, {breaks} breaks"
 
 
 def test_two_processes_misuse_is_a_clear_error(two_processes):
