@@ -113,7 +113,8 @@ _STATE = re.compile(r"\._(?:parameters|buffers)\[")
 def _dynamo_source(node: fx.Node) -> str:
     """Where Dynamo read a graph input from, e.g. ``L['self']._modules['fc1']._parameters[
     'weight']``, or "" if it did not say. ``node.meta["grapharg"]`` is Dynamo's own record
-    (private); checked against torch 2.5 through 2.13 (``source.name`` became a property)."""
+    (private), checked with torch 2.13, where ``source.name`` is a property; earlier versions
+    made it a method, which is read too."""
     source = getattr(node.meta.get("grapharg"), "source", None)
     if source is None:
         return ""
@@ -433,7 +434,7 @@ def _registered(gm, example_inputs):
 
 def register() -> None:
     """Register ``"autopar"`` with torch.compile. ``torch._dynamo.register_backend`` is the
-    registration torch.compile documents for custom backends; checked with torch 2.5-2.13."""
+    registration torch.compile documents for custom backends; checked with torch 2.13."""
     from torch._dynamo import list_backends, register_backend
     if "autopar" not in list_backends(exclude_tags=()):
         register_backend(_registered, name="autopar")
