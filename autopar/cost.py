@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .placement import Partial, Replicate, Shard
+from .placement import Replicate, is_partial, is_shard
 from .redistribute import plan_steps
 from .runtime.grad_sync import BUCKET_BYTES
 
@@ -138,8 +138,8 @@ class CostModel:
         because a contracted dim is split (Partial passed through is whole work per rank)."""
         split = 1
         for a, (p, n) in enumerate(zip(out_layout, self.mesh.shape)):
-            if isinstance(p, Shard) or (isinstance(p, Partial) and any(
-                    isinstance(lay[a], Shard) for lay in in_layouts)):
+            if is_shard(p) or (is_partial(p) and any(
+                    is_shard(lay[a]) for lay in in_layouts)):
                 split *= n
         return split
 
@@ -190,12 +190,13 @@ class CostModel:
         key = (src, dst, grad)
         line = self._moves.get(key)
         if line is None:
-            line = self._moves[key] = self._redistribute_line(src, dst, grad)
-        return line[0] + line[1] * num_bytes * self.activation_scale
+            line = self._moves[key] = self.redistribute_line(src, dst, grad)
+        return line[0] + line[1] * num_bytes
 
-    def _redistribute_line(self, src, dst, grad) -> tuple:
-        """(seconds, seconds per byte of the whole value): collectives are alpha-beta, so
-        moving a value costs a fixed latency plus a time proportional to its bytes."""
+    def redistribute_line(self, src, dst, grad: bool = True) -> tuple:
+        """(seconds, seconds per byte of the whole value) of :meth:`redistribute_s`:
+        collectives are alpha-beta, so moving a value costs a fixed latency plus a time
+        proportional to its bytes."""
         cur = list(src)
         fixed = per_byte = 0.0
         back = 1.0 if grad else 0.0
@@ -207,7 +208,7 @@ class CostModel:
                 at0 = self.collective_s(kind, step.axis, 0.0)
                 slope = (self.collective_s(kind, step.axis, _PROBE_BYTES) - at0) / _PROBE_BYTES
                 fixed += times * at0
-                per_byte += times * slope * share
+                per_byte += times * slope * share * self.activation_scale
             cur[step.axis] = dst[step.axis] if step.kind not in ("all_gather", "all_reduce") \
                 else Replicate()
         return fixed, per_byte
@@ -237,7 +238,7 @@ _STEP_COLLECTIVES = {"all_gather": ("all_gather", 1, 0), "shard": ("all_gather",
 def _local(num_bytes, layout, mesh, except_axis) -> float:
     """Bytes a group along ``except_axis`` handles: the value split by every other axis."""
     split = math.prod(n for a, (p, n) in enumerate(zip(layout, mesh.shape))
-                      if a != except_axis and isinstance(p, Shard))
+                      if a != except_axis and is_shard(p))
     return num_bytes / split
 
 
@@ -247,8 +248,5 @@ def _efficiency(device, default: float) -> float:
 
 def fraction(layout, mesh) -> float:
     """The share of a value's elements one rank holds under ``layout``."""
-    return 1.0 / math.prod(n for p, n in zip(layout, mesh.shape) if isinstance(p, Shard))
+    return 1.0 / math.prod(n for p, n in zip(layout, mesh.shape) if is_shard(p))
 
-
-def is_partial(layout) -> bool:
-    return any(isinstance(p, Partial) for p in layout)

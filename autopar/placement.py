@@ -26,16 +26,29 @@ R = Replicate()
 P = Partial()
 
 
+# Placement kind by type: isinstance against DTensor's placement classes goes through a
+# metaclass and costs microseconds, and planning asks millions of times.
+_KINDS: dict = {}
+
+
+def _kind(p) -> str:
+    k = _KINDS.get(type(p))
+    if k is None:
+        k = _KINDS[type(p)] = ("S" if isinstance(p, Shard) else "P" if isinstance(p, Partial)
+                               else "R" if isinstance(p, Replicate) else "?")
+    return k
+
+
 def is_shard(p: Placement) -> bool:
-    return isinstance(p, Shard)
+    return _kind(p) == "S"
 
 
 def is_partial(p: Placement) -> bool:
-    return isinstance(p, Partial)
+    return _kind(p) == "P"
 
 
 def is_replicate(p: Placement) -> bool:
-    return isinstance(p, Replicate)
+    return _kind(p) == "R"
 
 
 def replicated(num_axes: int) -> Layout:
@@ -43,9 +56,9 @@ def replicated(num_axes: int) -> Layout:
 
 
 def format_placement(p: Placement) -> str:
-    if isinstance(p, Shard):
+    if is_shard(p):
         return f"S({p.dim})"
-    if isinstance(p, Partial):
+    if is_partial(p):
         return "P"
     return "R"
 
@@ -79,7 +92,7 @@ def shards_per_dim(layout: Sequence[Placement], mesh_shape: Sequence[int], ndim:
     """How many pieces each tensor dim is cut into under ``layout``."""
     counts = [1] * ndim
     for p, n in zip(layout, mesh_shape):
-        if isinstance(p, Shard):
+        if is_shard(p):
             counts[p.dim] *= n
     return counts
 
@@ -93,7 +106,7 @@ def local_shape(shape: Sequence[int], layout: Sequence[Placement], mesh_shape: S
 def divides(shape: Sequence[int], layout: Sequence[Placement], mesh_shape: Sequence[int]) -> bool:
     """True when every sharded dim of ``shape`` splits evenly under ``layout``."""
     for p in layout:
-        if isinstance(p, Shard) and not 0 <= p.dim < len(shape):
+        if is_shard(p) and not 0 <= p.dim < len(shape):
             return False
     counts = shards_per_dim(layout, mesh_shape, len(shape))
     return all(s % c == 0 for s, c in zip(shape, counts))
@@ -101,5 +114,5 @@ def divides(shape: Sequence[int], layout: Sequence[Placement], mesh_shape: Seque
 
 def shard_fraction(layout: Sequence[Placement], mesh_shape: Sequence[int]) -> float:
     """The share of a tensor's elements one rank holds."""
-    return 1.0 / math.prod(n for p, n in zip(layout, mesh_shape) if isinstance(p, Shard)) \
-        if any(isinstance(p, Shard) for p in layout) else 1.0
+    return 1.0 / math.prod(n for p, n in zip(layout, mesh_shape) if is_shard(p)) \
+        if any(is_shard(p) for p in layout) else 1.0

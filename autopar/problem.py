@@ -15,7 +15,7 @@ import torch
 from torch.fx import Node
 
 from .cost import SAVES_NOTHING, CostModel, fraction
-from .placement import Replicate, Shard, divides
+from .placement import Replicate, Shard, divides, is_replicate
 from .plans import Cost
 from .redistribute import plan_steps
 from .rules import Strategy, out_vals, shape_of, strategies, tensor_inputs
@@ -99,11 +99,21 @@ class Problem:
     _moves: dict = field(default_factory=dict)
 
     def move_s(self, num_bytes: float, a: int, b: int, grad: bool) -> float:
-        """Cached seconds to move a value between the layouts with ids ``a`` and ``b``."""
-        key = (num_bytes, a, b, grad)
+        """Seconds to move a value between the layouts with ids ``a`` and ``b``: a line in
+        bytes, cached per pair of layouts."""
+        line = self._moves.get((a, b, grad))
+        if line is None:
+            lay = self.layout_id.layouts
+            line = self._moves[(a, b, grad)] = (0.0, 0.0) if a == b else \
+                self.model.redistribute_line(lay[a], lay[b], grad)
+        return line[0] + line[1] * num_bytes
+
+    def fused_axis(self, a: int, b: int):
+        """:func:`fused_axis` of the layouts with ids ``a`` and ``b``, cached."""
+        key = ("fused", a, b)
         if key not in self._moves:
             lay = self.layout_id.layouts
-            self._moves[key] = self.model.redistribute_s(num_bytes, lay[a], lay[b], grad)
+            self._moves[key] = fused_axis(lay[a], lay[b])
         return self._moves[key]
 
     def index(self) -> dict:
@@ -367,7 +377,7 @@ def grad_sum_axes(src: Node, need, out_layout) -> tuple:
     if not needs_grad(src):
         return ()
     return tuple(a for a, (p, q) in enumerate(zip(need, out_layout))
-                 if isinstance(p, Replicate) and not isinstance(q, Replicate))
+                 if is_replicate(p) and not is_replicate(q))
 
 
 def fused_axis(src_layout, need) -> int | None:
@@ -394,7 +404,7 @@ def _edge(prob: Problem, src: Node, dst: Node, slot: int) -> Edge:
             return float("inf")  # a tuple is consumed in its own layout
         t = prob.move_s(num_bytes, a, need, grad)
         if axes:
-            fused = fused_axis(lay[a], lay[need])
+            fused = prob.fused_axis(a, need)
             for axis in axes:
                 t += m.grad_sum_s(num_bytes, lay[need], axis, fused=axis == fused,
                                   bucketed=bucketed)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .placement import Partial, Replicate, Shard
+from .placement import Replicate, is_partial, is_shard
 
 R = Replicate()
 
@@ -49,25 +49,25 @@ def plan_steps(src: tuple, dst: tuple) -> tuple:
     while changed:
         changed = False
         for i in sorted(unshard):
-            dims = {p.dim for p in (src[i], dst[i]) if isinstance(p, Shard)}
+            dims = {p.dim for p in (src[i], dst[i]) if is_shard(p)}
             for j in range(i + 1, n):
-                if j not in unshard and isinstance(src[j], Shard) and src[j].dim in dims:
+                if j not in unshard and is_shard(src[j]) and src[j].dim in dims:
                     unshard.add(j)
                     changed = True
     steps = []
     for i in sorted(unshard, reverse=True):
         s, d = cur[i], dst[i]
         others = [cur[j] for j in range(n) if j != i] + [dst[j] for j in range(n) if j != i]
-        if isinstance(s, Shard):
-            if isinstance(d, Shard) and d != s and _free(d.dim, others) and \
+        if is_shard(s):
+            if is_shard(d) and d != s and _free(d.dim, others) and \
                     _free(s.dim, others):
                 steps.append(Step("all_to_all", i, s.dim, d.dim))
                 cur[i] = d
                 continue
             steps.append(Step("all_gather", i, s.dim))
             cur[i] = R
-        elif isinstance(s, Partial):
-            if isinstance(d, Shard) and _free(d.dim, others):
+        elif is_partial(s):
+            if is_shard(d) and _free(d.dim, others):
                 steps.append(Step("reduce_scatter", i, d.dim))
                 cur[i] = d
                 continue
@@ -76,9 +76,9 @@ def plan_steps(src: tuple, dst: tuple) -> tuple:
     for i in range(n):
         if cur[i] == dst[i]:
             continue
-        if isinstance(dst[i], Shard):
+        if is_shard(dst[i]):
             steps.append(Step("shard", i, dst[i].dim))
-        elif isinstance(dst[i], Partial):
+        elif is_partial(dst[i]):
             steps.append(Step("to_partial", i))
         cur[i] = dst[i]
     return tuple(steps)
@@ -86,7 +86,7 @@ def plan_steps(src: tuple, dst: tuple) -> tuple:
 
 def _free(dim: int, placements) -> bool:
     """No other axis splits ``dim`` (so a single-axis collective on it is exact)."""
-    return not any(isinstance(p, Shard) and p.dim == dim for p in placements)
+    return not any(is_shard(p) and p.dim == dim for p in placements)
 
 
 def step_bytes(step: Step, num_bytes_local: float, axis_size: int) -> float:
