@@ -43,6 +43,7 @@ from scipy.sparse import coo_array
 from .errors import PlanError
 
 TIME_LIMIT_S = 60.0
+INTEGRAL_TOLERANCE = 1e-7   # a relaxed binary this close to 0 or 1 counts as integral
 
 
 class _Builder:
@@ -70,11 +71,24 @@ class _Builder:
         self.n_rows += 1
 
     def solve(self, time_limit_s: float):
+        """Solve the relaxation first: where its optimum is already integral (most programs
+        here: every node's choice is a vertex of its simplex) it is the integer optimum, and
+        HiGHS's branch and bound setup costs more than the relaxation itself."""
         n = len(self.cost)
         a = coo_array((self.vals, (self.rows, self.cols)), shape=(self.n_rows, n)).tocsr()
-        return milp(np.array(self.cost), integrality=np.array(self.integral),
-                    bounds=Bounds(np.zeros(n), np.array(self.upper)),
-                    constraints=LinearConstraint(a, self.lo, self.hi),
+        args = dict(bounds=Bounds(np.zeros(n), np.array(self.upper)),
+                    constraints=LinearConstraint(a, self.lo, self.hi))
+        integral = np.array(self.integral)
+        relaxed = milp(np.array(self.cost), integrality=np.zeros(n), **args,
+                       options={"time_limit": time_limit_s, "presolve": True})
+        if relaxed.x is not None:
+            xs = relaxed.x[integral == 1]
+            if np.all(np.minimum(np.abs(xs), np.abs(xs - 1)) <= INTEGRAL_TOLERANCE):
+                relaxed.x[integral == 1] = np.round(xs)
+                return relaxed
+        elif relaxed.status == 2:  # the relaxation is infeasible: so is the program
+            return relaxed
+        return milp(np.array(self.cost), integrality=integral, **args,
                     options={"time_limit": time_limit_s, "presolve": True})
 
 
