@@ -20,7 +20,7 @@ from .mesh import Mesh
 from .placement import Partial, Replicate, Shard, divides, format_layout, parse_layout
 from .plans import format_bytes
 from .problem import Problem, build_problem
-from .solver import Infeasible, solve
+from .solver import Dominated, Infeasible, solve
 
 AXIS_NAMES = {1: ("dp",), 2: ("dp", "tp"), 3: ("dp", "sp", "tp")}
 # Past this many (producer layout, consumer need) pairs the exact program keeps, per node,
@@ -45,6 +45,14 @@ def candidate_meshes(cluster, mesh_request) -> list:
         for b in _divisors(n // a):
             shapes.append((a, b, n // a // b))
     return [Mesh(AXIS_NAMES[len(s)], s) for s in shapes]
+
+
+def _promise(mesh: Mesh, cluster) -> tuple:
+    """Meshes likely to plan well first, so that the exact programs of the others can stop
+    at their relaxation's bound: innermost axis filling a node, then fewer axes. Only the
+    order of work depends on it, never the plan (ties go to the earlier candidate)."""
+    per_node = cluster.nodes[0].count if cluster.nodes else 1
+    return (mesh.shape[-1] != per_node, mesh.ndim, mesh.shape)
 
 
 def _divisors(n: int) -> list:
@@ -135,8 +143,9 @@ def propagate(prob: Problem, sharded_params: bool = False) -> dict:
 
 
 def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
-                 blocks=()) -> tuple:
-    """(problem, choice, cost) of the best assignment on ``mesh``; raises Infeasible."""
+                 blocks=(), cutoff: float = float("inf")) -> tuple:
+    """(problem, choice, cost) of the best assignment on ``mesh``; raises Infeasible, or
+    Dominated when the exact program proves no plan here beats ``cutoff`` seconds."""
     start = time.perf_counter()
     model = CostModel(cluster, mesh, training)
     prob = build_problem(gm, mesh, model, pinned, blocks)
@@ -156,7 +165,8 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
             seeds = sorted(found, key=lambda f: f[0])
             exact, back = _pruned(prob, [f[1] for f in seeds] + greedy)
         try:
-            choice, objective = solve(exact, budget)
+            best_found = min((f[0] for f in found), default=float("inf"))
+            choice, objective = solve(exact, budget, cutoff=min(cutoff, best_found))
             if back is not None:
                 choice = {n: back[n][i] for n, i in choice.items()}
             cost = prob.evaluate(choice)
@@ -164,6 +174,14 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
                 found.append((cost.total_s, choice, cost))
         except Infeasible:
             if not found:
+                raise
+        except Dominated as e:
+            stats.setdefault("meshes", {})[str(mesh)] = {
+                "strategies": sum(len(v) for v in prob.options.values()), "pairs": pairs,
+                "problem_nodes": len(prob.nodes), "build_s": built - start,
+                "solve_s": time.perf_counter() - built, "predicted_step_s": None,
+                "exact_objective_s": None, "lower_bound_s": e.bound}
+            if not found or min(f[0] for f in found) > cutoff:
                 raise
     if not found:
         raise Infeasible(prob)
@@ -207,19 +225,25 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
     sources = _named_sources(gm, input_names)
     shapes = {name: tuple(n.meta["val"].shape) for name, n in sources.items()}
     best, infeasible = None, []
-    meshes = candidate_meshes(cluster, mesh_request)
+    candidates = candidate_meshes(cluster, mesh_request)
+    rank = {str(m): i for i, m in enumerate(candidates)}
+    meshes = sorted(candidates, key=lambda m: _promise(m, cluster))
     progress = _LazyProgress(len(meshes))
     for mesh in meshes:
         progress.advance(f"mesh {mesh}")
         pinned = {sources[name]: layout for name, layout in
                   resolve_constraints(constraints, list(shapes), shapes, mesh).items()}
         try:
-            prob, choice, cost = plan_on_mesh(gm, mesh, cluster, training, pinned, budget,
-                                              level, stats, blocks)
+            prob, choice, cost = plan_on_mesh(
+                gm, mesh, cluster, training, pinned, budget, level, stats, blocks,
+                cutoff=best[3].total_s * (1 + 1e-9) if best else float("inf"))
         except Infeasible as e:
             infeasible.append(e)
             continue
-        if best is None or cost.total_s < best[3].total_s:
+        except Dominated:
+            continue
+        if best is None or (cost.total_s, rank[str(mesh)]) < (best[3].total_s,
+                                                               rank[str(best[0])]):
             best = (mesh, prob, choice, cost)
     progress.close()
     if best is None:

@@ -70,10 +70,12 @@ class _Builder:
         self.hi.append(hi)
         self.n_rows += 1
 
-    def solve(self, time_limit_s: float):
+    def solve(self, time_limit_s: float, cutoff: float = np.inf):
         """Solve the relaxation first: where its optimum is already integral (most programs
         here: every node's choice is a vertex of its simplex) it is the integer optimum, and
-        HiGHS's branch and bound setup costs more than the relaxation itself."""
+        HiGHS's branch and bound setup costs more than the relaxation itself. The relaxation
+        bounds the integer optimum from below: above ``cutoff`` the program is not solved
+        further (:class:`Dominated`)."""
         n = len(self.cost)
         a = coo_array((self.vals, (self.rows, self.cols)), shape=(self.n_rows, n)).tocsr()
         args = dict(bounds=Bounds(np.zeros(n), np.array(self.upper)),
@@ -82,6 +84,8 @@ class _Builder:
         relaxed = milp(np.array(self.cost), integrality=np.zeros(n), **args,
                        options={"time_limit": time_limit_s, "presolve": True})
         if relaxed.x is not None:
+            if relaxed.fun > cutoff:
+                raise Dominated(relaxed.fun)
             xs = relaxed.x[integral == 1]
             if np.all(np.minimum(np.abs(xs), np.abs(xs - 1)) <= INTEGRAL_TOLERANCE):
                 relaxed.x[integral == 1] = np.round(xs)
@@ -188,16 +192,21 @@ def fixed_choices(prob) -> dict:
     return {n: 0 for n in prob.nodes if len(prob.options[n]) == 1}
 
 
-def solve(prob, budget_bytes: float, time_limit_s: float = TIME_LIMIT_S) -> tuple:
+def solve(prob, budget_bytes: float, time_limit_s: float = TIME_LIMIT_S,
+          cutoff: float = np.inf) -> tuple:
     """The optimal assignment (node -> strategy index) within the memory budget, and the
-    program's objective value (seconds)."""
+    program's objective value (seconds). Raises :class:`Dominated` when every assignment
+    costs more than ``cutoff`` seconds (another mesh's plan), without solving to the end."""
     b = _Builder()
     x = strategy_variables(b, prob)
     one_strategy_per_node(b, prob, x)
     constant = edge_marginals(b, prob, x)
     constant += sum(prob.weight.get(n, 1) * prob.node_s[n][0] for n in prob.nodes if n not in x)
     memory_budget(b, prob, x, budget_bytes)
-    res = b.solve(time_limit_s)
+    try:
+        res = b.solve(time_limit_s, cutoff - constant)
+    except Dominated as e:
+        raise Dominated(e.bound + constant) from None
     if res.status == 2 or res.x is None:
         raise Infeasible(prob, time_limit_s)
     choice = fixed_choices(prob)
@@ -236,3 +245,11 @@ class Infeasible(Exception):
     @functools.cached_property
     def min_bytes(self) -> float:
         return min_memory(self.prob, self.time_limit_s)
+
+
+class Dominated(Exception):
+    """Every assignment costs at least ``bound`` seconds, no less than a plan in hand."""
+
+    def __init__(self, bound: float):
+        super().__init__(bound)
+        self.bound = bound
