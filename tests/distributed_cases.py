@@ -46,18 +46,38 @@ def training_cases(world):
         yield f"{name}-sharded-{world}", name, dict(
             mesh={"dp": world}, cluster=slow_devices(world), expect="gather_shards",
             constraints={"*weight": "S(0)", **SHARDED_INPUTS[name]})
+    if world == 2:
+        # a transformers model (Dynamo capture, keyword inputs, ModelOutput), Megatron-style
+        yield "hf-llama-megatron-2", "hf-llama", dict(
+            mesh={"tp": 2}, cluster=slow_devices(2), steps=("sgd", "sgd"),
+            constraints=hf_megatron("llama", {"tp": 2}))
+
+
+def hf_megatron(name, mesh):
+    import test_hf  # imports transformers: only where a case needs it
+    return test_hf.megatron(name, mesh)
+
+
+def make_model(name):
+    """(model, args, kwargs): the zoo of test_e2e_simulated, or test_hf's for "hf-*"."""
+    if name.startswith("hf-"):
+        import test_hf
+        model, kwargs = test_hf.make(name[3:])
+        return model, (), kwargs
+    return make(name)
 
 
 def run_training(name, opts):
-    model, args, kwargs = make(name)
+    model, args, kwargs = make_model(name)
     ref = twin(model)
     opts = dict(opts)
     cluster = opts.pop("cluster", None) or autopar.Cluster.local()
     expect = opts.pop("expect", None)
+    steps = opts.pop("steps", STEPS)
     pm = autopar.compile(model, cluster, example_inputs=kwargs or args, **opts)
     assert expect is None or expect in pm.code, f"{expect} missing from the rank program"
     assert not pm.simulate
-    return check_training(pm, ref, args, kwargs, steps=STEPS)
+    return check_training(pm, ref, args, kwargs, steps=steps)
 
 
 def run_errors(world):

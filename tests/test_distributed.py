@@ -1,6 +1,6 @@
 """Real multi-process runs: GPT- and LLaMA-style models trained for three steps with 2 and 4
-gloo processes match one device on every rank. Processes are spawned once per world size;
-every case runs inside them."""
+gloo processes, and a transformers LLaMA with 2, match one device on every rank. Processes
+are spawned once per world size; every case runs inside them."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _training_cases(world):
 def test_training_matches_one_device_on_every_rank(world_results):
     world, results = world_results
     cases = _training_cases(world)
-    assert len(cases) == (6 if world == 2 else 10)
+    assert len(cases) == (7 if world == 2 else 10)
     for rank, res in enumerate(results):
         for case in cases:
             r = res[case]
