@@ -5,6 +5,8 @@ predicted slower than forced baselines; the fast and exact levels agree where th
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -173,3 +175,24 @@ def test_peak_memory_sweep_equals_the_largest_checkpoint():
         choice = {n: (i * 7 + k) % len(prob.options[n]) for i, n in enumerate(prob.nodes)}
         every = max(prob.memory_at(choice, t) for t in range(len(prob.nodes)))
         assert prob.peak_memory(choice) == pytest.approx(every, rel=1e-12)
+
+
+@pytest.mark.parametrize("width, rows", [(4096, 64), (512, 4096)])
+def test_meshes_dropped_at_their_bound_lose_nothing(width, rows):
+    """The search stops a mesh's program at its relaxation's bound once a better plan is in
+    hand; the plan it returns is still the best of every mesh planned on its own."""
+    net, cluster = meta_net(width, 4 * width, layers=2), Cluster.preset("dgx-a100", nodes=2)
+    plan = autopar.plan(net, cluster, example_inputs=batch(rows, width))
+    dropped = [m for m in plan.stats["meshes"].values() if m["predicted_step_s"] is None]
+    each = {}
+    for name in plan.stats["meshes"]:
+        axes = dict(zip(("dp", "tp") if name.count(":") == 2 else
+                        ("dp", "sp", "tp") if name.count(":") == 3 else ("dp",),
+                        [int(v) for v in re.findall(r"\d+", name)]))
+        each[name] = autopar.plan(net, cluster, example_inputs=batch(rows, width),
+                                  mesh=axes).cost.total_s
+    assert plan.cost.total_s == pytest.approx(min(each.values()), rel=1e-9)
+    for name, m in plan.stats["meshes"].items():
+        if m["predicted_step_s"] is None:
+            assert m["lower_bound_s"] <= each[name] * (1 + 1e-9)
+    assert dropped, "no mesh was dropped: the bound is not exercised"

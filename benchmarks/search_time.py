@@ -1,0 +1,117 @@
+"""How long autopar takes to plan LLaMA-3-shaped models for 8 nodes of 8 H100s, by phase.
+
+Models are the LLaMA of examples/models.py on the meta device (no memory is allocated) with
+the public LLaMA-3 shapes: 8B (32 layers, width 4096), 70B (80 layers, width 8192), 405B (126
+layers, width 16384), and the 70B width at depths 8 to 128. One training step of 8 sequences
+of 2048 tokens, bf16 with fp32 master weights and AdamW; 405B trains one sequence of 1024
+tokens with SGD (its AdamW states alone would take 101 GB of each H100's 80, and its
+weights, master weights and gradients take 63). Every candidate mesh of the 64 devices is
+planned with the exact program (level "full").
+
+Each row is planned folded (the default: two layers traced, the program solved for one layer
+standing for all) and, where the depth is at most ``--unfolded-depth``, unfolded as well
+(every layer traced and planned) on the mesh the folded plan chose; the gap is the unfolded
+optimum's objective minus the folded one's (0: folding lost nothing).
+
+    python benchmarks/search_time.py                    # ~2-4 minutes on 2 cores
+    python benchmarks/search_time.py --unfolded-depth 0 # folded only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import autopar  # noqa: E402
+from models import Llama, LlamaConfig  # noqa: E402
+
+# The public LLaMA-3 shapes (Meta's model cards and the Llama 3 paper, table 3).
+SHAPES = {
+    "8B": dict(dim=4096, hidden_dim=14336, n_heads=32, n_kv_heads=8, n_layers=32),
+    "70B": dict(dim=8192, hidden_dim=28672, n_heads=64, n_kv_heads=8, n_layers=80),
+    "405B": dict(dim=16384, hidden_dim=53248, n_heads=128, n_kv_heads=8, n_layers=126),
+}
+VOCAB = 128256
+BATCH, SEQ = 8, 2048
+NODES = 8
+PHASES = ("capture", "normalize_graph", "annotate_shapes", "simplify_graph", "expand_repeats",
+          "fold_repeated_blocks", "assign_layouts")
+
+
+def rows(depths) -> list:
+    out = [(name, dict(shape)) for name, shape in SHAPES.items()]
+    for d in depths:
+        out.append((f"70B width, {d} layers", dict(SHAPES["70B"], n_layers=d)))
+    return out
+
+
+def llama(shape: dict, batch: int, seq: int):
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(vocab_size=VOCAB, max_seq_len=seq, **shape))
+    tokens = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    return model, (tokens, tokens)
+
+
+def plan(name, shape, cluster, **options):
+    big = name == "405B"
+    model, example = llama(shape, *((1, SEQ // 2) if big else (BATCH, SEQ)))
+    optimizer = "sgd" if big else "adamw"
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = autopar.plan(model, cluster, example_inputs=example, precision="bf16-mixed",
+                         optimizer=optimizer, **options)
+    return p, time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--unfolded-depth", type=int, default=16,
+                        help="plan unfolded too where the model has at most this many layers")
+    parser.add_argument("--depths", default="8,16,32,64,128",
+                        help="depths of the 70B-width rows, comma-separated")
+    args = parser.parse_args(argv)
+    cluster = autopar.Cluster.preset("dgx-h100", nodes=NODES)
+    console = Console()
+    table = Table(title=f"planning time on this machine, {cluster} "
+                        f"({torch.get_num_threads()} threads), seconds")
+    for col in ("model", "layers", "nodes", "capture", "analysis", "plan (meshes)",
+                "total", "mesh", "step s", "unfolded total", "gap s"):
+        table.add_column(col, justify="left" if col in ("model", "mesh") else "right")
+    results = {}
+    for name, shape in rows([int(d) for d in args.depths.split(",") if d]):
+        p, total = plan(name, shape, cluster)
+        sec = p.stats["seconds"]
+        analysis = sum(sec.get(k, 0.0) for k in PHASES[1:-1])
+        unfolded, gap = "-", "-"
+        if shape["n_layers"] <= args.unfolded_depth:
+            q, q_total = plan(name, shape, cluster, fold=False, mesh=p.mesh)
+            unfolded = f"{q_total:.2f}"
+            gap = f"{q.cost.total_s - p.cost.total_s:+.1e}" if \
+                q.cost.total_s != p.cost.total_s else "0"
+        results[name] = total
+        mesh = "x".join(f"{k}{v}" for k, v in p.mesh.items())
+        table.add_row(name, str(shape["n_layers"]), str(p.stats["nodes"]),
+                      f"{sec['capture']:.2f}", f"{analysis:.2f}",
+                      f"{sec['assign_layouts']:.2f} ({len(p.stats['meshes'])})",
+                      f"{total:.2f}", mesh, f"{p.cost.total_s:.3f}", unfolded, gap)
+        console.print(f"{name}: {total:.2f} s", style="dim")
+    console.print(table)
+    deep = [f"70B width, {d} layers" for d in args.depths.split(",") if d]
+    if len(deep) >= 2 and deep[0] in results and deep[-1] in results:
+        console.print(f"depth {deep[0].split(', ')[1]} -> {deep[-1].split(', ')[1]}: "
+                      f"x{results[deep[-1]] / results[deep[0]]:.2f} the time")
+
+
+if __name__ == "__main__":
+    main()
