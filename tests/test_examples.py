@@ -23,8 +23,10 @@ def test_example_runs(script):
     done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    if script.name == "quickstart.py":
+    if script.name in ("quickstart.py", "hf_llama.py"):
         assert "matches one device" in done.stdout
+    if script.name == "hf_llama.py":
+        assert "captured with dynamo" in done.stdout and "ops without a rule: none" in done.stdout
 
 
 def python_blocks(path):
