@@ -256,8 +256,8 @@ def _is_view(node) -> bool:
 
 
 def _aliases_read_later(dst, order, after: int) -> bool:
-    """Whether ``dst`` is a view (as Dynamo's example values tell) of a tensor that it, or
-    another view of it, is read by a node after position ``after``."""
+    """Whether ``dst`` is a view (as Dynamo's example values tell) of a tensor that, or
+    another view of which, is read by a node after position ``after``."""
     if not _is_view(dst):
         return False
     root = dst
@@ -270,8 +270,8 @@ def _aliases_read_later(dst, order, after: int) -> bool:
             continue
         seen.add(n)
         for user in n.users:
-            if user is not dst and order.get(user, -1) > after:
-                return True
+            if n is not dst and user is not dst and order.get(user, -1) > after:
+                return True  # later reads of dst itself read the copy
             if _is_view(user):
                 todo.append(user)
     return False

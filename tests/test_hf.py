@@ -225,3 +225,23 @@ def test_indexed_assignment_into_a_buffer_is_refused():
                                                     r"'seen'.*out of place"):
         autopar.plan(Writes(), autopar.Cluster.local(2, measure=False),
                      example_inputs={"x": torch.randn(2, 4), "ids": torch.tensor([1, 3])})
+
+
+def _write_through_view(x, w, read_base: bool = False):
+    base = x * w
+    view = base.view(-1)
+    view[0] = 5.0
+    return base.sum() if read_base else view.sum()
+
+
+def test_indexed_assignment_runs_out_of_place_unless_a_view_base_is_read_later():
+    """``x[i] = v`` becomes an out-of-place op that later readers of ``x`` read; through a
+    view whose base is read afterwards a copy would leave the base stale, so it is refused."""
+    x, w = torch.randn(4, 3), torch.randn(4, 3)
+    pm = autopar.compile(_write_through_view, autopar.Cluster.local(2, measure=False),
+                         example_inputs=(x, w), simulate=True)
+    assert "setitem(" in pm.code
+    torch.testing.assert_close(pm(x, w), _write_through_view(x, w), rtol=1e-5, atol=0)
+    with pytest.raises(autopar.CaptureError, match="view of a tensor read later"):
+        autopar.plan(lambda x, w: _write_through_view(x, w, read_base=True),
+                     autopar.Cluster.local(2, measure=False), example_inputs=(x, w))
