@@ -75,11 +75,12 @@ class Held:
 class Problem:
     """Strategies and prices of the nodes of a program on one mesh.
 
-    Folded: the nodes of every instance of a repeated block after the first are left out;
-    the first instance stands for all of them. ``weight[n]`` counts the instances a node
-    stands for (its seconds count that many times), ``rep`` maps a left-out node to the
-    node standing for it, and memory is held as in the last instance, where it peaks:
-    activations saved by the earlier instances are held from the block's start on.
+    Folded: of each class of repeated blocks, the first and last instances are planned on
+    their own and the second stands for every instance between them; the nodes of those are
+    left out. ``weight[n]`` counts the instances a node stands for (its seconds count that
+    many times), ``rep`` maps a left-out node to the node standing for it, and memory is
+    held as where it peaks, late in the chain: activations saved by the instances a node
+    stands for are held from the first block's start on.
     """
 
     mesh: object
@@ -234,14 +235,23 @@ def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=()) -> Proble
 
 
 def _fold_map(blocks, pinned) -> tuple:
-    """(node of a later instance -> its counterpart in the first, node -> instance count)."""
+    """(node of a left-out instance -> its counterpart in the standing one, node -> how many
+    instances it stands for). The first and last instance of each class are planned on
+    their own, where the layers before and after meet the chain; the second stands for
+    every instance between them, whose neighbours are instances too."""
     rep, weight = {}, {}
     for cls in blocks:
-        first = cls.instances[0].nodes
-        for a in first:
-            weight[a] = len(cls.instances)
-        for inst in cls.instances[1:]:
-            for a, b in zip(first, inst.nodes):
+        insts = cls.instances
+        for inst in (insts[0], insts[-1]):
+            for a in inst.nodes:
+                weight[a] = 1
+        if len(insts) < 3:
+            continue
+        stand = insts[1]
+        for a in stand.nodes:
+            weight[a] = len(insts) - 2
+        for inst in insts[2:-1]:
+            for a, b in zip(stand.nodes, inst.nodes):
                 if pinned.get(a) != pinned.get(b):
                     raise ValueError(f"{b.name} is pinned unlike {a.name}: the blocks "
                                      "holding them were folded together")
