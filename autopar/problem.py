@@ -76,8 +76,8 @@ class Problem:
     """Strategies and prices of the nodes of a program on one mesh.
 
     Folded: of each class of repeated blocks, the first and last instances are planned on
-    their own and the second stands for every instance between them; the nodes of those are
-    left out. ``weight[n]`` counts the instances a node stands for (its seconds count that
+    their own and the second stands for every instance between them (or, tied, the first
+    stands for all); the nodes of those are left out. ``weight[n]`` counts the instances a node stands for (its seconds count that
     many times), ``rep`` maps a left-out node to the node standing for it, and memory is
     held as where it peaks, late in the chain: activations saved by the instances a node
     stands for are held from the first block's start on.
@@ -206,14 +206,15 @@ _PLANNED = ("placeholder", "get_attr", "call_function", "call_method")
 _ALWAYS = 1 << 62   # the end of a held interval that lasts to the end of the forward pass
 
 
-def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=()) -> Problem:
+def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=(),
+                  ends_apart: bool = True) -> Problem:
     """Enumerate strategies for the nodes of ``gm`` on ``mesh`` and price them.
 
     ``pinned`` maps parameter and input nodes to the only layout they may take. Given
     ``blocks`` (classes of structurally identical instances), the problem is folded: only the
     first instance of each class is planned, standing for all of them (see :class:`Problem`).
     """
-    rep, weight = _fold_map(blocks, pinned)
+    rep, weight = _fold_map(blocks, pinned, ends_apart)
     every = [n for n in gm.graph.nodes if n.op in _PLANNED]
     nodes = [n for n in every if n not in rep]
     prob = Problem(mesh, model, nodes, weight=weight, rep=rep)
@@ -234,23 +235,28 @@ def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=()) -> Proble
     return prob
 
 
-def _fold_map(blocks, pinned) -> tuple:
+def _fold_map(blocks, pinned, ends_apart: bool) -> tuple:
     """(node of a left-out instance -> its counterpart in the standing one, node -> how many
-    instances it stands for). The first and last instance of each class are planned on
-    their own, where the layers before and after meet the chain; the second stands for
-    every instance between them, whose neighbours are instances too."""
+    instances it stands for). With ``ends_apart`` the first and last instance of each class
+    are planned on their own, where the layers before and after meet the chain, and the
+    second stands for every instance between them, whose neighbours are instances too;
+    without, the first stands for all (a third of the program, and a plan no better)."""
     rep, weight = {}, {}
     for cls in blocks:
         insts = cls.instances
-        for inst in (insts[0], insts[-1]):
-            for a in inst.nodes:
-                weight[a] = 1
-        if len(insts) < 3:
-            continue
-        stand = insts[1]
+        if ends_apart:
+            for inst in (insts[0], insts[-1]):
+                for a in inst.nodes:
+                    weight[a] = 1
+            if len(insts) < 3:
+                continue
+            stand, others = insts[1], insts[2:-1]
+            count = len(insts) - 2
+        else:
+            stand, others, count = insts[0], insts[1:], len(insts)
         for a in stand.nodes:
-            weight[a] = len(insts) - 2
-        for inst in insts[2:-1]:
+            weight[a] = count
+        for inst in others:
             for a, b in zip(stand.nodes, inst.nodes):
                 if pinned.get(a) != pinned.get(b):
                     raise ValueError(f"{b.name} is pinned unlike {a.name}: the blocks "
