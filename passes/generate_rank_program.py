@@ -120,7 +120,13 @@ def _emit_op(node, env, emit, mesh):
     if strat.spec.rewrite is not None:
         args, kwargs = strat.spec.rewrite(args, kwargs,
                                           local_shape(shape_of(node), strat.output, mesh.shape))
-    n = emit.graph.create_node(node.op, node.target, tuple(args), dict(kwargs), name=node.name)
+    op, target = node.op, node.target
+    if strat.spec.local is not None:
+        swap = strat.spec.local(strat.inputs, strat.output, mesh.names)
+        if swap is not None:  # a local computation that depends on the rank's coordinates
+            op, (target, extra) = "call_function", swap
+            kwargs = dict(kwargs, **extra)
+    n = emit.graph.create_node(op, target, tuple(args), dict(kwargs), name=node.name)
     n.meta["autopar.op"] = node.meta["autopar.op"]
     emit.layouts[n.name] = strat.output
     return n

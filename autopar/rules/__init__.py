@@ -36,6 +36,11 @@ class OpSpec:
     flops, num_bytes: work and memory traffic of the whole (unsplit) op, forward only.
     rewrite: ``(args, kwargs, local_out_shape) -> (args, kwargs)`` for ops whose arguments
         hold sizes that must become this rank's local sizes (view, reshape, expand).
+    local: ``(input layouts, output layout, axis names) -> (function, extra kwargs) | None``
+        for ops whose local computation under some layouts is not the op itself on the
+        local pieces (it depends on the rank's place on the mesh): the rank program calls
+        ``function(*args, **kwargs, **extra)`` instead; the function reads the rank's coordinates from
+        the active mesh, or from its ``coords`` keyword in simulated runs.
     """
 
     options: tuple
@@ -43,6 +48,7 @@ class OpSpec:
     num_bytes: float = 0.0
     rewrite: Callable | None = None
     fallback: bool = False
+    local: Callable | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ sharded one (column-parallel linear, data parallel on a batch label).
 
 from __future__ import annotations
 
+from ..runtime.local_ops import grouped_mm_local_experts
+
 from . import (P, R, OpSpec, Shard, arg, broadcast_labels, einsum_flops, einsum_options,
                io_bytes, register, replicated_options, shape_of, tensor_inputs)
 
@@ -201,5 +203,16 @@ def grouped_mm(node):
     labels = {x: [None, "k"], w: [None, "k", "n"], offs: [None]}
     options = einsum_options([labels[t] for t in ins], [None, "n"],
                              linear_in=[ins.index(x), ins.index(w)])
+    # expert parallel: each rank holds some experts and computes their rows (zeros for the
+    # others), so the output is a sum over ranks
+    experts = tuple(Shard(0) if t is w else R for t in ins)
+    options += ((experts, P),)
     (rows, k), n = shape_of(x), shape_of(w)[2]
-    return OpSpec(options, 2.0 * rows * k * n, io_bytes(node))
+    w_slot = ins.index(w)
+
+    def local(in_layouts, out_layout, axis_names):
+        axes = tuple(axis_names[a] for a, (p, o) in enumerate(zip(in_layouts[w_slot], out_layout))
+                     if p == Shard(0) and o == P)
+        return (grouped_mm_local_experts, {"axes": axes}) if axes else None
+
+    return OpSpec(options, 2.0 * rows * k * n, io_bytes(node), local=local)

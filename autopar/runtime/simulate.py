@@ -193,10 +193,15 @@ def run_ranks(gms: list, mesh: Mesh, inputs: list) -> list:
             random = node.meta.get("autopar.op") in RANDOM_OPS
             state = torch.get_rng_state() if random else None
             outs = []
+            aware = getattr(node.target, "rank_aware", False)
             for r in range(n):
                 if random:
                     torch.set_rng_state(state)
                 args, kwargs = per_rank(node.args, r), per_rank(node.kwargs, r)
+                if aware:  # reads the rank's place on the mesh (runtime.local_ops)
+                    kwargs = dict(kwargs, coords={
+                        a: (c, s) for a, c, s in zip(mesh.names, mesh.coordinate(r),
+                                                     mesh.shape)})
                 if node.op == "call_function":
                     outs.append(node.target(*args, **kwargs))
                 else:
