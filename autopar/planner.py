@@ -20,7 +20,7 @@ from .mesh import Mesh
 from .placement import Partial, Replicate, Shard, divides, format_layout, parse_layout
 from .plans import format_bytes
 from .problem import Problem, build_problem
-from .solver import Dominated, Infeasible, solve
+from .solver import TIME_LIMIT_S, Dominated, Infeasible, solve
 
 AXIS_NAMES = {1: ("dp",), 2: ("dp", "tp"), 3: ("dp", "sp", "tp")}
 # Past this many (producer layout, consumer need) pairs the exact program keeps, per node,
@@ -31,6 +31,9 @@ KEEP_PER_NODE = 24
 # the best are planned again with the first and last instances apart. On LLaMA-3 shapes
 # planning the ends apart gains at most about 3% (at 4 layers; less with depth).
 REFINE_MARGIN = 0.10
+# Seconds the exact program with the ends apart may take per mesh: where memory binds, branch
+# and bound can run long for gains of a few percent; HiGHS's best by then is kept if better.
+REFINE_TIME_LIMIT_S = 5.0
 
 
 def candidate_meshes(cluster, mesh_request) -> list:
@@ -147,7 +150,8 @@ def propagate(prob: Problem, sharded_params: bool = False) -> dict:
 
 
 def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
-                 blocks=(), cutoff: float = float("inf"), ends_apart: bool = True) -> tuple:
+                 blocks=(), cutoff: float = float("inf"), ends_apart: bool = True,
+                 time_limit_s: float = TIME_LIMIT_S) -> tuple:
     """(problem, choice, cost) of the best assignment on ``mesh``; raises Infeasible, or
     Dominated when the exact program proves no plan here beats ``cutoff`` seconds."""
     start = time.perf_counter()
@@ -170,7 +174,8 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
             exact, back = _pruned(prob, [f[1] for f in seeds] + greedy)
         try:
             best_found = min((f[0] for f in found), default=float("inf"))
-            choice, objective = solve(exact, budget, cutoff=min(cutoff, best_found))
+            choice, objective = solve(exact, budget, time_limit_s,
+                                      cutoff=min(cutoff, best_found))
             if back is not None:
                 choice = {n: back[n][i] for n, i in choice.items()}
             cost = prob.evaluate(choice)
@@ -258,16 +263,17 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
                                                                    rank[str(best[0])]):
             best = (mesh, *found)
     if refine and best is not None:
+        # the tied plan stays the answer unless planning the ends apart beats it (a pruned
+        # program may lose the tied plan's strategies, or no longer fit)
         limit = best[3].total_s * (1 + REFINE_MARGIN)
-        best = None
         for mesh, pinned, total in sorted(tied, key=lambda t: (t[2], rank[str(t[0])])):
             if total > limit:
                 break
             try:
                 found = plan_on_mesh(
                     gm, mesh, cluster, training, pinned, budget, level, stats, blocks,
-                    cutoff=best[3].total_s * (1 + 1e-9) if best else float("inf"))
-            except Dominated:
+                    cutoff=best[3].total_s * (1 + 1e-9), time_limit_s=REFINE_TIME_LIMIT_S)
+            except (Dominated, Infeasible):
                 continue
             if best is None or (found[2].total_s, rank[str(mesh)]) < (best[3].total_s,
                                                                       rank[str(best[0])]):
