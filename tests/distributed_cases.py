@@ -51,6 +51,10 @@ def training_cases(world):
         yield "hf-llama-megatron-2", "hf-llama", dict(
             mesh={"tp": 2}, cluster=slow_devices(2), steps=("sgd", "sgd"),
             constraints=hf_megatron("llama", {"tp": 2}))
+        # expert parallel: each rank computes its own experts' rows (rank-aware local op)
+        yield "hf-mixtral-experts-2", "hf-mixtral", dict(
+            mesh={"tp": 2}, cluster=slow_devices(2), steps=("sgd", "sgd"),
+            expect="grouped_mm_local_experts", constraints={"*.experts.*": "S(0)"})
 
 
 def hf_megatron(name, mesh):
