@@ -412,7 +412,7 @@ def _edge(prob: Problem, src: Node, dst: Node, slot: int) -> Edge:
     dst_keys = [(lid(s.inputs[slot]), grad_sum_axes(src, s.inputs[slot], s.output))
                 for s in prob.options[dst]]
     is_tuple = isinstance(src.meta["val"], (tuple, list))
-    bucketed = src.op == "get_attr"  # parameter gradients are summed in buckets
+    param = src.op == "get_attr"
 
     def price(key):
         a, (need, axes) = key
@@ -422,6 +422,9 @@ def _edge(prob: Problem, src: Node, dst: Node, slot: int) -> Edge:
         if axes:
             fused = prob.fused_axis(a, need)
             for axis in axes:
+                # a parameter's gradient is summed in buckets after backward where it is
+                # stored replicated on the axis; stored split, each use sums its own
+                bucketed = param and is_replicate(lay[a][axis])
                 t += m.grad_sum_s(num_bytes, lay[need], axis, fused=axis == fused,
                                   bucketed=bucketed)
         return t
