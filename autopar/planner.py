@@ -34,6 +34,10 @@ REFINE_MARGIN = 0.10
 # Seconds the exact program with the ends apart may take per mesh: where memory binds, branch
 # and bound can run long for gains of a few percent; HiGHS's best by then is kept if better.
 REFINE_TIME_LIMIT_S = 5.0
+# Where the chosen plan holds this share of the memory budget or more, its mesh is planned
+# again with the middle instances of repeated blocks in two runs, cut at these shares.
+MIX_WHEN = 0.9
+MIX_SHARES = (0.25, 0.5, 0.75)
 
 
 def candidate_meshes(cluster, mesh_request) -> list:
@@ -150,13 +154,13 @@ def propagate(prob: Problem, sharded_params: bool = False) -> dict:
 
 
 def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
-                 blocks=(), cutoff: float = float("inf"), ends_apart: bool = True,
+                 blocks=(), cutoff: float = float("inf"), folding="ends",
                  time_limit_s: float = TIME_LIMIT_S) -> tuple:
     """(problem, choice, cost) of the best assignment on ``mesh``; raises Infeasible, or
     Dominated when the exact program proves no plan here beats ``cutoff`` seconds."""
     start = time.perf_counter()
     model = CostModel(cluster, mesh, training)
-    prob = build_problem(gm, mesh, model, pinned, blocks, ends_apart)
+    prob = build_problem(gm, mesh, model, pinned, blocks, folding)
     built = time.perf_counter()
     found, objective, greedy = [], None, []
     pairs = prob.pair_count() if level == "full" else 0
@@ -187,7 +191,7 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
         except Dominated as e:
             stats.setdefault("meshes", {})[str(mesh)] = {
                 "strategies": sum(len(v) for v in prob.options.values()), "pairs": pairs,
-                "problem_nodes": len(prob.nodes), "ends_apart": ends_apart,
+                "problem_nodes": len(prob.nodes), "folding": folding,
                 "build_s": built - start,
                 "solve_s": time.perf_counter() - built, "predicted_step_s": None,
                 "exact_objective_s": None, "lower_bound_s": e.bound}
@@ -200,7 +204,7 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
     stats.setdefault("meshes", {})[str(mesh)] = {
         "strategies": sum(len(v) for v in prob.options.values()),
         "pairs": pairs if level == "full" else None,
-        "problem_nodes": len(prob.nodes), "ends_apart": ends_apart,
+        "problem_nodes": len(prob.nodes), "folding": folding,
         "build_s": built - start, "solve_s": time.perf_counter() - built,
         "predicted_step_s": cost.total_s, "exact_objective_s": objective}
     return prob, choice, cost
@@ -252,7 +256,7 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
             found = plan_on_mesh(
                 gm, mesh, cluster, training, pinned, budget, level, stats, blocks,
                 cutoff=best[3].total_s * (1 + margin) if best else float("inf"),
-                ends_apart=not refine)
+                folding="tied" if refine else "ends")
         except Infeasible as e:
             infeasible.append(e)
             continue
@@ -278,6 +282,8 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
             if best is None or (found[2].total_s, rank[str(mesh)]) < (best[3].total_s,
                                                                       rank[str(best[0])]):
                 best = (mesh, *found)
+        if best[3].memory_bytes_per_device >= MIX_WHEN * budget:
+            best = _mix(best, tied, gm, cluster, training, budget, level, stats, blocks)
     progress.close()
     if best is None:
         smallest = min(e.min_bytes for e in infeasible)
@@ -286,6 +292,24 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
             f"any plan needs is {format_bytes(smallest)}. Add devices, allow sharded "
             "parameters (drop constraints that replicate them), lower the batch size, or "
             "raise memory_budget_bytes")
+    return best
+
+
+def _mix(best, tied, gm, cluster, training, budget, level, stats, blocks):
+    """Where memory binds, plan the chosen mesh again with the middle instances of each
+    repeated block cut into two runs that may take different strategies (OSDP's mix of
+    sharded and replicated layers), at a few cut points; the best plan wins."""
+    mesh = best[0]
+    pinned = next(p for m, p, _ in tied if m is mesh)
+    for share in MIX_SHARES:
+        try:
+            found = plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
+                                 blocks, cutoff=best[3].total_s * (1 + 1e-9),
+                                 folding=("mixed", share), time_limit_s=REFINE_TIME_LIMIT_S)
+        except (Dominated, Infeasible):
+            continue
+        if found[2].total_s < best[3].total_s:
+            best = (mesh, *found)
     return best
 
 

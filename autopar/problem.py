@@ -75,9 +75,8 @@ class Held:
 class Problem:
     """Strategies and prices of the nodes of a program on one mesh.
 
-    Folded: of each class of repeated blocks, the first and last instances are planned on
-    their own and the second stands for every instance between them (or, tied, the first
-    stands for all); the nodes of those are left out. ``weight[n]`` counts the instances a node stands for (its seconds count that
+    Folded: of each class of repeated blocks, some instances are planned and each stands
+    for a run of instances after it (:func:`fold_groups`); the nodes of those are left out. ``weight[n]`` counts the instances a node stands for (its seconds count that
     many times), ``rep`` maps a left-out node to the node standing for it, and memory is
     held as where it peaks, late in the chain: activations saved by the instances a node
     stands for are held from the first block's start on.
@@ -207,14 +206,14 @@ _ALWAYS = 1 << 62   # the end of a held interval that lasts to the end of the fo
 
 
 def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=(),
-                  ends_apart: bool = True) -> Problem:
+                  folding="ends") -> Problem:
     """Enumerate strategies for the nodes of ``gm`` on ``mesh`` and price them.
 
     ``pinned`` maps parameter and input nodes to the only layout they may take. Given
-    ``blocks`` (classes of structurally identical instances), the problem is folded: only the
-    first instance of each class is planned, standing for all of them (see :class:`Problem`).
+    ``blocks`` (classes of structurally identical instances), the problem is folded as
+    ``folding`` says (see :func:`fold_groups` and :class:`Problem`).
     """
-    rep, weight = _fold_map(blocks, pinned, ends_apart)
+    rep, weight = _fold_map(blocks, pinned, folding)
     every = [n for n in gm.graph.nodes if n.op in _PLANNED]
     nodes = [n for n in every if n not in rep]
     prob = Problem(mesh, model, nodes, weight=weight, rep=rep)
@@ -235,33 +234,42 @@ def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=(),
     return prob
 
 
-def _fold_map(blocks, pinned, ends_apart: bool) -> tuple:
-    """(node of a left-out instance -> its counterpart in the standing one, node -> how many
-    instances it stands for). With ``ends_apart`` the first and last instance of each class
-    are planned on their own, where the layers before and after meet the chain, and the
-    second stands for every instance between them, whose neighbours are instances too;
-    without, the first stands for all (a third of the program, and a plan no better)."""
+def fold_groups(instances: list, folding) -> list:
+    """Runs of consecutive instances of one class; the first of each run is planned and
+    stands for the rest of it.
+
+    ``"tied"``: one run, every instance alike. ``"ends"``: the first and last instance apart
+    (where the layers before and after meet the chain), one run between them.
+    ``("mixed", f)``: as ``"ends"`` with the middle cut in two runs after a share ``f`` of
+    it, so that some instances may take one set of strategies and the rest another (as OSDP
+    shards parameters in some layers only, to fit a memory budget).
+    """
+    if folding == "tied":
+        return [instances]
+    if len(instances) < 3:
+        return [[i] for i in instances]
+    first, middle, last = [instances[0]], instances[1:-1], [instances[-1]]
+    if folding == "ends" or len(middle) < 2:
+        return [first, middle, last]
+    k = min(max(1, round(folding[1] * len(middle))), len(middle) - 1)
+    return [first, middle[:k], middle[k:], last]
+
+
+def _fold_map(blocks, pinned, folding) -> tuple:
+    """(node of a left-out instance -> its counterpart in the instance standing for it,
+    node -> how many instances it stands for), by :func:`fold_groups`."""
     rep, weight = {}, {}
     for cls in blocks:
-        insts = cls.instances
-        if ends_apart:
-            for inst in (insts[0], insts[-1]):
-                for a in inst.nodes:
-                    weight[a] = 1
-            if len(insts) < 3:
-                continue
-            stand, others = insts[1], insts[2:-1]
-            count = len(insts) - 2
-        else:
-            stand, others, count = insts[0], insts[1:], len(insts)
-        for a in stand.nodes:
-            weight[a] = count
-        for inst in others:
-            for a, b in zip(stand.nodes, inst.nodes):
-                if pinned.get(a) != pinned.get(b):
-                    raise ValueError(f"{b.name} is pinned unlike {a.name}: the blocks "
-                                     "holding them were folded together")
-                rep[b] = a
+        for run in fold_groups(cls.instances, folding):
+            stand, others = run[0], run[1:]
+            for a in stand.nodes:
+                weight[a] = len(run)
+            for inst in others:
+                for a, b in zip(stand.nodes, inst.nodes):
+                    if pinned.get(a) != pinned.get(b):
+                        raise ValueError(f"{b.name} is pinned unlike {a.name}: the blocks "
+                                         "holding them were folded together")
+                    rep[b] = a
     return rep, weight
 
 

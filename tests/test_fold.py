@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import autopar
-from autopar import Cluster
+from autopar import Cluster, format_layout
 from autopar.api import _context
 from autopar.capture import capture
 from autopar.graph_utils import module_path
@@ -334,3 +334,42 @@ def test_folded_capture_falls_back_to_full_depth_where_layers_cannot_be_copied(m
     pm = autopar.compile(model, autopar.Cluster.local(2), example_inputs=(x,), simulate=True)
     assert pm.plan.stats["repeats"] == {}
     torch.testing.assert_close(pm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def _unfolded_cost(captured, ctx):
+    """The cost of the chosen plan priced on the unfolded problem (every node on its own)."""
+    from autopar.cost import CostModel, Training
+    from autopar.problem import build_problem
+    model = CostModel(ctx.cluster, ctx.mesh, Training(ctx.precision, ctx.optimizer))
+    prob = build_problem(captured.gm, ctx.mesh, model, {})
+    choice = {n: prob.options[n].index(n.meta["autopar.strategy"]) for n in prob.nodes}
+    return prob.evaluate(choice)
+
+
+def test_a_tight_budget_mixes_strategies_across_the_instances_of_a_block():
+    """Under a memory budget that every-layer-alike plans meet only by splitting every
+    middle layer's weights the slow way, the planner gives some layers one layout and the
+    rest another (as OSDP mixes sharded and replicated layers): faster, within budget when
+    priced layer by layer."""
+    from autopar.api import _plan
+    from autopar import planner
+    from test_solver import batch, meta_net
+    net, cluster, x = meta_net(2048, 8192, layers=10), Cluster.preset("dgx-a100", nodes=2), \
+        batch(4096, 2048)
+    free = autopar.plan(net, cluster, example_inputs=x, mesh={"dp": 16})
+    budget = 0.8 * free.cost.memory_bytes_per_device
+    options = (cluster, x, {"dp": 16}, None, "full", budget, "fp32", "adamw")
+    captured, ctx = _plan(net, *options)
+    mixed = ctx.plan
+    when, planner.MIX_WHEN = planner.MIX_WHEN, float("inf")
+    try:
+        alike = _plan(net, *options)[1].plan
+    finally:
+        planner.MIX_WHEN = when
+    assert next(iter(mixed.stats["meshes"].values()))["folding"][0] == "mixed"
+    assert mixed.cost.total_s < alike.cost.total_s
+    middle = {format_layout(mixed.placements[f"layers.{i}.0.weight"]) for i in range(1, 9)}
+    assert len(middle) == 2
+    priced = _unfolded_cost(captured, ctx)
+    assert priced.total_s == pytest.approx(mixed.cost.total_s, rel=1e-9)
+    assert priced.memory_bytes_per_device <= budget
