@@ -263,9 +263,7 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
         except Dominated:
             continue
         tied.append((mesh, pinned, found[2].total_s))
-        if best is None or (found[2].total_s, rank[str(mesh)]) < (best[3].total_s,
-                                                                   rank[str(best[0])]):
-            best = (mesh, *found)
+        best = _keep(best, mesh, found, rank)
     if refine and best is not None:
         # the tied plan stays the answer unless planning the ends apart beats it (a pruned
         # program may lose the tied plan's strategies, or no longer fit)
@@ -279,11 +277,9 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
                     cutoff=best[3].total_s * (1 + 1e-9), time_limit_s=REFINE_TIME_LIMIT_S)
             except (Dominated, Infeasible):
                 continue
-            if best is None or (found[2].total_s, rank[str(mesh)]) < (best[3].total_s,
-                                                                      rank[str(best[0])]):
-                best = (mesh, *found)
+            best = _keep(best, mesh, found, rank)
         if best[3].memory_bytes_per_device >= MIX_WHEN * budget:
-            best = _mix(best, tied, gm, cluster, training, budget, level, stats, blocks)
+            best = _mix(best, tied, gm, cluster, training, budget, level, stats, blocks, rank)
     progress.close()
     if best is None:
         smallest = min(e.min_bytes for e in infeasible)
@@ -295,7 +291,16 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
     return best
 
 
-def _mix(best, tied, gm, cluster, training, budget, level, stats, blocks):
+def _keep(best, mesh, found, rank: dict):
+    """The better of ``best`` and ``found`` (problem, choice, cost) on ``mesh``; ties go to
+    the earlier candidate mesh, and to ``best`` on the same mesh."""
+    if best is None or (found[2].total_s, rank[str(mesh)]) < (best[3].total_s,
+                                                              rank[str(best[0])]):
+        return (mesh, *found)
+    return best
+
+
+def _mix(best, tied, gm, cluster, training, budget, level, stats, blocks, rank):
     """Where memory binds, plan the chosen mesh again with the middle instances of each
     repeated block cut into two runs that may take different strategies (OSDP's mix of
     sharded and replicated layers), at a few cut points; the best plan wins."""
@@ -308,8 +313,7 @@ def _mix(best, tied, gm, cluster, training, budget, level, stats, blocks):
                                  folding=("mixed", share), time_limit_s=REFINE_TIME_LIMIT_S)
         except (Dominated, Infeasible):
             continue
-        if found[2].total_s < best[3].total_s:
-            best = (mesh, *found)
+        best = _keep(best, mesh, found, rank)
     return best
 
 
