@@ -35,7 +35,8 @@ REFINE_MARGIN = 0.10
 # and bound can run long for gains of a few percent; HiGHS's best by then is kept if better.
 REFINE_TIME_LIMIT_S = 5.0
 # Where the chosen plan holds this share of the memory budget or more, its mesh is planned
-# again with the middle instances of repeated blocks in two runs, cut at these shares.
+# again with the middle instances of repeated blocks in two runs, cut at these shares
+# (each cut is one more exact program, of up to REFINE_TIME_LIMIT_S).
 MIX_WHEN = 0.9
 MIX_SHARES = (0.25, 0.5, 0.75)
 
