@@ -159,6 +159,18 @@ def test_full_state_dict_round_trip():
     assert pm.rank_program(1).fc1_weight.shape == (32, 16)
 
 
+def test_full_state_dict_names_a_tied_weight_as_the_model_does():
+    """GPT's LM head shares the token embedding: the gathered state dict holds it under
+    both names and loads strictly into a fresh model."""
+    model = GPT(GPTConfig())
+    pm = autopar.compile(model, Cluster.local(2), example_inputs=tiny_batch(model.cfg),
+                         simulate=True)
+    state = pm.full_state_dict()
+    assert set(state) == set(model.state_dict())
+    assert state["lm_head.weight"] is state["wte.weight"]
+    GPT(GPTConfig()).load_state_dict(state, strict=True)
+
+
 def test_examine_lists_ops_without_rules_with_locations():
     class Odd(nn.Module):
         def __init__(self):

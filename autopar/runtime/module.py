@@ -43,6 +43,13 @@ class ParallelModule(torch.nn.Module):
         self._program = program
         self._mesh = program.mesh
         self._fqn_of = {name: fqn for name, (fqn, _) in program.attrs.items()}
+        # other names the model gives a planned tensor (a tied weight: lm_head.weight)
+        planned = {id(source[fqn]): fqn for fqn, _ in program.attrs.values() if fqn in source}
+        self._aliases = {}
+        for fqn, t in source.items():
+            first = planned.get(id(t))
+            if first is not None and first != fqn:
+                self._aliases.setdefault(first, []).append(fqn)
         if simulate:
             self._coords = [self._mesh.coordinate(r) for r in range(self._mesh.size)]
             self.ranks = torch.nn.ModuleList(
@@ -160,10 +167,13 @@ class ParallelModule(torch.nn.Module):
         return vals[0].clone()
 
     def full_state_dict(self) -> dict:
-        """Every parameter and buffer gathered to its full tensor, keyed by the original FQN."""
+        """Every parameter and buffer gathered to its full tensor, keyed by the original FQN
+        (a tied weight under each of its names, as the model's own state dict has it)."""
         out = {}
         for name, (fqn, layout) in self._program.attrs.items():
             out[fqn] = self._gather(self._per_rank(name), layout)
+            for alias in self._aliases.get(fqn, ()):
+                out[alias] = out[fqn]
         return out
 
     def full_grad_dict(self) -> dict:
