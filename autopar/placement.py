@@ -26,29 +26,31 @@ R = Replicate()
 P = Partial()
 
 
-# Placement kind by type: isinstance against DTensor's placement classes goes through a
+# Placement kinds by type: isinstance against DTensor's placement classes goes through a
 # metaclass and costs microseconds, and planning asks millions of times.
-_KINDS: dict = {}
+def _subclasses(cls) -> frozenset:
+    out, todo = {cls}, [cls]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in out:
+                out.add(sub)
+                todo.append(sub)
+    return frozenset(out)
 
 
-def _kind(p) -> str:
-    k = _KINDS.get(type(p))
-    if k is None:
-        k = _KINDS[type(p)] = ("S" if isinstance(p, Shard) else "P" if isinstance(p, Partial)
-                               else "R" if isinstance(p, Replicate) else "?")
-    return k
+_SHARD, _PARTIAL, _REPLICATE = _subclasses(Shard), _subclasses(Partial), _subclasses(Replicate)
 
 
 def is_shard(p: Placement) -> bool:
-    return _kind(p) == "S"
+    return type(p) in _SHARD
 
 
 def is_partial(p: Placement) -> bool:
-    return _kind(p) == "P"
+    return type(p) in _PARTIAL
 
 
 def is_replicate(p: Placement) -> bool:
-    return _kind(p) == "R"
+    return type(p) in _REPLICATE
 
 
 def replicated(num_axes: int) -> Layout:
