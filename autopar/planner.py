@@ -156,12 +156,12 @@ def propagate(prob: Problem, sharded_params: bool = False) -> dict:
 
 def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
                  blocks=(), cutoff: float = float("inf"), folding="ends",
-                 time_limit_s: float = TIME_LIMIT_S) -> tuple:
+                 time_limit_s: float = TIME_LIMIT_S, known: dict | None = None) -> tuple:
     """(problem, choice, cost) of the best assignment on ``mesh``; raises Infeasible, or
     Dominated when the exact program proves no plan here beats ``cutoff`` seconds."""
     start = time.perf_counter()
     model = CostModel(cluster, mesh, training)
-    prob = build_problem(gm, mesh, model, pinned, blocks, folding)
+    prob = build_problem(gm, mesh, model, pinned, blocks, folding, known)
     built = time.perf_counter()
     found, objective, greedy = [], None, []
     pairs = prob.pair_count() if level == "full" else 0
@@ -240,6 +240,7 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
     sources = _named_sources(gm, input_names)
     shapes = {name: tuple(n.meta["val"].shape) for name, n in sources.items()}
     best, infeasible, tied = None, [], []
+    known = {}  # strategies per (node, mesh shape): problems are built again on a mesh
     candidates = candidate_meshes(cluster, mesh_request)
     rank = {str(m): i for i, m in enumerate(candidates)}
     meshes = sorted(candidates, key=lambda m: _promise(m, cluster))
@@ -257,7 +258,7 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
             found = plan_on_mesh(
                 gm, mesh, cluster, training, pinned, budget, level, stats, blocks,
                 cutoff=best[3].total_s * (1 + margin) if best else float("inf"),
-                folding="tied" if refine else "ends")
+                folding="tied" if refine else "ends", known=known)
         except Infeasible as e:
             infeasible.append(e)
             continue
@@ -275,12 +276,14 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
             try:
                 found = plan_on_mesh(
                     gm, mesh, cluster, training, pinned, budget, level, stats, blocks,
-                    cutoff=best[3].total_s * (1 + 1e-9), time_limit_s=REFINE_TIME_LIMIT_S)
+                    cutoff=best[3].total_s * (1 + 1e-9), time_limit_s=REFINE_TIME_LIMIT_S,
+                    known=known)
             except (Dominated, Infeasible):
                 continue
             best = _keep(best, mesh, found, rank)
         if best[3].memory_bytes_per_device >= MIX_WHEN * budget:
-            best = _mix(best, tied, gm, cluster, training, budget, level, stats, blocks, rank)
+            best = _mix(best, tied, gm, cluster, training, budget, level, stats, blocks, rank,
+                        known)
     progress.close()
     if best is None:
         smallest = min(e.min_bytes for e in infeasible)
@@ -301,7 +304,7 @@ def _keep(best, mesh, found, rank: dict):
     return best
 
 
-def _mix(best, tied, gm, cluster, training, budget, level, stats, blocks, rank):
+def _mix(best, tied, gm, cluster, training, budget, level, stats, blocks, rank, known):
     """Where memory binds, plan the chosen mesh again with the middle instances of each
     repeated block cut into two runs that may take different strategies (OSDP's mix of
     sharded and replicated layers), at a few cut points; the best plan wins."""
@@ -311,7 +314,8 @@ def _mix(best, tied, gm, cluster, training, budget, level, stats, blocks, rank):
         try:
             found = plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
                                  blocks, cutoff=best[3].total_s * (1 + 1e-9),
-                                 folding=("mixed", share), time_limit_s=REFINE_TIME_LIMIT_S)
+                                 folding=("mixed", share), time_limit_s=REFINE_TIME_LIMIT_S,
+                                 known=known)
         except (Dominated, Infeasible):
             continue
         best = _keep(best, mesh, found, rank)

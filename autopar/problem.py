@@ -206,12 +206,13 @@ _ALWAYS = 1 << 62   # the end of a held interval that lasts to the end of the fo
 
 
 def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=(),
-                  folding="ends") -> Problem:
+                  folding="ends", known: dict | None = None) -> Problem:
     """Enumerate strategies for the nodes of ``gm`` on ``mesh`` and price them.
 
     ``pinned`` maps parameter and input nodes to the only layout they may take. Given
     ``blocks`` (classes of structurally identical instances), the problem is folded as
-    ``folding`` says (see :func:`fold_groups` and :class:`Problem`).
+    ``folding`` says (see :func:`fold_groups` and :class:`Problem`). ``known`` keeps the
+    strategies enumerated for a node and mesh shape, for problems built again on one mesh.
     """
     rep, weight = _fold_map(blocks, pinned, folding)
     every = [n for n in gm.graph.nodes if n.op in _PLANNED]
@@ -222,7 +223,13 @@ def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=(),
         if n.op in ("placeholder", "get_attr"):
             prob.options[n] = _source_options(n, mesh, pinned)
         else:
-            prob.options[n] = strategies(n, mesh.shape)
+            key = (n, tuple(mesh.shape))
+            if known is not None and key in known:
+                prob.options[n] = known[key]
+            else:
+                prob.options[n] = strategies(n, mesh.shape)
+                if known is not None:
+                    known[key] = prob.options[n]
     for n in nodes:
         _price_node(prob, n)
     output = next(n for n in gm.graph.nodes if n.op == "output")
