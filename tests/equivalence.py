@@ -79,6 +79,26 @@ def check_training(pm, ref: torch.nn.Module, inputs, kwargs=None, steps=("sgd", 
     return worst
 
 
+class Whole:
+    """What :func:`check_training` reads of a ParallelModule, for a module holding whole
+    parameters run through ``run`` (``torch.compile(model, backend=...)``)."""
+
+    def __init__(self, run, model: torch.nn.Module):
+        self.run, self.model = run, model
+
+    def __call__(self, *args, **kwargs):
+        return self.run(*args, **kwargs)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def full_grad_dict(self) -> dict:
+        return {fqn: p.grad for fqn, p in self.model.named_parameters()}
+
+    def full_state_dict(self) -> dict:
+        return dict(self.model.named_parameters())
+
+
 def twin(model):
     """An independent copy, so the parallel module and the reference start equal."""
     return copy.deepcopy(model)

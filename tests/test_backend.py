@@ -20,11 +20,10 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
-from torch.utils._pytree import tree_leaves
 
 import autopar
 from autopar import Cluster, PlanError
-from equivalence import GRAD_FLOOR, RTOL, assert_close, check_training, loss_of, twin
+from equivalence import RTOL, Whole, check_training, twin
 from models import MLP
 from test_e2e_simulated import SHARDED_INPUTS, make, megatron, slow_devices
 
@@ -34,30 +33,7 @@ STEPS = ("sgd", "adamw")
 def check_compiled_training(compiled, model, ref, args, kwargs=None, steps=STEPS) -> float:
     """``compiled`` is ``torch.compile(model, ...)``: after each step of ``steps`` its outputs,
     ``model``'s gradients and then its parameters match the single-device ``ref``."""
-    kwargs = kwargs or {}
-    worst = 0.0
-    for i, name in enumerate(steps):
-        out, want = compiled(*args, **kwargs), ref(*args, **kwargs)
-        for a, b in zip(tree_leaves(out), tree_leaves(want)):
-            if isinstance(b, torch.Tensor):
-                worst = max(worst, assert_close(a, b, f"step {i} output"))
-        loss_of(out).backward()
-        loss_of(want).backward()
-        floor = GRAD_FLOOR * max(p.grad.abs().max().item() for p in ref.parameters()
-                                 if p.grad is not None)
-        for (fqn, p), q in zip(model.named_parameters(), ref.parameters()):
-            if q.grad is not None:
-                worst = max(worst, assert_close(p.grad, q.grad, f"step {i} grad {fqn}", floor))
-        opt_cls = torch.optim.SGD if name == "sgd" else torch.optim.AdamW
-        opt_args = dict(lr=0.1) if name == "sgd" else dict(lr=1e-3, weight_decay=0.01, eps=1e-5)
-        for net in (model, ref):
-            opt = opt_cls(net.parameters(), **opt_args)
-            opt.step()
-            opt.zero_grad()
-        floor = GRAD_FLOOR * max(p.detach().abs().max().item() for p in ref.parameters())
-        for (fqn, p), q in zip(model.named_parameters(), ref.parameters()):
-            worst = max(worst, assert_close(p, q, f"{name} step: parameter {fqn}", floor))
-    return worst
+    return check_training(Whole(compiled, model), ref, args, kwargs, steps=steps)
 
 
 # Each case: model name, backend options, a line the rank program must hold. Megatron pins
