@@ -8,7 +8,6 @@ error, or the error raised, per case.
 from __future__ import annotations
 
 import datetime
-import faulthandler
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ import torch.distributed as dist  # noqa: E402
 
 import autopar  # noqa: E402
 from equivalence import check_training, twin  # noqa: E402
+from spawn import dump_stack_on_crash  # noqa: E402
 from test_e2e_simulated import SHARDED_INPUTS, make, megatron, slow_devices  # noqa: E402
 
 STEPS = ("sgd", "adamw", "adamw")
@@ -105,9 +105,7 @@ def run_errors(world):
 
 
 def main(rank, world, port, result_dir):
-    # a crash inside torch's C++ (an abort, a segfault) leaves this rank's Python stack here
-    crash_log = open(os.path.join(result_dir, f"rank{rank}.crash"), "w")  # noqa: SIM115
-    faulthandler.enable(crash_log)
+    dump_stack_on_crash(result_dir, rank)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world,

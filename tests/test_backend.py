@@ -9,14 +9,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
@@ -25,6 +23,7 @@ import autopar
 from autopar import Cluster, PlanError
 from equivalence import RTOL, Whole, check_training, twin
 from models import MLP
+from spawn import dump_stack_on_crash, run_world
 from test_e2e_simulated import SHARDED_INPUTS, make, megatron, slow_devices
 
 STEPS = ("sgd", "adamw")
@@ -202,12 +201,6 @@ def test_parallel_module_under_inductor_matches_one_device_simulated(case):
 
 # -- two real processes (gloo), spawned once -----------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _capture(fn):
     start = time.perf_counter()
     try:
@@ -236,6 +229,7 @@ def _plan_mismatch_case():
 
 
 def _worker(rank, world, port, out_dir):
+    dump_stack_on_crash(out_dir, rank)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world,
@@ -258,10 +252,7 @@ def _worker(rank, world, port, out_dir):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("backend-world2")
-    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True,
-                       start_method="spawn")
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return run_world(_worker, 2, tmp_path_factory, "backend-world2")
 
 
 def test_two_processes_train_like_one_device(two_processes):

@@ -4,43 +4,17 @@ are spawned once per world size; every case runs inside them."""
 
 from __future__ import annotations
 
-import json
-import socket
-import warnings
-
 import pytest
-import torch.multiprocessing as mp
 
 import distributed_cases
 from equivalence import RTOL
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from spawn import run_world
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
 def world_results(request, tmp_path_factory):
     world = request.param
-    for attempt in range(2):
-        out = tmp_path_factory.mktemp(f"world{world}")
-        try:
-            mp.start_processes(distributed_cases.main, args=(world, _free_port(), str(out)),
-                               nprocs=world, join=True, start_method="spawn")
-            break
-        except mp.ProcessExitedException as e:
-            # A rank killed by a signal (an abort inside gloo, seen once under heavy load) is
-            # retried once; a second crash fails with every rank's Python stack.
-            crashes = "\n".join(f"rank {r}:\n{(out / f'rank{r}.crash').read_text()}"
-                                for r in range(world) if (out / f"rank{r}.crash").exists())
-            if attempt:
-                raise AssertionError(f"{e}\n{crashes}") from e
-            warnings.warn(f"world {world}: {e}; retrying once. Stacks:\n{crashes}",
-                          stacklevel=1)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-    return world, results
+    return world, run_world(distributed_cases.main, world, tmp_path_factory, f"world{world}")
 
 
 def _training_cases(world):
