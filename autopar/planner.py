@@ -31,14 +31,14 @@ KEEP_PER_NODE = 24
 # the best are planned again with the first and last instances apart. On LLaMA-3 shapes
 # planning the ends apart gains at most about 3% (at 4 layers; less with depth).
 REFINE_MARGIN = 0.10
-# Seconds the exact program with the ends apart may take per mesh: where memory binds, branch
-# and bound can run long for gains of a few percent; HiGHS's best by then is kept if better.
+# Seconds HiGHS may take per program with the ends apart or mixed (a safety net: where memory
+# binds it solves a program restricted to the relaxation's support, in well under a second).
 REFINE_TIME_LIMIT_S = 5.0
-# Where the chosen plan holds this share of the memory budget or more, its mesh is planned
-# again with the middle instances of repeated blocks in two runs, cut at these shares
-# (each cut is one more exact program, of up to REFINE_TIME_LIMIT_S).
-MIX_WHEN = 0.9
-MIX_SHARES = (0.25, 0.5, 0.75)
+# Where memory binds, the relaxation of the chosen mesh's folded program gives some instances
+# of a block one strategy and the rest another; the mesh is then planned again with the
+# middle instances cut in two runs at (up to this many of) the shares it names, each one
+# more exact program of up to REFINE_TIME_LIMIT_S.
+MAX_MIXES = 2
 
 
 def candidate_meshes(cluster, mesh_request) -> list:
@@ -163,7 +163,7 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
     model = CostModel(cluster, mesh, training)
     prob = build_problem(gm, mesh, model, pinned, blocks, folding, known)
     built = time.perf_counter()
-    found, objective, greedy = [], None, []
+    found, objective, greedy, shares = [], None, [], ()
     pairs = prob.pair_count() if level == "full" else 0
     if level == "fast" or pairs > MAX_EXACT_PAIRS:  # the answer, or seeds of a pruned program
         for sharded in (False, True):
@@ -179,8 +179,8 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
             exact, back = _pruned(prob, [f[1] for f in seeds] + greedy)
         try:
             best_found = min((f[0] for f in found), default=float("inf"))
-            choice, objective = solve(exact, budget, time_limit_s,
-                                      cutoff=min(cutoff, best_found))
+            choice, objective, shares = solve(exact, budget, time_limit_s,
+                                              cutoff=min(cutoff, best_found))
             if back is not None:
                 choice = {n: back[n][i] for n, i in choice.items()}
             cost = prob.evaluate(choice)
@@ -207,7 +207,8 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
         "pairs": pairs if level == "full" else None,
         "problem_nodes": len(prob.nodes), "folding": folding,
         "build_s": built - start, "solve_s": time.perf_counter() - built,
-        "predicted_step_s": cost.total_s, "exact_objective_s": objective}
+        "predicted_step_s": cost.total_s, "exact_objective_s": objective,
+        "split_shares": shares}
     return prob, choice, cost
 
 
@@ -281,9 +282,10 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
             except (Dominated, Infeasible):
                 continue
             best = _keep(best, mesh, found, rank)
-        if best[3].memory_bytes_per_device >= MIX_WHEN * budget:
-            best = _mix(best, tied, gm, cluster, training, budget, level, stats, blocks, rank,
-                        known)
+        shares = stats["meshes"][str(best[0])].get("split_shares", ())[:MAX_MIXES]
+        if shares:
+            best = _mix(best, tied, shares, gm, cluster, training, budget, level, stats,
+                        blocks, rank, known)
     progress.close()
     if best is None:
         smallest = min(e.min_bytes for e in infeasible)
@@ -304,13 +306,14 @@ def _keep(best, mesh, found, rank: dict):
     return best
 
 
-def _mix(best, tied, gm, cluster, training, budget, level, stats, blocks, rank, known):
-    """Where memory binds, plan the chosen mesh again with the middle instances of each
-    repeated block cut into two runs that may take different strategies (OSDP's mix of
-    sharded and replicated layers), at a few cut points; the best plan wins."""
+def _mix(best, tied, shares, gm, cluster, training, budget, level, stats, blocks, rank,
+         known):
+    """Plan the chosen mesh again with the middle instances of each repeated block cut into
+    two runs that may take different strategies (OSDP's mix of sharded and replicated
+    layers), at the ``shares`` its relaxation split them; the best plan wins."""
     mesh = best[0]
     pinned = next(p for m, p, _ in tied if m is mesh)
-    for share in MIX_SHARES:
+    for share in shares:
         try:
             found = plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
                                  blocks, cutoff=best[3].total_s * (1 + 1e-9),

@@ -28,6 +28,12 @@ Constraints
     node t of the forward pass, parameter storage (with gradients and optimizer states),
     activations saved for backward, and outputs still to be read.
 
+Solving: the relaxation first, which is the optimum where it is integral (most programs
+here). Where memory binds it is fractional, and its support (the few strategies it mixes at
+some nodes, every other node's one) is then solved as an integer program to its end: a plan
+not proven optimal, but one that does not depend on how far branch and bound on the whole
+program got before a time limit.
+
 The same inputs always give the same plan: variables are laid out in graph order and HiGHS
 runs single-threaded with a fixed seed.
 """
@@ -70,29 +76,53 @@ class _Builder:
         self.hi.append(hi)
         self.n_rows += 1
 
-    def solve(self, time_limit_s: float, cutoff: float = np.inf):
-        """Solve the relaxation first: where its optimum is already integral (most programs
-        here: every node's choice is a vertex of its simplex) it is the integer optimum, and
-        HiGHS's branch and bound setup costs more than the relaxation itself. The relaxation
-        bounds the integer optimum from below: above ``cutoff`` the program is not solved
-        further (:class:`Dominated`)."""
+    def relax(self, time_limit_s: float, cutoff: float = np.inf):
+        """The relaxation (every binary continuous in [0, 1]). Where its optimum is already
+        integral (most programs here: every node's choice is a vertex of its simplex) it is
+        the integer optimum, and HiGHS's branch and bound setup costs more than the
+        relaxation itself. It bounds the integer optimum from below: above ``cutoff`` the
+        program is not solved further (:class:`Dominated`)."""
         n = len(self.cost)
         a = coo_array((self.vals, (self.rows, self.cols)), shape=(self.n_rows, n)).tocsr()
-        args = dict(bounds=Bounds(np.zeros(n), np.array(self.upper)),
-                    constraints=LinearConstraint(a, self.lo, self.hi))
-        integral = np.array(self.integral)
-        relaxed = milp(np.array(self.cost), integrality=np.zeros(n), **args,
+        self._args = dict(c=np.array(self.cost), bounds=Bounds(np.zeros(n), np.array(self.upper)),
+                          constraints=LinearConstraint(a, self.lo, self.hi))
+        # without presolve: HiGHS's dual simplex is 2-3x faster on these programs
+        relaxed = milp(integrality=np.zeros(n), **self._args,
+                       options={"time_limit": time_limit_s, "presolve": False})
+        if relaxed.x is not None and relaxed.fun > cutoff:
+            raise Dominated(relaxed.fun)
+        return relaxed
+
+    def is_integral(self, res) -> bool:
+        """Whether ``res`` sets every binary to 0 or 1 (rounding them if so)."""
+        if res.x is None:
+            return False
+        ints = np.array(self.integral) == 1
+        xs = res.x[ints]
+        if np.all(np.minimum(np.abs(xs), np.abs(xs - 1)) <= INTEGRAL_TOLERANCE):
+            res.x[ints] = np.round(xs)
+            return True
+        return False
+
+    def branch(self, time_limit_s: float, support=None):
+        """The integer program by HiGHS's branch and bound, after :meth:`relax`.
+
+        Given the relaxed ``support``, only the binaries it sets above zero stay free: a
+        few nodes are left to choose, so the program is small and solved to its end in
+        well under a second on the programs here, and the same inputs give the same plan
+        (branch and bound on the whole program, where memory binds, runs into its time
+        limit, and what it has by then depends on the machine's speed). The whole program
+        is branched on only where the restricted one has no plan."""
+        integrality = np.array(self.integral)
+        if support is not None:
+            ub = np.array(self._args["bounds"].ub, dtype=float)
+            ub[(integrality == 1) & (support <= INTEGRAL_TOLERANCE)] = 0.0
+            restricted = dict(self._args, bounds=Bounds(self._args["bounds"].lb, ub))
+            res = milp(integrality=integrality, **restricted,
                        options={"time_limit": time_limit_s, "presolve": True})
-        if relaxed.x is not None:
-            if relaxed.fun > cutoff:
-                raise Dominated(relaxed.fun)
-            xs = relaxed.x[integral == 1]
-            if np.all(np.minimum(np.abs(xs), np.abs(xs - 1)) <= INTEGRAL_TOLERANCE):
-                relaxed.x[integral == 1] = np.round(xs)
-                return relaxed
-        elif relaxed.status == 2:  # the relaxation is infeasible: so is the program
-            return relaxed
-        return milp(np.array(self.cost), integrality=integral, **args,
+            if res.x is not None:
+                return res
+        return milp(integrality=integrality, **self._args,
                     options={"time_limit": time_limit_s, "presolve": True})
 
 
@@ -194,9 +224,15 @@ def fixed_choices(prob) -> dict:
 
 def solve(prob, budget_bytes: float, time_limit_s: float = TIME_LIMIT_S,
           cutoff: float = np.inf) -> tuple:
-    """The optimal assignment (node -> strategy index) within the memory budget, and the
-    program's objective value (seconds). Raises :class:`Dominated` when every assignment
-    costs more than ``cutoff`` seconds (another mesh's plan), without solving to the end."""
+    """The optimal assignment (node -> strategy index) within the memory budget, the
+    program's objective value (seconds), and the shares at which the relaxation splits the
+    instances a node stands for between strategies (:func:`split_shares`). Raises
+    :class:`Dominated` when every assignment costs more than ``cutoff`` seconds (another
+    mesh's plan), without solving to the end.
+
+    Where the relaxation is fractional (memory binds), the plan is the best among the
+    strategies the relaxation uses (:meth:`_Builder.branch`): not proven optimal, its
+    objective is within the relaxation's bound plus the gap between the two."""
     b = _Builder()
     x = strategy_variables(b, prob)
     one_strategy_per_node(b, prob, x)
@@ -204,15 +240,37 @@ def solve(prob, budget_bytes: float, time_limit_s: float = TIME_LIMIT_S,
     constant += sum(prob.weight.get(n, 1) * prob.node_s[n][0] for n in prob.nodes if n not in x)
     memory_budget(b, prob, x, budget_bytes)
     try:
-        res = b.solve(time_limit_s, cutoff - constant)
+        res = b.relax(time_limit_s, cutoff - constant)
     except Dominated as e:
         raise Dominated(e.bound + constant) from None
-    if res.status == 2 or res.x is None:
+    if res.status == 2:  # the relaxation is infeasible: so is the program
+        raise Infeasible(prob, time_limit_s)
+    shares = ()
+    if not b.is_integral(res):
+        shares = split_shares(prob, x, res.x) if res.x is not None else ()
+        res = b.branch(time_limit_s, support=res.x)
+    if res.x is None:
         raise Infeasible(prob, time_limit_s)
     choice = fixed_choices(prob)
     for n, cols in x.items():
         choice[n] = int(np.argmax([res.x[c] for c in cols]))
-    return choice, float(res.fun) + constant
+    return choice, float(res.fun) + constant, shares
+
+
+def split_shares(prob, x: dict, values) -> tuple:
+    """Where memory binds, the relaxation of a folded program may give a node standing for
+    several instances one strategy in part and another in the rest (as OSDP shards some
+    layers only): those parts, most common first. Cutting the instances there is the
+    program worth solving next."""
+    count = {}
+    for n, cols in x.items():
+        if prob.weight.get(n, 1) < 2:
+            continue
+        for c in cols:
+            if INTEGRAL_TOLERANCE < values[c] < 1 - INTEGRAL_TOLERANCE:
+                share = round(float(values[c]), 2)
+                count[share] = count.get(share, 0) + 1
+    return tuple(sorted(count, key=lambda f: (-count[f], f)))
 
 
 def min_memory(prob, time_limit_s: float = TIME_LIMIT_S) -> float:
@@ -227,7 +285,9 @@ def min_memory(prob, time_limit_s: float = TIME_LIMIT_S) -> float:
         if e.src in x and e.dst in x and not all(np.isfinite(v) for v in e.cost.values()):
             _pair_variables(b, e, x)
     memory_budget(b, prob, x, 0.0, peak_col=peak)
-    res = b.solve(time_limit_s)
+    res = b.relax(time_limit_s)
+    if not b.is_integral(res) and res.status != 2:
+        res = b.branch(time_limit_s)
     if res.x is None:
         raise PlanError("no layout assignment exists for this program on this mesh")
     return float(res.x[peak])
@@ -253,3 +313,4 @@ class Dominated(Exception):
     def __init__(self, bound: float):
         super().__init__(bound)
         self.bound = bound
+

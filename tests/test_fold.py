@@ -361,11 +361,11 @@ def test_a_tight_budget_mixes_strategies_across_the_instances_of_a_block():
     options = (cluster, x, {"dp": 16}, None, "full", budget, "fp32", "adamw")
     captured, ctx = _plan(net, *options)
     mixed = ctx.plan
-    when, planner.MIX_WHEN = planner.MIX_WHEN, float("inf")
+    mixes, planner.MAX_MIXES = planner.MAX_MIXES, 0
     try:
         alike = _plan(net, *options)[1].plan
     finally:
-        planner.MIX_WHEN = when
+        planner.MAX_MIXES = mixes
     assert next(iter(mixed.stats["meshes"].values()))["folding"][0] == "mixed"
     assert mixed.cost.total_s < alike.cost.total_s
     middle = {format_layout(mixed.placements[f"layers.{i}.0.weight"]) for i in range(1, 9)}
@@ -373,3 +373,6 @@ def test_a_tight_budget_mixes_strategies_across_the_instances_of_a_block():
     priced = _unfolded_cost(captured, ctx)
     assert priced.total_s == pytest.approx(mixed.cost.total_s, rel=1e-9)
     assert priced.memory_bytes_per_device <= budget
+    # where memory binds the plan still depends on nothing but the inputs
+    again = _plan(net, *options)[1].plan
+    assert again.placements == mixed.placements and again.cost == mixed.cost
