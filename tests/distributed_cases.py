@@ -7,7 +7,6 @@ error, or the error raised, per case.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
@@ -16,12 +15,11 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "examples")]
 
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import autopar  # noqa: E402
 from equivalence import check_training, twin  # noqa: E402
-from spawn import dump_stack_on_crash  # noqa: E402
+from spawn import join_world  # noqa: E402
 from test_e2e_simulated import SHARDED_INPUTS, make, megatron, slow_devices  # noqa: E402
 
 STEPS = ("sgd", "adamw", "adamw")
@@ -105,12 +103,7 @@ def run_errors(world):
 
 
 def main(rank, world, port, result_dir):
-    dump_stack_on_crash(result_dir, rank)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
+    join_world(rank, world, port, result_dir, timeout_s=120)
     results = {}
     for case, name, opts in training_cases(world):
         try:

@@ -7,12 +7,15 @@ a second crash fails with every rank's Python stack, which :func:`dump_stack_on_
 
 from __future__ import annotations
 
+import datetime
 import faulthandler
 import json
 import os
 import socket
 import warnings
 
+import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -26,6 +29,17 @@ def dump_stack_on_crash(result_dir: str, rank: int) -> None:
     """In a rank: a crash inside torch's C++ (an abort, a segfault) leaves its Python stack."""
     log = open(os.path.join(result_dir, f"rank{rank}.crash"), "w")  # noqa: SIM115
     faulthandler.enable(log)
+
+
+def join_world(rank: int, world: int, port: int, result_dir: str, timeout_s: int) -> None:
+    """In a rank: leave a stack on a crash, join the gloo world, and compute on one thread
+    (the ranks share this machine's cores)."""
+    dump_stack_on_crash(result_dir, rank)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    torch.set_num_threads(1)
 
 
 def run_world(worker, world: int, tmp_path_factory, name: str) -> list:

@@ -6,7 +6,6 @@ gloo processes spawned once for every case."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import time
@@ -23,7 +22,7 @@ import autopar
 from autopar import Cluster, PlanError
 from equivalence import RTOL, Whole, check_training, twin
 from models import MLP
-from spawn import dump_stack_on_crash, run_world
+from spawn import join_world, run_world
 from test_e2e_simulated import SHARDED_INPUTS, make, megatron, slow_devices
 
 STEPS = ("sgd", "adamw")
@@ -229,12 +228,7 @@ def _plan_mismatch_case():
 
 
 def _worker(rank, world, port, out_dir):
-    dump_stack_on_crash(out_dir, rank)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    torch.set_num_threads(1)
+    join_world(rank, world, port, out_dir, timeout_s=60)
     inductor_config.compile_threads = 1  # no pool of compile workers on a 2-core machine
     results = {}
     for case in BACKEND_CASES:
