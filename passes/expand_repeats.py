@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch.fx import map_arg
+
 from autopar.capture import _install as install_attr
 from autopar.graph_utils import module_path
 from autopar.repeats import Unrepeatable
@@ -43,8 +45,28 @@ def _layer(nodes, prefix: str) -> list:
 
 
 def _expand(gm, ctx, rep):
-    nodes = list(gm.graph.nodes)
     base = f"{rep.path}." if rep.path else ""
+    a, b = _traced_layers(gm, ctx, rep, base)
+    made = set(a.nodes)
+    # input k of a layer -> the index of the previous layer's output it is
+    chain = {k: a.outputs.index(x) for k, x in enumerate(b.inputs) if x in made}
+    if not chain:
+        raise Unrepeatable(f"{rep.path}: layer 1 does not read layer 0")
+    copies = _copy_layers(gm, ctx, rep, base, b, chain)
+    if not copies:
+        return
+    # readers after the cut layers read the last copy
+    inside = set(b.nodes).union(*(inst.nodes for inst in copies))
+    for out, new in zip(b.outputs, copies[-1].outputs):
+        for user in list(out.users):
+            if user not in inside:
+                user.replace_input_with(out, new)
+
+
+def _traced_layers(gm, ctx, rep, base: str) -> tuple:
+    """Layers 0 and 1 as block instances, checked to compute one program and to be read,
+    layer 0 by layer 1 only."""
+    nodes = list(gm.graph.nodes)
     first = _layer(nodes, block_prefix(base + "0"))
     second = _layer(nodes, block_prefix(base + "1"))
     if not first or not second:
@@ -56,39 +78,45 @@ def _expand(gm, ctx, rep):
     inside_b = set(b.nodes)
     if any(u not in inside_b for n in a.outputs for u in n.users):
         raise Unrepeatable(f"{rep.path}: a layer's output is read outside the next layer")
-    made = set(a.nodes)
-    chain = {}   # input k of a layer -> the index of the previous layer's output it is
-    for k, x in enumerate(b.inputs):
-        if x in made:
-            chain[k] = a.outputs.index(x)
-    if not chain:
-        raise Unrepeatable(f"{rep.path}: layer 1 does not read layer 0")
-    prev, last = b, b.nodes[-1]
-    old_prefix, copied = base + "1", set()
-    for j in range(2, rep.count):
-        new_prefix = f"{base}{j}"
-        env = {}
-        for k, x in enumerate(b.inputs):
-            env[x] = prev.outputs[chain[k]] if k in chain else x
-        copies = []
-        for n in b.nodes:
-            with gm.graph.inserting_after(last):
-                c = gm.graph.node_copy(n, lambda x: env[x])
-            c.meta = dict(n.meta)
-            c.meta["autopar.module_path"] = new_prefix + module_path(n)[len(old_prefix):]
-            if n.op == "get_attr":
-                c.target = new_prefix + n.target[len(old_prefix):]
-                install_attr(gm, c.target, rep.tensors[c.target], c.target in rep.params)
-                if c.target in rep.params:
-                    ctx.param_fqns.append(c.target)
-            env[n] = c
-            copies.append(c)
-            last = c
-        copied.update(copies)
-        prev = BlockInstance(new_prefix, copies, [env[x] for x in b.inputs],
-                             [env[n] for n in b.outputs])
-    # readers after the cut layers read the last copy
-    for out, new in zip(b.outputs, prev.outputs):
-        for user in list(out.users):
-            if user not in inside_b and user not in copied:
-                user.replace_input_with(out, new)
+    return a, b
+
+
+def _copy_layers(gm, ctx, rep, base: str, b, chain: dict) -> list:
+    """Copies of layer ``b`` for layers 2 and on, right after it, each reading the one before;
+    their get_attr nodes read the layers' own tensors, installed on ``gm``."""
+    graph, prev, out = gm.graph, b, []
+    # what each node of layer 1 names below the layer's own path, to name its copies by
+    cut = len(base + "1")
+    tails = [(module_path(n)[cut:], n.target[cut:] if n.op == "get_attr" else None)
+             for n in b.nodes]
+    with graph.inserting_before(b.nodes[-1].next):
+        for j in range(2, rep.count):
+            prefix = f"{base}{j}"
+            env = {x: prev.outputs[chain[k]] if k in chain else x for k, x in enumerate(b.inputs)}
+            for n, (path_tail, attr_tail) in zip(b.nodes, tails):
+                target = n.target if attr_tail is None else prefix + attr_tail
+                env[n] = c = _copy_node(graph, n, target, env)
+                c.meta["autopar.module_path"] = prefix + path_tail
+                if attr_tail is not None:
+                    install_attr(gm, target, rep.tensors[target], target in rep.params)
+                    if target in rep.params:
+                        ctx.param_fqns.append(target)
+            prev = BlockInstance(prefix, [env[n] for n in b.nodes], [env[x] for x in b.inputs],
+                                 [env[n] for n in b.outputs])
+            out.append(prev)
+    return out
+
+
+def _copy_node(graph, node, target, env: dict):
+    """A copy of ``node`` calling ``target`` on ``env[x]`` for each input ``x``, with its meta,
+    at the graph's insert point."""
+    # arguments are set after creation: create_node walks them looking for raw SymInts, a
+    # pytree walk that costs more than the rest of it, and a copy of a node already in the
+    # graph holds none
+    c = graph.create_node(node.op, target, None, None, node.name, node.type)
+    if node.args:
+        c.args = map_arg(node.args, env.__getitem__)
+    if node.kwargs:
+        c.kwargs = map_arg(node.kwargs, env.__getitem__)
+    c.meta.update(node.meta)
+    return c
