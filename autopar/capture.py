@@ -177,8 +177,8 @@ def _symbolic(model, sig, named) -> Captured:
     tracer = _Tracer()
     root = model if isinstance(model, torch.nn.Module) else torch.nn.Module()
     graph = tracer.trace(model, concrete_args=concrete or None)
-    gm = fx.GraphModule(root, graph, type(model).__name__ if isinstance(model, torch.nn.Module)
-                        else getattr(model, "__name__", "fn"))
+    gm = _graph_module(root, graph, type(model).__name__ if isinstance(model, torch.nn.Module)
+                       else getattr(model, "__name__", "fn"))
     # drop placeholders of concrete arguments (fx keeps them, bound to their constants)
     names = []
     for node in list(gm.graph.nodes):
@@ -208,6 +208,16 @@ def _symbolic(model, sig, named) -> Captured:
     return Captured(gm, sig, names, tree_flatten(tensors)[1], list(tensors.values()), spec,
                     out_leaves, [k for k in params if k in used],
                     [k for k in used if k not in params], "symbolic_trace")
+
+
+def _graph_module(root, graph, name: str) -> fx.GraphModule:
+    """A GraphModule that writes its Python code when it is first read or called, not at each
+    ``recompile()``: passes recompile after every rewrite, and writing the code of an 80-layer
+    model takes longer than copying its layers."""
+    # torch.fx's lazy GraphModule is private (checked with torch 2.13); Dynamo hands backends
+    # the same class
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+    return _LazyGraphModule(root, graph, name)
 
 
 def _drop_unused(gm):
@@ -368,8 +378,8 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
             out_leaves.append(("const", leaf))
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     out_node.args = (tuple(tree_flatten(out_node.args[0])[0]),)
-    new = fx.GraphModule(gm, gm.graph, type(model).__name__
-                         if isinstance(model, torch.nn.Module) else "fn")
+    new = _graph_module(gm, gm.graph, type(model).__name__
+                        if isinstance(model, torch.nn.Module) else "fn")
     _functional_setitem(new)
     _drop_unused(new)
     new.recompile()
