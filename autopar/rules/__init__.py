@@ -11,15 +11,15 @@ Rules are grouped by op family in this package; adding an op touches one file.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from torch.fx import Node
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-from ..placement import Partial, Replicate, Shard, divides
+from ..placement import Partial, Replicate, Shard, is_shard
 
 R = Replicate()
 P = Partial()
@@ -89,12 +89,36 @@ def is_tensor_like(val) -> bool:
 
 
 def tensor_inputs(node: Node) -> list:
-    """The node's inputs that carry tensors, in flattened (args, kwargs) order."""
-    out = []
-    for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs)):
-        if isinstance(a, Node) and is_tensor_like(a.meta.get("val")) and a not in out:
-            out.append(a)
-    return out
+    """The node's inputs that carry tensors, in flattened (args, kwargs) order, once each."""
+    found: dict = {}
+    _collect_nodes((node.args, node.kwargs), found)
+    return [a for a in found if is_tensor_like(a.meta.get("val"))]
+
+
+# Argument containers flattened here as torch's pytree flattens them, without its per-leaf
+# overhead (planning asks for a node's inputs tens of thousands of times); values of other
+# types go through pytree itself, so that what counts as a leaf stays pytree's.
+_SEQUENCES = frozenset({tuple, list, immutable_list})
+_MAPPINGS = frozenset({dict, immutable_dict})
+_ATOMS = frozenset({int, float, bool, str, type(None), type(...), slice, torch.dtype,
+                    torch.device, torch.layout, torch.memory_format})
+
+
+def _collect_nodes(tree, found: dict) -> None:
+    """Add the Nodes among ``tree``'s pytree leaves to ``found``, in order of first appearance."""
+    kind = type(tree)
+    if kind in _SEQUENCES:
+        for x in tree:
+            _collect_nodes(x, found)
+    elif kind in _MAPPINGS:
+        for x in tree.values():
+            _collect_nodes(x, found)
+    elif isinstance(tree, Node):
+        found[tree] = None
+    elif kind not in _ATOMS:
+        for leaf in torch.utils._pytree.tree_leaves(tree):
+            if isinstance(leaf, Node):
+                found[leaf] = None
 
 
 def shape_of(node_or_val) -> tuple:
@@ -208,24 +232,66 @@ def strategies(node: Node, mesh_shape: Sequence[int]) -> list:
     only those whose sharded dims split evenly on every input and output."""
     spec = spec_for(node)
     ins = tensor_inputs(node)
-    in_shapes = [[shape_of(v) for v in out_vals(a)] for a in ins]
-    out_shapes = [tuple(v.shape) for v in out_vals(node) if isinstance(v, torch.Tensor)]
-    found, seen = [], set()
-    for combo in itertools.product(_without_boolean_partials(node, ins, spec.options),
-                                   repeat=len(mesh_shape)):
-        in_layouts = tuple(tuple(opt[0][i] for opt in combo) for i in range(len(ins)))
-        out_layout = tuple(opt[1] for opt in combo)
-        key = (in_layouts, out_layout)
-        if key in seen:
-            continue
-        seen.add(key)
-        if not all(divides(s, lay, mesh_shape) for shapes, lay in zip(in_shapes, in_layouts)
-                   for s in shapes):
-            continue
-        if not all(divides(s, out_layout, mesh_shape) for s in out_shapes):
-            continue
-        found.append(Strategy(in_layouts, out_layout, spec))
+    shapes = [[shape_of(v) for v in out_vals(a)] for a in ins]
+    shapes.append([tuple(v.shape) for v in out_vals(node) if isinstance(v, torch.Tensor)])
+    # An option as one placement per tensor, the inputs' then the output's; equal options
+    # would only repeat strategies.
+    columns = list(dict.fromkeys(
+        tuple(o[0][i] for i in range(len(ins))) + (o[1],)
+        for o in _without_boolean_partials(node, ins, spec.options)))
+    found = []
+    for combo in _even_products(columns, shapes, mesh_shape):
+        # a column per mesh axis, transposed into a layout per tensor
+        *in_layouts, out_layout = zip(*combo) if combo else [()] * (len(ins) + 1)
+        found.append(Strategy(tuple(in_layouts), out_layout, spec))
     return found
+
+
+def _even_products(columns: list, shapes: list, mesh_shape: Sequence[int]) -> list:
+    """The tuples of ``columns``, one column per mesh axis, in ``itertools.product`` order,
+    under which every tensor's sharded dims split evenly (``shapes[j]``: tensor j's).
+
+    A prefix whose dims do not split evenly is dropped before it grows: more axes on a dim
+    only cut it into more pieces.
+    """
+    usable = [(column, cut) for column in columns
+              if (cut := _cuts(column, shapes)) is not None]
+    prefixes = [((), {})]  # (columns, (tensor, dim) -> pieces)
+    for n in mesh_shape:
+        longer = []
+        for prefix, pieces in prefixes:
+            for column, cut in usable:
+                grown = _split(pieces, cut, n, shapes)
+                if grown is not None:
+                    longer.append((prefix + (column,), grown))
+        prefixes = longer
+    return [prefix for prefix, _ in prefixes]
+
+
+def _cuts(column: tuple, shapes: list) -> list | None:
+    """The ``(tensor, dim)`` pairs ``column`` shards, or None when a sharded dim is out of
+    range for one of the tensor's shapes."""
+    out = []
+    for j, p in enumerate(column):
+        if is_shard(p):
+            if not all(0 <= p.dim < len(s) for s in shapes[j]):
+                return None
+            out.append((j, p.dim))
+    return out
+
+
+def _split(pieces: dict, cut: list, n: int, shapes: list) -> dict | None:
+    """``pieces`` after one more mesh axis of size ``n`` cuts the dims in ``cut``, or None
+    when a dim no longer splits evenly."""
+    if not cut:
+        return pieces
+    grown = dict(pieces)
+    for j, dim in cut:
+        count = grown.get((j, dim), 1) * n
+        if any(s[dim] % count for s in shapes[j]):
+            return None
+        grown[j, dim] = count
+    return grown
 
 
 def _is_boolean(node: Node) -> bool:
