@@ -34,8 +34,11 @@ def _check_cluster(cluster):
 
 
 def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
-          precision, optimizer, fold=True):
-    from autopar.passes import PIPELINE, run_passes
+          precision, optimizer, fold=True, program=True):
+    """Capture and plan ``model``; with ``program`` also generate the rank program (the
+    plan alone does not need it)."""
+    from autopar.passes import ANALYSIS, PIPELINE, assign_layouts, run_passes
+    passes = PIPELINE if program else ANALYSIS + [assign_layouts]
     _check_cluster(cluster)
     if level not in ("fast", "full"):
         raise PlanError(f"level={level!r}: choose 'fast' (propagation) or 'full' (exact)")
@@ -51,14 +54,14 @@ def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budge
             ctx = _context(captured, *options)
             ctx.repeats = repeats
             ctx.stats["seconds"] = {"capture": time.perf_counter() - start}
-            run_passes(captured.gm, ctx, PIPELINE)
+            run_passes(captured.gm, ctx, passes)
         except (Unrepeatable, CaptureError):
             captured = None  # traced again below, at full depth
     if captured is None:
         captured = capture(model, example_inputs)
         ctx = _context(captured, *options)
         ctx.stats["seconds"] = {"capture": time.perf_counter() - start}
-        run_passes(captured.gm, ctx, PIPELINE)
+        run_passes(captured.gm, ctx, passes)
     ctx.stats["repeats"] = {r.path: r.count for r in ctx.repeats}
     ctx.stats["nodes"] = sum(1 for _ in captured.gm.graph.nodes)
     ctx.stats["capture_method"] = captured.method
@@ -78,7 +81,7 @@ def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, le
     {'dp': 2}
     """
     _, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
-                   precision, optimizer, fold)
+                   precision, optimizer, fold, program=False)
     return ctx.plan
 
 
