@@ -15,6 +15,7 @@ plus activations saved for backward and values alive at each point of the forwar
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -129,7 +130,7 @@ class CostModel:
         self.op_overhead_s = max(getattr(d, "op_overhead_s", None) or KERNEL_LAUNCH_S
                                  for d in devices)
         self.activation_scale = PRECISIONS[training.precision]["activation_scale"]
-        self._moves = {}
+        self._moves, self._lines = {}, {}
 
     # -- compute -------------------------------------------------------------------------------
 
@@ -197,21 +198,27 @@ class CostModel:
         """(seconds, seconds per byte of the whole value) of :meth:`redistribute_s`:
         collectives are alpha-beta, so moving a value costs a fixed latency plus a time
         proportional to its bytes."""
-        cur = list(src)
+        return self.line_of(move_path(tuple(src), tuple(dst)), grad)
+
+    def line_of(self, path: tuple, grad: bool = True) -> tuple:
+        """:meth:`redistribute_line` of a :func:`move_path` on this mesh."""
         fixed = per_byte = 0.0
-        back = 1.0 if grad else 0.0
-        for step in plan_steps(tuple(src), tuple(dst)):
-            share = _local(1.0, cur, self.mesh, step.axis)
-            kind, forward, backward = _STEP_COLLECTIVES.get(step.kind, (None, 0, 0))
-            times = forward + backward * back
-            if times:
-                at0 = self.collective_s(kind, step.axis, 0.0)
-                slope = (self.collective_s(kind, step.axis, _PROBE_BYTES) - at0) / _PROBE_BYTES
-                fixed += times * at0
-                per_byte += times * slope * share * self.activation_scale
-            cur[step.axis] = dst[step.axis] if step.kind not in ("all_gather", "all_reduce") \
-                else Replicate()
+        for kind, forward, backward, axis, split_axes in path:
+            times = forward + (backward if grad else 0)
+            at0, slope = self._collective_line(kind, axis)
+            split = math.prod(self.mesh.shape[a] for a in split_axes)
+            fixed += times * at0
+            per_byte += times * slope / split * self.activation_scale
         return fixed, per_byte
+
+    def _collective_line(self, kind: str, axis: int) -> tuple:
+        """(seconds at zero bytes, seconds per byte) of one collective on ``axis``."""
+        line = self._lines.get((kind, axis))
+        if line is None:
+            at0 = self.collective_s(kind, axis, 0.0)
+            slope = (self.collective_s(kind, axis, _PROBE_BYTES) - at0) / _PROBE_BYTES
+            line = self._lines[(kind, axis)] = (at0, slope)
+        return line
 
     def grad_sum_s(self, num_bytes: float, layout, axis: int, fused: bool,
                    bucketed: bool = False) -> float:
@@ -233,6 +240,23 @@ _PROBE_BYTES = float(1 << 30)
 _STEP_COLLECTIVES = {"all_gather": ("all_gather", 1, 0), "shard": ("all_gather", 0, 1),
                      "all_reduce": ("all_reduce", 1, 0), "reduce_scatter": ("reduce_scatter", 1, 1),
                      "all_to_all": ("all_to_all", 1, 1)}
+
+
+@functools.lru_cache(maxsize=None)
+def move_path(src: tuple, dst: tuple) -> tuple:
+    """The collectives that move a value from layout ``src`` to ``dst``, whatever the mesh's
+    sizes and links: per step (collective, times run forward, times run backward, mesh
+    axis, the other axes splitting the value at that step)."""
+    cur = list(src)
+    path = []
+    for step in plan_steps(src, dst):
+        kind, forward, backward = _STEP_COLLECTIVES.get(step.kind, (None, 0, 0))
+        if forward or backward:
+            split = tuple(a for a, p in enumerate(cur) if a != step.axis and is_shard(p))
+            path.append((kind, forward, backward, step.axis, split))
+        cur[step.axis] = dst[step.axis] if step.kind not in ("all_gather", "all_reduce") \
+            else Replicate()
+    return tuple(path)
 
 
 def _local(num_bytes, layout, mesh, except_axis) -> float:

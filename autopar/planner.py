@@ -11,15 +11,19 @@ mesh with the least predicted step time wins.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import gc
 import time
+
+import numpy as np
 
 from .cost import CostModel, Training
 from .errors import PlanError, closest
 from .mesh import Mesh
 from .placement import Partial, Replicate, Shard, divides, format_layout, parse_layout
 from .plans import format_bytes
-from .problem import Problem, build_problem
+from .problem import Facts, Problem, build_problem
 from .solver import TIME_LIMIT_S, Dominated, Infeasible, solve
 
 AXIS_NAMES = {1: ("dp",), 2: ("dp", "tp"), 3: ("dp", "sp", "tp")}
@@ -31,6 +35,9 @@ KEEP_PER_NODE = 24
 # the best are planned again with the first and last instances apart. On LLaMA-3 shapes
 # planning the ends apart gains at most about 3% (at 4 layers; less with depth).
 REFINE_MARGIN = 0.10
+# Meshes of three axes are searched only where a two-axis mesh they refine planned within
+# this much of the best plan (:func:`_worth_refining`).
+THREE_AXIS_MARGIN = 0.10
 # Seconds HiGHS may take per program with the ends apart or mixed (a safety net: where memory
 # binds it solves a program restricted to the relaxation's support, in well under a second).
 REFINE_TIME_LIMIT_S = 5.0
@@ -61,10 +68,25 @@ def candidate_meshes(cluster, mesh_request) -> list:
 
 def _promise(mesh: Mesh, cluster) -> tuple:
     """Meshes likely to plan well first, so that the exact programs of the others can stop
-    at their relaxation's bound: innermost axis filling a node, then fewer axes. Only the
-    order of work depends on it, never the plan (ties go to the earlier candidate)."""
+    at their relaxation's bound: up to two axes before three (those are searched as
+    refinements of them, :func:`_worth_refining`), innermost axis filling a node, then fewer
+    axes. Ties between plans go to the earlier candidate, whatever this order."""
     per_node = cluster.nodes[0].count if cluster.nodes else 1
-    return (mesh.shape[-1] != per_node, mesh.ndim, mesh.shape)
+    return (mesh.ndim > 2, mesh.shape[-1] != per_node, mesh.ndim, mesh.shape)
+
+
+def _worth_refining(mesh: Mesh, reached: dict, best) -> bool:
+    """A mesh of three axes (a, b, c) is searched where one of the two-axis meshes it
+    refines, (a·b, c) or (a, b·c), planned (or was bounded) within THREE_AXIS_MARGIN of the
+    best plan so far: it can express every plan of those (placing alike on the two axes
+    merged) and more, such as the sequence split on an axis of its own. Where neither came
+    close, the third axis has little to work with, and its program, many times larger, is
+    not worth the time."""
+    if mesh.ndim < 3 or best is None:
+        return True
+    a, b, c = mesh.shape
+    limit = best[3].total_s * (1 + THREE_AXIS_MARGIN)
+    return any(reached.get(m, float("inf")) <= limit for m in ((a * b, c), (a, b * c)))
 
 
 def _divisors(n: int) -> list:
@@ -125,30 +147,27 @@ def propagate(prob: Problem, sharded_params: bool = False) -> dict:
     for n in prob.nodes:
         if n in choice or not incoming[n] and n.op in ("placeholder", "get_attr"):
             continue
-        best, best_t, best_src = None, float("inf"), {}
-        w = prob.weight.get(n, 1)
-        for s in allowed[n]:
-            t = w * prob.node_s[n][s]
-            src_pick = {}
-            for e in incoming[n]:
-                if e.src in choice:
-                    t += e.seconds(choice[e.src], s)
-                    continue
-                if e.src in src_pick:
-                    t += e.seconds(src_pick[e.src], s)
-                    continue
+        ok = np.asarray(allowed[n])
+        t = prob.weight.get(n, 1) * np.asarray(prob.node_s[n])[ok]
+        picks = {}  # an unplaced source -> its best strategy for each of n's
+        for e in incoming[n]:
+            if e.src in choice:
+                t = t + e.row(choice[e.src])[ok]
+            elif e.src in picks:
+                t = t + e.matrix()[picks[e.src], ok]
+            else:
+                src_ok = np.asarray(allowed[e.src])
                 ws = prob.weight.get(e.src, 1)
-                picks = [(ws * prob.node_s[e.src][a] + e.seconds(a, s), a)
-                         for a in allowed[e.src]]
-                c, a = min(picks)
-                src_pick[e.src] = a
-                t += c
-            if t < best_t:
-                best, best_t, best_src = s, t, src_pick
-        if best is None:
+                m = ws * np.asarray(prob.node_s[e.src])[src_ok][:, None] + \
+                    e.matrix()[np.ix_(src_ok, ok)]
+                best_src = np.argmin(m, axis=0)
+                picks[e.src] = src_ok[best_src]
+                t = t + m[best_src, np.arange(len(ok))]
+        if not len(ok) or not np.isfinite(t).any():
             raise PlanError(f"no strategy fits {n.format_node()}")
-        choice[n] = best
-        choice.update(best_src)
+        i = int(np.argmin(t))
+        choice[n] = int(ok[i])
+        choice.update({src: int(p[i]) for src, p in picks.items()})
     for n in prob.nodes:
         choice.setdefault(n, allowed[n][0])
     return choice
@@ -156,12 +175,12 @@ def propagate(prob: Problem, sharded_params: bool = False) -> dict:
 
 def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
                  blocks=(), cutoff: float = float("inf"), folding="ends",
-                 time_limit_s: float = TIME_LIMIT_S, known: dict | None = None) -> tuple:
+                 time_limit_s: float = TIME_LIMIT_S, facts: Facts | None = None) -> tuple:
     """(problem, choice, cost) of the best assignment on ``mesh``; raises Infeasible, or
     Dominated when the exact program proves no plan here beats ``cutoff`` seconds."""
     start = time.perf_counter()
     model = CostModel(cluster, mesh, training)
-    prob = build_problem(gm, mesh, model, pinned, blocks, folding, known)
+    prob = build_problem(gm, mesh, model, pinned, blocks, folding, facts)
     built = time.perf_counter()
     found, objective, greedy, shares = [], None, [], ()
     pairs = prob.pair_count() if level == "full" else 0
@@ -218,8 +237,8 @@ def _pruned(prob: Problem, seeds: list) -> tuple:
     scores = prob.scores_near(seeds[0])
     kept = {}
     for n in prob.nodes:
-        order = sorted(range(len(prob.options[n])), key=lambda i: (scores[n][i], i))
-        keep = set(order[:KEEP_PER_NODE]) | {seed[n] for seed in seeds}
+        order = np.argsort(scores[n], kind="stable")  # ties: the earlier strategy
+        keep = set(order[:KEEP_PER_NODE].tolist()) | {seed[n] for seed in seeds}
         kept[n] = sorted(keep)
     return prob.restrict(kept)
 
@@ -238,10 +257,32 @@ def _named_sources(gm, input_names) -> dict:
 def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budget: float,
                 level: str, stats: dict, input_names=(), blocks=()):
     """The best (mesh, problem, choice, cost) over candidate meshes."""
+    with _paused_gc():
+        return _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level,
+                            stats, input_names, blocks)
+
+
+@contextlib.contextmanager
+def _paused_gc():
+    """Planning makes and drops millions of small objects, freed by their reference counts;
+    the cyclic collector would walk the whole heap (the program's graph with it) again and
+    again for nothing: about a tenth of the time on large models."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level, stats,
+                 input_names, blocks):
     sources = _named_sources(gm, input_names)
     shapes = {name: tuple(n.meta["val"].shape) for name, n in sources.items()}
     best, infeasible, tied = None, [], []
-    known = {}  # strategies per (node, mesh shape): problems are built again on a mesh
+    reached = {}  # mesh shape -> seconds of its plan, or the bound it was dropped at
+    facts = Facts()  # what the problems built on this program share
     candidates = candidate_meshes(cluster, mesh_request)
     rank = {str(m): i for i, m in enumerate(candidates)}
     meshes = sorted(candidates, key=lambda m: _promise(m, cluster))
@@ -252,6 +293,9 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
     progress = _LazyProgress(len(meshes))
     for mesh in meshes:
         progress.advance(f"mesh {mesh}")
+        if not _worth_refining(mesh, reached, best):
+            stats.setdefault("meshes_skipped", []).append(str(mesh))
+            continue
         pinned = {sources[name]: layout for name, layout in
                   resolve_constraints(constraints, list(shapes), shapes, mesh).items()}
         try:
@@ -259,18 +303,20 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
             found = plan_on_mesh(
                 gm, mesh, cluster, training, pinned, budget, level, stats, blocks,
                 cutoff=best[3].total_s * (1 + margin) if best else float("inf"),
-                folding="tied" if refine else "ends", known=known)
+                folding="tied" if refine else "ends", facts=facts)
         except Infeasible as e:
             infeasible.append(e)
             continue
-        except Dominated:
+        except Dominated as e:
+            reached[mesh.shape] = e.bound
             continue
+        reached[mesh.shape] = found[2].total_s
         tied.append((mesh, pinned, found[2].total_s))
         best = _keep(best, mesh, found, rank)
     if refine and best is not None:
         # the tied plan stays the answer unless planning the ends apart beats it (a pruned
         # program may lose the tied plan's strategies, or no longer fit)
-        limit = best[3].total_s * (1 + REFINE_MARGIN)
+        limit = best[3].total_s * (1 + _ends_margin(blocks))
         for mesh, pinned, total in sorted(tied, key=lambda t: (t[2], rank[str(t[0])])):
             if total > limit:
                 break
@@ -278,14 +324,14 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
                 found = plan_on_mesh(
                     gm, mesh, cluster, training, pinned, budget, level, stats, blocks,
                     cutoff=best[3].total_s * (1 + 1e-9), time_limit_s=REFINE_TIME_LIMIT_S,
-                    known=known)
+                    facts=facts)
             except (Dominated, Infeasible):
                 continue
             best = _keep(best, mesh, found, rank)
         shares = stats["meshes"][str(best[0])].get("split_shares", ())[:MAX_MIXES]
         if shares:
             best = _mix(best, tied, shares, gm, cluster, training, budget, level, stats,
-                        blocks, rank, known)
+                        blocks, rank, facts)
     progress.close()
     if best is None:
         smallest = min(e.min_bytes for e in infeasible)
@@ -295,6 +341,15 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
             "parameters (drop constraints that replicate them), lower the batch size, or "
             "raise memory_budget_bytes")
     return best
+
+
+def _ends_margin(blocks) -> float:
+    """How far behind the best a tied plan may be and still be planned with the ends apart.
+    Freeing the first and last of n instances changes the work of two in n, so it gains
+    about 2/n of the tied plan at most (the edges into and out of the chain aside); never
+    more than REFINE_MARGIN."""
+    n = min(len(c.instances) for c in blocks if len(c.instances) >= 3)
+    return min(REFINE_MARGIN, 2 / n)
 
 
 def _keep(best, mesh, found, rank: dict):
@@ -307,7 +362,7 @@ def _keep(best, mesh, found, rank: dict):
 
 
 def _mix(best, tied, shares, gm, cluster, training, budget, level, stats, blocks, rank,
-         known):
+         facts):
     """Plan the chosen mesh again with the middle instances of each repeated block cut into
     two runs that may take different strategies (OSDP's mix of sharded and replicated
     layers), at the ``shares`` its relaxation split them; the best plan wins."""
@@ -318,7 +373,7 @@ def _mix(best, tied, shares, gm, cluster, training, budget, level, stats, blocks
             found = plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
                                  blocks, cutoff=best[3].total_s * (1 + 1e-9),
                                  folding=("mixed", share), time_limit_s=REFINE_TIME_LIMIT_S,
-                                 known=known)
+                                 facts=facts)
         except (Dominated, Infeasible):
             continue
         best = _keep(best, mesh, found, rank)

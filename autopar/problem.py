@@ -8,13 +8,15 @@ way both objectives do, so plans from either can be compared.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.fx import Node
 
-from .cost import SAVES_NOTHING, CostModel, fraction
+from .cost import SAVES_NOTHING, CostModel, fraction, move_path
 from .placement import Replicate, Shard, divides, is_replicate
 from .plans import Cost
 from .redistribute import plan_steps
@@ -43,6 +45,52 @@ class Edge:
         """Seconds of every edge this one stands for, given both ends' strategies."""
         return self.weight * self.cost[(self.src_keys[src_choice], self.dst_keys[dst_choice])]
 
+    @functools.cached_property
+    def distinct(self) -> tuple:
+        """(distinct src keys, per src strategy the index of its key among them, and the
+        same for dst): strategies far outnumber the layouts they produce and need."""
+        return (*_distinct(self.src_keys), *_distinct(self.dst_keys))
+
+    def share_distinct(self, cache: dict):
+        """Take :attr:`distinct` from ``cache`` (by the identity of the key lists, which
+        problems on one mesh share) or fill it."""
+        for keys in (self.src_keys, self.dst_keys):
+            if id(keys) not in cache:
+                cache[id(keys)] = (*_distinct(keys), keys)
+        a, b = cache[id(self.src_keys)], cache[id(self.dst_keys)]
+        self.distinct = (a[0], a[1], b[0], b[1])
+
+    def key_matrix(self) -> np.ndarray:
+        """Seconds of one edge per (distinct src key, distinct dst key)."""
+        src, _, dst, _ = self.distinct
+        return self.cost.matrix(src, dst) if isinstance(self.cost, _Priced) else \
+            np.array([[self.cost[(a, b)] for b in dst] for a in src])
+
+    def matrix(self) -> np.ndarray:
+        """:meth:`seconds` for every (src strategy, dst strategy)."""
+        _, src_of, _, dst_of = self.distinct
+        return self.weight * self.key_matrix()[np.ix_(src_of, dst_of)]
+
+    def row(self, src_choice: int) -> np.ndarray:
+        """:meth:`seconds` for every dst strategy, the src taking ``src_choice``."""
+        _, _, dst, dst_of = self.distinct
+        a, table = self.src_keys[src_choice], self.cost
+        return self.weight * np.array([table[(a, b)] for b in dst])[dst_of]
+
+    def column(self, dst_choice: int) -> np.ndarray:
+        """:meth:`seconds` for every src strategy, the dst taking ``dst_choice``."""
+        src, src_of, _, _ = self.distinct
+        b, table = self.dst_keys[dst_choice], self.cost
+        return self.weight * np.array([table[(a, b)] for a in src])[src_of]
+
+
+def _distinct(keys) -> tuple:
+    """(distinct keys in order of first appearance, per key its index among them)."""
+    index, of = {}, []
+    for k in keys:
+        of.append(index.setdefault(k, len(index)))
+    return list(index), np.array(of, dtype=int)
+
 
 class LayoutIds:
     """Small ints standing for layouts: placements hash slowly, and edge tables hold
@@ -57,6 +105,131 @@ class LayoutIds:
             i = self.ids[layout] = len(self.layouts)
             self.layouts.append(layout)
         return i
+
+
+class Prices:
+    """What pricing on one mesh learns, shared by every problem built on it: layout ids,
+    redistribution lines per pair of layouts, and one table of edge costs per kind of value
+    moved (its bytes, whether a gradient flows back, whether it is a parameter or a tuple):
+    edges moving alike values cost alike, so each pair of layouts is priced once."""
+
+    def __init__(self, model: CostModel, shared: "Facts | None" = None):
+        self.model = model
+        shared = shared if shared is not None else Facts()
+        # by layout ids, whatever the mesh: move_path, fused_axis, grad_sum_axes
+        self.layout_id, self.paths, self.fused = shared.layout_id, shared.paths, shared.fused
+        self.sum_axes = shared.sum_axes
+        self.moves, self.tables = {}, {}
+        self.ids, self.outputs, self.distinct = {}, {}, {}   # by id() of a list kept here
+        self.strategies, self.needs, self.node_prices = {}, {}, {}
+
+    def move_s(self, num_bytes: float, a: int, b: int, grad: bool) -> float:
+        """Seconds to move a value between the layouts with ids ``a`` and ``b``: a line in
+        bytes, cached per pair of layouts."""
+        line = self.moves.get((a, b, grad))
+        if line is None:
+            path = self.paths.get((a, b))
+            if path is None:
+                lay = self.layout_id.layouts
+                path = self.paths[(a, b)] = move_path(lay[a], lay[b])
+            line = self.moves[(a, b, grad)] = self.model.line_of(path, grad)
+        return line[0] + line[1] * num_bytes
+
+    def fused_axis(self, a: int, b: int):
+        """:func:`fused_axis` of the layouts with ids ``a`` and ``b``, cached."""
+        f = self.fused.get((a, b), -1)
+        if f == -1:
+            lay = self.layout_id.layouts
+            f = self.fused[(a, b)] = fused_axis(lay[a], lay[b])
+        return f
+
+    def grad_sum_axes(self, grad: bool, need: int, out: int) -> tuple:
+        """:func:`grad_sum_axes` of an input needed in the layout with id ``need`` by work
+        laid out as ``out``, given whether a gradient flows into it."""
+        if not grad:
+            return ()
+        axes = self.sum_axes.get((need, out))
+        if axes is None:
+            lay = self.layout_id.layouts
+            axes = self.sum_axes[(need, out)] = _sum_axes(lay[need], lay[out])
+        return axes
+
+    def layout_ids(self, options: list) -> list:
+        """Per strategy (output layout id, input layout ids); ``options`` is one of the lists
+        kept in :attr:`strategies`."""
+        found = self.ids.get(id(options))
+        if found is None:
+            lid = self.layout_id
+            found = [(lid(s.output), tuple(lid(i) for i in s.inputs)) for s in options]
+            self.ids[id(options)] = (found, options)
+        else:
+            found = found[0]
+        return found
+
+    def output_keys(self, options: list) -> list:
+        """Per strategy its output layout id."""
+        found = self.outputs.get(id(options))
+        if found is None:
+            found = [o for o, _ in self.layout_ids(options)]
+            self.outputs[id(options)] = (found, options)
+        else:
+            found = found[0]
+        return found
+
+    def table(self, num_bytes: float, grad: bool, param: bool, is_tuple: bool) -> dict:
+        """Edge costs by (producer layout id, (need id, gradient-sum axes)) of one kind of
+        value, priced on first use."""
+        kind = (num_bytes, grad, param, is_tuple)
+        found = self.tables.get(kind)
+        if found is None:
+            found = self.tables[kind] = _Priced(self._pricer(*kind), forbids=is_tuple)
+        return found
+
+    def _pricer(self, num_bytes, grad, param, is_tuple):
+        m, lay = self.model, self.layout_id.layouts
+
+        def price(key):
+            a, (need, axes) = key
+            if is_tuple and a != need:
+                return float("inf")  # a tuple is consumed in its own layout
+            t = self.move_s(num_bytes, a, need, grad)
+            if axes:
+                fused = self.fused_axis(a, need)
+                for axis in axes:
+                    # a parameter's gradient is summed in buckets after backward where it is
+                    # stored replicated on the axis; stored split, each use sums its own
+                    bucketed = param and is_replicate(lay[a][axis])
+                    t += m.grad_sum_s(num_bytes, lay[need], axis, fused=axis == fused,
+                                      bucketed=bucketed)
+            return t
+
+        return price
+
+
+class Facts:
+    """Per node of one program, what every problem built on it reads again: its tensor
+    inputs, the bytes of its value, whether a gradient flows into it, whether it is
+    floating point or a tuple. Also the :class:`Prices` of each mesh planned on."""
+
+    def __init__(self):
+        self.nodes, self.meshes = {}, {}
+        self.layout_id = LayoutIds()
+        self.paths, self.fused, self.sum_axes = {}, {}, {}
+
+    def of(self, n: Node) -> tuple:
+        """(tensor inputs, bytes, needs gradient, floating, is a tuple) of ``n``."""
+        f = self.nodes.get(n)
+        if f is None:
+            ins = tensor_inputs(n) if n.op in ("call_function", "call_method") else []
+            f = self.nodes[n] = (ins, _value_bytes(n), needs_grad(n), _floating(n),
+                                 isinstance(n.meta.get("val"), (tuple, list)))
+        return f
+
+    def prices(self, mesh, model: CostModel) -> Prices:
+        found = self.meshes.get(mesh)
+        if found is None:
+            found = self.meshes[mesh] = Prices(model, self)
+        return found
 
 
 @dataclass
@@ -76,8 +249,9 @@ class Problem:
     """Strategies and prices of the nodes of a program on one mesh.
 
     Folded: of each class of repeated blocks, some instances are planned and each stands
-    for a run of instances after it (:func:`fold_groups`); the nodes of those are left out. ``weight[n]`` counts the instances a node stands for (its seconds count that
-    many times), ``rep`` maps a left-out node to the node standing for it, and memory is
+    for a run of instances after it (:func:`fold_groups`); the nodes of those are left out.
+    ``weight[n]`` counts the instances a node stands for (its seconds count that many
+    times), ``rep`` maps a left-out node to the node standing for it, and memory is
     held as where it peaks, late in the chain: activations saved by the instances a node
     stands for are held from the first block's start on.
     """
@@ -95,26 +269,15 @@ class Problem:
     outputs: list = field(default_factory=list)        # nodes returned by the graph
     weight: dict = field(default_factory=dict)         # node -> instances it stands for
     rep: dict = field(default_factory=dict)            # left-out node -> node standing for it
-    layout_id: LayoutIds = field(default_factory=LayoutIds)
-    _moves: dict = field(default_factory=dict)
+    prices: Prices = None                               # shared by the problems on one mesh
 
-    def move_s(self, num_bytes: float, a: int, b: int, grad: bool) -> float:
-        """Seconds to move a value between the layouts with ids ``a`` and ``b``: a line in
-        bytes, cached per pair of layouts."""
-        line = self._moves.get((a, b, grad))
-        if line is None:
-            lay = self.layout_id.layouts
-            line = self._moves[(a, b, grad)] = (0.0, 0.0) if a == b else \
-                self.model.redistribute_line(lay[a], lay[b], grad)
-        return line[0] + line[1] * num_bytes
+    def __post_init__(self):
+        if self.prices is None:
+            self.prices = Prices(self.model)
 
-    def fused_axis(self, a: int, b: int):
-        """:func:`fused_axis` of the layouts with ids ``a`` and ``b``, cached."""
-        key = ("fused", a, b)
-        if key not in self._moves:
-            lay = self.layout_id.layouts
-            self._moves[key] = fused_axis(lay[a], lay[b])
-        return self._moves[key]
+    @property
+    def layout_id(self) -> LayoutIds:
+        return self.prices.layout_id
 
     def index(self) -> dict:
         return {n: i for i, n in enumerate(self.nodes)}
@@ -167,8 +330,7 @@ class Problem:
         """A copy keeping only strategies ``kept[node]`` (indices), and per node the map from
         new indices back to the old."""
         new = Problem(self.mesh, self.model, self.nodes, outputs=self.outputs, held=self.held,
-                      weight=self.weight, rep=self.rep, layout_id=self.layout_id,
-                      _moves=self._moves)
+                      weight=self.weight, rep=self.rep, prices=self.prices)
         for n in self.nodes:
             idx = kept[n]
             new.options[n] = [self.options[n][i] for i in idx]
@@ -183,13 +345,11 @@ class Problem:
     def scores_near(self, seed: dict) -> dict:
         """Per node and strategy: its own seconds plus its edges' seconds when every
         neighbour keeps its ``seed`` choice; ranks the strategies worth keeping."""
-        score = {n: [self.weight.get(n, 1) * t for t in v] for n, v in self.node_s.items()}
+        score = {n: self.weight.get(n, 1) * np.asarray(v) for n, v in self.node_s.items()}
         for e in self.edges:
             if e.dst in score:
-                for s in range(len(e.dst_keys)):
-                    score[e.dst][s] += e.seconds(seed[e.src], s)
-            for s in range(len(e.src_keys)):
-                score[e.src][s] += e.seconds(s, seed.get(e.dst, 0))
+                score[e.dst] = score[e.dst] + e.row(seed[e.src])
+            score[e.src] = score[e.src] + e.column(seed.get(e.dst, 0))
         return score
 
     def checkpoints(self) -> list:
@@ -206,38 +366,41 @@ _ALWAYS = 1 << 62   # the end of a held interval that lasts to the end of the fo
 
 
 def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=(),
-                  folding="ends", known: dict | None = None) -> Problem:
+                  folding="ends", facts: Facts | None = None) -> Problem:
     """Enumerate strategies for the nodes of ``gm`` on ``mesh`` and price them.
 
     ``pinned`` maps parameter and input nodes to the only layout they may take. Given
     ``blocks`` (classes of structurally identical instances), the problem is folded as
-    ``folding`` says (see :func:`fold_groups` and :class:`Problem`). ``known`` keeps the
-    strategies enumerated for a node and mesh shape, for problems built again on one mesh.
+    ``folding`` says (see :func:`fold_groups` and :class:`Problem`). ``facts`` keeps what
+    problems built again on the same program (and mesh, with the same ``pinned``) share.
     """
+    facts = facts if facts is not None else Facts()
     rep, weight = _fold_map(blocks, pinned, folding)
     every = [n for n in gm.graph.nodes if n.op in _PLANNED]
     nodes = [n for n in every if n not in rep]
-    prob = Problem(mesh, model, nodes, weight=weight, rep=rep)
+    prices = facts.prices(mesh, model)
+    prob = Problem(mesh, prices.model, nodes, weight=weight, rep=rep, prices=prices)
     pos = prob.index()
     for n in nodes:
         if n.op in ("placeholder", "get_attr"):
-            prob.options[n] = _source_options(n, mesh, pinned)
-        else:
-            key = (n, tuple(mesh.shape))
-            if known is not None and key in known:
-                prob.options[n] = known[key]
-            else:
-                prob.options[n] = strategies(n, mesh.shape)
-                if known is not None:
-                    known[key] = prob.options[n]
+            key = (n, pinned.get(n))
+            found = prices.strategies.get(key)
+            if found is None:
+                found = prices.strategies[key] = _source_options(n, mesh, pinned)
+            prob.options[n] = found
+            continue
+        found = prices.strategies.get(n)
+        if found is None:
+            found = prices.strategies[n] = strategies(n, mesh.shape)
+        prob.options[n] = found
     for n in nodes:
-        _price_node(prob, n)
+        _price_node(prob, n, facts)
     output = next(n for n in gm.graph.nodes if n.op == "output")
     returned = [rep.get(a, a) for a in output.all_input_nodes if a.op in _PLANNED]
     prob.outputs = list(dict.fromkeys(returned))
-    uses = _fold_edges(prob, every, pos)
+    uses = _fold_edges(prob, every, pos, facts)
     _hold_memory(prob, blocks, pos, uses)
-    _price_outputs(prob, output, returned)
+    _price_outputs(prob, output, returned, facts)
     return prob
 
 
@@ -280,7 +443,7 @@ def _fold_map(blocks, pinned, folding) -> tuple:
     return rep, weight
 
 
-def _fold_edges(prob: Problem, every: list, pos: dict) -> dict:
+def _fold_edges(prob: Problem, every: list, pos: dict, facts: Facts) -> dict:
     """The program's edges, one per (producer, consumer, slot) of the problem's nodes with
     the count of program edges it stands for. Returns, per producer, the positions of its
     readers, each with whether the read comes from a later instance of the producer's block
@@ -290,12 +453,12 @@ def _fold_edges(prob: Problem, every: list, pos: dict) -> dict:
         if n.op not in ("call_function", "call_method"):
             continue
         dst = prob.rep.get(n, n)
-        for slot, src in enumerate(tensor_inputs(n)):
+        for slot, src in enumerate(facts.of(n)[0]):
             key = (prob.rep.get(src, src), dst, slot)
             if key in found:
                 found[key].weight += 1
             else:
-                found[key] = _edge(prob, key[0], dst, slot)
+                found[key] = _edge(prob, key[0], dst, slot, facts)
             back = pos[key[0]] >= pos[dst]
             uses.setdefault(key[0], set()).add((pos[dst], back))
     prob.edges.extend(found.values())
@@ -357,45 +520,52 @@ def _floating(node) -> bool:
     return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in out_vals(node))
 
 
-def _price_node(prob: Problem, n: Node):
+def _price_node(prob: Problem, n: Node, facts: Facts):
+    """Seconds and bytes per strategy of ``n``; the same on every problem on one mesh (with
+    the same parameters pinned), so computed once per mesh."""
+    ins = facts.of(n)[0]
+    key = (n, tuple(len(prob.options[prob.rep.get(a, a)]) == 1 and prob.options[
+        prob.rep.get(a, a)][0].output for a in ins if a.op == "get_attr"), len(prob.options[n]))
+    found = prob.prices.node_prices.get(key)
+    if found is None:
+        found = prob.prices.node_prices[key] = _node_prices(prob, n, facts)
+    prob.node_s[n], prob.static_bytes[n], prob.saved_bytes[n], prob.out_bytes[n] = found
+
+
+def _node_prices(prob: Problem, n: Node, facts: Facts) -> tuple:
     m, mesh = prob.model, prob.mesh
-    num_bytes = _value_bytes(n)
+    ins, num_bytes = facts.of(n)[:2]
     opts = prob.options[n]
     act = m.activation_scale
-    if n.op in ("placeholder", "get_attr"):
-        prob.node_s[n] = [0.0] * len(opts)
-        prob.saved_bytes[n] = [0.0] * len(opts)
-        prob.out_bytes[n] = [0.0] * len(opts)
-        if n.op == "get_attr":
-            elem = n.meta["val"].element_size()
-            per = m.training.bytes_per_parameter(_trainable(n), elem) / elem
-            prob.static_bytes[n] = [num_bytes * fraction(s.output, mesh) * per for s in opts]
-            prob.node_s[n] = [m.optimizer_s(num_bytes * fraction(s.output, mesh),
-                                            _trainable(n), elem) for s in opts]
-        else:
-            prob.static_bytes[n] = [0.0] * len(opts)
-        return
+    zeros = [0.0] * len(opts)
+    if n.op == "get_attr":
+        elem = n.meta["val"].element_size()
+        per = m.training.bytes_per_parameter(_trainable(n), elem) / elem
+        static = [num_bytes * fraction(s.output, mesh) * per for s in opts]
+        seconds = [m.optimizer_s(num_bytes * fraction(s.output, mesh), _trainable(n), elem)
+                   for s in opts]
+        return seconds, static, zeros, zeros
+    if n.op == "placeholder":
+        return zeros, zeros, zeros, zeros
     op = n.meta["autopar.op"]
-    ins = tensor_inputs(n)
-    saves = op not in SAVES_NOTHING
-    prob.node_s[n] = [m.compute_s(op, s.spec.flops, s.spec.num_bytes, s.inputs, s.output)
-                      for s in opts]
-    prob.static_bytes[n] = [0.0] * len(opts)
-    prob.out_bytes[n] = [num_bytes * act * fraction(s.output, mesh) for s in opts]
+    seconds = [m.compute_s(op, s.spec.flops, s.spec.num_bytes, s.inputs, s.output)
+               for s in opts]
+    out = [num_bytes * act * fraction(s.output, mesh) for s in opts]
     saved = []
     for s in opts:
         b = 0.0
-        if saves:
+        if op not in SAVES_NOTHING:
             for src, need in zip(ins, s.inputs):
-                if not _floating(src):
+                src_bytes, _, floating = facts.of(src)[1:4]
+                if not floating:
                     continue
                 src_options = prob.options[prob.rep.get(src, src)]
                 if src.op == "get_attr" and len(src_options) == 1 and \
                         src_options[0].output == need:
                     continue  # the parameter itself, already counted
-                b += _value_bytes(src) * act * fraction(need, mesh)
+                b += src_bytes * act * fraction(need, mesh)
         saved.append(b)
-    prob.saved_bytes[n] = saved
+    return seconds, zeros, saved, out
 
 
 def needs_grad(node: Node) -> bool:
@@ -405,8 +575,10 @@ def needs_grad(node: Node) -> bool:
 
 def grad_sum_axes(src: Node, need, out_layout) -> tuple:
     """Axes on which a replicated input of split work needs its gradient summed."""
-    if not needs_grad(src):
-        return ()
+    return _sum_axes(need, out_layout) if needs_grad(src) else ()
+
+
+def _sum_axes(need, out_layout) -> tuple:
     return tuple(a for a, (p, q) in enumerate(zip(need, out_layout))
                  if is_replicate(p) and not is_replicate(q))
 
@@ -418,56 +590,53 @@ def fused_axis(src_layout, need) -> int | None:
     return steps[-1].axis if steps and steps[-1].kind == "all_gather" else None
 
 
-def _edge(prob: Problem, src: Node, dst: Node, slot: int) -> Edge:
-    m, lid = prob.model, prob.layout_id
-    lay = lid.layouts
-    num_bytes = _value_bytes(src)
-    grad = needs_grad(src)
-    src_keys = [lid(s.output) for s in prob.options[src]]
-    dst_keys = [(lid(s.inputs[slot]), grad_sum_axes(src, s.inputs[slot], s.output))
-                for s in prob.options[dst]]
-    is_tuple = isinstance(src.meta["val"], (tuple, list))
-    param = src.op == "get_attr"
-
-    def price(key):
-        a, (need, axes) = key
-        if is_tuple and a != need:
-            return float("inf")  # a tuple is consumed in its own layout
-        t = prob.move_s(num_bytes, a, need, grad)
-        if axes:
-            fused = prob.fused_axis(a, need)
-            for axis in axes:
-                # a parameter's gradient is summed in buckets after backward where it is
-                # stored replicated on the axis; stored split, each use sums its own
-                bucketed = param and is_replicate(lay[a][axis])
-                t += m.grad_sum_s(num_bytes, lay[need], axis, fused=axis == fused,
-                                  bucketed=bucketed)
-        return t
-
-    return Edge(src, dst, slot, src_keys, dst_keys, _Priced(price))
+def _edge(prob: Problem, src: Node, dst: Node, slot: int, facts: Facts) -> Edge:
+    prices = prob.prices
+    _, num_bytes, grad, _, is_tuple = facts.of(src)
+    src_keys = prices.output_keys(prob.options[src])
+    dst_keys = prices.needs.get((dst, slot))
+    if dst_keys is None:
+        dst_keys = prices.needs[(dst, slot)] = [
+            (i[slot], prices.grad_sum_axes(grad, i[slot], o))
+            for o, i in prices.layout_ids(prob.options[dst])]
+    cost = prices.table(num_bytes, grad, src.op == "get_attr", is_tuple)
+    e = Edge(src, dst, slot, src_keys, dst_keys, cost)
+    e.share_distinct(prices.distinct)
+    return e
 
 
 class _Priced(dict):
-    """Edge costs computed on first use: planners read only a fraction of all pairs."""
+    """Edge costs computed on first use: planners read only a fraction of all pairs.
+    ``forbids``: some pairs cost infinity (may not be used at all)."""
 
-    def __init__(self, price):
+    def __init__(self, price, forbids: bool = False):
         super().__init__()
-        self.price = price
+        self.price, self.forbids = price, forbids
+        self.matrices = {}
 
     def __missing__(self, key):
         value = self[key] = self.price(key)
         return value
 
+    def matrix(self, src_keys: list, dst_keys: list) -> np.ndarray:
+        """Seconds per (src key, dst key), for edges with these distinct keys."""
+        key = (tuple(src_keys), tuple(dst_keys))
+        found = self.matrices.get(key)
+        if found is None:
+            found = self.matrices[key] = np.array([[self[(a, b)] for b in dst_keys]
+                                                   for a in src_keys])
+        return found
 
-def _price_outputs(prob: Problem, output: Node, returned: list):
+
+def _price_outputs(prob: Problem, output: Node, returned: list, facts: Facts):
     """Outputs come back replicated: an edge from each output to the graph's output node,
     which takes one fixed strategy (replicated inputs). ``returned`` lists the problem node
     standing for each value returned, so a folded output counts once per instance."""
     r = tuple(Replicate() for _ in range(prob.mesh.ndim))
+    rid, prices = prob.layout_id(r), prob.prices
     for n in prob.outputs:
-        num_bytes = _value_bytes(n)
-        keys = [prob.layout_id(s.output) for s in prob.options[n]]
-        rid = prob.layout_id(r)
-        cost = {(a, (rid, ())): prob.move_s(num_bytes, a, rid, needs_grad(n)) for a in set(keys)}
-        prob.edges.append(Edge(n, output, 0, keys, [(rid, ())], cost,  # few keys: priced now
+        _, num_bytes, grad = facts.of(n)[:3]
+        keys = prices.output_keys(prob.options[n])
+        cost = prob.prices.table(num_bytes, grad, False, False)
+        prob.edges.append(Edge(n, output, 0, keys, [(rid, ())], cost,
                                weight=returned.count(n)))

@@ -53,28 +53,59 @@ INTEGRAL_TOLERANCE = 1e-7   # a relaxed binary this close to 0 or 1 counts as in
 
 
 class _Builder:
-    """Columns and rows of the program, added by family."""
+    """Columns and rows of the program, added a family at a time as numpy blocks."""
 
     def __init__(self):
-        self.cost, self.integral, self.upper = [], [], []
-        self.rows, self.cols, self.vals, self.lo, self.hi = [], [], [], [], []
-        self.n_rows = 0
+        self._cost, self._integral, self._upper = [], [], []
+        self._rows, self._cols, self._vals, self._lo, self._hi = [], [], [], [], []
+        self._extra = []          # (columns, seconds) added to columns already made
+        self.n_cols = self.n_rows = 0
+
+    def columns(self, cost, integral: bool, upper: float = 1.0) -> np.ndarray:
+        """New columns of these costs; their indices."""
+        cost = np.asarray(cost, dtype=float)
+        self._cost.append(cost)
+        self._integral.append(np.full(len(cost), 1 if integral else 0, dtype=np.uint8))
+        self._upper.append(np.full(len(cost), upper))
+        self.n_cols += len(cost)
+        return np.arange(self.n_cols - len(cost), self.n_cols)
 
     def var(self, cost: float, integral: bool, upper: float = 1.0) -> int:
-        self.cost.append(cost)
-        self.integral.append(1 if integral else 0)
-        self.upper.append(upper)
-        return len(self.cost) - 1
+        return int(self.columns([cost], integral, upper)[0])
+
+    def add_cost(self, cols, seconds):
+        """Add ``seconds`` to the cost of existing columns ``cols``."""
+        self._extra.append((np.asarray(cols), np.asarray(seconds, dtype=float)))
+
+    def rows(self, count: int, rows, cols, vals, lo, hi):
+        """``count`` new rows with entries (row within them, column, value), zeros dropped;
+        bounds ``lo`` and ``hi`` (scalars or one per row)."""
+        rows, cols, vals = np.asarray(rows), np.asarray(cols), np.asarray(vals, dtype=float)
+        keep = vals != 0
+        self._rows.append(rows[keep] + self.n_rows)
+        self._cols.append(cols[keep])
+        self._vals.append(vals[keep])
+        self._lo.append(np.broadcast_to(np.asarray(lo, dtype=float), (count,)))
+        self._hi.append(np.broadcast_to(np.asarray(hi, dtype=float), (count,)))
+        self.n_rows += count
 
     def row(self, terms: dict, lo: float, hi: float):
-        for col, v in terms.items():
-            if v:
-                self.rows.append(self.n_rows)
-                self.cols.append(col)
-                self.vals.append(v)
-        self.lo.append(lo)
-        self.hi.append(hi)
-        self.n_rows += 1
+        self.rows(1, np.zeros(len(terms), dtype=int), list(terms), list(terms.values()), lo, hi)
+
+    @property
+    def integral(self) -> np.ndarray:
+        return _join(self._integral, np.uint8)
+
+    def _program(self) -> dict:
+        cost = _join(self._cost, float)
+        for cols, seconds in self._extra:
+            np.add.at(cost, cols, seconds)
+        self._extra = []
+        a = coo_array((_join(self._vals, float), (_join(self._rows, int), _join(self._cols, int))),
+                      shape=(self.n_rows, self.n_cols)).tocsr()
+        return dict(c=cost, bounds=Bounds(np.zeros(self.n_cols), _join(self._upper, float)),
+                    constraints=LinearConstraint(a, _join(self._lo, float), _join(self._hi, float)))
+
 
     def relax(self, time_limit_s: float, cutoff: float = np.inf):
         """The relaxation (every binary continuous in [0, 1]). Where its optimum is already
@@ -82,12 +113,9 @@ class _Builder:
         the integer optimum, and HiGHS's branch and bound setup costs more than the
         relaxation itself. It bounds the integer optimum from below: above ``cutoff`` the
         program is not solved further (:class:`Dominated`)."""
-        n = len(self.cost)
-        a = coo_array((self.vals, (self.rows, self.cols)), shape=(self.n_rows, n)).tocsr()
-        self._args = dict(c=np.array(self.cost), bounds=Bounds(np.zeros(n), np.array(self.upper)),
-                          constraints=LinearConstraint(a, self.lo, self.hi))
+        self._args = self._program()
         # without presolve: HiGHS's dual simplex is 2-3x faster on these programs
-        relaxed = milp(integrality=np.zeros(n), **self._args,
+        relaxed = milp(integrality=np.zeros(self.n_cols), **self._args,
                        options={"time_limit": time_limit_s, "presolve": False})
         if relaxed.x is not None and relaxed.fun > cutoff:
             raise Dominated(relaxed.fun)
@@ -97,7 +125,7 @@ class _Builder:
         """Whether ``res`` sets every binary to 0 or 1 (rounding them if so)."""
         if res.x is None:
             return False
-        ints = np.array(self.integral) == 1
+        ints = self.integral == 1
         xs = res.x[ints]
         if np.all(np.minimum(np.abs(xs), np.abs(xs - 1)) <= INTEGRAL_TOLERANCE):
             res.x[ints] = np.round(xs)
@@ -113,7 +141,7 @@ class _Builder:
         (branch and bound on the whole program, where memory binds, runs into its time
         limit, and what it has by then depends on the machine's speed). The whole program
         is branched on only where the restricted one has no plan."""
-        integrality = np.array(self.integral)
+        integrality = self.integral
         if support is not None:
             ub = np.array(self._args["bounds"].ub, dtype=float)
             ub[(integrality == 1) & (support <= INTEGRAL_TOLERANCE)] = 0.0
@@ -126,20 +154,26 @@ class _Builder:
                     options={"time_limit": time_limit_s, "presolve": True})
 
 
+def _join(parts: list, dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
 def strategy_variables(b: _Builder, prob) -> dict:
     """x[v, s]: one binary per strategy of every node that has a choice; its cost counts
     once per instance the node stands for."""
     x = {}
     for n in prob.nodes:
         if len(prob.options[n]) > 1:
-            w = prob.weight.get(n, 1)
-            x[n] = [b.var(w * t, True) for t in prob.node_s[n]]
+            x[n] = b.columns(prob.weight.get(n, 1) * np.asarray(prob.node_s[n]), True)
     return x
 
 
 def one_strategy_per_node(b: _Builder, prob, x: dict):
-    for cols in x.values():
-        b.row({c: 1.0 for c in cols}, 1.0, 1.0)
+    if not x:
+        return
+    cols = list(x.values())
+    rows = np.repeat(np.arange(len(cols)), [len(c) for c in cols])
+    b.rows(len(cols), rows, np.concatenate(cols), np.ones(len(rows)), 1.0, 1.0)
 
 
 def edge_marginals(b: _Builder, prob, x: dict) -> float:
@@ -151,69 +185,59 @@ def edge_marginals(b: _Builder, prob, x: dict) -> float:
         if not src_free and not dst_free:
             constant += e.seconds(0, 0)
         elif not dst_free:
-            for s, col in enumerate(x[e.src]):
-                b.cost[col] += e.seconds(s, 0)
+            b.add_cost(x[e.src], [e.seconds(s, 0) for s in range(len(x[e.src]))])
         elif not src_free:
-            for s, col in enumerate(x[e.dst]):
-                b.cost[col] += e.seconds(0, s)
+            b.add_cost(x[e.dst], [e.seconds(0, s) for s in range(len(x[e.dst]))])
         else:
             _pair_variables(b, e, x)
     return constant
 
 
 def _pair_variables(b: _Builder, e, x: dict):
-    src_groups, dst_groups = _groups(e.src_keys), _groups(e.dst_keys)
-    by_src = {ka: {} for ka in src_groups}
-    by_dst = {kb: {} for kb in dst_groups}
-    pairs = {}
-    for ka in src_groups:
-        for kb in dst_groups:
-            c = e.weight * e.cost[(ka, kb)]
-            if np.isfinite(c):
-                col = pairs[(ka, kb)] = b.var(c, False)
-                by_src[ka][col] = 1.0
-                by_dst[kb][col] = 1.0
-    for groups, terms_by, cols in ((src_groups, by_src, x[e.src]), (dst_groups, by_dst, x[e.dst])):
-        for k, members in groups.items():
-            terms = terms_by[k]
-            for s in members:
-                terms[cols[s]] = terms.get(cols[s], 0.0) - 1.0
-            b.row(terms, 0.0, 0.0)
-    return pairs
-
-
-def _groups(keys) -> dict:
-    out = {}
-    for i, k in enumerate(keys):
-        out.setdefault(k, []).append(i)
-    return out
-
-
-def _memory_terms(prob, x: dict, t: int):
-    """(coefficients on x, constant bytes) of memory after checkpoint node ``t``."""
-    terms, constant = {}, 0.0
-    for h in prob.held:
-        if not h.start <= t < h.end:
-            continue
-        per = getattr(prob, h.table)[h.node]
-        if h.node in x:
-            for col, v in zip(x[h.node], per):
-                if v:
-                    terms[col] = terms.get(col, 0.0) + h.mult * v
-        else:
-            constant += h.mult * per[0]
-    return terms, constant
+    """y for every pair of distinct (producer layout, consumer need) of edge ``e`` whose
+    cost is finite, and the rows tying them to both ends' x."""
+    src, src_of, dst, dst_of = e.distinct
+    cost = e.key_matrix()
+    finite = np.isfinite(cost)
+    i, j = np.nonzero(finite)
+    pairs = b.columns(e.weight * cost[finite], False)
+    na, nb = len(src), len(dst)
+    xs, xd = x[e.src], x[e.dst]
+    rows = np.concatenate([i, na + j, src_of, na + dst_of])
+    cols = np.concatenate([pairs, pairs, xs, xd])
+    vals = np.concatenate([np.ones(2 * len(pairs)), -np.ones(len(xs) + len(xd))])
+    b.rows(na + nb, rows, cols, vals, 0.0, 0.0)
 
 
 def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, peak_col: int | None = None):
     """Memory after each checkpoint stays within the budget (or below ``peak_col``)."""
-    for t in prob.checkpoints():
-        terms, constant = _memory_terms(prob, x, t)
-        if peak_col is None:
-            b.row(terms, -np.inf, budget_bytes - constant)
-        else:
-            terms[peak_col] = -1.0
-            b.row(terms, -np.inf, -constant)
+    points = np.array(prob.checkpoints())
+    constant = np.zeros(len(points))
+    rows, cols, vals = [], [], []
+    for h in prob.held:
+        first, end = np.searchsorted(points, [h.start, h.end])
+        if first >= end:
+            continue
+        per = getattr(prob, h.table)[h.node]
+        if h.node not in x:
+            constant[first:end] += h.mult * per[0]
+            continue
+        v = h.mult * np.asarray(per)
+        nz = np.nonzero(v)[0]
+        if not len(nz):
+            continue
+        span = np.arange(first, end)
+        rows.append(np.repeat(span, len(nz)))
+        cols.append(np.tile(x[h.node][nz], len(span)))
+        vals.append(np.tile(v[nz], len(span)))
+    if peak_col is not None:
+        rows.append(np.arange(len(points)))
+        cols.append(np.full(len(points), peak_col))
+        vals.append(-np.ones(len(points)))
+        hi = -constant
+    else:
+        hi = budget_bytes - constant
+    b.rows(len(points), _join(rows, int), _join(cols, int), _join(vals, float), -np.inf, hi)
 
 
 def fixed_choices(prob) -> dict:
@@ -253,7 +277,7 @@ def solve(prob, budget_bytes: float, time_limit_s: float = TIME_LIMIT_S,
         raise Infeasible(prob, time_limit_s)
     choice = fixed_choices(prob)
     for n, cols in x.items():
-        choice[n] = int(np.argmax([res.x[c] for c in cols]))
+        choice[n] = int(np.argmax(res.x[cols]))
     return choice, float(res.fun) + constant, shares
 
 
@@ -277,12 +301,12 @@ def min_memory(prob, time_limit_s: float = TIME_LIMIT_S) -> float:
     """The smallest peak memory per device any assignment on this mesh reaches."""
     b = _Builder()
     x = strategy_variables(b, prob)
-    b.cost = [0.0] * len(b.cost)
+    b._cost = [np.zeros(len(c)) for c in b._cost]
     peak = b.var(1.0, False, upper=np.inf)
     one_strategy_per_node(b, prob, x)
     # edges impose no cost here, but tuple edges still forbid some pairs
     for e in prob.edges:
-        if e.src in x and e.dst in x and not all(np.isfinite(v) for v in e.cost.values()):
+        if e.src in x and e.dst in x and e.cost.forbids:
             _pair_variables(b, e, x)
     memory_budget(b, prob, x, 0.0, peak_col=peak)
     res = b.relax(time_limit_s)

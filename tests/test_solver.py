@@ -145,7 +145,8 @@ def test_plan_reports_cost_stats_and_explains():
     assert c.memory_bytes_per_device > 0
     seconds = plan.stats["seconds"]
     assert {"capture", "annotate_shapes", "assign_layouts", "total"} <= set(seconds)
-    assert len(plan.stats["meshes"]) == 4                  # 8 = 8, 2x4, 4x2, 2x2x2
+    searched = len(plan.stats["meshes"]) + len(plan.stats.get("meshes_skipped", []))
+    assert searched == 4                                   # 8 = 8, 2x4, 4x2, 2x2x2
     text = plan.explain(per="op")
     assert "linear" in text and "compute" in text
     again = autopar.Plan.from_json(plan.to_json())
@@ -186,13 +187,34 @@ def test_meshes_dropped_at_their_bound_lose_nothing(width, rows):
     dropped = [m for m in plan.stats["meshes"].values() if m["predicted_step_s"] is None]
     each = {}
     for name in plan.stats["meshes"]:
-        axes = dict(zip(("dp", "tp") if name.count(":") == 2 else
-                        ("dp", "sp", "tp") if name.count(":") == 3 else ("dp",),
-                        [int(v) for v in re.findall(r"\d+", name)]))
         each[name] = autopar.plan(net, cluster, example_inputs=batch(rows, width),
-                                  mesh=axes).cost.total_s
+                                  mesh=_axes(name)).cost.total_s
     assert plan.cost.total_s == pytest.approx(min(each.values()), rel=1e-9)
     for name, m in plan.stats["meshes"].items():
         if m["predicted_step_s"] is None:
             assert m["lower_bound_s"] <= each[name] * (1 + 1e-9)
     assert dropped, "no mesh was dropped: the bound is not exercised"
+
+
+def _axes(name: str) -> dict:
+    sizes = [int(v) for v in re.findall(r"\d+", name)]
+    return dict(zip({1: ("dp",), 2: ("dp", "tp"), 3: ("dp", "sp", "tp")}[len(sizes)], sizes))
+
+
+@pytest.mark.parametrize("width, rows", [(512, 4096), (256, 16384)])
+def test_three_axis_meshes_are_searched_where_a_mesh_they_refine_came_close(width, rows):
+    """A mesh (a, b, c) is planned only where (a*b, c) or (a, b*c) planned (or was bounded)
+    within THREE_AXIS_MARGIN of the best; those skipped plan no better on their own here."""
+    from autopar.planner import THREE_AXIS_MARGIN
+    net, cluster = meta_net(width, 4 * width, layers=2), Cluster.preset("dgx-a100", nodes=2)
+    plan = autopar.plan(net, cluster, example_inputs=batch(rows, width))
+    meshes, skipped = plan.stats["meshes"], plan.stats.get("meshes_skipped", [])
+    assert skipped, "no mesh was skipped: the rule is not exercised"
+    reached = {tuple(_axes(name).values()): m["predicted_step_s"] or m["lower_bound_s"]
+               for name, m in meshes.items()}
+    limit = plan.cost.total_s * (1 + THREE_AXIS_MARGIN)
+    for name in skipped:
+        a, b, c = _axes(name).values()
+        assert all(reached[m] > limit for m in ((a * b, c), (a, b * c))), name
+        alone = autopar.plan(net, cluster, example_inputs=batch(rows, width), mesh=_axes(name))
+        assert alone.cost.total_s >= plan.cost.total_s * (1 - 1e-9), name
