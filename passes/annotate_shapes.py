@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Interpreter
 
 from autopar.errors import CaptureError
@@ -25,6 +25,19 @@ def annotate_shapes(gm, ctx):
                 attrs[node.target] = _fake(fetch_attr(gm, node.target))
         _Prop(gm, attrs).run(*inputs)
     return gm
+
+
+def annotate_new_nodes(gm) -> bool:
+    """Annotate only the nodes that have no ``"val"`` yet (and the output), from the values of
+    their inputs, in the FakeTensorMode those were made in. False, with nothing done, when no
+    node holds a FakeTensor to find that mode by."""
+    known = {n: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta and n.op != "output"}
+    mode = next((v.fake_mode for v in known.values() if isinstance(v, FakeTensor)), None)
+    if mode is None:
+        return False
+    with mode:
+        _Prop(gm, {}).run(initial_env=known)
+    return True
 
 
 def _fake(t):

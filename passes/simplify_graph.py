@@ -12,7 +12,7 @@ from autopar.graph_utils import as_constant, is_foldable_constant, replace_with_
 from autopar.rules import arg, is_tensor_like, norm_dim
 from autopar.rules.names import canonical_name
 
-from .annotate_shapes import annotate_shapes
+from .annotate_shapes import annotate_new_nodes, annotate_shapes
 
 _REDUCTION = {0: "none", 1: "mean", 2: "sum"}
 
@@ -28,7 +28,7 @@ def simplify_graph(gm, ctx):
       or feature dim yields a Partial sum instead of a wrong local mean.
     - ``x.type_as(y)`` and ``x.to(y)`` become ``x.to(dtype)``: ``y`` is read only for its dtype.
     """
-    changed = False
+    changed, replaced = False, []   # replaced: (value of a rewritten node, node now computing it)
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
@@ -39,13 +39,32 @@ def simplify_graph(gm, ctx):
             continue
         op = node.meta.get("autopar.op")
         rewrite = _REWRITES.get(op)
-        if rewrite is not None and rewrite(gm.graph, node):
+        out = rewrite(gm.graph, node) if rewrite is not None else None
+        if out is not None:
             changed = True
+            replaced.append((val, out))
     if changed:
         gm.graph.lint()
         gm.recompile()
-        annotate_shapes(gm, ctx)
+        _annotate(gm, ctx, replaced)
     return gm
+
+
+def _annotate(gm, ctx, replaced: list) -> None:
+    """Annotate the nodes the rewrites made; where one computes a value that differs from the
+    one it replaced in shape, dtype, strides or requires_grad, annotate the whole graph again
+    (readers of the value may change too)."""
+    if annotate_new_nodes(gm) and all(_same_tensor(val, out.meta.get("val"))
+                                      for val, out in replaced):
+        return
+    annotate_shapes(gm, ctx)
+
+
+def _same_tensor(a, b) -> bool:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    return (a.shape, a.stride(), a.dtype, a.device, a.requires_grad) == \
+        (b.shape, b.stride(), b.dtype, b.device, b.requires_grad)
 
 
 def _insert(graph, before, target, args, kwargs=None):
@@ -63,7 +82,7 @@ def _mean(graph, node):
     x = node.args[0]
     if node.kwargs.get("dtype") is not None or not isinstance(x.meta.get("val"), torch.Tensor) \
             or not x.meta["val"].is_floating_point():
-        return False
+        return None
     shape = tuple(x.meta["val"].shape)
     dim = arg(node, 1, "dim")
     keepdim = bool(arg(node, 2, "keepdim", False))
@@ -77,7 +96,7 @@ def _mean(graph, node):
     mean = _insert(graph, node, operator.truediv, (total, count))
     node.replace_all_uses_with(mean)
     graph.erase_node(node)
-    return True
+    return mean
 
 
 def _cross_entropy(graph, node):
@@ -92,15 +111,15 @@ def _cross_entropy(graph, node):
         ignore_index = arg(node, 4, "ignore_index", -100)
         smoothing = arg(node, 7, "label_smoothing", 0.0)
         if arg(node, 3, "size_average") is not None or arg(node, 5, "reduce") is not None:
-            return False
+            return None
     tval = target.meta.get("val") if hasattr(target, "meta") else None
     if weight is not None or smoothing or not isinstance(tval, torch.Tensor) \
             or tval.is_floating_point():
-        return False
+        return None
     kw = {"ignore_index": ignore_index}
     if reduction != "mean":
         if node.meta["autopar.op"] == "cross_entropy":
-            return False
+            return None
         out = _insert(graph, node, F.cross_entropy, (logits, target), {**kw, "reduction": reduction})
     else:
         total = _insert(graph, node, F.cross_entropy, (logits, target), {**kw, "reduction": "sum"})
@@ -109,23 +128,24 @@ def _cross_entropy(graph, node):
         out = _insert(graph, node, operator.truediv, (total, count))
     node.replace_all_uses_with(out)
     graph.erase_node(node)
-    return True
+    return out
 
 
 def _type_as(graph, node):
     other = node.args[1] if len(node.args) > 1 else None
     if node.meta["autopar.op"] == "to" and not (hasattr(other, "meta") and
                                                 isinstance(other.meta.get("val"), torch.Tensor)):
-        return False
+        return None
     if other is None or not isinstance(other.meta.get("val"), torch.Tensor):
-        return False
+        return None
     node.args = (node.args[0], other.meta["val"].dtype)
     node.kwargs = {}
     if node.op == "call_method":
         node.target = "to"
     node.meta["autopar.op"] = "to"
-    return True
+    return node
 
 
+# each rewrite returns the node that now computes the value, or None where it changes nothing
 _REWRITES = {"mean": _mean, "cross_entropy": _cross_entropy, "cross_entropy_loss": _cross_entropy,
              "type_as": _type_as, "to": _type_as}
