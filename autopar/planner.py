@@ -290,6 +290,7 @@ def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level
     # meshes on it, then plan the first and last instances apart on the meshes within
     # REFINE_MARGIN of the best.
     refine = any(len(c.instances) >= 3 for c in blocks)
+    refinable = any(m.ndim == 3 for m in meshes)
     progress = _LazyProgress(len(meshes))
     for mesh in meshes:
         progress.advance(f"mesh {mesh}")
@@ -300,6 +301,8 @@ def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level
                   resolve_constraints(constraints, list(shapes), shapes, mesh).items()}
         try:
             margin = REFINE_MARGIN if refine else 1e-9
+            if mesh.ndim < 3 and refinable:  # planned to the end (or bounded) within the
+                margin = max(margin, THREE_AXIS_MARGIN)  # margin, to choose refinements
             found = plan_on_mesh(
                 gm, mesh, cluster, training, pinned, budget, level, stats, blocks,
                 cutoff=best[3].total_s * (1 + margin) if best else float("inf"),

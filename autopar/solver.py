@@ -41,9 +41,10 @@ runs single-threaded with a fixed seed.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
+import highspy
 from scipy.sparse import coo_array
 
 from .errors import PlanError
@@ -96,32 +97,38 @@ class _Builder:
     def integral(self) -> np.ndarray:
         return _join(self._integral, np.uint8)
 
-    def _program(self) -> dict:
+    def _program(self) -> highspy.HighsLp:
         cost = _join(self._cost, float)
         for cols, seconds in self._extra:
             np.add.at(cost, cols, seconds)
         self._extra = []
         a = coo_array((_join(self._vals, float), (_join(self._rows, int), _join(self._cols, int))),
-                      shape=(self.n_rows, self.n_cols)).tocsr()
-        return dict(c=cost, bounds=Bounds(np.zeros(self.n_cols), _join(self._upper, float)),
-                    constraints=LinearConstraint(a, _join(self._lo, float), _join(self._hi, float)))
+                      shape=(self.n_rows, self.n_cols)).tocsc()
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = self.n_cols, self.n_rows
+        lp.col_cost_ = cost
+        lp.col_lower_, lp.col_upper_ = np.zeros(self.n_cols), _join(self._upper, float)
+        lp.row_lower_, lp.row_upper_ = _join(self._lo, float), _join(self._hi, float)
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = \
+            a.indptr, a.indices, a.data
+        return lp
 
-
-    def relax(self, time_limit_s: float, cutoff: float = np.inf):
+    def relax(self, time_limit_s: float, cutoff: float = np.inf) -> "Solution":
         """The relaxation (every binary continuous in [0, 1]). Where its optimum is already
         integral (most programs here: every node's choice is a vertex of its simplex) it is
         the integer optimum, and HiGHS's branch and bound setup costs more than the
-        relaxation itself. It bounds the integer optimum from below: above ``cutoff`` the
-        program is not solved further (:class:`Dominated`)."""
-        self._args = self._program()
+        relaxation itself. It bounds the integer optimum from below: HiGHS's dual simplex
+        stops as soon as its (dual) objective, a lower bound all along, passes ``cutoff``
+        (:class:`Dominated`)."""
+        self._lp = self._program()
         # without presolve: HiGHS's dual simplex is 2-3x faster on these programs
-        relaxed = milp(integrality=np.zeros(self.n_cols), **self._args,
-                       options={"time_limit": time_limit_s, "presolve": False})
-        if relaxed.x is not None and relaxed.fun > cutoff:
+        relaxed = _run(self._lp, time_limit_s, presolve=False, objective_bound=cutoff)
+        if relaxed.status == "bound" or relaxed.x is not None and relaxed.fun > cutoff:
             raise Dominated(relaxed.fun)
         return relaxed
 
-    def is_integral(self, res) -> bool:
+    def is_integral(self, res: "Solution") -> bool:
         """Whether ``res`` sets every binary to 0 or 1 (rounding them if so)."""
         if res.x is None:
             return False
@@ -132,7 +139,7 @@ class _Builder:
             return True
         return False
 
-    def branch(self, time_limit_s: float, support=None):
+    def branch(self, time_limit_s: float, support=None) -> "Solution":
         """The integer program by HiGHS's branch and bound, after :meth:`relax`.
 
         Given the relaxed ``support``, only the binaries it sets above zero stay free: a
@@ -142,16 +149,61 @@ class _Builder:
         limit, and what it has by then depends on the machine's speed). The whole program
         is branched on only where the restricted one has no plan."""
         integrality = self.integral
+        lp = self._lp
+        lp.integrality_ = [_INTEGER if i else _CONTINUOUS for i in integrality]
         if support is not None:
-            ub = np.array(self._args["bounds"].ub, dtype=float)
-            ub[(integrality == 1) & (support <= INTEGRAL_TOLERANCE)] = 0.0
-            restricted = dict(self._args, bounds=Bounds(self._args["bounds"].lb, ub))
-            res = milp(integrality=integrality, **restricted,
-                       options={"time_limit": time_limit_s, "presolve": True})
+            upper = np.array(lp.col_upper_, dtype=float)
+            lp.col_upper_ = np.where((integrality == 1) & (support <= INTEGRAL_TOLERANCE),
+                                     0.0, upper)
+            res = _run(lp, time_limit_s, presolve=True)
+            lp.col_upper_ = upper
             if res.x is not None:
                 return res
-        return milp(integrality=integrality, **self._args,
-                    options={"time_limit": time_limit_s, "presolve": True})
+        return _run(lp, time_limit_s, presolve=True)
+
+
+@dataclass
+class Solution:
+    """What HiGHS returned: ``status`` "optimal", "infeasible", "bound" (the dual objective
+    passed the bound asked for), "limit" (time) or "other"; ``x`` where it has a feasible
+    point; ``fun`` its objective (at "bound", the dual objective reached)."""
+
+    status: str
+    x: np.ndarray | None
+    fun: float | None
+
+
+_INTEGER, _CONTINUOUS = highspy.HighsVarType.kInteger, highspy.HighsVarType.kContinuous
+_STATUS = {highspy.HighsModelStatus.kOptimal: "optimal",
+           highspy.HighsModelStatus.kInfeasible: "infeasible",
+           highspy.HighsModelStatus.kUnboundedOrInfeasible: "infeasible",
+           highspy.HighsModelStatus.kObjectiveBound: "bound",
+           highspy.HighsModelStatus.kTimeLimit: "limit"}
+
+
+def _run(lp: highspy.HighsLp, time_limit_s: float, presolve: bool,
+         objective_bound: float = np.inf) -> Solution:
+    """Solve ``lp`` with HiGHS, quietly, single-threaded with its fixed seed."""
+    if lp.num_col_ == 0:  # rows without entries: feasible if 0 is within every row's bounds
+        ok = np.all(np.asarray(lp.row_lower_) <= 0) and np.all(np.asarray(lp.row_upper_) >= 0)
+        return Solution("optimal" if ok else "infeasible", np.zeros(0) if ok else None, 0.0)
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("threads", 1)
+    h.setOptionValue("time_limit", float(time_limit_s))
+    h.setOptionValue("presolve", "on" if presolve else "off")
+    if np.isfinite(objective_bound):
+        h.setOptionValue("objective_bound", float(objective_bound))
+    h.passModel(lp)
+    h.run()
+    info = h.getInfo()
+    feasible = info.primal_solution_status == _FEASIBLE
+    return Solution(_STATUS.get(h.getModelStatus(), "other"),
+                    np.array(h.getSolution().col_value) if feasible else None,
+                    float(info.objective_function_value))
+
+
+_FEASIBLE = 2   # HiGHS's kSolutionStatusFeasible
 
 
 def _join(parts: list, dtype) -> np.ndarray:
@@ -267,7 +319,7 @@ def solve(prob, budget_bytes: float, time_limit_s: float = TIME_LIMIT_S,
         res = b.relax(time_limit_s, cutoff - constant)
     except Dominated as e:
         raise Dominated(e.bound + constant) from None
-    if res.status == 2:  # the relaxation is infeasible: so is the program
+    if res.status == "infeasible":  # the relaxation is infeasible: so is the program
         raise Infeasible(prob, time_limit_s)
     shares = ()
     if not b.is_integral(res):
@@ -310,7 +362,7 @@ def min_memory(prob, time_limit_s: float = TIME_LIMIT_S) -> float:
             _pair_variables(b, e, x)
     memory_budget(b, prob, x, 0.0, peak_col=peak)
     res = b.relax(time_limit_s)
-    if not b.is_integral(res) and res.status != 2:
+    if not b.is_integral(res) and res.status != "infeasible":
         res = b.branch(time_limit_s)
     if res.x is None:
         raise PlanError("no layout assignment exists for this program on this mesh")
