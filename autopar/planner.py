@@ -288,7 +288,7 @@ def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level
     meshes = sorted(candidates, key=lambda m: _promise(m, cluster))
     # Repeated blocks with all instances tied make a program a third the size: compare the
     # meshes on it, then plan the first and last instances apart on the meshes within
-    # REFINE_MARGIN of the best.
+    # _ends_margin of the best.
     refine = any(len(c.instances) >= 3 for c in blocks)
     refinable = any(m.ndim == 3 for m in meshes)
     progress = _LazyProgress(len(meshes))
@@ -300,7 +300,7 @@ def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level
         pinned = {sources[name]: layout for name, layout in
                   resolve_constraints(constraints, list(shapes), shapes, mesh).items()}
         try:
-            margin = REFINE_MARGIN if refine else 1e-9
+            margin = _ends_margin(blocks) if refine else 1e-9
             if mesh.ndim < 3 and refinable:  # planned to the end (or bounded) within the
                 margin = max(margin, THREE_AXIS_MARGIN)  # margin, to choose refinements
             found = plan_on_mesh(
