@@ -165,9 +165,18 @@ class _Labeler:
     def __init__(self, param_fqns: set, constraint_patterns: list):
         self.param_fqns = param_fqns
         self.patterns = constraint_patterns
+        self._described = {}   # id(value) -> (value, its description)
+
+    def describe(self, val):
+        """:func:`_describe`, once per value object (copies of a layer share their values); the
+        value is kept so that its id stays its own."""
+        known = self._described.get(id(val))
+        if known is None:
+            known = self._described[id(val)] = (val, _describe(val))
+        return known[1]
 
     def node_label(self, node: Node) -> tuple:
-        val = _describe(node.meta.get("val"))
+        val = self.describe(node.meta.get("val"))
         if node.op == "get_attr":
             pinned = tuple(p for p in self.patterns if fnmatch.fnmatchcase(node.target, p))
             return ("get_attr", val, node.target in self.param_fqns,
@@ -176,13 +185,13 @@ class _Labeler:
 
     def structure(self, inst: BlockInstance) -> tuple:
         """Everything the exact comparison looks at, as one hashable value."""
-        index = {n: ("n", j) for j, n in enumerate(inst.nodes)}
-        index.update({n: ("in", k) for k, n in enumerate(inst.inputs)})
+        index = {n: _Ref(("n", j)) for j, n in enumerate(inst.nodes)}
+        index.update({n: _Ref(("in", k)) for k, n in enumerate(inst.inputs)})
         body = tuple((self.node_label(n), _canon(n.args, index), _canon(n.kwargs, index))
                      for n in inst.nodes)
-        boundary = tuple((_describe(n.meta.get("val")), n.op == "get_attr")
+        boundary = tuple((self.describe(n.meta.get("val")), n.op == "get_attr")
                          for n in inst.inputs)
-        outputs = tuple(index[n][1] for n in inst.outputs)
+        outputs = tuple(index[n].where[1] for n in inst.outputs)
         return body, boundary, outputs
 
     def wl_hash(self, inst: BlockInstance, structure: tuple) -> str:
@@ -221,12 +230,19 @@ class _Ref:
     where: tuple
 
 
+_PLAIN = frozenset({type(None), bool, int, str, torch.dtype, torch.device, torch.memory_format,
+                    torch.layout})
+
+
 def _canon(arg, index: dict, mask: bool = False):
-    """An argument as a hashable value: nodes by their place in the block, constants as is."""
+    """An argument as a hashable value: nodes by their place in the block (``index`` maps
+    them to their :class:`_Ref`), constants as is."""
+    if type(arg) in _PLAIN:   # most arguments: checked first, by exact type
+        return arg
     if isinstance(arg, Node):
-        return "*" if mask else _Ref(index[arg])
+        return "*" if mask else index[arg]
     if isinstance(arg, (tuple, list)):
-        return (type(arg).__name__,) + tuple(_canon(a, index, mask) for a in arg)
+        return (type(arg).__name__,) + tuple([_canon(a, index, mask) for a in arg])
     if isinstance(arg, dict):
         return ("dict",) + tuple((k, _canon(v, index, mask)) for k, v in arg.items())
     if isinstance(arg, torch.Tensor):
