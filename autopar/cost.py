@@ -144,11 +144,14 @@ class CostModel:
                 split *= n
         return split
 
-    def compute_s(self, op: str, flops: float, num_bytes: float, in_layouts, out_layout) -> float:
-        """Forward plus backward seconds of one op's local share."""
+    def compute_s(self, op: str, flops: float, num_bytes: float, in_layouts, out_layout,
+                  split: int | None = None) -> float:
+        """Forward plus backward seconds of one op's local share (``split``: its
+        :meth:`work_split`, where known)."""
         if (flops == 0 and num_bytes == 0) or op in NO_KERNEL:
             return 0.0
-        split = self.work_split(in_layouts, out_layout)
+        if split is None:
+            split = self.work_split(in_layouts, out_layout)
         fwd = max(flops / split / self.peak_flops,
                   num_bytes * self.activation_scale / split / self.memory_bandwidth)
         factor = BACKWARD_FACTOR_CONTRACTION if op in CONTRACTIONS else BACKWARD_FACTOR_OTHER

@@ -119,7 +119,7 @@ class Prices:
         # by layout ids, whatever the mesh: move_path, fused_axis, grad_sum_axes
         self.layout_id, self.paths, self.fused = shared.layout_id, shared.paths, shared.fused
         self.sum_axes = shared.sum_axes
-        self.moves, self.tables = {}, {}
+        self.moves, self.tables, self.fractions, self.splits = {}, {}, {}, {}
         self.ids, self.outputs, self.distinct = {}, {}, {}   # by id() of a list kept here
         self.strategies, self.needs, self.node_prices = {}, {}, {}
 
@@ -165,6 +165,22 @@ class Prices:
         else:
             found = found[0]
         return found
+
+    def fraction(self, i: int) -> float:
+        """:func:`fraction` of the layout with id ``i`` on this mesh."""
+        f = self.fractions.get(i)
+        if f is None:
+            f = self.fractions[i] = fraction(self.layout_id.layouts[i], self.model.mesh)
+        return f
+
+    def work_split(self, ins: tuple, out: int) -> int:
+        """:meth:`CostModel.work_split` of input and output layout ids."""
+        split = self.splits.get((ins, out))
+        if split is None:
+            lay = self.layout_id.layouts
+            split = self.splits[(ins, out)] = self.model.work_split([lay[i] for i in ins],
+                                                                    lay[out])
+        return split
 
     def output_keys(self, options: list) -> list:
         """Per strategy its output layout id."""
@@ -533,37 +549,42 @@ def _price_node(prob: Problem, n: Node, facts: Facts):
 
 
 def _node_prices(prob: Problem, n: Node, facts: Facts) -> tuple:
-    m, mesh = prob.model, prob.mesh
+    m, prices = prob.model, prob.prices
     ins, num_bytes = facts.of(n)[:2]
     opts = prob.options[n]
+    ids = prices.layout_ids(opts)
+    share = prices.fraction
     act = m.activation_scale
     zeros = [0.0] * len(opts)
     if n.op == "get_attr":
         elem = n.meta["val"].element_size()
         per = m.training.bytes_per_parameter(_trainable(n), elem) / elem
-        static = [num_bytes * fraction(s.output, mesh) * per for s in opts]
-        seconds = [m.optimizer_s(num_bytes * fraction(s.output, mesh), _trainable(n), elem)
-                   for s in opts]
+        static = [num_bytes * share(o) * per for o, _ in ids]
+        seconds = [m.optimizer_s(num_bytes * share(o), _trainable(n), elem) for o, _ in ids]
         return seconds, static, zeros, zeros
     if n.op == "placeholder":
         return zeros, zeros, zeros, zeros
     op = n.meta["autopar.op"]
-    seconds = [m.compute_s(op, s.spec.flops, s.spec.num_bytes, s.inputs, s.output)
-               for s in opts]
-    out = [num_bytes * act * fraction(s.output, mesh) for s in opts]
+    seconds = [m.compute_s(op, s.spec.flops, s.spec.num_bytes, s.inputs, s.output,
+                           split=prices.work_split(i, o)) for s, (o, i) in zip(opts, ids)]
+    out = [num_bytes * act * share(o) for o, _ in ids]
+    if op in SAVES_NOTHING:
+        return seconds, zeros, zeros, out
+    saved_inputs = []   # (slot, bytes) of the inputs it saves, but a pinned parameter as is
+    for slot, src in enumerate(ins):
+        src_bytes, _, floating = facts.of(src)[1:4]
+        if not floating:
+            continue
+        src_options = prob.options[prob.rep.get(src, src)]
+        pinned = prob.layout_id(src_options[0].output) if src.op == "get_attr" and \
+            len(src_options) == 1 else None
+        saved_inputs.append((slot, src_bytes * act, pinned))
     saved = []
-    for s in opts:
+    for _, needs in ids:
         b = 0.0
-        if op not in SAVES_NOTHING:
-            for src, need in zip(ins, s.inputs):
-                src_bytes, _, floating = facts.of(src)[1:4]
-                if not floating:
-                    continue
-                src_options = prob.options[prob.rep.get(src, src)]
-                if src.op == "get_attr" and len(src_options) == 1 and \
-                        src_options[0].output == need:
-                    continue  # the parameter itself, already counted
-                b += src_bytes * act * fraction(need, mesh)
+        for slot, nbytes, pinned in saved_inputs:
+            if needs[slot] != pinned:  # the parameter itself is already counted
+                b += nbytes * share(needs[slot])
         saved.append(b)
     return seconds, zeros, saved, out
 
