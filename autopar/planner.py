@@ -15,6 +15,7 @@ import contextlib
 import fnmatch
 import gc
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -85,7 +86,7 @@ def _worth_refining(mesh: Mesh, reached: dict, best) -> bool:
     if mesh.ndim < 3 or best is None:
         return True
     a, b, c = mesh.shape
-    limit = best[3].total_s * (1 + THREE_AXIS_MARGIN)
+    limit = best.cost.total_s * (1 + THREE_AXIS_MARGIN)
     return any(reached.get(m, float("inf")) <= limit for m in ((a * b, c), (a, b * c)))
 
 
@@ -280,70 +281,132 @@ def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level
                  input_names, blocks):
     sources = _named_sources(gm, input_names)
     shapes = {name: tuple(n.meta["val"].shape) for name, n in sources.items()}
-    best, infeasible, tied = None, [], []
-    reached = {}  # mesh shape -> seconds of its plan, or the bound it was dropped at
-    facts = Facts()  # what the problems built on this program share
+    search = _Search(gm, cluster, training, budget, level, stats, blocks)
     candidates = candidate_meshes(cluster, mesh_request)
     rank = {str(m): i for i, m in enumerate(candidates)}
     meshes = sorted(candidates, key=lambda m: _promise(m, cluster))
+    pinned = {m: {sources[name]: layout for name, layout in
+                  resolve_constraints(constraints, list(shapes), shapes, m).items()}
+              for m in meshes}
     # Repeated blocks with all instances tied make a program a third the size: compare the
     # meshes on it, then plan the first and last instances apart on the meshes within
     # _ends_margin of the best.
     refine = any(len(c.instances) >= 3 for c in blocks)
+    folding = "tied" if refine else "ends"
+    margin = _ends_margin(blocks) if refine else 1e-9
     refinable = any(m.ndim == 3 for m in meshes)
+    best, tied, reached = None, [], {}   # reached: mesh shape -> seconds, or a lower bound
+
+    def cutoff(extra: float) -> float:
+        return best.cost.total_s * (1 + extra) if best else float("inf")
+
+    def take(outcomes):
+        nonlocal best
+        for o in outcomes:
+            if o.kind == "plan":
+                reached[o.mesh.shape] = o.cost.total_s
+                if o.folding == folding:
+                    tied.append(o)
+                if best is None or (o.cost.total_s, rank[str(o.mesh)]) < (
+                        best.cost.total_s, rank[str(best.mesh)]):
+                    best = o
+            elif o.kind == "dominated" and o.folding == folding:
+                reached[o.mesh.shape] = o.bound
+
     progress = _LazyProgress(len(meshes))
-    for mesh in meshes:
-        progress.advance(f"mesh {mesh}")
-        if not _worth_refining(mesh, reached, best):
-            stats.setdefault("meshes_skipped", []).append(str(mesh))
-            continue
-        pinned = {sources[name]: layout for name, layout in
-                  resolve_constraints(constraints, list(shapes), shapes, mesh).items()}
-        try:
-            margin = _ends_margin(blocks) if refine else 1e-9
-            if mesh.ndim < 3 and refinable:  # planned to the end (or bounded) within the
-                margin = max(margin, THREE_AXIS_MARGIN)  # margin, to choose refinements
-            found = plan_on_mesh(
-                gm, mesh, cluster, training, pinned, budget, level, stats, blocks,
-                cutoff=best[3].total_s * (1 + margin) if best else float("inf"),
-                folding="tied" if refine else "ends", facts=facts)
-        except Infeasible as e:
-            infeasible.append(e)
-            continue
-        except Dominated as e:
-            reached[mesh.shape] = e.bound
-            continue
-        reached[mesh.shape] = found[2].total_s
-        tied.append((mesh, pinned, found[2].total_s))
-        best = _keep(best, mesh, found, rank)
+    # up to two axes: the most promising mesh first, the others bounded by its plan (planned
+    # to the end, or bounded, within the margin that chooses three-axis refinements)
+    flat = [m for m in meshes if m.ndim < 3]
+    wide = max(margin, THREE_AXIS_MARGIN) if refinable else margin
+    for m in flat[:1]:
+        take(search.run([_Job(m, pinned[m], folding, cutoff(wide))], progress))
+    take(search.run([_Job(m, pinned[m], folding, cutoff(wide)) for m in flat[1:]], progress))
+    # three axes, as refinements of the meshes above that came close
+    deep = [m for m in meshes if m.ndim == 3]
+    chosen = [m for m in deep if _worth_refining(m, reached, best)]
+    stats["meshes_skipped"] = [str(m) for m in deep if m not in chosen]
+    take(search.run([_Job(m, pinned[m], folding, cutoff(margin)) for m in chosen], progress))
     if refine and best is not None:
         # the tied plan stays the answer unless planning the ends apart beats it (a pruned
         # program may lose the tied plan's strategies, or no longer fit)
-        limit = best[3].total_s * (1 + _ends_margin(blocks))
-        for mesh, pinned, total in sorted(tied, key=lambda t: (t[2], rank[str(t[0])])):
-            if total > limit:
-                break
-            try:
-                found = plan_on_mesh(
-                    gm, mesh, cluster, training, pinned, budget, level, stats, blocks,
-                    cutoff=best[3].total_s * (1 + 1e-9), time_limit_s=REFINE_TIME_LIMIT_S,
-                    facts=facts)
-            except (Dominated, Infeasible):
-                continue
-            best = _keep(best, mesh, found, rank)
-        shares = stats["meshes"][str(best[0])].get("split_shares", ())[:MAX_MIXES]
-        if shares:
-            best = _mix(best, tied, shares, gm, cluster, training, budget, level, stats,
-                        blocks, rank, facts)
+        limit = best.cost.total_s * (1 + margin)
+        near = sorted((o for o in tied if o.cost.total_s <= limit),
+                      key=lambda o: (o.cost.total_s, rank[str(o.mesh)]))
+        take(search.run([_Job(o.mesh, o.pinned, "ends", cutoff(1e-9), REFINE_TIME_LIMIT_S)
+                         for o in near], progress))
+        # where memory binds, plan the chosen mesh again with the middle instances cut in
+        # two runs (OSDP's mix of sharded and replicated layers) at the shares its
+        # relaxation split them
+        shares = stats["meshes"][str(best.mesh)].get("split_shares", ())[:MAX_MIXES]
+        take(search.run([_Job(best.mesh, best.pinned, ("mixed", f), cutoff(1e-9),
+                              REFINE_TIME_LIMIT_S) for f in shares], progress))
     progress.close()
     if best is None:
-        smallest = min(e.min_bytes for e in infeasible)
+        smallest = min(Infeasible(o.prob).min_bytes for o in search.infeasible)
         raise PlanError(
             f"no plan fits in {format_bytes(budget)} per device on {cluster}: the smallest "
             f"any plan needs is {format_bytes(smallest)}. Add devices, allow sharded "
             "parameters (drop constraints that replicate them), lower the batch size, or "
             "raise memory_budget_bytes")
-    return best
+    return best.mesh, best.prob, best.choice, best.cost
+
+
+@dataclass
+class _Job:
+    """One program to plan: a mesh, its pinned sources, how blocks fold, the cutoff."""
+
+    mesh: Mesh
+    pinned: dict
+    folding: object
+    cutoff: float
+    time_limit_s: float = TIME_LIMIT_S
+
+
+@dataclass
+class _Outcome:
+    """What planning a :class:`_Job` gave: ``kind`` "plan" (with its problem, choice and
+    cost), "dominated" (with the bound) or "infeasible" (with its problem)."""
+
+    mesh: Mesh
+    pinned: dict
+    folding: object
+    kind: str
+    cost: object = None
+    choice: object = None
+    bound: float | None = None
+    prob: Problem | None = None
+
+
+class _Search:
+    """Plans batches of jobs whose cutoffs are fixed before each batch, so that the outcome
+    of each job does not depend on the others (nor on their order)."""
+
+    def __init__(self, gm, cluster, training, budget, level, stats, blocks):
+        self.gm, self.cluster, self.training = gm, cluster, training
+        self.budget, self.level, self.stats, self.blocks = budget, level, stats, blocks
+        self.facts = Facts()   # what the problems built on this program share
+        self.infeasible = []
+
+    def run(self, jobs: list, progress) -> list:
+        outcomes = []
+        for job in jobs:
+            progress.advance(f"mesh {job.mesh}")
+            outcomes.append(self.plan(job))
+        self.infeasible += [o for o in outcomes if o.kind == "infeasible"]
+        return outcomes
+
+    def plan(self, job: _Job) -> _Outcome:
+        out = _Outcome(job.mesh, job.pinned, job.folding, "plan")
+        try:
+            out.prob, out.choice, out.cost = plan_on_mesh(
+                self.gm, job.mesh, self.cluster, self.training, job.pinned, self.budget,
+                self.level, self.stats, self.blocks, cutoff=job.cutoff, folding=job.folding,
+                time_limit_s=job.time_limit_s, facts=self.facts)
+        except Dominated as e:
+            out.kind, out.bound = "dominated", e.bound
+        except Infeasible as e:
+            out.kind, out.prob = "infeasible", e.prob
+        return out
 
 
 def _ends_margin(blocks) -> float:
@@ -353,34 +416,6 @@ def _ends_margin(blocks) -> float:
     more than REFINE_MARGIN."""
     n = min(len(c.instances) for c in blocks if len(c.instances) >= 3)
     return min(REFINE_MARGIN, 2 / n)
-
-
-def _keep(best, mesh, found, rank: dict):
-    """The better of ``best`` and ``found`` (problem, choice, cost) on ``mesh``; ties go to
-    the earlier candidate mesh, and to ``best`` on the same mesh."""
-    if best is None or (found[2].total_s, rank[str(mesh)]) < (best[3].total_s,
-                                                              rank[str(best[0])]):
-        return (mesh, *found)
-    return best
-
-
-def _mix(best, tied, shares, gm, cluster, training, budget, level, stats, blocks, rank,
-         facts):
-    """Plan the chosen mesh again with the middle instances of each repeated block cut into
-    two runs that may take different strategies (OSDP's mix of sharded and replicated
-    layers), at the ``shares`` its relaxation split them; the best plan wins."""
-    mesh = best[0]
-    pinned = next(p for m, p, _ in tied if m is mesh)
-    for share in shares:
-        try:
-            found = plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
-                                 blocks, cutoff=best[3].total_s * (1 + 1e-9),
-                                 folding=("mixed", share), time_limit_s=REFINE_TIME_LIMIT_S,
-                                 facts=facts)
-        except (Dominated, Infeasible):
-            continue
-        best = _keep(best, mesh, found, rank)
-    return best
 
 
 class _LazyProgress:
