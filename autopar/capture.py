@@ -215,8 +215,11 @@ def _graph_module(root, graph, name: str) -> fx.GraphModule:
     ``recompile()``: passes recompile after every rewrite, and writing the code of an 80-layer
     model takes longer than copying its layers."""
     # torch.fx's lazy GraphModule is private (checked with torch 2.13); Dynamo hands backends
-    # the same class
-    from torch.fx._lazy_graph_module import _LazyGraphModule
+    # the same class. Without it, the code is written at every recompile().
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:
+        return fx.GraphModule(root, graph, name)
     return _LazyGraphModule(root, graph, name)
 
 
