@@ -20,9 +20,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .placement import Replicate, is_partial, is_shard
+from .placement import Partial, is_partial, is_shard
 
-R = Replicate()
+_SUM = Partial()
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,28 @@ def plan_steps(src: tuple, dst: tuple) -> tuple:
     """The steps that take a value from layout ``src`` to layout ``dst``."""
     if src == dst:
         return ()
+    codes = [tuple(_code(p) for p in layout) for layout in (src, dst)]
+    if None in codes[0] or None in codes[1]:
+        raise ValueError(f"no redistribution between {src} and {dst}: only Shard, Replicate "
+                         "and Partial (a sum) are moved")
+    return _steps(*codes)
+
+
+_REPLICATED, _PARTIAL = -1, -2
+
+
+def _code(p) -> int | None:
+    """A placement as an int: the dim a Shard splits, or _REPLICATED, or _PARTIAL (sums)."""
+    if is_shard(p):
+        return p.dim
+    if is_partial(p):
+        return _PARTIAL if p == _SUM else None
+    return _REPLICATED
+
+
+@functools.lru_cache(maxsize=None)
+def _steps(src: tuple, dst: tuple) -> tuple:
+    """:func:`plan_steps` over placements as :func:`_code` writes them."""
     n = len(src)
     cur = list(src)
     unshard = {i for i in range(n) if src[i] != dst[i]}
@@ -49,44 +71,42 @@ def plan_steps(src: tuple, dst: tuple) -> tuple:
     while changed:
         changed = False
         for i in sorted(unshard):
-            dims = {p.dim for p in (src[i], dst[i]) if is_shard(p)}
+            dims = {d for d in (src[i], dst[i]) if d >= 0}
             for j in range(i + 1, n):
-                if j not in unshard and is_shard(src[j]) and src[j].dim in dims:
+                if j not in unshard and src[j] >= 0 and src[j] in dims:
                     unshard.add(j)
                     changed = True
     steps = []
     for i in sorted(unshard, reverse=True):
         s, d = cur[i], dst[i]
-        others = [cur[j] for j in range(n) if j != i] + [dst[j] for j in range(n) if j != i]
-        if is_shard(s):
-            if is_shard(d) and d != s and _free(d.dim, others) and \
-                    _free(s.dim, others):
-                steps.append(Step("all_to_all", i, s.dim, d.dim))
+        if s == _REPLICATED:
+            continue
+        # a single-axis collective on a dim is exact only where no other axis splits it,
+        # now or at the end
+        split = {cur[j] for j in range(n) if j != i} | {dst[j] for j in range(n) if j != i}
+        if s >= 0:
+            if d >= 0 and d != s and d not in split and s not in split:
+                steps.append(Step("all_to_all", i, s, d))
                 cur[i] = d
                 continue
-            steps.append(Step("all_gather", i, s.dim))
-            cur[i] = R
-        elif is_partial(s):
-            if is_shard(d) and _free(d.dim, others):
-                steps.append(Step("reduce_scatter", i, d.dim))
+            steps.append(Step("all_gather", i, s))
+            cur[i] = _REPLICATED
+        else:
+            if d >= 0 and d not in split:
+                steps.append(Step("reduce_scatter", i, d))
                 cur[i] = d
                 continue
             steps.append(Step("all_reduce", i))
-            cur[i] = R
+            cur[i] = _REPLICATED
     for i in range(n):
         if cur[i] == dst[i]:
             continue
-        if is_shard(dst[i]):
-            steps.append(Step("shard", i, dst[i].dim))
-        elif is_partial(dst[i]):
+        if dst[i] >= 0:
+            steps.append(Step("shard", i, dst[i]))
+        elif dst[i] == _PARTIAL:
             steps.append(Step("to_partial", i))
         cur[i] = dst[i]
     return tuple(steps)
-
-
-def _free(dim: int, placements) -> bool:
-    """No other axis splits ``dim`` (so a single-axis collective on it is exact)."""
-    return not any(is_shard(p) and p.dim == dim for p in placements)
 
 
 def step_bytes(step: Step, num_bytes_local: float, axis_size: int) -> float:
