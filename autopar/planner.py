@@ -24,7 +24,8 @@ from .errors import PlanError, closest
 from .mesh import Mesh
 from .placement import Partial, Replicate, Shard, divides, format_layout, parse_layout
 from .plans import format_bytes
-from .problem import Facts, Problem, build_problem
+from .prices import Facts
+from .problem import Problem, build_problem
 from .solver import TIME_LIMIT_S, Dominated, Infeasible, solve
 
 AXIS_NAMES = {1: ("dp",), 2: ("dp", "tp"), 3: ("dp", "sp", "tp")}

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_map
 from autopar.placement import Replicate, format_layout, local_shape, replicated
 from autopar.redistribute import plan_steps
 from autopar.rules import shape_of, tensor_inputs
-from autopar.problem import fused_axis, grad_sum_axes, needs_grad
+from autopar.prices import fused_axis, grad_sum_axes, needs_grad
 from autopar.runtime.collectives import gather_shards, grad_sum, step_call
 
 
