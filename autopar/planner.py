@@ -33,9 +33,9 @@ AXIS_NAMES = {1: ("dp",), 2: ("dp", "tp"), 3: ("dp", "sp", "tp")}
 # the KEEP_PER_NODE strategies of best local score plus those of the fast plans.
 MAX_EXACT_PAIRS = 150_000
 KEEP_PER_NODE = 24
-# Meshes whose plan with every instance of a repeated block tied comes within this much of
-# the best are planned again with the first and last instances apart. On LLaMA-3 shapes
-# planning the ends apart gains at most about 3% (at 4 layers; less with depth).
+# Meshes whose plan with every instance of a repeated block tied comes within 2/n of the
+# best (n instances), and never more than this, are planned again with the first and last
+# instances apart (:func:`_ends_margin`).
 REFINE_MARGIN = 0.10
 # Meshes of three axes are searched only where a two-axis mesh they refine planned within
 # this much of the best plan (:func:`_worth_refining`).
@@ -314,7 +314,7 @@ def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level
             elif o.kind == "dominated" and o.folding == folding:
                 reached[o.mesh.shape] = o.bound
 
-    progress = _LazyProgress(len(meshes))
+    progress = _LazyProgress()
     # up to two axes: the most promising mesh first, the others bounded by its plan (planned
     # to the end, or bounded, within the margin that chooses three-axis refinements)
     flat = [m for m in meshes if m.ndim < 3]
@@ -389,6 +389,7 @@ class _Search:
         self.infeasible = []
 
     def run(self, jobs: list, progress) -> list:
+        progress.total += len(jobs)
         outcomes = []
         for job in jobs:
             progress.advance(f"mesh {job.mesh}")
@@ -420,10 +421,11 @@ def _ends_margin(blocks) -> float:
 
 
 class _LazyProgress:
-    """A progress bar over the candidate meshes on a terminal, shown only once planning has
-    taken longer than a second; quiet otherwise."""
+    """A progress bar over the programs planned (one per candidate mesh, and the
+    refinements), on a terminal, shown only once planning has taken longer than a second;
+    quiet otherwise."""
 
-    def __init__(self, total: int, after_s: float = 1.0):
+    def __init__(self, total: int = 0, after_s: float = 1.0):
         self.total, self.after_s = total, after_s
         self.start = time.perf_counter()
         self.done, self.bar, self.task = 0, None, None
@@ -438,7 +440,8 @@ class _LazyProgress:
                 self.bar.start()
                 self.task = self.bar.add_task("planning", total=self.total)
         if self.bar is not None:
-            self.bar.update(self.task, completed=self.done, description=f"planning: {label}")
+            self.bar.update(self.task, completed=self.done, total=self.total,
+                            description=f"planning: {label}")
         self.done += 1
 
     def close(self):
