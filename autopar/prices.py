@@ -42,7 +42,7 @@ class Prices:
         self.layout_id, self.paths, self.fused = shared.layout_id, shared.paths, shared.fused
         self.sum_axes = shared.sum_axes
         self.moves, self.tables, self.fractions, self.splits = {}, {}, {}, {}
-        self.ids, self.outputs, self.distinct = {}, {}, {}   # by id() of a list kept here
+        self.ids, self.outputs, self.distincts = {}, {}, {}   # by id() of a list kept here
         self.strategies, self.needs, self.node_prices = {}, {}, {}
 
     def move_s(self, num_bytes: float, a: int, b: int, grad: bool) -> float:
@@ -79,14 +79,26 @@ class Prices:
     def layout_ids(self, options: list) -> list:
         """Per strategy (output layout id, input layout ids); ``options`` is one of the lists
         kept in :attr:`strategies`."""
-        found = self.ids.get(id(options))
+        lid = self.layout_id
+        return self._per_list(self.ids, options, lambda: [
+            (lid(s.output), tuple(lid(i) for i in s.inputs)) for s in options])
+
+    def output_keys(self, options: list) -> list:
+        """Per strategy its output layout id (one list per ``options``, which edges share)."""
+        return self._per_list(self.outputs, options,
+                              lambda: [o for o, _ in self.layout_ids(options)])
+
+    def distinct(self, keys: list) -> tuple:
+        """:func:`distinct_keys` of one of the key lists edges share."""
+        return self._per_list(self.distincts, keys, lambda: distinct_keys(keys))
+
+    @staticmethod
+    def _per_list(cache: dict, options: list, make):
+        """``make()``, once per ``options`` list (by identity; the list is kept alive)."""
+        found = cache.get(id(options))
         if found is None:
-            lid = self.layout_id
-            found = [(lid(s.output), tuple(lid(i) for i in s.inputs)) for s in options]
-            self.ids[id(options)] = (found, options)
-        else:
-            found = found[0]
-        return found
+            found = cache[id(options)] = (make(), options)
+        return found[0]
 
     def fraction(self, i: int) -> float:
         """:func:`fraction` of the layout with id ``i`` on this mesh."""
@@ -103,16 +115,6 @@ class Prices:
             split = self.splits[(ins, out)] = self.model.work_split([lay[i] for i in ins],
                                                                     lay[out])
         return split
-
-    def output_keys(self, options: list) -> list:
-        """Per strategy its output layout id."""
-        found = self.outputs.get(id(options))
-        if found is None:
-            found = [o for o, _ in self.layout_ids(options)]
-            self.outputs[id(options)] = (found, options)
-        else:
-            found = found[0]
-        return found
 
     def table(self, num_bytes: float, grad: bool, param: bool, is_tuple: bool) -> dict:
         """Edge costs by (producer layout id, (need id, gradient-sum axes)) of one kind of
@@ -222,3 +224,11 @@ class Priced(dict):
             found = self.matrices[key] = np.array([[self[(a, b)] for b in dst_keys]
                                                    for a in src_keys])
         return found
+
+
+def distinct_keys(keys) -> tuple:
+    """(distinct keys in order of first appearance, per key its index among them)."""
+    index, of = {}, []
+    for k in keys:
+        of.append(index.setdefault(k, len(index)))
+    return list(index), np.array(of, dtype=int)

@@ -19,7 +19,7 @@ from torch.fx import Node
 from .cost import SAVES_NOTHING, CostModel
 from .placement import Replicate, Shard, divides
 from .plans import Cost
-from .prices import Facts, LayoutIds, Priced, Prices
+from .prices import Facts, LayoutIds, Priced, Prices, distinct_keys
 from .rules import Strategy, shape_of, strategies
 
 # Checkpoints at which memory is constrained: every op up to this many, else evenly spaced.
@@ -38,7 +38,7 @@ class Edge:
     slot: int
     src_keys: list            # per src strategy: its output layout
     dst_keys: list            # per dst strategy: (needed layout, gradient-sum axes)
-    cost: dict                # (src key, dst key) -> seconds, forward and backward, one edge
+    cost: Priced              # (src key, dst key) -> seconds, forward and backward, one edge
     weight: int = 1
 
     def seconds(self, src_choice: int, dst_choice: int) -> float:
@@ -49,22 +49,12 @@ class Edge:
     def distinct(self) -> tuple:
         """(distinct src keys, per src strategy the index of its key among them, and the
         same for dst): strategies far outnumber the layouts they produce and need."""
-        return (*_distinct(self.src_keys), *_distinct(self.dst_keys))
-
-    def share_distinct(self, cache: dict):
-        """Take :attr:`distinct` from ``cache`` (by the identity of the key lists, which
-        problems on one mesh share) or fill it."""
-        for keys in (self.src_keys, self.dst_keys):
-            if id(keys) not in cache:
-                cache[id(keys)] = (*_distinct(keys), keys)
-        a, b = cache[id(self.src_keys)], cache[id(self.dst_keys)]
-        self.distinct = (a[0], a[1], b[0], b[1])
+        return (*distinct_keys(self.src_keys), *distinct_keys(self.dst_keys))
 
     def key_matrix(self) -> np.ndarray:
         """Seconds of one edge per (distinct src key, distinct dst key)."""
         src, _, dst, _ = self.distinct
-        return self.cost.matrix(src, dst) if isinstance(self.cost, Priced) else \
-            np.array([[self.cost[(a, b)] for b in dst] for a in src])
+        return self.cost.matrix(src, dst)
 
     def matrix(self) -> np.ndarray:
         """:meth:`seconds` for every (src strategy, dst strategy)."""
@@ -82,14 +72,6 @@ class Edge:
         src, src_of, _, _ = self.distinct
         b, table = self.dst_keys[dst_choice], self.cost
         return self.weight * np.array([table[(a, b)] for a in src])[src_of]
-
-
-def _distinct(keys) -> tuple:
-    """(distinct keys in order of first appearance, per key its index among them)."""
-    index, of = {}, []
-    for k in keys:
-        of.append(index.setdefault(k, len(index)))
-    return list(index), np.array(of, dtype=int)
 
 
 @dataclass
@@ -435,7 +417,7 @@ def _edge(prob: Problem, src: Node, dst: Node, slot: int, facts: Facts) -> Edge:
             for o, i in prices.layout_ids(prob.options[dst])]
     cost = prices.table(num_bytes, grad, src.op == "get_attr", is_tuple)
     e = Edge(src, dst, slot, src_keys, dst_keys, cost)
-    e.share_distinct(prices.distinct)
+    e.distinct = (*prices.distinct(src_keys), *prices.distinct(dst_keys))
     return e
 
 
