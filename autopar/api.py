@@ -13,7 +13,7 @@ from .capture import capture, normalize_example_inputs
 from .cluster import Cluster
 from .cost import Training
 from .errors import CaptureError, InputError, PlanError
-from .graph_utils import fetch_attr
+from .graph_utils import fetch_attr, paused_gc
 from .repeats import Unrepeatable, containers, cut_to_two, repeated_lists
 
 
@@ -43,25 +43,26 @@ def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budge
     if level not in ("fast", "full"):
         raise PlanError(f"level={level!r}: choose 'fast' (propagation) or 'full' (exact)")
     Training(precision, optimizer)  # validates both
-    start = time.perf_counter()
     options = (cluster, mesh, constraints, memory_budget_bytes, level, precision, optimizer, fold)
-    repeats = repeated_lists(model) if fold else []
-    captured = None
-    if repeats:
-        try:
-            with cut_to_two(containers(model, repeats)):
-                captured = capture(model, example_inputs)
+    start = time.perf_counter()
+    with paused_gc():  # capture, like planning, makes millions of short-lived objects
+        repeats = repeated_lists(model) if fold else []
+        captured = None
+        if repeats:
+            try:
+                with cut_to_two(containers(model, repeats)):
+                    captured = capture(model, example_inputs)
+                ctx = _context(captured, *options)
+                ctx.repeats = repeats
+                ctx.stats["seconds"] = {"capture": time.perf_counter() - start}
+                run_passes(captured.gm, ctx, passes)
+            except (Unrepeatable, CaptureError):
+                captured = None  # traced again below, at full depth
+        if captured is None:
+            captured = capture(model, example_inputs)
             ctx = _context(captured, *options)
-            ctx.repeats = repeats
             ctx.stats["seconds"] = {"capture": time.perf_counter() - start}
             run_passes(captured.gm, ctx, passes)
-        except (Unrepeatable, CaptureError):
-            captured = None  # traced again below, at full depth
-    if captured is None:
-        captured = capture(model, example_inputs)
-        ctx = _context(captured, *options)
-        ctx.stats["seconds"] = {"capture": time.perf_counter() - start}
-        run_passes(captured.gm, ctx, passes)
     ctx.stats["repeats"] = {r.path: r.count for r in ctx.repeats}
     ctx.stats["nodes"] = sum(1 for _ in captured.gm.graph.nodes)
     ctx.stats["capture_method"] = captured.method

@@ -11,9 +11,7 @@ mesh with the least predicted step time wins.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import gc
 import time
 from dataclasses import dataclass
 
@@ -21,6 +19,7 @@ import numpy as np
 
 from .cost import CostModel, Training
 from .errors import PlanError, closest
+from .graph_utils import paused_gc
 from .mesh import Mesh
 from .placement import Partial, Replicate, Shard, divides, format_layout, parse_layout
 from .plans import format_bytes
@@ -259,23 +258,9 @@ def _named_sources(gm, input_names) -> dict:
 def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budget: float,
                 level: str, stats: dict, input_names=(), blocks=()):
     """The best (mesh, problem, choice, cost) over candidate meshes."""
-    with _paused_gc():
+    with paused_gc():
         return _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level,
                             stats, input_names, blocks)
-
-
-@contextlib.contextmanager
-def _paused_gc():
-    """Planning makes and drops millions of small objects, freed by their reference counts;
-    the cyclic collector would walk the whole heap (the program's graph with it) again and
-    again for nothing: about a tenth of the time on large models."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level, stats,

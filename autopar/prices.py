@@ -4,6 +4,8 @@ costs (:class:`Prices`), filled on first use."""
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 from torch.fx import Node
@@ -126,15 +128,17 @@ class Prices:
         return found
 
     def _pricer(self, num_bytes, grad, param, is_tuple):
-        m, lay = self.model, self.layout_id.layouts
+        # a weak reference: the tables are kept here, and a cycle through them would leave
+        # all of this mesh's prices to the cyclic collector
+        m, lay, prices = self.model, self.layout_id.layouts, weakref.proxy(self)
 
         def price(key):
             a, (need, axes) = key
             if is_tuple and a != need:
                 return float("inf")  # a tuple is consumed in its own layout
-            t = self.move_s(num_bytes, a, need, grad)
+            t = prices.move_s(num_bytes, a, need, grad)
             if axes:
-                fused = self.fused_axis(a, need)
+                fused = prices.fused_axis(a, need)
                 for axis in axes:
                     # a parameter's gradient is summed in buckets after backward where it is
                     # stored replicated on the axis; stored split, each use sums its own

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from autopar.errors import AutoparError
+from autopar.graph_utils import paused_gc
 
 
 class PassError(RuntimeError):
@@ -41,6 +42,11 @@ class PassContext:
 
 def run_passes(gm, ctx: PassContext, passes) -> object:
     """Run ``passes`` in order, timing each into ``ctx.stats["seconds"]``."""
+    with paused_gc():
+        return _run_passes(gm, ctx, passes)
+
+
+def _run_passes(gm, ctx, passes):
     done = []
     seconds = ctx.stats.setdefault("seconds", {})
     for p in passes:
