@@ -176,14 +176,16 @@ def propagate(prob: Problem, sharded_params: bool = False) -> dict:
 
 def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
                  blocks=(), cutoff: float = float("inf"), folding="ends",
-                 time_limit_s: float = TIME_LIMIT_S, facts: Facts | None = None) -> tuple:
-    """(problem, choice, cost) of the best assignment on ``mesh``; raises Infeasible, or
-    Dominated when the exact program proves no plan here beats ``cutoff`` seconds."""
+                 time_limit_s: float = TIME_LIMIT_S, facts: Facts | None = None,
+                 hint=None) -> tuple:
+    """(problem, choice, cost, relaxation support or None) of the best assignment on
+    ``mesh``; raises Infeasible, or Dominated when the exact program proves no plan here
+    beats ``cutoff`` seconds. ``hint``: see :func:`solve`."""
     start = time.perf_counter()
     model = CostModel(cluster, mesh, training)
     prob = build_problem(gm, mesh, model, pinned, blocks, folding, facts)
     built = time.perf_counter()
-    found, objective, greedy, shares = [], None, [], ()
+    found, objective, greedy, shares, support = [], None, [], (), None
     pairs = prob.pair_count() if level == "full" else 0
     if level == "fast" or pairs > MAX_EXACT_PAIRS:  # the answer, or seeds of a pruned program
         for sharded in (False, True):
@@ -199,8 +201,10 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
             exact, back = _pruned(prob, [f[1] for f in seeds] + greedy)
         try:
             best_found = min((f[0] for f in found), default=float("inf"))
-            choice, objective, shares = solve(exact, budget, time_limit_s,
-                                              cutoff=min(cutoff, best_found))
+            solved = solve(exact, budget, time_limit_s, cutoff=min(cutoff, best_found),
+                           hint=hint)
+            choice, objective = solved.choice, solved.objective
+            shares, support = solved.shares, solved.support
             if back is not None:
                 choice = {n: back[n][i] for n, i in choice.items()}
             cost = prob.evaluate(choice)
@@ -228,8 +232,8 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
         "problem_nodes": len(prob.nodes), "folding": folding,
         "build_s": built - start, "solve_s": time.perf_counter() - built,
         "predicted_step_s": cost.total_s, "exact_objective_s": objective,
-        "split_shares": shares}
-    return prob, choice, cost
+        "split_shares": shares, "hinted": hint is not None}
+    return prob, choice, cost, support
 
 
 def _pruned(prob: Problem, seeds: list) -> tuple:
@@ -318,14 +322,18 @@ def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level
         limit = best.cost.total_s * (1 + margin)
         near = sorted((o for o in tied if o.cost.total_s <= limit),
                       key=lambda o: (o.cost.total_s, rank[str(o.mesh)]))
-        take(search.run([_Job(o.mesh, o.pinned, "ends", cutoff(1e-9), REFINE_TIME_LIMIT_S)
-                         for o in near], progress))
+        ends = search.run([_Job(o.mesh, o.pinned, "ends", cutoff(1e-9), REFINE_TIME_LIMIT_S,
+                                o.hint()) for o in near], progress)
+        take(ends)
         # where memory binds, plan the chosen mesh again with the middle instances cut in
-        # two runs (OSDP's mix of sharded and replicated layers) at the shares its
-        # relaxation split them
-        shares = stats["meshes"][str(best.mesh)].get("split_shares", ())[:MAX_MIXES]
+        # two runs (OSDP's mix of sharded and replicated layers) at the shares a relaxation
+        # on it split them (the ends apart, where solved, else tied)
+        on_best = [o for o in tied + ends if o.mesh == best.mesh and o.kind == "plan"]
+        source = next((o for o in reversed(on_best) if o.shares), None)
+        shares = source.shares[:MAX_MIXES] if source else ()
+        base = next(o for o in on_best if o.folding == folding)
         take(search.run([_Job(best.mesh, best.pinned, ("mixed", f), cutoff(1e-9),
-                              REFINE_TIME_LIMIT_S) for f in shares], progress))
+                              REFINE_TIME_LIMIT_S, base.hint()) for f in shares], progress))
     progress.close()
     if best is None:
         smallest = min(Infeasible(o.prob).min_bytes for o in search.infeasible)
@@ -346,6 +354,7 @@ class _Job:
     folding: object
     cutoff: float
     time_limit_s: float = TIME_LIMIT_S
+    hint: object = None       # see solve()
 
 
 @dataclass
@@ -361,6 +370,18 @@ class _Outcome:
     choice: object = None
     bound: float | None = None
     prob: Problem | None = None
+    shares: tuple = ()        # where memory binds, the relaxation's (see solve())
+    support: dict | None = None
+
+    def hint(self):
+        """Where memory binds, the strategies this plan's relaxation used, for the programs
+        refining it (the same mesh with instances planned apart): each of their nodes may
+        use what the node standing for it here did. Their own relaxations, several times
+        larger, would take most of their time, and mostly use the same strategies."""
+        if self.support is None:
+            return None
+        support, rep = self.support, self.prob.rep
+        return lambda n: support.get(rep.get(n, n))
 
 
 class _Search:
@@ -385,10 +406,11 @@ class _Search:
     def plan(self, job: _Job) -> _Outcome:
         out = _Outcome(job.mesh, job.pinned, job.folding, "plan")
         try:
-            out.prob, out.choice, out.cost = plan_on_mesh(
+            out.prob, out.choice, out.cost, out.support = plan_on_mesh(
                 self.gm, job.mesh, self.cluster, self.training, job.pinned, self.budget,
                 self.level, self.stats, self.blocks, cutoff=job.cutoff, folding=job.folding,
-                time_limit_s=job.time_limit_s, facts=self.facts)
+                time_limit_s=job.time_limit_s, facts=self.facts, hint=job.hint)
+            out.shares = self.stats["meshes"][str(job.mesh)].get("split_shares", ())
         except Dominated as e:
             out.kind, out.bound = "dominated", e.bound
         except Infeasible as e:

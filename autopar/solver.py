@@ -61,6 +61,7 @@ class _Builder:
         self._rows, self._cols, self._vals, self._lo, self._hi = [], [], [], [], []
         self._extra = []          # (columns, seconds) added to columns already made
         self.n_cols = self.n_rows = 0
+        self._lp = None           # the program, once made
 
     def columns(self, cost, integral: bool, upper: float = 1.0) -> np.ndarray:
         """New columns of these costs; their indices."""
@@ -98,10 +99,15 @@ class _Builder:
         return _join(self._integral, np.uint8)
 
     def _program(self) -> highspy.HighsLp:
+        """The program, made once all its columns and rows are added."""
+        if self._lp is None:
+            self._lp = self._make()
+        return self._lp
+
+    def _make(self) -> highspy.HighsLp:
         cost = _join(self._cost, float)
         for cols, seconds in self._extra:
             np.add.at(cost, cols, seconds)
-        self._extra = []
         a = coo_array((_join(self._vals, float), (_join(self._rows, int), _join(self._cols, int))),
                       shape=(self.n_rows, self.n_cols)).tocsc()
         lp = highspy.HighsLp()
@@ -121,9 +127,10 @@ class _Builder:
         relaxation itself. It bounds the integer optimum from below: HiGHS's dual simplex
         stops as soon as its (dual) objective, a lower bound all along, passes ``cutoff``
         (:class:`Dominated`)."""
-        self._lp = self._program()
+        lp = self._program()
+        lp.integrality_ = []
         # without presolve: HiGHS's dual simplex is 2-3x faster on these programs
-        relaxed = _run(self._lp, time_limit_s, presolve=False, objective_bound=cutoff)
+        relaxed = _run(lp, time_limit_s, presolve=False, objective_bound=cutoff)
         if relaxed.status == "bound" or relaxed.x is not None and relaxed.fun > cutoff:
             raise Dominated(relaxed.fun)
         return relaxed
@@ -139,17 +146,18 @@ class _Builder:
             return True
         return False
 
-    def branch(self, time_limit_s: float, support=None) -> "Solution":
-        """The integer program by HiGHS's branch and bound, after :meth:`relax`.
+    def branch(self, time_limit_s: float, support=None, whole: bool = True) -> "Solution":
+        """The integer program by HiGHS's branch and bound.
 
-        Given the relaxed ``support``, only the binaries it sets above zero stay free: a
-        few nodes are left to choose, so the program is small and solved to its end in
-        well under a second on the programs here, and the same inputs give the same plan
-        (branch and bound on the whole program, where memory binds, runs into its time
-        limit, and what it has by then depends on the machine's speed). The whole program
-        is branched on only where the restricted one has no plan."""
+        Given ``support`` (per column, above zero where it may be used: the relaxation's
+        values, after :meth:`relax`), only the binaries it keeps stay free: a few nodes are
+        left to choose, so the program is small and solved to its end in well under a
+        second on the programs here, and the same inputs give the same plan (branch and
+        bound on the whole program, where memory binds, runs into its time limit, and what
+        it has by then depends on the machine's speed). With ``whole``, the whole program
+        is branched on where the restricted one has no plan."""
         integrality = self.integral
-        lp = self._lp
+        lp = self._program()
         lp.integrality_ = [_INTEGER if i else _CONTINUOUS for i in integrality]
         if support is not None:
             upper = np.array(lp.col_upper_, dtype=float)
@@ -157,7 +165,7 @@ class _Builder:
                                      0.0, upper)
             res = _run(lp, time_limit_s, presolve=True)
             lp.col_upper_ = upper
-            if res.x is not None:
+            if res.x is not None or not whole:
                 return res
         return _run(lp, time_limit_s, presolve=True)
 
@@ -298,39 +306,75 @@ def fixed_choices(prob) -> dict:
     return {n: 0 for n in prob.nodes if len(prob.options[n]) == 1}
 
 
+@dataclass
+class Solved:
+    """What :func:`solve` found: the assignment (node -> strategy index), the program's
+    objective (seconds); where memory binds, the shares at which the relaxation splits the
+    instances a node stands for between strategies (:func:`split_shares`) and the
+    strategies it uses per node (its support)."""
+
+    choice: dict
+    objective: float
+    shares: tuple = ()
+    support: dict | None = None
+
+
 def solve(prob, budget_bytes: float, time_limit_s: float = TIME_LIMIT_S,
-          cutoff: float = np.inf) -> tuple:
-    """The optimal assignment (node -> strategy index) within the memory budget, the
-    program's objective value (seconds), and the shares at which the relaxation splits the
-    instances a node stands for between strategies (:func:`split_shares`). Raises
-    :class:`Dominated` when every assignment costs more than ``cutoff`` seconds (another
-    mesh's plan), without solving to the end.
+          cutoff: float = np.inf, hint=None) -> Solved:
+    """The optimal assignment within the memory budget. Raises :class:`Dominated` when
+    every assignment costs more than ``cutoff`` seconds (another mesh's plan), without
+    solving to the end.
 
     Where the relaxation is fractional (memory binds), the plan is the best among the
     strategies the relaxation uses (:meth:`_Builder.branch`): not proven optimal, its
-    objective is within the relaxation's bound plus the gap between the two."""
+    objective is within the relaxation's bound plus the gap between the two. ``hint``
+    (node -> the strategies it may use, or None) stands in for that support without
+    solving the relaxation (a refinement of a program whose relaxation is known); the
+    relaxation is solved after all where no plan uses only those."""
     b = _Builder()
     x = strategy_variables(b, prob)
     one_strategy_per_node(b, prob, x)
     constant = edge_marginals(b, prob, x)
     constant += sum(prob.weight.get(n, 1) * prob.node_s[n][0] for n in prob.nodes if n not in x)
     memory_budget(b, prob, x, budget_bytes)
+    if hint is not None:
+        res = b.branch(time_limit_s, _hinted(prob, x, hint, b.n_cols), whole=False)
+        if res.x is not None:
+            return Solved(_choice(prob, x, res), float(res.fun) + constant)
     try:
         res = b.relax(time_limit_s, cutoff - constant)
     except Dominated as e:
         raise Dominated(e.bound + constant) from None
     if res.status == "infeasible":  # the relaxation is infeasible: so is the program
         raise Infeasible(prob, time_limit_s)
-    shares = ()
+    shares, support = (), None
     if not b.is_integral(res):
-        shares = split_shares(prob, x, res.x) if res.x is not None else ()
+        if res.x is not None:
+            shares = split_shares(prob, x, res.x)
+            support = {n: {prob.options[n][i] for i in np.nonzero(
+                res.x[cols] > INTEGRAL_TOLERANCE)[0]} for n, cols in x.items()}
         res = b.branch(time_limit_s, support=res.x)
     if res.x is None:
         raise Infeasible(prob, time_limit_s)
+    return Solved(_choice(prob, x, res), float(res.fun) + constant, shares, support)
+
+
+def _choice(prob, x: dict, res: "Solution") -> dict:
     choice = fixed_choices(prob)
     for n, cols in x.items():
         choice[n] = int(np.argmax(res.x[cols]))
-    return choice, float(res.fun) + constant, shares
+    return choice
+
+
+def _hinted(prob, x: dict, hint, n_cols: int) -> np.ndarray:
+    """Per column 1 where ``hint`` lets its node use its strategy, else 0; a node the hint
+    leaves no strategy of keeps them all."""
+    allowed = np.zeros(n_cols)
+    for n, cols in x.items():
+        ok = hint(n)
+        keep = [i for i, s in enumerate(prob.options[n]) if ok is None or s in ok]
+        allowed[cols[keep] if keep else cols] = 1.0
+    return allowed
 
 
 def split_shares(prob, x: dict, values) -> tuple:

@@ -376,3 +376,45 @@ def test_a_tight_budget_mixes_strategies_across_the_instances_of_a_block():
     # where memory binds the plan still depends on nothing but the inputs
     again = _plan(net, *options)[1].plan
     assert again.placements == mixed.placements and again.cost == mixed.cost
+
+
+def test_refinements_where_memory_binds_are_solved_over_the_tied_relaxations_strategies():
+    """Where memory binds, the program with the ends apart is solved over the strategies the
+    tied program's relaxation used at the node standing for each of its nodes: its plan uses
+    only those, beats or ties the tied plan (which is among them), and prices as it says;
+    where no plan uses only the hinted strategies, its own relaxation is solved after all."""
+    from autopar.api import _plan
+    from autopar.cost import CostModel, Training
+    from autopar.mesh import Mesh
+    from autopar.problem import build_problem
+    from autopar.solver import solve
+    from test_solver import batch, meta_net
+    net, cluster, x = meta_net(2048, 8192, layers=10), Cluster.preset("dgx-a100", nodes=2), \
+        batch(4096, 2048)
+    free = autopar.plan(net, cluster, example_inputs=x, mesh={"dp": 16})
+    budget = 0.8 * free.cost.memory_bytes_per_device
+    captured, ctx = _plan(net, cluster, x, {"dp": 16}, None, "full", budget, "fp32", "adamw")
+    mesh = Mesh(("dp",), (16,))
+    model = CostModel(cluster, mesh, Training("fp32", "adamw"))
+    tied = build_problem(captured.gm, mesh, model, {}, ctx.blocks, "tied")
+    first = solve(tied, budget)
+    assert any(len(s) > 1 for s in first.support.values()), "memory does not bind"
+
+    def hint(n):
+        return first.support.get(tied.rep.get(n, n))
+
+    ends = build_problem(captured.gm, mesh, model, {}, ctx.blocks, "ends")
+    hinted = solve(ends, budget, hint=hint)
+    for n, i in hinted.choice.items():
+        assert hint(n) is None or ends.options[n][i] in hint(n), n.name
+    assert hinted.objective <= first.objective * (1 + 1e-9)
+    cost = ends.evaluate(hinted.choice)
+    assert cost.total_s == pytest.approx(hinted.objective, rel=1e-9)
+    assert cost.memory_bytes_per_device <= budget * (1 + 1e-9)
+
+    def heaviest(n):   # every node its strategy storing the most: nothing fits
+        return {max(ends.options[n], key=lambda s: ends.static_bytes[n][
+            ends.options[n].index(s)])}
+
+    fallback = solve(ends, budget, hint=heaviest)
+    assert fallback.objective == pytest.approx(solve(ends, budget).objective, rel=1e-9)
