@@ -5,6 +5,7 @@ costs (:class:`Prices`), filled on first use."""
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,39 +34,32 @@ class LayoutIds:
 
 class Prices:
     """What pricing on one mesh learns, shared by every problem built on it: layout ids,
-    redistribution lines per pair of layouts, and one table of edge costs per kind of value
-    moved (its bytes, whether a gradient flows back, whether it is a parameter or a tuple):
-    edges moving alike values cost alike, so each pair of layouts is priced once."""
+    the cost line of each way of moving a value (:class:`Moves`), and one table of edge costs
+    per kind of value moved (its bytes, whether a gradient flows back, whether it is a
+    parameter or a tuple): edges moving alike values cost alike, so each pair of layouts is
+    priced once per kind."""
 
     def __init__(self, model: CostModel, shared: "Facts | None" = None):
         self.model = model
         shared = shared if shared is not None else Facts()
-        # by layout ids, whatever the mesh: move_path, fused_axis, grad_sum_axes
-        self.layout_id, self.paths, self.fused = shared.layout_id, shared.paths, shared.fused
+        # whatever the mesh's sizes (by its number of axes)
+        self.layout_id, self.moves = shared.layout_id, shared.moves_of(model.mesh.ndim)
         self.sum_axes = shared.sum_axes
-        self.moves, self.tables, self.fractions, self.splits = {}, {}, {}, {}
+        self.lines = {True: _Lines(), False: _Lines()}   # per path id, on this mesh
+        self.tables, self.fractions, self.splits = {}, {}, {}
         self.ids, self.outputs, self.distincts = {}, {}, {}   # by id() of a list kept here
         self.strategies, self.needs, self.node_prices = {}, {}, {}
 
-    def move_s(self, num_bytes: float, a: int, b: int, grad: bool) -> float:
-        """Seconds to move a value between the layouts with ids ``a`` and ``b``: a line in
-        bytes, cached per pair of layouts."""
-        line = self.moves.get((a, b, grad))
-        if line is None:
-            path = self.paths.get((a, b))
-            if path is None:
-                lay = self.layout_id.layouts
-                path = self.paths[(a, b)] = move_path(lay[a], lay[b])
-            line = self.moves[(a, b, grad)] = self.model.line_of(path, grad)
-        return line[0] + line[1] * num_bytes
-
-    def fused_axis(self, a: int, b: int):
-        """:func:`fused_axis` of the layouts with ids ``a`` and ``b``, cached."""
-        f = self.fused.get((a, b), -1)
-        if f == -1:
-            lay = self.layout_id.layouts
-            f = self.fused[(a, b)] = fused_axis(lay[a], lay[b])
-        return f
+    def path_lines(self, grad: bool) -> tuple:
+        """(seconds at zero bytes, seconds per byte) arrays by path id (:class:`Moves`), for
+        every path known so far: collectives are alpha-beta, so moving a value costs a fixed
+        latency plus a time proportional to its bytes."""
+        lines, paths = self.lines[grad], self.moves.paths
+        if len(lines.fixed) < len(paths):
+            new = [self.model.line_of(p, grad) for p in paths[len(lines.fixed):]]
+            lines.fixed = np.concatenate([lines.fixed, [f for f, _ in new]])
+            lines.per_byte = np.concatenate([lines.per_byte, [b for _, b in new]])
+        return lines.fixed, lines.per_byte
 
     def grad_sum_axes(self, grad: bool, need: int, out: int) -> tuple:
         """:func:`grad_sum_axes` of an input needed in the layout with id ``need`` by work
@@ -118,36 +112,75 @@ class Prices:
                                                                     lay[out])
         return split
 
-    def table(self, num_bytes: float, grad: bool, param: bool, is_tuple: bool) -> dict:
+    def table(self, num_bytes: float, grad: bool, param: bool, is_tuple: bool) -> "Priced":
         """Edge costs by (producer layout id, (need id, gradient-sum axes)) of one kind of
         value, priced on first use."""
         kind = (num_bytes, grad, param, is_tuple)
         found = self.tables.get(kind)
         if found is None:
-            found = self.tables[kind] = Priced(self._pricer(*kind), forbids=is_tuple)
+            found = self.tables[kind] = Priced(self, *kind)
         return found
 
-    def _pricer(self, num_bytes, grad, param, is_tuple):
-        # a weak reference: the tables are kept here, and a cycle through them would leave
-        # all of this mesh's prices to the cyclic collector
-        m, lay, prices = self.model, self.layout_id.layouts, weakref.proxy(self)
 
-        def price(key):
-            a, (need, axes) = key
-            if is_tuple and a != need:
-                return float("inf")  # a tuple is consumed in its own layout
-            t = prices.move_s(num_bytes, a, need, grad)
-            if axes:
-                fused = prices.fused_axis(a, need)
-                for axis in axes:
-                    # a parameter's gradient is summed in buckets after backward where it is
-                    # stored replicated on the axis; stored split, each use sums its own
-                    bucketed = param and is_replicate(lay[a][axis])
-                    t += m.grad_sum_s(num_bytes, lay[need], axis, fused=axis == fused,
-                                      bucketed=bucketed)
-            return t
+@dataclass
+class _Lines:
+    fixed: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    per_byte: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
-        return price
+
+class Moves:
+    """Per pair of (producer layout, consumer need) ids, whatever the mesh: the collectives
+    that move one to the other (:func:`move_path`, as a path id) and the gradient sums the
+    need implies (a sum id: per axis summed over, whether the sum fuses with the move's
+    last gather, and whether the producer is replicated there). A mesh prices each path
+    and sum once (:class:`Priced`); a block of pairs is coded once for every mesh."""
+
+    def __init__(self, layout_id: LayoutIds):
+        self.layout_id = layout_id
+        self.paths, self._path_ids = [], {}           # path id -> move_path(...)
+        self.sums, self._sum_ids = [None], {None: 0}  # sum id -> (need, terms); 0: none
+        self._pair_paths, self._pair_sums, self._blocks = {}, {}, {}
+
+    def path(self, a: int, b: int) -> int:
+        found = self._pair_paths.get((a, b))
+        if found is None:
+            lay = self.layout_id.layouts
+            found = self._pair_paths[(a, b)] = _intern(self._path_ids, self.paths,
+                                                       move_path(lay[a], lay[b]))
+        return found
+
+    def sum(self, a: int, need: int, axes: tuple) -> int:
+        if not axes:
+            return 0
+        found = self._pair_sums.get((a, need, axes))
+        if found is None:
+            lay = self.layout_id.layouts
+            fused = fused_axis(lay[a], lay[need])
+            terms = tuple((axis, axis == fused, is_replicate(lay[a][axis])) for axis in axes)
+            found = self._pair_sums[(a, need, axes)] = _intern(self._sum_ids, self.sums,
+                                                               (need, terms))
+        return found
+
+    def block(self, srcs: tuple, dsts: tuple) -> tuple:
+        """(path ids, sum ids), int arrays by (src key, dst key)."""
+        found = self._blocks.get((srcs, dsts))
+        if found is None:
+            path, total = self.path, self.sum
+            shape = (len(srcs), len(dsts))
+            found = self._blocks[(srcs, dsts)] = (
+                np.array([[path(a, need) for need, _ in dsts] for a in srcs],
+                         dtype=np.intp).reshape(shape),
+                np.array([[total(a, need, axes) for need, axes in dsts] for a in srcs],
+                         dtype=np.intp).reshape(shape))
+        return found
+
+
+def _intern(ids: dict, values: list, value) -> int:
+    i = ids.get(value)
+    if i is None:
+        i = ids[value] = len(values)
+        values.append(value)
+    return i
 
 
 class Facts:
@@ -158,7 +191,7 @@ class Facts:
     def __init__(self):
         self.nodes, self.meshes = {}, {}
         self.layout_id = LayoutIds()
-        self.paths, self.fused, self.sum_axes = {}, {}, {}
+        self.moves, self.sum_axes = {}, {}
 
     def of(self, n: Node) -> tuple:
         """(tensor inputs, bytes, needs gradient, floating, is a tuple) of ``n``."""
@@ -168,6 +201,13 @@ class Facts:
             f = self.nodes[n] = (ins, _value_bytes(n), needs_grad(n), _floating(n),
                                  isinstance(n.meta.get("val"), (tuple, list)))
         return f
+
+    def moves_of(self, ndim: int) -> "Moves":
+        """The :class:`Moves` between layouts over ``ndim`` mesh axes."""
+        found = self.moves.get(ndim)
+        if found is None:
+            found = self.moves[ndim] = Moves(self.layout_id)
+        return found
 
     def prices(self, mesh, model: CostModel) -> Prices:
         found = self.meshes.get(mesh)
@@ -207,27 +247,89 @@ def fused_axis(src_layout, need) -> int | None:
     return steps[-1].axis if steps and steps[-1].kind == "all_gather" else None
 
 
-class Priced(dict):
-    """Edge costs computed on first use: planners read only a fraction of all pairs.
-    ``forbids``: some pairs cost infinity (may not be used at all)."""
+class Priced:
+    """The costs of moving one kind of value on one mesh (:meth:`Prices.table`), by (src
+    key, dst key): a producer's layout id, and a consumer's (need id, gradient-sum axes).
+    ``forbids``: some pairs cost infinity (a tuple is consumed in its own layout)."""
 
-    def __init__(self, price, forbids: bool = False):
-        super().__init__()
-        self.price, self.forbids = price, forbids
-        self.matrices = {}
+    def __init__(self, prices: Prices, num_bytes: float, grad: bool, param: bool,
+                 is_tuple: bool):
+        # a weak reference: the tables are kept in ``prices``, and a cycle through them
+        # would leave all of this mesh's prices to the cyclic collector
+        self.prices = weakref.proxy(prices)
+        self.num_bytes, self.grad, self.param, self.forbids = num_bytes, grad, param, is_tuple
+        self.matrices, self.scalars, self._sum_terms = {}, {}, {}
+        self._table = None
 
-    def __missing__(self, key):
-        value = self[key] = self.price(key)
-        return value
+    def __getitem__(self, key) -> float:
+        found = self.scalars.get(key)
+        if found is None:
+            a, (need, axes) = key
+            if self.forbids and a != need:
+                found = np.inf
+            else:
+                moves = self.prices.moves
+                path = moves.path(a, need)
+                fixed, per_byte = self.prices.path_lines(self.grad)
+                found = fixed[path] + per_byte[path] * self.num_bytes
+                for seconds in self._sum(moves.sum(a, need, axes)):
+                    found = found + seconds
+            found = self.scalars[key] = float(found)
+        return found
 
     def matrix(self, src_keys: list, dst_keys: list) -> np.ndarray:
         """Seconds per (src key, dst key), for edges with these distinct keys."""
         key = (tuple(src_keys), tuple(dst_keys))
         found = self.matrices.get(key)
         if found is None:
-            found = self.matrices[key] = np.array([[self[(a, b)] for b in dst_keys]
-                                                   for a in src_keys])
+            found = self.matrices[key] = self.block(*key)
         return found
+
+    def block(self, srcs: tuple, dsts: tuple) -> np.ndarray:
+        """Seconds per (src key, dst key): each path's line at these bytes, plus each
+        gradient sum the pair implies."""
+        prices = self.prices
+        paths, sums = prices.moves.block(srcs, dsts)
+        fixed, per_byte = prices.path_lines(self.grad)
+        out = fixed[paths] + per_byte[paths] * self.num_bytes
+        if sums.any():
+            for term in self._terms(sums):
+                out = out + term[sums]
+        if self.forbids:
+            out[np.not_equal.outer(np.asarray(srcs), [need for need, _ in dsts])] = np.inf
+        return out
+
+    def _terms(self, sums: np.ndarray) -> np.ndarray:
+        """Per position k in a sum's axes, seconds of its k-th gradient sum by sum id (0
+        where it has fewer): added one at a time, in the order of its axes."""
+        fresh = [i for i in np.unique(sums).tolist() if i not in self._sum_terms]
+        for i in fresh:
+            self._sum(i)
+        if fresh or self._table is None:
+            known = self._sum_terms
+            width = max(len(v) for v in known.values())
+            self._table = np.zeros((width, max(known) + 1))
+            for i, seconds in known.items():
+                self._table[:len(seconds), i] = seconds
+        return self._table
+
+    def _sum(self, i: int) -> list:
+        found = self._sum_terms.get(i)
+        if found is None:
+            found = self._sum_terms[i] = self._sum_seconds(i)
+        return found
+
+    def _sum_seconds(self, i: int) -> list:
+        if i == 0:
+            return []
+        prices = self.prices
+        m, lay = prices.model, prices.layout_id.layouts
+        need, terms = prices.moves.sums[i]
+        # a parameter's gradient is summed in buckets after backward where it is stored
+        # replicated on the axis; stored split, each use sums its own
+        return [m.grad_sum_s(self.num_bytes, lay[need], axis, fused=fused,
+                             bucketed=self.param and replicated)
+                for axis, fused, replicated in terms]
 
 
 def distinct_keys(keys) -> tuple:

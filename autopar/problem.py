@@ -64,14 +64,12 @@ class Edge:
     def row(self, src_choice: int) -> np.ndarray:
         """:meth:`seconds` for every dst strategy, the src taking ``src_choice``."""
         _, _, dst, dst_of = self.distinct
-        a, table = self.src_keys[src_choice], self.cost
-        return self.weight * np.array([table[(a, b)] for b in dst])[dst_of]
+        return self.weight * self.cost.matrix([self.src_keys[src_choice]], dst)[0][dst_of]
 
     def column(self, dst_choice: int) -> np.ndarray:
         """:meth:`seconds` for every src strategy, the dst taking ``dst_choice``."""
         src, src_of, _, _ = self.distinct
-        b, table = self.dst_keys[dst_choice], self.cost
-        return self.weight * np.array([table[(a, b)] for a in src])[src_of]
+        return self.weight * self.cost.matrix(src, [self.dst_keys[dst_choice]])[:, 0][src_of]
 
 
 @dataclass
