@@ -19,8 +19,8 @@ import functools
 import math
 from dataclasses import dataclass
 
-from .placement import Replicate, is_partial, is_shard
-from .redistribute import plan_steps
+from .placement import is_partial, is_shard
+from .redistribute import REPLICATED, coded_steps, layout_code
 from .runtime.grad_sync import BUCKET_BYTES
 
 # Share of datasheet peak FLOP/s a large GEMM sustains. NVIDIA's A100 and H100 tuning guides
@@ -250,15 +250,22 @@ def move_path(src: tuple, dst: tuple) -> tuple:
     """The collectives that move a value from layout ``src`` to ``dst``, whatever the mesh's
     sizes and links: per step (collective, times run forward, times run backward, mesh
     axis, the other axes splitting the value at that step)."""
+    return coded_path(layout_code(src), layout_code(dst))
+
+
+@functools.lru_cache(maxsize=None)
+def coded_path(src: tuple, dst: tuple) -> tuple:
+    """:func:`move_path` of layouts as :func:`~autopar.redistribute.layout_code` writes
+    them."""
     cur = list(src)
     path = []
-    for step in plan_steps(src, dst):
+    for step in coded_steps(src, dst):
         kind, forward, backward = _STEP_COLLECTIVES.get(step.kind, (None, 0, 0))
         if forward or backward:
-            split = tuple(a for a, p in enumerate(cur) if a != step.axis and is_shard(p))
+            split = tuple(a for a, p in enumerate(cur) if a != step.axis and p >= 0)
             path.append((kind, forward, backward, step.axis, split))
         cur[step.axis] = dst[step.axis] if step.kind not in ("all_gather", "all_reduce") \
-            else Replicate()
+            else REPLICATED
     return tuple(path)
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .cost import CostModel, fraction, move_path
+from .cost import CostModel, coded_path, fraction
 from .placement import is_replicate
-from .redistribute import plan_steps
+from .redistribute import REPLICATED, coded_steps, layout_code, plan_steps
 from .rules import out_vals, tensor_inputs
 
 
@@ -140,13 +140,22 @@ class Moves:
         self.paths, self._path_ids = [], {}           # path id -> move_path(...)
         self.sums, self._sum_ids = [None], {None: 0}  # sum id -> (need, terms); 0: none
         self._pair_paths, self._pair_sums, self._blocks = {}, {}, {}
+        self._codes = []
+
+    def code(self, i: int) -> tuple:
+        """:func:`~autopar.redistribute.layout_code` of the layout with id ``i``."""
+        codes = self._codes
+        while len(codes) <= i:
+            codes.append(None)
+        if codes[i] is None:
+            codes[i] = layout_code(self.layout_id.layouts[i])
+        return codes[i]
 
     def path(self, a: int, b: int) -> int:
         found = self._pair_paths.get((a, b))
         if found is None:
-            lay = self.layout_id.layouts
-            found = self._pair_paths[(a, b)] = _intern(self._path_ids, self.paths,
-                                                       move_path(lay[a], lay[b]))
+            found = self._pair_paths[(a, b)] = _intern(
+                self._path_ids, self.paths, coded_path(self.code(a), self.code(b)))
         return found
 
     def sum(self, a: int, need: int, axes: tuple) -> int:
@@ -154,9 +163,10 @@ class Moves:
             return 0
         found = self._pair_sums.get((a, need, axes))
         if found is None:
-            lay = self.layout_id.layouts
-            fused = fused_axis(lay[a], lay[need])
-            terms = tuple((axis, axis == fused, is_replicate(lay[a][axis])) for axis in axes)
+            src = self.code(a)
+            steps = coded_steps(src, self.code(need))
+            fused = steps[-1].axis if steps and steps[-1].kind == "all_gather" else None
+            terms = tuple((axis, axis == fused, src[axis] == REPLICATED) for axis in axes)
             found = self._pair_sums[(a, need, axes)] = _intern(self._sum_ids, self.sums,
                                                                (need, terms))
         return found

@@ -40,28 +40,35 @@ def plan_steps(src: tuple, dst: tuple) -> tuple:
     """The steps that take a value from layout ``src`` to layout ``dst``."""
     if src == dst:
         return ()
-    codes = [tuple(_code(p) for p in layout) for layout in (src, dst)]
-    if None in codes[0] or None in codes[1]:
-        raise ValueError(f"no redistribution between {src} and {dst}: only Shard, Replicate "
-                         "and Partial (a sum) are moved")
-    return _steps(*codes)
+    return coded_steps(layout_code(src), layout_code(dst))
 
 
-_REPLICATED, _PARTIAL = -1, -2
+REPLICATED, _PARTIAL = -1, -2
+
+
+def layout_code(layout) -> tuple:
+    """A layout as ints, one per mesh axis: the dim a Shard splits, or REPLICATED, or a
+    negative code for a Partial sum."""
+    code = tuple(_code(p) for p in layout)
+    if None in code:
+        raise ValueError(f"no redistribution of layout {layout}: only Shard, Replicate and "
+                         "Partial (a sum) are moved")
+    return code
 
 
 def _code(p) -> int | None:
-    """A placement as an int: the dim a Shard splits, or _REPLICATED, or _PARTIAL (sums)."""
+    """A placement as an int: the dim a Shard splits, or REPLICATED, or _PARTIAL (sums);
+    None for a Partial that is not a sum."""
     if is_shard(p):
         return p.dim
     if is_partial(p):
         return _PARTIAL if p == _SUM else None
-    return _REPLICATED
+    return REPLICATED
 
 
 @functools.lru_cache(maxsize=None)
-def _steps(src: tuple, dst: tuple) -> tuple:
-    """:func:`plan_steps` over placements as :func:`_code` writes them."""
+def coded_steps(src: tuple, dst: tuple) -> tuple:
+    """:func:`plan_steps` over layouts as :func:`layout_code` writes them."""
     n = len(src)
     cur = list(src)
     unshard = {i for i in range(n) if src[i] != dst[i]}
@@ -79,7 +86,7 @@ def _steps(src: tuple, dst: tuple) -> tuple:
     steps = []
     for i in sorted(unshard, reverse=True):
         s, d = cur[i], dst[i]
-        if s == _REPLICATED:
+        if s == REPLICATED:
             continue
         # a single-axis collective on a dim is exact only where no other axis splits it,
         # now or at the end
@@ -90,14 +97,14 @@ def _steps(src: tuple, dst: tuple) -> tuple:
                 cur[i] = d
                 continue
             steps.append(Step("all_gather", i, s))
-            cur[i] = _REPLICATED
+            cur[i] = REPLICATED
         else:
             if d >= 0 and d not in split:
                 steps.append(Step("reduce_scatter", i, d))
                 cur[i] = d
                 continue
             steps.append(Step("all_reduce", i))
-            cur[i] = _REPLICATED
+            cur[i] = REPLICATED
     for i in range(n):
         if cur[i] == dst[i]:
             continue
