@@ -330,7 +330,7 @@ def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level
         # on it split them (the ends apart, where solved, else tied)
         on_best = [o for o in tied + ends if o.mesh == best.mesh and o.kind == "plan"]
         source = next((o for o in reversed(on_best) if o.shares), None)
-        shares = source.shares[:MAX_MIXES] if source else ()
+        shares = _distinct_cuts(source.shares)[:MAX_MIXES] if source else ()
         base = next(o for o in on_best if o.folding == folding)
         take(search.run([_Job(best.mesh, best.pinned, ("mixed", f), cutoff(1e-9),
                               REFINE_TIME_LIMIT_S, base.hint()) for f in shares], progress))
@@ -416,6 +416,18 @@ class _Search:
         except Infeasible as e:
             out.kind, out.prob = "infeasible", e.prob
         return out
+
+
+def _distinct_cuts(shares) -> list:
+    """The shares at which to cut the middle instances, a share f dropped where 1 - f came
+    before it: cut at either, the two runs can take the same strategies in the same
+    numbers (in the other order, which changes one edge between them and where memory
+    peaks, little)."""
+    out = []
+    for f in shares:
+        if not any(abs(f + g - 1) < 0.015 for g in out):
+            out.append(f)
+    return out
 
 
 def _ends_margin(blocks) -> float:

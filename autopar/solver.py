@@ -387,8 +387,8 @@ def split_shares(prob, x: dict, values) -> tuple:
         if prob.weight.get(n, 1) < 2:
             continue
         for c in cols:
-            if INTEGRAL_TOLERANCE < values[c] < 1 - INTEGRAL_TOLERANCE:
-                share = round(float(values[c]), 2)
+            share = round(float(values[c]), 2)
+            if 0 < share < 1:   # (a share within 0.005 of either end cuts off nothing)
                 count[share] = count.get(share, 0) + 1
     return tuple(sorted(count, key=lambda f: (-count[f], f)))
 
