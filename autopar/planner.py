@@ -11,7 +11,9 @@ mesh with the least predicted step time wins.
 
 from __future__ import annotations
 
+import concurrent.futures
 import fnmatch
+import os
 import time
 from dataclasses import dataclass
 
@@ -25,7 +27,7 @@ from .placement import Partial, Replicate, Shard, divides, format_layout, parse_
 from .plans import format_bytes
 from .prices import Facts
 from .problem import Problem, build_problem
-from .solver import TIME_LIMIT_S, Dominated, Infeasible, solve
+from .solver import TIME_LIMIT_S, TURNS, Dominated, Infeasible, solve
 
 AXIS_NAMES = {1: ("dp",), 2: ("dp", "tp"), 3: ("dp", "sp", "tp")}
 # Past this many (producer layout, consumer need) pairs the exact program keeps, per node,
@@ -47,6 +49,9 @@ REFINE_TIME_LIMIT_S = 5.0
 # middle instances cut in two runs at (up to this many of) the shares it names, each one
 # more exact program of up to REFINE_TIME_LIMIT_S.
 MAX_MIXES = 2
+# Threads planning the meshes of one batch side by side (at most one per core): they take
+# turns at Python, and their HiGHS runs overlap the building of the next program.
+MAX_THREADS = 4
 
 
 def candidate_meshes(cluster, mesh_request) -> list:
@@ -311,29 +316,44 @@ def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level
     for m in flat[:1]:
         take(search.run([_Job(m, pinned[m], folding, cutoff(wide))], progress))
     take(search.run([_Job(m, pinned[m], folding, cutoff(wide)) for m in flat[1:]], progress))
-    # three axes, as refinements of the meshes above that came close
+    # three axes, as refinements of the meshes above that came close; side by side with them,
+    # the tied plans refined so far (with the ends apart, mixed) as far as those are known
     deep = [m for m in meshes if m.ndim == 3]
     chosen = [m for m in deep if _worth_refining(m, reached, best)]
     stats["meshes_skipped"] = [str(m) for m in deep if m not in chosen]
-    take(search.run([_Job(m, pinned[m], folding, cutoff(margin)) for m in chosen], progress))
-    if refine and best is not None:
-        # the tied plan stays the answer unless planning the ends apart beats it (a pruned
-        # program may lose the tied plan's strategies, or no longer fit)
+    planned, refined = set(), []
+
+    def refinements() -> list:
+        """Jobs not planned yet refining the tied plans: the ends apart where a tied plan
+        came within the margin of the best (the tied plan stays the answer unless that
+        beats it: a pruned program may lose its strategies, or no longer fit); and where
+        memory binds on the best mesh, its middle instances cut in two runs (OSDP's mix of
+        sharded and replicated layers) at the shares a relaxation split them: the tied
+        one's where memory binds there (its ends apart then solve no relaxation of their
+        own), else the ends apart's once planned."""
+        if not refine or best is None:
+            return []
         limit = best.cost.total_s * (1 + margin)
         near = sorted((o for o in tied if o.cost.total_s <= limit),
                       key=lambda o: (o.cost.total_s, rank[str(o.mesh)]))
-        ends = search.run([_Job(o.mesh, o.pinned, "ends", cutoff(1e-9), REFINE_TIME_LIMIT_S,
-                                o.hint()) for o in near], progress)
-        take(ends)
-        # where memory binds, plan the chosen mesh again with the middle instances cut in
-        # two runs (OSDP's mix of sharded and replicated layers) at the shares a relaxation
-        # on it split them (the ends apart, where solved, else tied)
-        on_best = [o for o in tied + ends if o.mesh == best.mesh and o.kind == "plan"]
-        source = next((o for o in reversed(on_best) if o.shares), None)
+        out = [_Job(o.mesh, o.pinned, "ends", cutoff(1e-9), REFINE_TIME_LIMIT_S, o.hint())
+               for o in near]
+        base = next(o for o in tied if o.mesh == best.mesh)
+        ends = [o for o in refined if o.mesh == best.mesh and o.folding == "ends"]
+        source = base if base.support is not None else next(iter(ends), None)
         shares = _distinct_cuts(source.shares)[:MAX_MIXES] if source else ()
-        base = next(o for o in on_best if o.folding == folding)
-        take(search.run([_Job(best.mesh, best.pinned, ("mixed", f), cutoff(1e-9),
-                              REFINE_TIME_LIMIT_S, base.hint()) for f in shares], progress))
+        out += [_Job(best.mesh, best.pinned, ("mixed", f), cutoff(1e-9), REFINE_TIME_LIMIT_S,
+                     base.hint()) for f in shares]
+        return [j for j in out if (j.mesh, j.folding) not in planned]
+
+    # (the refinements first: their programs, the largest, solve while the others build)
+    jobs = refinements() + [_Job(m, pinned[m], folding, cutoff(margin)) for m in chosen]
+    while jobs:
+        planned.update((j.mesh, j.folding) for j in jobs)
+        outcomes = search.run(jobs, progress)
+        take(outcomes)
+        refined += [o for o in outcomes if o.folding != folding]
+        jobs = refinements()
     progress.close()
     if best is None:
         smallest = min(Infeasible(o.prob).min_bytes for o in search.infeasible)
@@ -395,13 +415,22 @@ class _Search:
         self.infeasible = []
 
     def run(self, jobs: list, progress) -> list:
+        """The outcomes of ``jobs``, planned side by side: each thread builds its programs
+        in turn, and HiGHS solves one while the next is built (:class:`Turns`)."""
         progress.total += len(jobs)
         outcomes = []
-        for job in jobs:
-            progress.advance(f"mesh {job.mesh}")
-            outcomes.append(self.plan(job))
+        threads = min(len(jobs), os.cpu_count() or 1, MAX_THREADS)
+        with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
+            running = [pool.submit(self._plan_in_turn, job) for job in jobs]
+            for job, future in zip(jobs, running):
+                progress.advance(f"mesh {job.mesh}")
+                outcomes.append(future.result())
         self.infeasible += [o for o in outcomes if o.kind == "infeasible"]
         return outcomes
+
+    def _plan_in_turn(self, job: _Job) -> _Outcome:
+        with paused_gc(), TURNS.python():
+            return self.plan(job)
 
     def plan(self, job: _Job) -> _Outcome:
         out = _Outcome(job.mesh, job.pinned, job.folding, "plan")

@@ -40,7 +40,9 @@ runs single-threaded with a fixed seed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,7 +205,8 @@ def _run(lp: highspy.HighsLp, time_limit_s: float, presolve: bool,
     if np.isfinite(objective_bound):
         h.setOptionValue("objective_bound", float(objective_bound))
     h.passModel(lp)
-    h.run()
+    with TURNS.native():
+        h.run()
     info = h.getInfo()
     feasible = info.primal_solution_status == _FEASIBLE
     return Solution(_STATUS.get(h.getModelStatus(), "other"),
@@ -212,6 +215,41 @@ def _run(lp: highspy.HighsLp, time_limit_s: float, presolve: bool,
 
 
 _FEASIBLE = 2   # HiGHS's kSolutionStatusFeasible
+
+
+class Turns:
+    """Lets planning threads take turns at Python while their HiGHS runs overlap.
+
+    HiGHS releases the GIL while it solves; a thread planning in :meth:`python` holds this
+    lock all the time it runs Python (so the caches its problems share see one writer at a
+    time, each step done whole) and lets it go only while HiGHS solves (:meth:`native`),
+    when the next thread builds its program."""
+
+    def __init__(self):
+        self._lock, self._local = threading.Lock(), threading.local()
+
+    @contextlib.contextmanager
+    def python(self):
+        with self._lock:
+            self._local.held = True
+            try:
+                yield
+            finally:
+                self._local.held = False
+
+    @contextlib.contextmanager
+    def native(self):
+        if not getattr(self._local, "held", False):
+            yield
+            return
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
+
+
+TURNS = Turns()
 
 
 def _join(parts: list, dtype) -> np.ndarray:
