@@ -424,22 +424,26 @@ class _Search:
             running = [pool.submit(self._plan_in_turn, job) for job in jobs]
             for job, future in zip(jobs, running):
                 progress.advance(f"mesh {job.mesh}")
-                outcomes.append(future.result())
+                out, stats = future.result()
+                outcomes.append(out)
+                # in the order of the jobs, whichever finished first
+                self.stats.setdefault("meshes", {}).update(stats.get("meshes", {}))
         self.infeasible += [o for o in outcomes if o.kind == "infeasible"]
         return outcomes
 
-    def _plan_in_turn(self, job: _Job) -> _Outcome:
+    def _plan_in_turn(self, job: _Job) -> tuple:
+        stats = {}
         with paused_gc(), TURNS.python():
-            return self.plan(job)
+            return self.plan(job, stats), stats
 
-    def plan(self, job: _Job) -> _Outcome:
+    def plan(self, job: _Job, stats: dict) -> _Outcome:
         out = _Outcome(job.mesh, job.pinned, job.folding, "plan")
         try:
             out.prob, out.choice, out.cost, out.support = plan_on_mesh(
                 self.gm, job.mesh, self.cluster, self.training, job.pinned, self.budget,
-                self.level, self.stats, self.blocks, cutoff=job.cutoff, folding=job.folding,
+                self.level, stats, self.blocks, cutoff=job.cutoff, folding=job.folding,
                 time_limit_s=job.time_limit_s, facts=self.facts, hint=job.hint)
-            out.shares = self.stats["meshes"][str(job.mesh)].get("split_shares", ())
+            out.shares = stats["meshes"][str(job.mesh)].get("split_shares", ())
         except Dominated as e:
             out.kind, out.bound = "dominated", e.bound
         except Infeasible as e:

@@ -218,3 +218,21 @@ def test_three_axis_meshes_are_searched_where_a_mesh_they_refine_came_close(widt
         assert all(reached[m] > limit for m in ((a * b, c), (a, b * c))), name
         alone = autopar.plan(net, cluster, example_inputs=batch(rows, width), mesh=_axes(name))
         assert alone.cost.total_s >= plan.cost.total_s * (1 - 1e-9), name
+
+
+def test_planning_side_by_side_in_threads_changes_nothing(monkeypatch):
+    """The meshes of a batch are planned in threads taking turns at Python while HiGHS
+    solves: the plan, its cost and the stats (in their order) are those of one thread."""
+    from autopar import planner
+    net, cluster, x = meta_net(1024, 4096, layers=4), Cluster.preset("dgx-a100", nodes=2), \
+        batch(4096, 1024)
+    monkeypatch.setattr(planner.os, "cpu_count", lambda: 4)
+    side_by_side = autopar.plan(net, cluster, example_inputs=x)
+    monkeypatch.setattr(planner, "MAX_THREADS", 1)
+    alone = autopar.plan(net, cluster, example_inputs=x)
+    assert side_by_side.placements == alone.placements and side_by_side.cost == alone.cost
+    assert list(side_by_side.stats["meshes"]) == list(alone.stats["meshes"])
+    for name, m in alone.stats["meshes"].items():
+        other = side_by_side.stats["meshes"][name]
+        for key in ("predicted_step_s", "lower_bound_s", "folding"):
+            assert other.get(key) == m.get(key), (name, key)
