@@ -421,10 +421,13 @@ class _Search:
         outcomes = []
         threads = min(len(jobs), os.cpu_count() or 1, MAX_THREADS)
         with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
-            running = [pool.submit(self._plan_in_turn, job) for job in jobs]
-            for job, future in zip(jobs, running):
+            if threads > 1:
+                running = [pool.submit(self._plan_in_turn, job) for job in jobs]
+                results = (future.result() for future in running)
+            else:
+                results = (self._plan_in_turn(job) for job in jobs)
+            for job, (out, stats) in zip(jobs, results):
                 progress.advance(f"mesh {job.mesh}")
-                out, stats = future.result()
                 outcomes.append(out)
                 # in the order of the jobs, whichever finished first
                 self.stats.setdefault("meshes", {}).update(stats.get("meshes", {}))

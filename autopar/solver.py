@@ -100,27 +100,21 @@ class _Builder:
     def integral(self) -> np.ndarray:
         return _join(self._integral, np.uint8)
 
-    def _program(self) -> highspy.HighsLp:
+    def _program(self) -> "_Program":
         """The program, made once all its columns and rows are added."""
         if self._lp is None:
             self._lp = self._make()
         return self._lp
 
-    def _make(self) -> highspy.HighsLp:
+    def _make(self) -> "_Program":
         cost = _join(self._cost, float)
         for cols, seconds in self._extra:
             np.add.at(cost, cols, seconds)
         a = coo_array((_join(self._vals, float), (_join(self._rows, int), _join(self._cols, int))),
                       shape=(self.n_rows, self.n_cols)).tocsc()
-        lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = self.n_cols, self.n_rows
-        lp.col_cost_ = cost
-        lp.col_lower_, lp.col_upper_ = np.zeros(self.n_cols), _join(self._upper, float)
-        lp.row_lower_, lp.row_upper_ = _join(self._lo, float), _join(self._hi, float)
-        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = \
-            a.indptr, a.indices, a.data
-        return lp
+        return _Program(cost, _join(self._upper, float), _join(self._lo, float),
+                        _join(self._hi, float), a.indptr.astype(np.int32),
+                        a.indices.astype(np.int32), a.data)
 
     def relax(self, time_limit_s: float, cutoff: float = np.inf) -> "Solution":
         """The relaxation (every binary continuous in [0, 1]). Where its optimum is already
@@ -129,10 +123,8 @@ class _Builder:
         relaxation itself. It bounds the integer optimum from below: HiGHS's dual simplex
         stops as soon as its (dual) objective, a lower bound all along, passes ``cutoff``
         (:class:`Dominated`)."""
-        lp = self._program()
-        lp.integrality_ = []
         # without presolve: HiGHS's dual simplex is 2-3x faster on these programs
-        relaxed = _run(lp, time_limit_s, presolve=False, objective_bound=cutoff)
+        relaxed = _run(self._program(), time_limit_s, presolve=False, objective_bound=cutoff)
         if relaxed.status == "bound" or relaxed.x is not None and relaxed.fun > cutoff:
             raise Dominated(relaxed.fun)
         return relaxed
@@ -160,16 +152,27 @@ class _Builder:
         is branched on where the restricted one has no plan."""
         integrality = self.integral
         lp = self._program()
-        lp.integrality_ = [_INTEGER if i else _CONTINUOUS for i in integrality]
         if support is not None:
-            upper = np.array(lp.col_upper_, dtype=float)
-            lp.col_upper_ = np.where((integrality == 1) & (support <= INTEGRAL_TOLERANCE),
-                                     0.0, upper)
-            res = _run(lp, time_limit_s, presolve=True)
-            lp.col_upper_ = upper
+            upper = np.where((integrality == 1) & (support <= INTEGRAL_TOLERANCE), 0.0,
+                             lp.upper)
+            res = _run(lp, time_limit_s, presolve=True, integrality=integrality, upper=upper)
             if res.x is not None or not whole:
                 return res
-        return _run(lp, time_limit_s, presolve=True)
+        return _run(lp, time_limit_s, presolve=True, integrality=integrality)
+
+
+@dataclass
+class _Program:
+    """The program as HiGHS takes it: columns (cost, upper bound; lower bounds are 0), row
+    bounds, and the constraint matrix column by column."""
+
+    cost: np.ndarray
+    upper: np.ndarray
+    row_lower: np.ndarray
+    row_upper: np.ndarray
+    start: np.ndarray
+    index: np.ndarray
+    value: np.ndarray
 
 
 @dataclass
@@ -183,7 +186,7 @@ class Solution:
     fun: float | None
 
 
-_INTEGER, _CONTINUOUS = highspy.HighsVarType.kInteger, highspy.HighsVarType.kContinuous
+_COLUMNWISE, _MINIMIZE = int(highspy.MatrixFormat.kColwise), int(highspy.ObjSense.kMinimize)
 _STATUS = {highspy.HighsModelStatus.kOptimal: "optimal",
            highspy.HighsModelStatus.kInfeasible: "infeasible",
            highspy.HighsModelStatus.kUnboundedOrInfeasible: "infeasible",
@@ -191,11 +194,14 @@ _STATUS = {highspy.HighsModelStatus.kOptimal: "optimal",
            highspy.HighsModelStatus.kTimeLimit: "limit"}
 
 
-def _run(lp: highspy.HighsLp, time_limit_s: float, presolve: bool,
-         objective_bound: float = np.inf) -> Solution:
-    """Solve ``lp`` with HiGHS, quietly, single-threaded with its fixed seed."""
-    if lp.num_col_ == 0:  # rows without entries: feasible if 0 is within every row's bounds
-        ok = np.all(np.asarray(lp.row_lower_) <= 0) and np.all(np.asarray(lp.row_upper_) >= 0)
+def _run(lp: _Program, time_limit_s: float, presolve: bool, objective_bound: float = np.inf,
+         integrality=None, upper=None) -> Solution:
+    """Solve ``lp`` with HiGHS, quietly, single-threaded with its fixed seed; ``integrality``
+    (1 for an integer column) makes it an integer program, ``upper`` replaces its columns'
+    upper bounds."""
+    n_cols, n_rows = len(lp.cost), len(lp.row_lower)
+    if n_cols == 0:  # rows without entries: feasible if 0 is within every row's bounds
+        ok = np.all(lp.row_lower <= 0) and np.all(lp.row_upper >= 0)
         return Solution("optimal" if ok else "infeasible", np.zeros(0) if ok else None, 0.0)
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
@@ -204,7 +210,10 @@ def _run(lp: highspy.HighsLp, time_limit_s: float, presolve: bool,
     h.setOptionValue("presolve", "on" if presolve else "off")
     if np.isfinite(objective_bound):
         h.setOptionValue("objective_bound", float(objective_bound))
-    h.passModel(lp)
+    kinds = np.zeros(n_cols, np.int32) if integrality is None else integrality.astype(np.int32)
+    h.passModel(n_cols, n_rows, len(lp.value), _COLUMNWISE, _MINIMIZE, 0.0, lp.cost,
+                np.zeros(n_cols), lp.upper if upper is None else upper, lp.row_lower,
+                lp.row_upper, lp.start, lp.index, lp.value, kinds)
     with TURNS.native():
         h.run()
     info = h.getInfo()
