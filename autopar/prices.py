@@ -199,7 +199,7 @@ class Facts:
     floating point or a tuple. Also the :class:`Prices` of each mesh planned on."""
 
     def __init__(self):
-        self.nodes, self.meshes = {}, {}
+        self.nodes, self.meshes, self.folds = {}, {}, {}
         self.layout_id = LayoutIds()
         self.moves, self.sum_axes = {}, {}
 

@@ -215,12 +215,15 @@ def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=(),
     problems built again on the same program (and mesh, with the same ``pinned``) share.
     """
     facts = facts if facts is not None else Facts()
-    rep, weight = _fold_map(blocks, pinned, folding)
-    every = [n for n in gm.graph.nodes if n.op in _PLANNED]
-    nodes = [n for n in every if n not in rep]
+    key = (id(gm), tuple(id(c) for c in blocks), folding)
+    folded = facts.folds.get(key)
+    if folded is None:
+        folded = facts.folds[key] = _Folded(gm, blocks, folding, facts)
+    if pinned:
+        _check_pinned(blocks, pinned, folding)
+    rep, weight, nodes, pos = folded.rep, folded.weight, folded.nodes, folded.pos
     prices = facts.prices(mesh, model)
     prob = Problem(mesh, prices.model, nodes, weight=weight, rep=rep, prices=prices)
-    pos = prob.index()
     for n in nodes:
         if n.op in ("placeholder", "get_attr"):
             key = (n, pinned.get(n))
@@ -235,13 +238,30 @@ def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=(),
         prob.options[n] = found
     for n in nodes:
         _price_node(prob, n, facts)
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    returned = [rep.get(a, a) for a in output.all_input_nodes if a.op in _PLANNED]
-    prob.outputs = list(dict.fromkeys(returned))
-    uses = _fold_edges(prob, every, pos, facts)
-    _hold_memory(prob, blocks, pos, uses)
-    _price_outputs(prob, output, returned, facts)
+    prob.outputs = list(dict.fromkeys(folded.returned))
+    for (src, dst, slot), count in folded.edges.items():
+        e = _edge(prob, src, dst, slot, facts)
+        e.weight = count
+        prob.edges.append(e)
+    _hold_memory(prob, blocks, pos, folded.uses)
+    _price_outputs(prob, folded.output, folded.returned, facts)
     return prob
+
+
+class _Folded:
+    """What folding ``gm``'s ``blocks`` as ``folding`` says gives, whatever the mesh: the
+    nodes planned (:func:`_fold_map`), their positions, the program's edges between them
+    (:func:`_fold_edges`), what the graph returns."""
+
+    def __init__(self, gm, blocks, folding, facts: Facts):
+        self.rep, self.weight = _fold_map(blocks, {}, folding)
+        every = [n for n in gm.graph.nodes if n.op in _PLANNED]
+        self.nodes = [n for n in every if n not in self.rep]
+        self.pos = {n: i for i, n in enumerate(self.nodes)}
+        self.edges, self.uses = _fold_edges(self.rep, every, self.pos, facts)
+        self.output = next(n for n in gm.graph.nodes if n.op == "output")
+        self.returned = [self.rep.get(a, a) for a in self.output.all_input_nodes
+                         if a.op in _PLANNED]
 
 
 def fold_groups(instances: list, folding) -> list:
@@ -283,26 +303,26 @@ def _fold_map(blocks, pinned, folding) -> tuple:
     return rep, weight
 
 
-def _fold_edges(prob: Problem, every: list, pos: dict, facts: Facts) -> dict:
-    """The program's edges, one per (producer, consumer, slot) of the problem's nodes with
-    the count of program edges it stands for. Returns, per producer, the positions of its
+def _fold_edges(rep: dict, every: list, pos: dict, facts: Facts) -> tuple:
+    """The program's edges, one per (producer, consumer, slot) of the problem's nodes, with
+    the count of program edges it stands for; and per producer the positions of its
     readers, each with whether the read comes from a later instance of the producer's block
     (the value made by the instance before)."""
     found, uses = {}, {}
     for n in every:
         if n.op not in ("call_function", "call_method"):
             continue
-        dst = prob.rep.get(n, n)
+        dst = rep.get(n, n)
         for slot, src in enumerate(facts.of(n)[0]):
-            key = (prob.rep.get(src, src), dst, slot)
-            if key in found:
-                found[key].weight += 1
-            else:
-                found[key] = _edge(prob, key[0], dst, slot, facts)
-            back = pos[key[0]] >= pos[dst]
-            uses.setdefault(key[0], set()).add((pos[dst], back))
-    prob.edges.extend(found.values())
-    return uses
+            key = (rep.get(src, src), dst, slot)
+            found[key] = found.get(key, 0) + 1
+            uses.setdefault(key[0], set()).add((pos[dst], pos[key[0]] >= pos[dst]))
+    return found, uses
+
+
+def _check_pinned(blocks, pinned: dict, folding):
+    """Nodes folded together must be pinned alike."""
+    _fold_map(blocks, pinned, folding)
 
 
 def _hold_memory(prob: Problem, blocks, pos: dict, uses: dict):
