@@ -14,7 +14,7 @@ from torch.fx import Node
 from .cost import CostModel, coded_path, fraction
 from .placement import is_replicate
 from .redistribute import REPLICATED, coded_steps, layout_code, plan_steps
-from .rules import out_vals, tensor_inputs
+from .rules import candidates, out_vals, tensor_inputs
 
 
 class LayoutIds:
@@ -199,7 +199,7 @@ class Facts:
     floating point or a tuple. Also the :class:`Prices` of each mesh planned on."""
 
     def __init__(self):
-        self.nodes, self.meshes, self.folds = {}, {}, {}
+        self.nodes, self.meshes, self.folds, self._candidates = {}, {}, {}, {}
         self.layout_id = LayoutIds()
         self.moves, self.sum_axes = {}, {}
 
@@ -211,6 +211,13 @@ class Facts:
             f = self.nodes[n] = (ins, _value_bytes(n), needs_grad(n), _floating(n),
                                  isinstance(n.meta.get("val"), (tuple, list)))
         return f
+
+    def candidates(self, n: Node) -> tuple:
+        """:func:`~autopar.rules.candidates` of ``n``, whatever the mesh."""
+        found = self._candidates.get(n)
+        if found is None:
+            found = self._candidates[n] = candidates(n)
+        return found
 
     def moves_of(self, ndim: int) -> "Moves":
         """The :class:`Moves` between layouts over ``ndim`` mesh axes."""

@@ -234,7 +234,7 @@ def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=(),
             continue
         found = prices.strategies.get(n)
         if found is None:
-            found = prices.strategies[n] = strategies(n, mesh.shape)
+            found = prices.strategies[n] = strategies(n, mesh.shape, facts.candidates(n))
         prob.options[n] = found
     for n in nodes:
         _price_node(prob, n, facts)

@@ -227,18 +227,26 @@ def spec_for(node: Node) -> OpSpec:
     return rule(node)
 
 
-def strategies(node: Node, mesh_shape: Sequence[int]) -> list:
-    """Every layout choice for ``node`` on a mesh: the product of per-axis options, keeping
-    only those whose sharded dims split evenly on every input and output."""
+def candidates(node: Node) -> tuple:
+    """What :func:`strategies` reads of ``node`` whatever the mesh: its spec, its options as
+    one placement per tensor (the inputs' then the output's; equal options would only
+    repeat strategies), and the shapes of its inputs and output."""
     spec = spec_for(node)
     ins = tensor_inputs(node)
     shapes = [[shape_of(v) for v in out_vals(a)] for a in ins]
     shapes.append([tuple(v.shape) for v in out_vals(node) if isinstance(v, torch.Tensor)])
-    # An option as one placement per tensor, the inputs' then the output's; equal options
-    # would only repeat strategies.
     columns = list(dict.fromkeys(
         tuple(o[0][i] for i in range(len(ins))) + (o[1],)
         for o in _without_boolean_partials(node, ins, spec.options)))
+    return spec, columns, shapes
+
+
+def strategies(node: Node, mesh_shape: Sequence[int], found_candidates=None) -> list:
+    """Every layout choice for ``node`` on a mesh: the product of per-axis options, keeping
+    only those whose sharded dims split evenly on every input and output.
+    ``found_candidates``: :func:`candidates` of ``node``, where already known."""
+    spec, columns, shapes = found_candidates or candidates(node)
+    ins = shapes[:-1]
     found = []
     for combo in _even_products(columns, shapes, mesh_shape):
         # a column per mesh axis, transposed into a layout per tensor
