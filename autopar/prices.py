@@ -14,7 +14,7 @@ from torch.fx import Node
 from .cost import CostModel, coded_path, fraction
 from .placement import is_replicate
 from .redistribute import REPLICATED, coded_steps, layout_code, plan_steps
-from .rules import candidates, out_vals, tensor_inputs
+from .rules import candidates, even_combos, make_strategies, out_vals, tensor_inputs
 
 
 class LayoutIds:
@@ -47,8 +47,8 @@ class Prices:
         self.sum_axes = shared.sum_axes
         self.lines = {True: _Lines(), False: _Lines()}   # per path id, on this mesh
         self.tables, self.fractions, self.splits = {}, {}, {}
-        self.ids, self.outputs, self.distincts = {}, {}, {}   # by id() of a list kept here
-        self.strategies, self.needs, self.node_prices = {}, {}, {}
+        self.lists = shared.lists   # what is read off a list of strategies or of keys
+        self.strategies, self.node_prices = {}, {}
 
     def path_lines(self, grad: bool) -> tuple:
         """(seconds at zero bytes, seconds per byte) arrays by path id (:class:`Moves`), for
@@ -74,26 +74,33 @@ class Prices:
 
     def layout_ids(self, options: list) -> list:
         """Per strategy (output layout id, input layout ids); ``options`` is one of the lists
-        kept in :attr:`strategies`."""
+        :meth:`Facts.strategies` keeps."""
         lid = self.layout_id
-        return self._per_list(self.ids, options, lambda: [
+        return self._per_list("ids", options, lambda: [
             (lid(s.output), tuple(lid(i) for i in s.inputs)) for s in options])
 
     def output_keys(self, options: list) -> list:
         """Per strategy its output layout id (one list per ``options``, which edges share)."""
-        return self._per_list(self.outputs, options,
+        return self._per_list("outputs", options,
                               lambda: [o for o, _ in self.layout_ids(options)])
+
+    def needs(self, options: list, slot: int, grad: bool) -> list:
+        """Per strategy of a consumer, the layout id it needs input ``slot`` in and the axes
+        its gradient is summed over (one list per ``options``, which edges share)."""
+        return self._per_list(("needs", slot, grad), options, lambda: [
+            (i[slot], self.grad_sum_axes(grad, i[slot], o))
+            for o, i in self.layout_ids(options)])
 
     def distinct(self, keys: list) -> tuple:
         """:func:`distinct_keys` of one of the key lists edges share."""
-        return self._per_list(self.distincts, keys, lambda: distinct_keys(keys))
+        return self._per_list("distinct", keys, lambda: distinct_keys(keys))
 
-    @staticmethod
-    def _per_list(cache: dict, options: list, make):
-        """``make()``, once per ``options`` list (by identity; the list is kept alive)."""
-        found = cache.get(id(options))
+    def _per_list(self, what, options: list, make):
+        """``make()``, once per ``options`` list (by identity; the list is kept alive) and
+        ``what`` is made of it, whatever the mesh."""
+        found = self.lists.get((what, id(options)))
         if found is None:
-            found = cache[id(options)] = (make(), options)
+            found = self.lists[(what, id(options))] = (make(), options)
         return found[0]
 
     def fraction(self, i: int) -> float:
@@ -201,7 +208,7 @@ class Facts:
     def __init__(self):
         self.nodes, self.meshes, self.folds, self._candidates = {}, {}, {}, {}
         self.layout_id = LayoutIds()
-        self.moves, self.sum_axes = {}, {}
+        self.moves, self.sum_axes, self.lists, self._strategies = {}, {}, {}, {}
 
     def of(self, n: Node) -> tuple:
         """(tensor inputs, bytes, needs gradient, floating, is a tuple) of ``n``."""
@@ -218,6 +225,17 @@ class Facts:
         if found is None:
             found = self._candidates[n] = candidates(n)
         return found
+
+    def strategies(self, n: Node, mesh_shape) -> list:
+        """:func:`~autopar.rules.strategies` of ``n`` on a mesh of this shape: one list for
+        every mesh on which the same options split evenly, so that what is read off it
+        (layout ids, keys) is read once."""
+        found = self.candidates(n)
+        combos = even_combos(found, mesh_shape)
+        options = self._strategies.get((n, combos))
+        if options is None:
+            options = self._strategies[(n, combos)] = make_strategies(found, combos)
+        return options
 
     def moves_of(self, ndim: int) -> "Moves":
         """The :class:`Moves` between layouts over ``ndim`` mesh axes."""

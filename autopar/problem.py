@@ -20,7 +20,7 @@ from .cost import SAVES_NOTHING, CostModel
 from .placement import Replicate, Shard, divides
 from .plans import Cost
 from .prices import Facts, LayoutIds, Priced, Prices, distinct_keys
-from .rules import Strategy, shape_of, strategies
+from .rules import Strategy, shape_of
 
 # Checkpoints at which memory is constrained: every op up to this many, else evenly spaced.
 MAX_MEMORY_CHECKPOINTS = 64
@@ -234,7 +234,7 @@ def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=(),
             continue
         found = prices.strategies.get(n)
         if found is None:
-            found = prices.strategies[n] = strategies(n, mesh.shape, facts.candidates(n))
+            found = prices.strategies[n] = facts.strategies(n, mesh.shape)
         prob.options[n] = found
     for n in nodes:
         _price_node(prob, n, facts)
@@ -428,11 +428,7 @@ def _edge(prob: Problem, src: Node, dst: Node, slot: int, facts: Facts) -> Edge:
     prices = prob.prices
     _, num_bytes, grad, _, is_tuple = facts.of(src)
     src_keys = prices.output_keys(prob.options[src])
-    dst_keys = prices.needs.get((dst, slot))
-    if dst_keys is None:
-        dst_keys = prices.needs[(dst, slot)] = [
-            (i[slot], prices.grad_sum_axes(grad, i[slot], o))
-            for o, i in prices.layout_ids(prob.options[dst])]
+    dst_keys = prices.needs(prob.options[dst], slot, grad)
     cost = prices.table(num_bytes, grad, src.op == "get_attr", is_tuple)
     e = Edge(src, dst, slot, src_keys, dst_keys, cost)
     e.distinct = (*prices.distinct(src_keys), *prices.distinct(dst_keys))

@@ -245,35 +245,42 @@ def strategies(node: Node, mesh_shape: Sequence[int], found_candidates=None) -> 
     """Every layout choice for ``node`` on a mesh: the product of per-axis options, keeping
     only those whose sharded dims split evenly on every input and output.
     ``found_candidates``: :func:`candidates` of ``node``, where already known."""
-    spec, columns, shapes = found_candidates or candidates(node)
-    ins = shapes[:-1]
-    found = []
-    for combo in _even_products(columns, shapes, mesh_shape):
+    found = found_candidates or candidates(node)
+    return make_strategies(found, even_combos(found, mesh_shape))
+
+
+def make_strategies(found_candidates, combos) -> list:
+    """The strategies of :func:`even_combos`' ``combos`` of options (:func:`candidates`)."""
+    spec, columns, shapes = found_candidates
+    out = []
+    for combo in combos:
         # a column per mesh axis, transposed into a layout per tensor
-        *in_layouts, out_layout = zip(*combo) if combo else [()] * (len(ins) + 1)
-        found.append(Strategy(tuple(in_layouts), out_layout, spec))
-    return found
+        *in_layouts, out_layout = zip(*(columns[i] for i in combo)) if combo \
+            else [()] * len(shapes)
+        out.append(Strategy(tuple(in_layouts), out_layout, spec))
+    return out
 
 
-def _even_products(columns: list, shapes: list, mesh_shape: Sequence[int]) -> list:
-    """The tuples of ``columns``, one column per mesh axis, in ``itertools.product`` order,
-    under which every tensor's sharded dims split evenly (``shapes[j]``: tensor j's).
+def even_combos(found_candidates, mesh_shape: Sequence[int]) -> tuple:
+    """The tuples of options (by index in :func:`candidates`' columns), one per mesh axis, in
+    ``itertools.product`` order, under which every tensor's sharded dims split evenly.
 
     A prefix whose dims do not split evenly is dropped before it grows: more axes on a dim
     only cut it into more pieces.
     """
-    usable = [(column, cut) for column in columns
+    _, columns, shapes = found_candidates
+    usable = [(i, cut) for i, column in enumerate(columns)
               if (cut := _cuts(column, shapes)) is not None]
-    prefixes = [((), {})]  # (columns, (tensor, dim) -> pieces)
+    prefixes = [((), {})]  # (column indices, (tensor, dim) -> pieces)
     for n in mesh_shape:
         longer = []
         for prefix, pieces in prefixes:
-            for column, cut in usable:
+            for i, cut in usable:
                 grown = _split(pieces, cut, n, shapes)
                 if grown is not None:
-                    longer.append((prefix + (column,), grown))
+                    longer.append((prefix + (i,), grown))
         prefixes = longer
-    return [prefix for prefix, _ in prefixes]
+    return tuple(prefix for prefix, _ in prefixes)
 
 
 def _cuts(column: tuple, shapes: list) -> list | None:
