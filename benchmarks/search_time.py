@@ -22,6 +22,7 @@ own); the gap is the folded optimum's step time minus the unfolded one's, relati
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -93,6 +94,7 @@ def main(argv=None):
         table.add_column(col, justify="left" if col in ("model", "mesh") else "right")
     results = {}
     for name, shape in rows([int(d) for d in args.depths.split(",") if d]):
+        gc.collect()  # what the rows before left (unfolded programs most), not timed
         p, total = plan(name, shape, cluster)
         sec = p.stats["seconds"]
         analysis = sum(sec.get(k, 0.0) for k in PHASES[1:-1])
