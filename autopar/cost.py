@@ -19,6 +19,8 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .placement import is_partial, is_shard
 from .redistribute import REPLICATED, coded_steps, layout_code
 from .runtime.grad_sync import BUCKET_BYTES
@@ -152,8 +154,8 @@ class CostModel:
             return 0.0
         if split is None:
             split = self.work_split(in_layouts, out_layout)
-        fwd = max(flops / split / self.peak_flops,
-                  num_bytes * self.activation_scale / split / self.memory_bandwidth)
+        fwd = np.maximum(flops / split / self.peak_flops,   # (split may be an array)
+                         num_bytes * self.activation_scale / split / self.memory_bandwidth)
         factor = BACKWARD_FACTOR_CONTRACTION if op in CONTRACTIONS else BACKWARD_FACTOR_OTHER
         return fwd * (1 + factor) + self.op_overhead_s
 

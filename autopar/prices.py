@@ -4,6 +4,7 @@ costs (:class:`Prices`), filled on first use."""
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -11,8 +12,8 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .cost import CostModel, coded_path, fraction
-from .placement import is_replicate
+from .cost import CostModel, coded_path
+from .placement import is_partial, is_replicate, is_shard
 from .redistribute import REPLICATED, coded_steps, layout_code, plan_steps
 from .rules import candidates, even_combos, make_strategies, out_vals, tensor_inputs
 
@@ -23,6 +24,18 @@ class LayoutIds:
 
     def __init__(self):
         self.ids, self.layouts = {}, []
+        self._shard, self._partial = np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+    def masks(self) -> tuple:
+        """(axes split, axes holding a partial sum) of every layout so far, as bit masks
+        by layout id."""
+        known = len(self._shard)
+        if known < len(self.layouts):
+            new = self.layouts[known:]
+            self._shard = np.concatenate([self._shard, [_bits(lay, is_shard) for lay in new]])
+            self._partial = np.concatenate([self._partial,
+                                            [_bits(lay, is_partial) for lay in new]])
+        return self._shard, self._partial
 
     def __call__(self, layout) -> int:
         i = self.ids.get(layout)
@@ -46,7 +59,7 @@ class Prices:
         self.layout_id, self.moves = shared.layout_id, shared.moves_of(model.mesh.ndim)
         self.sum_axes = shared.sum_axes
         self.lines = {True: _Lines(), False: _Lines()}   # per path id, on this mesh
-        self.tables, self.fractions, self.splits = {}, {}, {}
+        self.tables, self._fractions, self._size_of = {}, np.zeros(0), None
         self.lists = shared.lists   # what is read off a list of strategies or of keys
         self.strategies, self.node_prices = {}, {}
 
@@ -103,21 +116,43 @@ class Prices:
             found = self.lists[(what, id(options))] = (make(), options)
         return found[0]
 
-    def fraction(self, i: int) -> float:
-        """:func:`fraction` of the layout with id ``i`` on this mesh."""
-        f = self.fractions.get(i)
-        if f is None:
-            f = self.fractions[i] = fraction(self.layout_id.layouts[i], self.model.mesh)
-        return f
+    def id_arrays(self, options: list) -> tuple:
+        """:meth:`layout_ids` as int arrays: per strategy its output's, and per strategy
+        and input slot the input's."""
+        def make():
+            ids = self.layout_ids(options)
+            width = len(ids[0][1]) if ids else 0
+            return (np.array([o for o, _ in ids], dtype=np.intp),
+                    np.array([i for _, i in ids], dtype=np.intp).reshape(len(ids), width))
+        return self._per_list("arrays", options, make)
 
-    def work_split(self, ins: tuple, out: int) -> int:
-        """:meth:`CostModel.work_split` of input and output layout ids."""
-        split = self.splits.get((ins, out))
-        if split is None:
-            lay = self.layout_id.layouts
-            split = self.splits[(ins, out)] = self.model.work_split([lay[i] for i in ins],
-                                                                    lay[out])
-        return split
+    def fractions(self) -> np.ndarray:
+        """:func:`fraction` of every layout so far on this mesh, by layout id (of layouts
+        over as many axes as the mesh has; any number for the others)."""
+        shard, _ = self.layout_id.masks()
+        if len(self._fractions) < len(shard):
+            sizes = self._sizes()
+            self._fractions = 1.0 / sizes[shard & (len(sizes) - 1)]
+        return self._fractions
+
+    def work_splits(self, options: list) -> np.ndarray:
+        """:meth:`CostModel.work_split` of every strategy in ``options``: the product of
+        the axes its output is split on, or holds a partial sum on where an input is split
+        (a contracted dim)."""
+        def make():
+            outs, ins = self.id_arrays(options)
+            shard, partial = self.layout_id.masks()
+            split_in = np.bitwise_or.reduce(shard[ins], axis=1) if ins.shape[1] else 0
+            return shard[outs] | (partial[outs] & split_in)
+        return self._sizes()[self._per_list("work", options, make)]
+
+    def _sizes(self) -> np.ndarray:
+        """Ranks per set of mesh axes (a bit mask), on this mesh."""
+        if self._size_of is None:
+            shape = self.model.mesh.shape
+            self._size_of = np.array([math.prod(n for a, n in enumerate(shape) if m >> a & 1)
+                                      for m in range(1 << len(shape))], dtype=np.int64)
+        return self._size_of
 
     def table(self, num_bytes: float, grad: bool, param: bool, is_tuple: bool) -> "Priced":
         """Edge costs by (producer layout id, (need id, gradient-sum axes)) of one kind of
@@ -190,6 +225,10 @@ class Moves:
                 np.array([[total(a, need, axes) for need, axes in dsts] for a in srcs],
                          dtype=np.intp).reshape(shape))
         return found
+
+
+def _bits(layout, test) -> int:
+    return sum(1 << a for a, p in enumerate(layout) if test(p))
 
 
 def _intern(ids: dict, values: list, value) -> int:

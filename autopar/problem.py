@@ -384,44 +384,47 @@ def _price_node(prob: Problem, n: Node, facts: Facts):
 
 
 def _node_prices(prob: Problem, n: Node, facts: Facts) -> tuple:
+    """Per strategy of ``n``: seconds, parameter bytes, bytes saved for backward, output
+    bytes; whole arrays at a time (a node has up to thousands of strategies)."""
     m, prices = prob.model, prob.prices
     ins, num_bytes = facts.of(n)[:2]
     opts = prob.options[n]
-    ids = prices.layout_ids(opts)
-    share = prices.fraction
-    act = m.activation_scale
     zeros = [0.0] * len(opts)
+    if n.op == "placeholder" or not opts:
+        return zeros, zeros, zeros, zeros
+    outs, needs = prices.id_arrays(opts)
+    share = prices.fractions()   # (of every layout id so far, those of opts among them)
     if n.op == "get_attr":
         elem = n.meta["val"].element_size()
         per = m.training.bytes_per_parameter(_trainable(n), elem) / elem
-        static = [num_bytes * share(o) * per for o, _ in ids]
-        seconds = [m.optimizer_s(num_bytes * share(o), _trainable(n), elem) for o, _ in ids]
-        return seconds, static, zeros, zeros
-    if n.op == "placeholder":
-        return zeros, zeros, zeros, zeros
-    op = n.meta["autopar.op"]
-    seconds = [m.compute_s(op, s.spec.flops, s.spec.num_bytes, s.inputs, s.output,
-                           split=prices.work_split(i, o)) for s, (o, i) in zip(opts, ids)]
-    out = [num_bytes * act * share(o) for o, _ in ids]
+        static = num_bytes * share[outs] * per
+        seconds = m.optimizer_s(num_bytes * share[outs], _trainable(n), elem)
+        return _per_strategy(seconds, len(opts)), static.tolist(), zeros, zeros
+    op, spec = n.meta["autopar.op"], opts[0].spec
+    seconds = m.compute_s(op, spec.flops, spec.num_bytes, None, None,
+                          split=prices.work_splits(opts))
+    seconds = _per_strategy(seconds, len(opts))
+    out = (num_bytes * m.activation_scale * share[outs]).tolist()
     if op in SAVES_NOTHING:
         return seconds, zeros, zeros, out
-    saved_inputs = []   # (slot, bytes) of the inputs it saves, but a pinned parameter as is
-    for slot, src in enumerate(ins):
+    saved = np.zeros(len(opts))
+    for slot, src in enumerate(ins):   # the inputs it saves, but a pinned parameter as is
         src_bytes, _, floating = facts.of(src)[1:4]
         if not floating:
             continue
+        need = needs[:, slot]
+        add = saved + src_bytes * m.activation_scale * share[need]
         src_options = prob.options[prob.rep.get(src, src)]
-        pinned = prob.layout_id(src_options[0].output) if src.op == "get_attr" and \
-            len(src_options) == 1 else None
-        saved_inputs.append((slot, src_bytes * act, pinned))
-    saved = []
-    for _, needs in ids:
-        b = 0.0
-        for slot, nbytes, pinned in saved_inputs:
-            if needs[slot] != pinned:  # the parameter itself is already counted
-                b += nbytes * share(needs[slot])
-        saved.append(b)
-    return seconds, zeros, saved, out
+        if src.op == "get_attr" and len(src_options) == 1:   # already counted
+            saved = np.where(need != prob.layout_id(src_options[0].output), add, saved)
+        else:
+            saved = add
+    return seconds, zeros, saved.tolist(), out
+
+
+def _per_strategy(seconds, count: int) -> list:
+    """Seconds as a list, one per strategy (a cost that is the same for all comes as one)."""
+    return seconds.tolist() if isinstance(seconds, np.ndarray) else [float(seconds)] * count
 
 
 def _edge(prob: Problem, src: Node, dst: Node, slot: int, facts: Facts) -> Edge:
