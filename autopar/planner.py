@@ -357,6 +357,11 @@ def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level
     progress.close()
     if best is None:
         smallest = min(Infeasible(o.prob).min_bytes for o in search.infeasible)
+        if smallest <= budget and level == "fast":
+            raise PlanError(
+                f"level='fast' found no plan that fits in {format_bytes(budget)} per device "
+                f"on {cluster}, though plans needing {format_bytes(smallest)} exist: plan "
+                "with level='full' (the exact program keeps to the budget)")
         raise PlanError(
             f"no plan fits in {format_bytes(budget)} per device on {cluster}: the smallest "
             f"any plan needs is {format_bytes(smallest)}. Add devices, allow sharded "

@@ -236,3 +236,21 @@ def test_planning_side_by_side_in_threads_changes_nothing(monkeypatch):
         other = side_by_side.stats["meshes"][name]
         for key in ("predicted_step_s", "lower_bound_s", "folding"):
             assert other.get(key) == m.get(key), (name, key)
+
+
+def test_a_fast_plan_that_misses_the_budget_names_the_exact_level():
+    """Where the greedy level finds no plan within the budget but plans within it exist,
+    the error says so and names level='full' (which finds one), rather than asking for more
+    devices."""
+    net, cluster, x = meta_net(2048, 8192, layers=10), Cluster.preset("dgx-a100", nodes=2), \
+        batch(4096, 2048)
+    free = autopar.plan(net, cluster, example_inputs=x, mesh={"dp": 16})
+    budget = 0.8 * free.cost.memory_bytes_per_device
+    exact = autopar.plan(net, cluster, example_inputs=x, mesh={"dp": 16},
+                         memory_budget_bytes=budget)
+    assert exact.cost.memory_bytes_per_device <= budget
+    with pytest.raises(PlanError, match=r"level='fast' found no plan .* plan with "
+                                        r"level='full'") as e:
+        autopar.plan(net, cluster, example_inputs=x, mesh={"dp": 16}, level="fast",
+                     memory_budget_bytes=budget)
+    assert "Add devices" not in str(e.value)
