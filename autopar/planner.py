@@ -441,7 +441,7 @@ class _Search:
 
     def _plan_in_turn(self, job: _Job) -> tuple:
         stats = {}
-        with paused_gc(), TURNS.python():
+        with TURNS.python():
             return self.plan(job, stats), stats
 
     def plan(self, job: _Job, stats: dict) -> _Outcome:
