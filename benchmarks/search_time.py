@@ -15,7 +15,7 @@ the mesh the folded plan chose is planned again twice with the exact program how
 own); the gap is the folded optimum's step time minus the unfolded one's, relative
 (0: folding lost nothing).
 
-    python benchmarks/search_time.py                    # ~2-4 minutes on 2 cores
+    python benchmarks/search_time.py                    # about half a minute on 2 cores
     python benchmarks/search_time.py --unfolded-depth 0 # folded only
 """
 
