@@ -217,13 +217,18 @@ class Moves:
         """(path ids, sum ids), int arrays by (src key, dst key)."""
         found = self._blocks.get((srcs, dsts))
         if found is None:
-            path, total = self.path, self.sum
             shape = (len(srcs), len(dsts))
+            known = self._pair_paths.get   # (most pairs are known: looked up in one go)
+            pairs = [(a, need) for a in srcs for need, _ in dsts]
+            paths = [known(pair) for pair in pairs]
+            if None in paths:
+                paths = [self.path(*pair) if p is None else p for p, pair in zip(paths, pairs)]
+            sums = np.zeros(shape, dtype=np.intp)
+            if any(axes for _, axes in dsts):
+                sums = np.array([[self.sum(a, need, axes) for need, axes in dsts]
+                                 for a in srcs], dtype=np.intp).reshape(shape)
             found = self._blocks[(srcs, dsts)] = (
-                np.array([[path(a, need) for need, _ in dsts] for a in srcs],
-                         dtype=np.intp).reshape(shape),
-                np.array([[total(a, need, axes) for need, axes in dsts] for a in srcs],
-                         dtype=np.intp).reshape(shape))
+                np.array(paths, dtype=np.intp).reshape(shape), sums)
         return found
 
 
@@ -377,14 +382,18 @@ class Priced:
         """Per position k in a sum's axes, seconds of its k-th gradient sum by sum id (0
         where it has fewer): added one at a time, in the order of its axes."""
         fresh = [i for i in np.unique(sums).tolist() if i not in self._sum_terms]
-        for i in fresh:
-            self._sum(i)
         if fresh or self._table is None:
-            known = self._sum_terms
-            width = max(len(v) for v in known.values())
-            self._table = np.zeros((width, max(known) + 1))
-            for i, seconds in known.items():
-                self._table[:len(seconds), i] = seconds
+            terms = [self._sum(i) for i in fresh]
+            table = self._table if self._table is not None else np.zeros((1, 1))
+            width = max([len(t) for t in terms] + [table.shape[0]])
+            size = max(fresh + [table.shape[1] - 1]) + 1
+            if (width, size) != table.shape:   # grown: room for twice the sum ids
+                grown = np.zeros((width, max(size, 2 * table.shape[1])))
+                grown[:table.shape[0], :table.shape[1]] = table
+                table = grown
+            for i, seconds in zip(fresh, terms):
+                table[:len(seconds), i] = seconds
+            self._table = table
         return self._table
 
     def _sum(self, i: int) -> list:
