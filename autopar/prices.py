@@ -338,7 +338,7 @@ class Priced:
         self.prices = weakref.proxy(prices)
         self.num_bytes, self.grad, self.param, self.forbids = num_bytes, grad, param, is_tuple
         self.matrices, self.scalars, self._sum_terms = {}, {}, {}
-        self._table = None
+        self._table, self._in_table = None, {0}
 
     def __getitem__(self, key) -> float:
         found = self.scalars.get(key)
@@ -381,19 +381,20 @@ class Priced:
     def _terms(self, sums: np.ndarray) -> np.ndarray:
         """Per position k in a sum's axes, seconds of its k-th gradient sum by sum id (0
         where it has fewer): added one at a time, in the order of its axes."""
-        fresh = [i for i in np.unique(sums).tolist() if i not in self._sum_terms]
+        fresh = [i for i in np.unique(sums).tolist() if i not in self._in_table]
         if fresh or self._table is None:
             terms = [self._sum(i) for i in fresh]
             table = self._table if self._table is not None else np.zeros((1, 1))
             width = max([len(t) for t in terms] + [table.shape[0]])
             size = max(fresh + [table.shape[1] - 1]) + 1
-            if (width, size) != table.shape:   # grown: room for twice the sum ids
+            if width > table.shape[0] or size > table.shape[1]:   # room for twice the ids
                 grown = np.zeros((width, max(size, 2 * table.shape[1])))
                 grown[:table.shape[0], :table.shape[1]] = table
                 table = grown
             for i, seconds in zip(fresh, terms):
                 table[:len(seconds), i] = seconds
             self._table = table
+            self._in_table.update(fresh)   # (a sum priced alone is not in it yet)
         return self._table
 
     def _sum(self, i: int) -> list:

@@ -127,3 +127,33 @@ def test_measured_devices_are_not_discounted():
     assert CostModel(nominal, Mesh(("dp",), (2,))).peak_flops == pytest.approx(
         peak * MATMUL_EFFICIENCY)
     assert CostModel(measured, Mesh(("dp",), (2,))).peak_flops == pytest.approx(peak)
+
+
+def test_edge_prices_agree_pair_by_pair_and_by_blocks_in_any_order():
+    """A table prices a pair alone or in a block of pairs; whichever comes first, the two
+    agree exactly (the gradient sums a pair implies included)."""
+    from itertools import product
+    from autopar.prices import Facts
+    mesh = Mesh(("dp", "tp"), (2, 4))
+    model = CostModel(Cluster.preset("dgx-a100"), mesh)
+    layouts = list(product([R, S0, S1], repeat=2))
+
+    def priced(pairs_first: bool):
+        prices = Facts().prices(mesh, model)
+        ids = [prices.layout_id(lay) for lay in layouts]
+        dsts = [(need, prices.grad_sum_axes(True, need, out)) for need in ids for out in ids]
+        assert any(axes for _, axes in dsts)
+        table = prices.table(3e7, True, True, False)
+        alone = {}
+        if pairs_first:   # half the pairs alone, in reverse, before any block
+            alone = {(i, j): table[(ids[i], dsts[j])] for i in range(0, len(ids), 2)
+                     for j in reversed(range(len(dsts)))}
+        block = table.matrix(ids, dsts)
+        alone.update({(i, j): table[(ids[i], dsts[j])] for i in range(len(ids))
+                      for j in range(len(dsts))})
+        return block, alone
+
+    for pairs_first in (True, False):
+        block, alone = priced(pairs_first)
+        assert all(block[i, j] == v for (i, j), v in alone.items())
+    assert (priced(True)[0] == priced(False)[0]).all()
