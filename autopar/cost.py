@@ -139,12 +139,12 @@ class CostModel:
     def work_split(self, in_layouts, out_layout) -> int:
         """Ranks sharing one op's work: every axis on which its output is split, or partial
         because a contracted dim is split (Partial passed through is whole work per rank)."""
-        split = 1
-        for a, (p, n) in enumerate(zip(out_layout, self.mesh.shape)):
-            if is_shard(p) or (is_partial(p) and any(
-                    is_shard(lay[a]) for lay in in_layouts)):
-                split *= n
-        return split
+        split_in = 0
+        for lay in in_layouts:
+            split_in |= axes_mask(lay, is_shard)
+        axes = work_axes(axes_mask(out_layout, is_shard), axes_mask(out_layout, is_partial),
+                         split_in)
+        return math.prod(n for a, n in enumerate(self.mesh.shape) if axes >> a & 1)
 
     def compute_s(self, op: str, flops: float, num_bytes: float, in_layouts, out_layout,
                   split: int | None = None) -> float:
@@ -247,6 +247,18 @@ _STEP_COLLECTIVES = {"all_gather": ("all_gather", 1, 0), "shard": ("all_gather",
                      "all_to_all": ("all_to_all", 1, 1)}
 
 
+def axes_mask(layout, test) -> int:
+    """The mesh axes whose placement passes ``test`` (is_shard, is_partial), as bits."""
+    return sum(1 << a for a, p in enumerate(layout) if test(p))
+
+
+def work_axes(out_split, out_partial, in_split):
+    """The axes (bit masks, ints or arrays of them) on which ranks share one op's work:
+    those its output is split on, and those it holds a partial sum on where an input is
+    split (a contracted dim; a Partial passed through is whole work per rank)."""
+    return out_split | (out_partial & in_split)
+
+
 @functools.lru_cache(maxsize=None)
 def move_path(src: tuple, dst: tuple) -> tuple:
     """The collectives that move a value from layout ``src`` to ``dst``, whatever the mesh's
@@ -280,9 +292,3 @@ def _local(num_bytes, layout, mesh, except_axis) -> float:
 
 def _efficiency(device, default: float) -> float:
     return MEASURED_EFFICIENCY if getattr(device, "measured", False) else default
-
-
-def fraction(layout, mesh) -> float:
-    """The share of a value's elements one rank holds under ``layout``."""
-    return 1.0 / math.prod(n for p, n in zip(layout, mesh.shape) if is_shard(p))
-

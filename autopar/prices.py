@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .cost import CostModel, coded_path
+from .cost import CostModel, axes_mask, coded_path, work_axes
 from .placement import is_partial, is_replicate, is_shard
 from .redistribute import REPLICATED, coded_steps, layout_code, plan_steps
 from .rules import candidates, even_combos, make_strategies, out_vals, tensor_inputs
@@ -32,9 +32,9 @@ class LayoutIds:
         known = len(self._shard)
         if known < len(self.layouts):
             new = self.layouts[known:]
-            self._shard = np.concatenate([self._shard, [_bits(lay, is_shard) for lay in new]])
+            self._shard = np.concatenate([self._shard, [axes_mask(lay, is_shard) for lay in new]])
             self._partial = np.concatenate([self._partial,
-                                            [_bits(lay, is_partial) for lay in new]])
+                                            [axes_mask(lay, is_partial) for lay in new]])
         return self._shard, self._partial
 
     def __call__(self, layout) -> int:
@@ -127,8 +127,9 @@ class Prices:
         return self._per_list("arrays", options, make)
 
     def fractions(self) -> np.ndarray:
-        """:func:`fraction` of every layout so far on this mesh, by layout id (of layouts
-        over as many axes as the mesh has; any number for the others)."""
+        """:func:`~autopar.placement.shard_fraction` of every layout so far on this mesh,
+        by layout id (of layouts over as many axes as the mesh has; any number for the
+        others)."""
         shard, _ = self.layout_id.masks()
         if len(self._fractions) < len(shard):
             sizes = self._sizes()
@@ -143,7 +144,7 @@ class Prices:
             outs, ins = self.id_arrays(options)
             shard, partial = self.layout_id.masks()
             split_in = np.bitwise_or.reduce(shard[ins], axis=1) if ins.shape[1] else 0
-            return shard[outs] | (partial[outs] & split_in)
+            return work_axes(shard[outs], partial[outs], split_in)
         return self._sizes()[self._per_list("work", options, make)]
 
     def _sizes(self) -> np.ndarray:
@@ -206,8 +207,7 @@ class Moves:
         found = self._pair_sums.get((a, need, axes))
         if found is None:
             src = self.code(a)
-            steps = coded_steps(src, self.code(need))
-            fused = steps[-1].axis if steps and steps[-1].kind == "all_gather" else None
+            fused = _gathered_last(coded_steps(src, self.code(need)))
             terms = tuple((axis, axis == fused, src[axis] == REPLICATED) for axis in axes)
             found = self._pair_sums[(a, need, axes)] = _intern(self._sum_ids, self.sums,
                                                                (need, terms))
@@ -230,10 +230,6 @@ class Moves:
             found = self._blocks[(srcs, dsts)] = (
                 np.array(paths, dtype=np.intp).reshape(shape), sums)
         return found
-
-
-def _bits(layout, test) -> int:
-    return sum(1 << a for a, p in enumerate(layout) if test(p))
 
 
 def _intern(ids: dict, values: list, value) -> int:
@@ -322,7 +318,10 @@ def _sum_axes(need, out_layout) -> tuple:
 def fused_axis(src_layout, need) -> int | None:
     """The axis whose gather ends the redistribution (its gradient sum becomes a
     reduce-scatter), if any."""
-    steps = plan_steps(tuple(src_layout), tuple(need))
+    return _gathered_last(plan_steps(tuple(src_layout), tuple(need)))
+
+
+def _gathered_last(steps) -> int | None:
     return steps[-1].axis if steps and steps[-1].kind == "all_gather" else None
 
 
