@@ -18,11 +18,13 @@ from .repeats import Unrepeatable, containers, cut_to_two, repeated_lists
 
 
 def _context(captured, cluster, mesh=None, constraints=None, memory_budget_bytes=None,
-             level="full", precision="fp32", optimizer="adamw", fold=True):
+             level="full", precision="fp32", optimizer="adamw", fold=True, recompute=None,
+             micro_batches=None):
     from autopar.passes import PassContext
     return PassContext(cluster=cluster, mesh_request=mesh, constraints=dict(constraints or {}),
                        memory_budget_bytes=memory_budget_bytes, level=level, fold=fold,
-                       precision=precision, optimizer=optimizer,
+                       precision=precision, optimizer=optimizer, recompute_request=recompute,
+                       micro_batches_request=micro_batches,
                        example_inputs=captured.example_inputs, input_names=captured.input_names,
                        param_fqns=captured.param_fqns)
 
@@ -34,7 +36,7 @@ def _check_cluster(cluster):
 
 
 def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
-          precision, optimizer, fold=True, program=True):
+          precision, optimizer, fold=True, program=True, recompute=None, micro_batches=None):
     """Capture and plan ``model``; with ``program`` also generate the rank program (the
     plan alone does not need it)."""
     from autopar.passes import ANALYSIS, PIPELINE, assign_layouts, run_passes
@@ -43,7 +45,9 @@ def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budge
     if level not in ("fast", "full"):
         raise PlanError(f"level={level!r}: choose 'fast' (propagation) or 'full' (exact)")
     Training(precision, optimizer)  # validates both
-    options = (cluster, mesh, constraints, memory_budget_bytes, level, precision, optimizer, fold)
+    _check_micro_batches(micro_batches)
+    options = (cluster, mesh, constraints, memory_budget_bytes, level, precision, optimizer, fold,
+               recompute, micro_batches)
     start = time.perf_counter()
     with paused_gc():  # capture, like planning, makes millions of short-lived objects
         repeats = repeated_lists(model) if fold else []
@@ -72,7 +76,8 @@ def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budge
 
 
 def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, level="full",
-         memory_budget_bytes=None, precision="fp32", optimizer="adamw", fold=True):
+         memory_budget_bytes=None, precision="fp32", optimizer="adamw", fold=True,
+         recompute=None, micro_batches=None):
     """Plan ``model`` for ``cluster`` without running it; meta-device models are fine.
 
     >>> import torch, autopar
@@ -82,8 +87,17 @@ def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, le
     {'dp': 2}
     """
     _, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
-                   precision, optimizer, fold, program=False)
+                   precision, optimizer, fold, program=False, recompute=recompute,
+                   micro_batches=micro_batches)
     return ctx.plan
+
+
+def _check_micro_batches(micro_batches):
+    if micro_batches is not None and (isinstance(micro_batches, bool) or
+                                      not isinstance(micro_batches, int) or micro_batches < 1):
+        raise PlanError(f"micro_batches={micro_batches!r}: give a whole number >= 1 (how many "
+                        "micro-batches the global batch runs as), or None to let the planner "
+                        "choose")
 
 
 def _source_tensors(model, captured) -> dict:
@@ -99,10 +113,12 @@ def _source_tensors(model, captured) -> dict:
 
 
 def _compile_now(model, cluster, example_inputs, simulate, mesh, constraints, level,
-                 memory_budget_bytes, precision, optimizer, fold):
+                 memory_budget_bytes, precision, optimizer, fold, recompute=None,
+                 micro_batches=None):
     from .runtime.module import ParallelModule
     captured, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level,
-                          memory_budget_bytes, precision, optimizer, fold)
+                          memory_budget_bytes, precision, optimizer, fold,
+                          recompute=recompute, micro_batches=micro_batches)
     if any(t.device.type == "meta" for t in _source_tensors(model, captured).values()):
         raise PlanError("the model's parameters are on the meta device: autopar.plan() plans "
                         "it, but to run it materialize the parameters first (to_empty + init)")
@@ -112,7 +128,7 @@ def _compile_now(model, cluster, example_inputs, simulate, mesh, constraints, le
 
 def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, mesh=None,
             constraints=None, level="full", memory_budget_bytes=None, precision="fp32",
-            optimizer="adamw", fold=True):
+            optimizer="adamw", fold=True, recompute=None, micro_batches=None):
     """Make ``model`` a distributed program for ``cluster``: a :class:`ParallelModule`.
 
     ``model`` is an nn.Module instance or a function of tensors. Without ``example_inputs``
@@ -131,10 +147,17 @@ def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, me
         "bf16-mixed"; "adamw" or "sgd"), for the cost model's memory and time.
     fold: plan every repeated block (a transformer layer) once and give all its instances
         the same layouts; False plans each node on its own.
+    recompute: activation recomputation per block: one of "none", "selective", "full" for
+        every block, or a dict of globs over block paths to choices (``{"layers.*":
+        "full"}``); blocks not named are the planner's choice (see ``plan.recompute``).
+    micro_batches: run the global batch (the example inputs) as this many micro-batches
+        whose gradients add up before one optimizer step; by default the planner picks it
+        where memory binds. ``pm.step(*inputs)`` runs a whole step.
     """
     opts = dict(simulate=simulate, mesh=mesh, constraints=constraints, level=level,
                 memory_budget_bytes=memory_budget_bytes, precision=precision,
-                optimizer=optimizer, fold=fold)
+                optimizer=optimizer, fold=fold, recompute=recompute,
+                micro_batches=micro_batches)
     if model is None:
         if cluster is None:
             raise PlanError("autopar.compile needs a cluster: @autopar.compile(cluster=...)")
@@ -215,7 +238,7 @@ class LazyParallel(torch.nn.Module):
 
     def __getattr__(self, name):
         if name in ("plan", "code", "rank_program", "full_state_dict", "full_grad_dict",
-                    "load_full_state_dict"):
+                    "load_full_state_dict", "step"):
             return getattr(self.parallel_module, name)
         return super().__getattr__(name)
 

@@ -15,12 +15,20 @@ from .placement import format_layout, parse_layout
 
 @dataclass(frozen=True)
 class Cost:
-    """Predicted time of one training step (forward and backward) and peak memory."""
+    """Predicted time of one training step (forward and backward) and peak memory, with the
+    peak's parts per device: parameters, their gradients and optimizer states (in their
+    storage layouts), activations saved for backward and other live values at the peak, and
+    the transient of recomputing a block in backward."""
 
     total_s: float = 0.0
     compute_s: float = 0.0
     comm_s: float = 0.0
     memory_bytes_per_device: float = 0.0
+    parameter_bytes: float = 0.0
+    gradient_bytes: float = 0.0
+    optimizer_bytes: float = 0.0
+    activation_bytes: float = 0.0
+    transient_bytes: float = 0.0
 
 
 @dataclass
@@ -33,6 +41,8 @@ class Plan:
     cost: Cost = field(default_factory=Cost)
     stats: dict = field(default_factory=dict)
     cluster: str = ""
+    recompute: dict = field(default_factory=dict)   # block path -> "none"/"selective"/"full"
+    micro_batches: int = 1          # the global batch runs as this many, gradients summed
 
     @property
     def world_size(self) -> int:
@@ -51,6 +61,8 @@ class Plan:
                           "output": format_layout(v["output"])} for k, v in self.nodes.items()},
             "cost": asdict(self.cost),
             "stats": self.stats,
+            "recompute": dict(self.recompute),
+            "micro_batches": self.micro_batches,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -65,7 +77,8 @@ class Plan:
             inputs={k: parse_layout(v) for k, v in d["inputs"].items()},
             nodes={k: {**v, "inputs": [parse_layout(x) for x in v["inputs"]],
                        "output": parse_layout(v["output"])} for k, v in d["nodes"].items()},
-            cost=Cost(**d.get("cost", {})), stats=d.get("stats", {}), cluster=d.get("cluster", ""))
+            cost=Cost(**d.get("cost", {})), stats=d.get("stats", {}), cluster=d.get("cluster", ""),
+            recompute=dict(d.get("recompute", {})), micro_batches=int(d.get("micro_batches", 1)))
 
     def fingerprint(self) -> str:
         """A hash of everything that shapes the rank programs (not timings)."""

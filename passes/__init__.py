@@ -33,6 +33,8 @@ class PassContext:
     fold: bool = True
     precision: str = "fp32"
     optimizer: str = "adamw"
+    recompute_request: object = None    # the user's recompute= (a choice, or globs -> choices)
+    micro_batches_request: int | None = None   # the user's micro_batches=
     repeats: list = field(default_factory=list)   # autopar.repeats.Repeat, from capture
     unsupported: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)

@@ -6,6 +6,7 @@ from autopar.cost import Training
 from autopar.graph_utils import module_path
 from autopar.planner import choose_plan
 from autopar.plans import Plan
+from autopar.recompute import block_paths, resolve_recompute
 from autopar.rules import tensor_inputs
 
 
@@ -44,8 +45,11 @@ def assign_layouts(gm, ctx):
                              "output": s.output, "module": module_path(n),
                              "compute_s": prob.node_s[r][c], "comm_s": comm.get(n, 0.0),
                              "memory_bytes": prob.saved_bytes[r][c]}
+    paths = block_paths(getattr(ctx, "blocks", []))
+    recompute = dict.fromkeys(paths, "none") | resolve_recompute(ctx.recompute_request, paths)
     ctx.plan = Plan(mesh=mesh.as_dict(), placements=placements, inputs=inputs, nodes=nodes,
-                    cost=cost, stats=ctx.stats, cluster=str(ctx.cluster))
+                    cost=cost, stats=ctx.stats, cluster=str(ctx.cluster), recompute=recompute,
+                    micro_batches=ctx.micro_batches_request or 1)
     return gm
 
 
