@@ -96,6 +96,17 @@ class Training:
         p = PRECISIONS[self.precision]
         return p["param_bytes"] * element_size / 4 + 4.0 * OPTIMIZERS[self.optimizer]
 
+    def parameter_parts(self, trainable: bool, element_size: int) -> dict:
+        """:meth:`bytes_per_parameter` split into weights (with a mixed-precision working
+        copy), gradients and optimizer states, as shares of it."""
+        total = self.bytes_per_parameter(trainable, element_size)
+        if not trainable:
+            return {"parameter": 1.0, "gradient": 0.0, "optimizer": 0.0}
+        weights_and_grads = PRECISIONS[self.precision]["param_bytes"] * element_size / 4
+        grads = element_size   # fp32 gradients (of fp32 master weights, where mixed)
+        return {"parameter": (weights_and_grads - grads) / total, "gradient": grads / total,
+                "optimizer": 4.0 * OPTIMIZERS[self.optimizer] / total}
+
 
 def axis_links(cluster, mesh) -> list:
     """The slowest link each mesh axis's groups cross (inter-node if any group spans nodes,

@@ -182,13 +182,16 @@ def propagate(prob: Problem, sharded_params: bool = False) -> dict:
 def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
                  blocks=(), cutoff: float = float("inf"), folding="ends",
                  time_limit_s: float = TIME_LIMIT_S, facts: Facts | None = None,
-                 hint=None) -> tuple:
+                 hint=None, recompute=None) -> tuple:
     """(problem, choice, cost, relaxation support or None) of the best assignment on
     ``mesh``; raises Infeasible, or Dominated when the exact program proves no plan here
     beats ``cutoff`` seconds. ``hint``: see :func:`solve`."""
     start = time.perf_counter()
     model = CostModel(cluster, mesh, training)
+    facts = facts if facts is not None else Facts()
     prob = build_problem(gm, mesh, model, pinned, blocks, folding, facts)
+    if recompute:
+        prob = recompute.apply(prob, facts)
     built = time.perf_counter()
     found, objective, greedy, shares, support = [], None, [], (), None
     pairs = prob.pair_count() if level == "full" else 0
@@ -265,18 +268,21 @@ def _named_sources(gm, input_names) -> dict:
 
 
 def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budget: float,
-                level: str, stats: dict, input_names=(), blocks=()):
-    """The best (mesh, problem, choice, cost) over candidate meshes."""
+                level: str, stats: dict, input_names=(), blocks=(), recompute=None,
+                facts: Facts | None = None):
+    """The best (mesh, problem, choice, cost) over candidate meshes, with ``recompute``
+    (:class:`~autopar.recompute.Recompute`) applied to every problem; ``facts`` may be
+    shared by searches on the same program."""
     with paused_gc():
         return _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level,
-                            stats, input_names, blocks)
+                            stats, input_names, blocks, recompute, facts)
 
 
 def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level, stats,
-                 input_names, blocks):
+                 input_names, blocks, recompute, facts):
     sources = _named_sources(gm, input_names)
     shapes = {name: tuple(n.meta["val"].shape) for name, n in sources.items()}
-    search = _Search(gm, cluster, training, budget, level, stats, blocks)
+    search = _Search(gm, cluster, training, budget, level, stats, blocks, recompute, facts)
     candidates = candidate_meshes(cluster, mesh_request)
     rank = {str(m): i for i, m in enumerate(candidates)}
     meshes = sorted(candidates, key=lambda m: _promise(m, cluster))
@@ -413,10 +419,13 @@ class _Search:
     """Plans batches of jobs whose cutoffs are fixed before each batch, so that the outcome
     of each job does not depend on the others (nor on their order)."""
 
-    def __init__(self, gm, cluster, training, budget, level, stats, blocks):
+    def __init__(self, gm, cluster, training, budget, level, stats, blocks, recompute=None,
+                 facts=None):
         self.gm, self.cluster, self.training = gm, cluster, training
         self.budget, self.level, self.stats, self.blocks = budget, level, stats, blocks
-        self.facts = Facts()   # what the problems built on this program share
+        self.recompute = recompute
+        # what the problems built on this program share
+        self.facts = facts if facts is not None else Facts()
         self.infeasible = []
 
     def run(self, jobs: list, progress) -> list:
@@ -450,7 +459,8 @@ class _Search:
             out.prob, out.choice, out.cost, out.support = plan_on_mesh(
                 self.gm, job.mesh, self.cluster, self.training, job.pinned, self.budget,
                 self.level, stats, self.blocks, cutoff=job.cutoff, folding=job.folding,
-                time_limit_s=job.time_limit_s, facts=self.facts, hint=job.hint)
+                time_limit_s=job.time_limit_s, facts=self.facts, hint=job.hint,
+                recompute=self.recompute)
             out.shares = stats["meshes"][str(job.mesh)].get("split_shares", ())
         except Dominated as e:
             out.kind, out.bound = "dominated", e.bound

@@ -105,6 +105,7 @@ class Problem:
     static_bytes: dict = field(default_factory=dict)   # node -> [bytes] (parameters)
     saved_bytes: dict = field(default_factory=dict)    # node -> [bytes] saved for backward
     out_bytes: dict = field(default_factory=dict)      # node -> [bytes] of its output
+    transient_bytes: dict = field(default_factory=dict)  # node -> [bytes] recomputed at once
     held: list = field(default_factory=list)           # [Held]: when each table counts
     outputs: list = field(default_factory=list)        # nodes returned by the graph
     weight: dict = field(default_factory=dict)         # node -> instances it stands for
@@ -137,24 +138,51 @@ class Problem:
     # -- pricing an assignment -------------------------------------------------------------
 
     def evaluate(self, choice: dict) -> Cost:
-        """The cost of ``choice`` (node -> strategy index): seconds and peak memory."""
+        """The cost of ``choice`` (node -> strategy index): seconds, peak memory and its
+        parts."""
         compute = sum(self.weight.get(n, 1) * self.node_s[n][choice[n]] for n in self.nodes)
         comm = sum(e.seconds(choice[e.src], choice.get(e.dst, 0)) for e in self.edges)
-        return Cost(compute + comm, compute, comm, self.peak_memory(choice))
+        peak, at = self._peak(choice)
+        parts = {"static_bytes": 0.0, "activations": 0.0, "transient_bytes": 0.0}
+        params = {"parameter": 0.0, "gradient": 0.0, "optimizer": 0.0}
+        for h in self.held:
+            if not h.start <= at < h.end:
+                continue
+            v = h.mult * getattr(self, h.table)[h.node][choice[h.node]]
+            if h.table == "static_bytes":
+                for part, share in self._static_parts(h.node).items():
+                    params[part] += v * share
+            else:
+                parts["transient_bytes" if h.table == "transient_bytes" else "activations"] += v
+        return Cost(compute + comm, compute, comm, peak, params["parameter"],
+                    params["gradient"], params["optimizer"], parts["activations"],
+                    parts["transient_bytes"])
+
+    def _static_parts(self, node) -> dict:
+        """How a parameter's storage splits into weights, gradients, optimizer states."""
+        val = node.meta.get("val")
+        trainable = isinstance(val, torch.Tensor) and val.requires_grad
+        elem = val.element_size() if isinstance(val, torch.Tensor) else 4
+        return self.model.training.parameter_parts(trainable, elem)
 
     def peak_memory(self, choice: dict) -> float:
         """The largest of :meth:`memory_at` over the forward pass, in one sweep."""
+        return self._peak(choice)[0]
+
+    def _peak(self, choice: dict) -> tuple:
+        """(the largest memory held, after which node position), in one sweep."""
         n = len(self.nodes)
         delta = [0.0] * (n + 1)
         for h in self.held:
             v = h.mult * getattr(self, h.table)[h.node][choice[h.node]]
             delta[h.start] += v
             delta[min(h.end, n)] -= v
-        held, peak = 0.0, 0.0
+        held, peak, at = 0.0, 0.0, 0
         for t in range(n):
             held += delta[t]
-            peak = max(peak, held)
-        return peak
+            if held > peak:
+                peak, at = held, t
+        return peak, at
 
     def memory_at(self, choice: dict, t: int) -> float:
         """Bytes held by one device just after node ``t`` runs in the forward pass."""
@@ -176,6 +204,8 @@ class Problem:
             new.options[n] = [self.options[n][i] for i in idx]
             for table in ("node_s", "static_bytes", "saved_bytes", "out_bytes"):
                 getattr(new, table)[n] = [getattr(self, table)[n][i] for i in idx]
+            if n in self.transient_bytes:
+                new.transient_bytes[n] = [self.transient_bytes[n][i] for i in idx]
         for e in self.edges:
             src_keys = [e.src_keys[i] for i in kept[e.src]]
             dst_keys = e.dst_keys if e.dst not in kept else [e.dst_keys[i] for i in kept[e.dst]]

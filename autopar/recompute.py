@@ -20,7 +20,10 @@ selective block keeps) and the user's pins; :mod:`autopar.planner` weighs the ch
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+
+import numpy as np
 
 from .cost import CONTRACTIONS
 from .errors import PlanError, closest
@@ -66,3 +69,240 @@ def _some(paths, n: int = 4) -> str:
         return "none (the program has no repeated blocks)"
     shown = ", ".join(repr(p) for p in paths[:n])
     return shown + (f" ... ({len(paths)} in all)" if len(paths) > n else "")
+
+
+# -- pricing a choice in a planning problem ---------------------------------------------------
+
+
+class Recompute:
+    """Recompute choices per block instance, applied to the tables of a planning problem
+    (:class:`~autopar.problem.Problem`) before it is solved, so that the placements are
+    chosen knowing what stays saved and what is computed twice.
+
+    In a folded problem a node stands for a run of instances; where they take different
+    choices, its tables are the mean over the run (memory and seconds are linear in them,
+    so the run's total is exact). Per instance:
+
+    - saved bytes: ``none`` as priced; ``selective`` the outputs of the ops
+      :data:`KEPT_BY_SELECTIVE` names, ``full`` nothing, and either also the block's
+      inputs from the chain of blocks (a checkpoint keeps its arguments);
+    - seconds: plus the forward of what is computed again (``full``: every op and the
+      forward collectives on the edges into them; ``selective``: the ops not kept, no
+      collective);
+    - transient: in backward a recomputed block holds its activations again for a while,
+      counted once per class at the end of the forward pass (where memory peaks).
+    """
+
+    def __init__(self, choices: dict, blocks):
+        self.choices, self.blocks = dict(choices), blocks
+
+    def __bool__(self) -> bool:
+        return any(c != "none" for c in self.choices.values())
+
+    def apply(self, prob, facts):
+        """``prob`` with its tables for these choices (a shallow copy; ``prob`` is left
+        alone, its tables are shared with other problems)."""
+        if not self:
+            return prob
+        new = copy.copy(prob)
+        for table in ("node_s", "saved_bytes", "transient_bytes"):
+            setattr(new, table, dict(getattr(prob, table)))
+        new.edges, new.held = list(prob.edges), list(prob.held)
+        for cls in self.blocks:
+            runs = _runs(prob, cls)
+            for i, run in enumerate(runs):
+                shares = _shares([self.choices.get(inst.path, "none") for inst in run])
+                if shares.get("none", 0.0) < 1.0:
+                    _price_run(new, facts, run[0], shares, transient=i == _last_recomputed(
+                        runs, self.choices))
+        return new
+
+
+def _runs(prob, cls) -> list:
+    """The instances of ``cls`` grouped by the instance standing for them in ``prob``."""
+    runs = {}
+    for inst in cls.instances:
+        head = prob.rep.get(inst.nodes[0], inst.nodes[0])
+        runs.setdefault(head, []).append(inst)
+    return list(runs.values())
+
+
+def _last_recomputed(runs, choices) -> int:
+    """The run holding the last instance recomputed: its backward comes first."""
+    last = -1
+    for i, run in enumerate(runs):
+        if any(choices.get(inst.path, "none") != "none" for inst in run):
+            last = i
+    return last
+
+
+def _shares(choices: list) -> dict:
+    out = {}
+    for c in choices:
+        out[c] = out.get(c, 0.0) + 1.0 / len(choices)
+    return out
+
+
+def _price_run(prob, facts, inst, shares: dict, transient: bool):
+    """Rewrite the tables of the nodes of ``inst`` (standing for a run) for ``shares``
+    (choice -> share of the run's instances)."""
+    inside = set(inst.nodes)
+    calls = [n for n in inst.nodes if n.op in ("call_function", "call_method")]
+    kept_inputs = _chain_input_bytes(prob, facts, inst, calls)
+    transient_of = {}
+    for n in calls:
+        op = n.meta["autopar.op"]
+        none_saved = np.asarray(prob.saved_bytes[n], dtype=float)
+        forward_s = np.asarray(prob.node_s[n], dtype=float) / (1 + _backward_factor(op))
+        saved = shares.get("none", 0.0) * none_saved
+        seconds = np.asarray(prob.node_s[n], dtype=float)
+        for choice in ("selective", "full"):
+            f = shares.get(choice, 0.0)
+            if not f:
+                continue
+            keeps = choice == "selective" and op in KEPT_BY_SELECTIVE
+            mine = np.asarray(prob.out_bytes[n], dtype=float) if keeps else 0.0
+            mine = mine + kept_inputs.get(n, 0.0)
+            saved = saved + f * mine
+            if not keeps:
+                seconds = seconds + f * forward_s
+            transient_of[n] = np.maximum(none_saved - mine, 0.0)
+        prob.saved_bytes[n] = np.broadcast_to(saved, (len(prob.options[n]),)).tolist()
+        prob.node_s[n] = seconds.tolist()
+    full = shares.get("full", 0.0)
+    if full:
+        for i, e in enumerate(prob.edges):
+            if e.dst in inside:
+                e = prob.edges[i] = copy.copy(e)   # (keeps its distinct keys)
+                e.cost = _PlusForward(e.cost, prob.prices, full)
+    if transient:
+        from .problem import _ALWAYS, Held
+        end = len(prob.nodes) - 1
+        for n, table in transient_of.items():
+            prob.transient_bytes[n] = table.tolist()
+            prob.held.append(Held(n, "transient_bytes", end, _ALWAYS, 1))
+
+
+def _chain_input_bytes(prob, facts, inst, calls) -> dict:
+    """Per reader inside ``inst``: the bytes (per strategy) of the block inputs it reads
+    first that a checkpoint keeps for the instance: activations (values a gradient flows
+    into, made by ops), in the layout that reader needs them."""
+    first_reader = {}
+    inside = set(inst.nodes)
+    for n in calls:
+        for slot, src in enumerate(facts.of(n)[0]):
+            if src not in inside and src not in first_reader and src.op in (
+                    "call_function", "call_method") and facts.of(src)[2]:
+                first_reader[src] = (n, slot)
+    out = {}
+    share = prob.prices.fractions()
+    for src, (n, slot) in first_reader.items():
+        _, needs = prob.prices.id_arrays(prob.options[n])
+        num_bytes = facts.of(src)[1] * prob.model.activation_scale
+        out[n] = out.get(n, 0.0) + num_bytes * share[needs[:, slot]]
+    return out
+
+
+def _backward_factor(op: str) -> float:
+    from .cost import BACKWARD_FACTOR_CONTRACTION, BACKWARD_FACTOR_OTHER
+    return BACKWARD_FACTOR_CONTRACTION if op in CONTRACTIONS else BACKWARD_FACTOR_OTHER
+
+
+class _PlusForward:
+    """An edge's costs plus ``share`` times its forward collectives again (the edge into an
+    op recomputed in backward moves its value again; gradient sums do not repeat)."""
+
+    def __init__(self, priced, prices, share: float):
+        self.priced, self.prices, self.share = priced, prices, share
+        self.forbids = priced.forbids
+        self.num_bytes, self.grad, self.param = priced.num_bytes, priced.grad, priced.param
+
+    def __getitem__(self, key) -> float:
+        a, (need, _) = key
+        return self.priced[key] + self.share * float(self._forward((a,), ((need, ()),))[0, 0])
+
+    def matrix(self, src_keys: list, dst_keys: list) -> np.ndarray:
+        return self.priced.matrix(src_keys, dst_keys) + self.share * self._forward(
+            tuple(src_keys), tuple(dst_keys))
+
+    def _forward(self, srcs: tuple, dsts: tuple) -> np.ndarray:
+        paths, _ = self.prices.moves.block(srcs, tuple((need, ()) for need, _ in dsts))
+        fixed, per_byte = self.prices.path_lines(False)
+        return fixed[paths] + per_byte[paths] * self.num_bytes
+
+
+# -- the search ---------------------------------------------------------------------------------
+
+# A plan whose peak memory is within this share of the budget is taken to be bound by it:
+# recomputation may then buy a faster placement, and is tried.
+BINDS = 0.95
+# Where recomputing every free block fits, the share of them recomputed is cut in halves this
+# many times on the chosen mesh (the rest take the next cheaper choice), while it still fits.
+MIX_STEPS = 2
+
+
+def choose_recompute(plan_with, blocks, pins: dict, budget: float) -> tuple:
+    """The fastest plan over recompute choices: ``plan_with(recompute, mesh=None)`` plans
+    (mesh, problem, choice, cost) for a :class:`Recompute` (on one mesh where given) or
+    raises PlanError. Returns those and the choice per block path.
+
+    Only where memory binds: no recomputation first (pinned blocks keep their pins); where
+    that plan is within :data:`BINDS` of the budget or none fits, every free block selective,
+    then full; the fastest that fits is refined by recomputing fewer blocks on its mesh."""
+    from .errors import PlanError
+    paths = block_paths(blocks)
+    free = [p for p in paths if p not in pins]
+
+    def config(choice, strong=None, count=0):
+        chosen = {p: choice for p in free}
+        if strong is not None:
+            chosen.update({p: strong for p in free[:count]})
+        return {p: pins.get(p, chosen.get(p, "none")) for p in paths}
+
+    tried, error = [], None
+
+    def attempt(choices, mesh=None):
+        nonlocal error
+        try:
+            found = plan_with(Recompute(choices, blocks), mesh)
+        except PlanError as e:
+            if mesh is None:
+                error = e if not error or "full" in choices.values() else error
+            return None
+        tried.append((found[3].total_s, len(tried), found, choices))
+        return found
+
+    base = attempt(config("none"))
+    if not free or base is not None and base[3].memory_bytes_per_device < BINDS * budget:
+        if base is None:
+            raise error
+        return (*base, config("none"))
+    weaker = "none"
+    for choice in ("selective", "full"):
+        if attempt(config(choice)) is not None and len(tried) > (base is not None):
+            break   # a choice that fits: a stronger one only costs more time
+        weaker = choice
+    if not tried:
+        raise PlanError(f"{error} (even with every block not pinned otherwise recomputed in "
+                        "full)") from None
+    _, _, found, choices = min(tried)
+    strong = next((c for c in ("full", "selective") if c in choices.values()), None)
+    if strong is not None and strong != weaker and len(free) > 1:
+        _mix(attempt, found, config, weaker, strong, len(free))
+    _, _, found, choices = min(tried)
+    return (*found, choices)
+
+
+def _mix(attempt, found, config, weaker, strong, n_free: int):
+    """Recompute ``strong`` on fewer of the free blocks (the first ones), the others taking
+    ``weaker``, on the mesh of ``found``: halving the count while a plan still fits."""
+    mesh = found[0].as_dict()
+    low, high = 0, n_free          # high: a count known to fit
+    for _ in range(MIX_STEPS):
+        mid = (low + high) // 2
+        if mid in (low, high):
+            break
+        if attempt(config(weaker, strong, mid), mesh) is not None:
+            high = mid
+        else:
+            low = mid

@@ -6,7 +6,8 @@ from autopar.cost import Training
 from autopar.graph_utils import module_path
 from autopar.planner import choose_plan
 from autopar.plans import Plan
-from autopar.recompute import block_paths, resolve_recompute
+from autopar.prices import Facts
+from autopar.recompute import block_paths, choose_recompute, resolve_recompute
 from autopar.rules import tensor_inputs
 
 
@@ -20,10 +21,16 @@ def assign_layouts(gm, ctx):
     budget = ctx.memory_budget_bytes
     if budget is None:
         budget = min(d.memory_bytes for d in ctx.cluster.devices())
-    mesh, prob, choice, cost = choose_plan(gm, ctx.cluster, ctx.mesh_request, ctx.constraints,
-                                           training, budget, ctx.level, ctx.stats,
-                                           ctx.input_names,
-                                           getattr(ctx, "blocks", []) if ctx.fold else [])
+    blocks = getattr(ctx, "blocks", [])
+    pins = resolve_recompute(ctx.recompute_request, block_paths(blocks))
+    facts = Facts()   # shared by the searches over recompute choices
+
+    def plan_with(recompute, mesh=None):
+        return choose_plan(gm, ctx.cluster, mesh or ctx.mesh_request, ctx.constraints,
+                           training, budget, ctx.level, ctx.stats, ctx.input_names,
+                           blocks if ctx.fold else [], recompute=recompute, facts=facts)
+
+    mesh, prob, choice, cost, recompute = choose_recompute(plan_with, blocks, pins, budget)
     ctx.mesh = mesh
     comm = _comm_per_node(gm, prob, choice)
     placements, inputs, nodes = {}, {}, {}
@@ -45,8 +52,6 @@ def assign_layouts(gm, ctx):
                              "output": s.output, "module": module_path(n),
                              "compute_s": prob.node_s[r][c], "comm_s": comm.get(n, 0.0),
                              "memory_bytes": prob.saved_bytes[r][c]}
-    paths = block_paths(getattr(ctx, "blocks", []))
-    recompute = dict.fromkeys(paths, "none") | resolve_recompute(ctx.recompute_request, paths)
     ctx.plan = Plan(mesh=mesh.as_dict(), placements=placements, inputs=inputs, nodes=nodes,
                     cost=cost, stats=ctx.stats, cluster=str(ctx.cluster), recompute=recompute,
                     micro_batches=ctx.micro_batches_request or 1)
