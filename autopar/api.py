@@ -35,12 +35,24 @@ def _check_cluster(cluster):
                         "use Cluster.preset('dgx-a100'), Cluster.local(4) or Cluster.load(path)")
 
 
+def _passes(program: bool) -> list:
+    """The passes of a plan (with ``program``, of the rank program too): the analysis, the
+    split into micro-batches right after ``simplify_graph`` (sizes are constants from then
+    on, and the blocks are folded at the micro-batch's shapes), then planning."""
+    from autopar.passes import ANALYSIS, PIPELINE, assign_layouts, simplify_graph
+    from .microbatch import split_micro_batches
+    passes = list(PIPELINE if program else ANALYSIS + [assign_layouts])
+    passes.insert(passes.index(simplify_graph) + 1, split_micro_batches)
+    return passes
+
+
 def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
           precision, optimizer, fold=True, program=True, recompute=None, micro_batches=None):
     """Capture and plan ``model``; with ``program`` also generate the rank program (the
-    plan alone does not need it)."""
-    from autopar.passes import ANALYSIS, PIPELINE, assign_layouts, run_passes
-    passes = PIPELINE if program else ANALYSIS + [assign_layouts]
+    plan alone does not need it). With ``micro_batches`` m > 1 what is planned is the
+    program of one micro-batch (``ctx.micro`` says how a step runs it)."""
+    from autopar.passes import run_passes
+    passes = _passes(program)
     _check_cluster(cluster)
     if level not in ("fast", "full"):
         raise PlanError(f"level={level!r}: choose 'fast' (propagation) or 'full' (exact)")
@@ -73,6 +85,34 @@ def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budge
     ctx.stats["fallback_ops"] = sorted({u[0] for u in ctx.unsupported})
     ctx.stats["seconds"]["total"] = time.perf_counter() - start
     return captured, ctx
+
+
+def plan_micro_batches(model, cluster, example_inputs, micro_batches: int, *, program=True,
+                       mesh=None, constraints=None, level="full", memory_budget_bytes=None,
+                       precision="fp32", optimizer="adamw", fold=True, recompute=None):
+    """Capture ``model`` on ``example_inputs`` (the global batch) and plan it to run as
+    ``micro_batches`` micro-batches: the planned program is one micro-batch's.
+
+    Returns ``(captured, ctx)``: ``ctx.plan`` (with ``plan.micro_batches``), with ``program``
+    also ``ctx.program``, and ``ctx.micro`` (:class:`autopar.microbatch.MicroBatches`, None
+    for 1). A search over the micro-batch count prices ``ctx.plan.cost`` per candidate
+    (``program=False`` skips code generation) and builds the module of the one it keeps with
+    :func:`parallel_module`.
+    """
+    return _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
+                 precision, optimizer, fold, program=program, recompute=recompute,
+                 micro_batches=micro_batches)
+
+
+def parallel_module(model, captured, ctx, simulate: bool):
+    """The ParallelModule of a plan made by :func:`plan_micro_batches` (with ``program``)."""
+    from .runtime.module import ParallelModule
+    source = _source_tensors(model, captured)
+    if any(t.device.type == "meta" for t in source.values()):
+        raise PlanError("the model's parameters are on the meta device: autopar.plan() plans "
+                        "it, but to run it materialize the parameters first (to_empty + init)")
+    return ParallelModule(captured, ctx.plan, ctx.program, source, simulate,
+                          micro=getattr(ctx, "micro", None))
 
 
 def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, level="full",
@@ -115,15 +155,10 @@ def _source_tensors(model, captured) -> dict:
 def _compile_now(model, cluster, example_inputs, simulate, mesh, constraints, level,
                  memory_budget_bytes, precision, optimizer, fold, recompute=None,
                  micro_batches=None):
-    from .runtime.module import ParallelModule
     captured, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level,
                           memory_budget_bytes, precision, optimizer, fold,
                           recompute=recompute, micro_batches=micro_batches)
-    if any(t.device.type == "meta" for t in _source_tensors(model, captured).values()):
-        raise PlanError("the model's parameters are on the meta device: autopar.plan() plans "
-                        "it, but to run it materialize the parameters first (to_empty + init)")
-    return ParallelModule(captured, ctx.plan, ctx.program, _source_tensors(model, captured),
-                          simulate)
+    return parallel_module(model, captured, ctx, simulate)
 
 
 def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, mesh=None,
@@ -151,8 +186,12 @@ def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, me
         every block, or a dict of globs over block paths to choices (``{"layers.*":
         "full"}``); blocks not named are the planner's choice (see ``plan.recompute``).
     micro_batches: run the global batch (the example inputs) as this many micro-batches
-        whose gradients add up before one optimizer step; by default the planner picks it
-        where memory binds. ``pm.step(*inputs)`` runs a whole step.
+        (splitting dim 0 of the inputs) whose gradients add up before one optimizer step;
+        by default the planner picks it where memory binds. ``pm.step(*inputs)`` runs a
+        whole step (forward and backward of every micro-batch) and returns the loss;
+        ``pm(*inputs)`` computes the full batch's outputs, every micro-batch's activations
+        held until ``backward()``. A step that does not split exactly (an op needing a
+        batch sum whole on a value that requires grad) is refused with a PlanError.
     """
     opts = dict(simulate=simulate, mesh=mesh, constraints=constraints, level=level,
                 memory_budget_bytes=memory_budget_bytes, precision=precision,
@@ -209,6 +248,14 @@ class LazyParallel(torch.nn.Module):
                      for x in leaves)
 
     def forward(self, *args, **kwargs):
+        return self._module_for(args, kwargs)(*args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        """Forward and backward of a whole step (see ``ParallelModule.step``); the first
+        call plans, as a first forward does."""
+        return self._module_for(args, kwargs).step(*args, **kwargs)
+
+    def _module_for(self, args, kwargs):
         key = self._key(args, kwargs)
         if key not in self._compiled:
             if self._compiled and isinstance(self._target, torch.nn.Module):
@@ -221,7 +268,7 @@ class LazyParallel(torch.nn.Module):
             pm = _compile_now(self._target, self._cluster, ex, **self._opts)
             self._compiled[key] = pm
             self.add_module(f"compiled_{len(self._compiled)}", pm)
-        return self._compiled[key](*args, **kwargs)
+        return self._compiled[key]
 
     @property
     def parallel_module(self):
@@ -238,7 +285,7 @@ class LazyParallel(torch.nn.Module):
 
     def __getattr__(self, name):
         if name in ("plan", "code", "rank_program", "full_state_dict", "full_grad_dict",
-                    "load_full_state_dict", "step"):
+                    "load_full_state_dict"):
             return getattr(self.parallel_module, name)
         return super().__getattr__(name)
 
@@ -286,4 +333,4 @@ def examine(model, example_inputs=None) -> Examination:
 
 
 __all__ = ["compile", "plan", "examine", "Examination", "LazyParallel",
-           "normalize_example_inputs"]
+           "normalize_example_inputs", "plan_micro_batches", "parallel_module"]

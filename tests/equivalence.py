@@ -102,3 +102,68 @@ class Whole:
 def twin(model):
     """An independent copy, so the parallel module and the reference start equal."""
     return copy.deepcopy(model)
+
+
+ADAMW = dict(lr=1e-3, weight_decay=0.01, eps=1e-5)  # eps: see check_training
+
+
+def count_launches(pm) -> list:
+    """Make ``pm``'s bucketed gradient sync count its all-reduce launches (one per bucket)
+    into the returned list's single entry; a list of 0 where it has no sync."""
+    count = [0]
+    sync = pm._grad_sync
+    if sync is not None:
+        launch = sync._launch
+
+        def counted(*args):
+            count[0] += 1
+            return launch(*args)
+
+        sync._launch = counted
+    return count
+
+
+def check_steps(pm, ref: torch.nn.Module, batches, kwargs=None):
+    """``loss = pm.step(*batch)`` against the single-device model, one AdamW step per batch:
+    the loss and every gradient after each step's backward, every parameter after each
+    optimizer step. Returns (worst relative error, gradient all-reduce launches per step)."""
+    kwargs = kwargs or {}
+    worst, launches = 0.0, []
+    count = count_launches(pm)
+    opt, ref_opt = torch.optim.AdamW(pm.parameters(), **ADAMW), \
+        torch.optim.AdamW(ref.parameters(), **ADAMW)
+    for i, batch in enumerate(batches):
+        before = count[0]
+        loss = pm.step(*batch, **kwargs)
+        launches.append(count[0] - before)
+        assert not loss.requires_grad, f"step {i}: pm.step returned a loss with autograd"
+        want = loss_of(ref(*batch, **kwargs))
+        want.backward()
+        worst = max(worst, assert_close(loss, want.detach(), f"step {i} loss"))
+        grads = pm.full_grad_dict()
+        floor = GRAD_FLOOR * max(p.grad.abs().max().item() for p in ref.parameters()
+                                 if p.grad is not None)
+        for fqn, p in ref.named_parameters():
+            if p.grad is not None:
+                worst = max(worst, assert_close(grads[fqn], p.grad, f"step {i} grad {fqn}",
+                                                floor))
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        state = pm.full_state_dict()
+        floor = GRAD_FLOOR * max(p.detach().abs().max().item() for p in ref.parameters())
+        for fqn, p in ref.named_parameters():
+            worst = max(worst, assert_close(state[fqn], p, f"step {i}: parameter {fqn}",
+                                            floor))
+    return worst, launches
+
+
+def uneven_targets(targets: torch.Tensor, micro_batches: int, ignore_index: int = -100):
+    """A copy of ``targets`` with most tokens of the first micro-batch ignored and one of the
+    last: a mean per micro-batch would weigh them wrongly."""
+    out = targets.clone()
+    rows = out.shape[0] // micro_batches
+    out[:rows, 1:] = ignore_index
+    out[-1, 0] = ignore_index
+    return out

@@ -1,14 +1,20 @@
-"""Gradient sums of parameters, once per backward, in buckets overlapped with backward.
+"""Gradient sums of parameters, once per step, in buckets overlapped with backward.
 
 When every use of a replicated parameter sums its gradient over the same mesh axes (data
 parallel), the sum runs on the parameter's whole gradient instead of once per use: a hook
 collects each gradient as autograd produces it, full buckets are all-reduced asynchronously
-while backward goes on, and when backward ends the summed gradients replace this backward's
-local contribution (so gradient accumulation over several backwards stays exact).
+while backward goes on, and when backward ends the summed gradients replace the local
+contribution (so gradient accumulation over several backwards stays exact).
+
+A step of several micro-batches runs its backwards but the last inside :meth:`deferred`:
+their contributions are held, and the last backward sums each parameter's held
+contributions with its own, so a step all-reduces each bucket once, not once per
+micro-batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -28,10 +34,37 @@ def at_end_of_backward(callback) -> None:
 
 
 class _Sync:
-    """Collects (parameter, this backward's gradient) pairs per set of axes."""
+    """Collects (parameter, this step's local gradient) pairs per set of axes."""
 
     def __init__(self):
         self._queued = False
+        self._deferring = False
+        self.held = {}  # key -> local contribution of the deferred backwards so far
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Backwards run inside hold their local contributions instead of summing them;
+        the next backward outside sums those with its own."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+
+    def _hold(self, key, g) -> bool:
+        """Inside :meth:`deferred`, add ``g`` to what ``key`` holds (a copy: autograd may
+        make the first contribution the parameter's ``.grad`` and add into it in place)."""
+        if not self._deferring:
+            return False
+        with torch.no_grad():
+            self.held[key] = g.detach().clone() if key not in self.held \
+                else self.held[key] + g
+        return True
+
+    def _with_held(self, key, g):
+        """``g`` plus what earlier backwards of this step held for ``key``."""
+        held = self.held.pop(key, None)
+        return g.detach() if held is None else held + g.detach()
 
     def _first_of_backward(self):
         if not self._queued:
@@ -51,12 +84,19 @@ class DistributedGradSync(_Sync):
         super().__init__()
         self.mesh = device_mesh
         self.pending, self.pending_bytes, self.launched = {}, {}, []
+        self.params = {name: (p, tuple(axes)) for name, (p, axes) in params.items()}
         for name, (p, axes) in params.items():
-            p.register_hook(functools.partial(self._on_grad, p, tuple(axes)))
+            p.register_hook(functools.partial(self._on_grad, name))
 
-    def _on_grad(self, p, axes, g):
+    def _on_grad(self, name, g):
+        if self._hold(name, g):
+            return
         self._first_of_backward()
-        self.pending.setdefault(axes, []).append((p, g.detach()))
+        self._add(name, self._with_held(name, g))
+
+    def _add(self, name, g):
+        p, axes = self.params[name]
+        self.pending.setdefault(axes, []).append((p, g))
         self.pending_bytes[axes] = self.pending_bytes.get(axes, 0) + g.numel() * g.element_size()
         if self.pending_bytes[axes] >= BUCKET_BYTES:
             self._launch(axes)
@@ -69,6 +109,8 @@ class DistributedGradSync(_Sync):
         self.launched.append((axes, work, flat, items))
 
     def finish(self):
+        for name in list(self.held):  # held by earlier backwards, not reached by the last
+            self._add(name, self.held.pop(name))
         for axes in list(self.pending):
             self._launch(axes)
         for axes, work, flat, items in self.launched:
@@ -80,7 +122,8 @@ class DistributedGradSync(_Sync):
 
 
 class SimulatedGradSync(_Sync):
-    """The same sums over every rank's copy, inside one process."""
+    """The same sums over every rank's copy, inside one process, in the same buckets (one
+    :meth:`_launch` per bucket, as the distributed sync launches one all-reduce)."""
 
     def __init__(self, params: dict, mesh):
         """``params``: name -> (per-rank parameters, axis names)."""
@@ -93,22 +136,45 @@ class SimulatedGradSync(_Sync):
                 p.register_hook(functools.partial(self._on_grad, name, r))
 
     def _on_grad(self, name, rank, g):
+        if self._hold((name, rank), g):
+            return
         self._first_of_backward()
-        self.got.setdefault(name, {})[rank] = g.detach()
+        self.got.setdefault(name, {})[rank] = self._with_held((name, rank), g)
 
     def finish(self):
-        with torch.no_grad():
-            for name, local in self.got.items():
-                per_rank, axes = self.params[name]
-                summed = dict(local)
-                for axis in axes:
-                    for group in self.mesh.groups(self.mesh.names.index(axis)):
-                        total = sum(summed[r] for r in group)
-                        for r in group:
-                            summed[r] = total
-                for r, g in local.items():
-                    per_rank[r].grad.add_(summed[r] - g)
+        for name, rank in list(self.held):
+            self.got.setdefault(name, {})[rank] = self.held.pop((name, rank))
+        for axes, names in self._buckets():
+            self._launch(axes, names)
         self.got = {}
+
+    def _buckets(self) -> list:
+        """(axes, names) per bucket: names in the order their gradients came, cut where a
+        bucket reaches BUCKET_BYTES (rank 0's sizes, as every rank's are equal)."""
+        out, open_ = [], {}
+        for name, local in self.got.items():
+            axes = tuple(self.params[name][1])
+            names, size = open_.setdefault(axes, ([], [0]))
+            g = next(iter(local.values()))
+            names.append(name)
+            size[0] += g.numel() * g.element_size()
+            if size[0] >= BUCKET_BYTES:
+                out.append((axes, open_.pop(axes)[0]))
+        return out + [(axes, names) for axes, (names, _) in open_.items()]
+
+    def _launch(self, axes, names):
+        with torch.no_grad():
+            local = {r: torch.cat([self.got[n][r].reshape(-1) for n in names])
+                     for r in self.got[names[0]]}
+            summed = dict(local)
+            for axis in axes:
+                for group in self.mesh.groups(self.mesh.names.index(axis)):
+                    total = sum(summed[r] for r in group)
+                    for r in group:
+                        summed[r] = total
+            for r, flat in local.items():
+                per_rank = [(self.params[n][0][r], self.got[n][r]) for n in names]
+                _replace_contributions(per_rank, summed[r])
 
 
 def _replace_contributions(items, flat):

@@ -4,10 +4,17 @@ In simulated mode it holds every rank's shards and runs all ranks together; in d
 mode (one process per rank under torchrun) it holds this rank's shards and runs collectives
 over a DeviceMesh. Its ``parameters()`` are the local shards, so any torch.optim optimizer
 works unchanged.
+
+A plan of m > 1 micro-batches runs the program of one micro-batch m times per step
+(:mod:`autopar.microbatch`): ``step`` runs each micro-batch's forward and backward in turn,
+freeing its activations before the next, with one gradient sum per bucket per step;
+calling the module runs them all and returns the full batch's outputs, whose ``backward()``
+gives the same gradients but holds every micro-batch's activations until then.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -35,10 +42,11 @@ def shard_tensor(full: torch.Tensor, layout, mesh: Mesh, coord) -> torch.Tensor:
 class ParallelModule(torch.nn.Module):
     """The distributed program of one planned model (see :func:`autopar.compile`)."""
 
-    def __init__(self, captured, plan, program, source, simulate: bool):
+    def __init__(self, captured, plan, program, source, simulate: bool, micro=None):
         super().__init__()
         self.plan = plan
         self.simulate = simulate
+        self._micro = micro  # autopar.microbatch.MicroBatches, None for one micro-batch
         self._captured = captured
         self._program = program
         self._mesh = program.mesh
@@ -94,24 +102,76 @@ class ParallelModule(torch.nn.Module):
     # -- running --------------------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
+        """The full batch's outputs, as one device computes them (with autograd)."""
         inputs = self._captured.flatten_inputs(args, kwargs)
-        self._check_inputs(inputs)
-        if self.simulate:
-            outs = run_replicated(list(self.ranks), self._mesh, inputs)
+        if self._micro is None:
+            outs = self._run(inputs)
         else:
-            C.set_active_mesh(self._device_mesh)
-            device = _device_of(self._device_mesh)
-            outs = self.program(*[x.to(device) for x in inputs])
+            self._check_inputs(inputs, self._micro.full_shapes)
+            outs = self._micro.combine([self._run(mine)
+                                        for mine in self._micro.program_inputs(inputs)])
         return self._captured.unflatten_outputs(list(outs), inputs)
 
-    def _check_inputs(self, inputs):
-        for x, (name, shape, dtype, grad) in zip(inputs, self._program.input_shapes):
+    def step(self, *args, **kwargs) -> torch.Tensor:
+        """Forward and backward of a whole step on the global batch: every micro-batch in
+        turn, gradients added into ``.grad`` (summed over ranks once per step). Returns the
+        loss one device computes for the batch (detached): the model's first floating-point
+        scalar output."""
+        inputs = self._captured.flatten_inputs(args, kwargs)
+        if self._micro is None:
+            outs = self._run(inputs)
+            loss = outs[self._loss_index(outs)]
+            loss.backward()
+            return loss.detach()
+        self._check_inputs(inputs, self._micro.full_shapes)
+        per_micro = self._micro.program_inputs(inputs)
+        parts = []
+        for k, mine in enumerate(per_micro):
+            outs = self._run(mine)
+            i = self._loss_index(outs)
+            once = self._micro.outputs[i][0] == "first"  # independent of the batch
+            with self._deferred_sync(not once and k < len(per_micro) - 1):
+                outs[i].backward()
+            parts.append(outs[i].detach())
+            if once:
+                break
+        return sum(parts[1:], parts[0])
+
+    def _deferred_sync(self, defer: bool):
+        if defer and self._grad_sync is not None:
+            return self._grad_sync.deferred()
+        return contextlib.nullcontext()
+
+    def _loss_index(self, outs) -> int:
+        """The graph output that is the loss: the first floating-point scalar the model
+        returns."""
+        for kind, i in self._captured.output_leaves:
+            if kind == "out" and isinstance(outs[i], torch.Tensor) and outs[i].dim() == 0 \
+                    and outs[i].is_floating_point():
+                return i
+        shapes = [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)]
+        raise PlanError(f"step() needs the model to return its loss, a floating-point scalar; "
+                        f"its outputs have shapes {shapes}: return the loss, or call the "
+                        "module and backward() yourself")
+
+    def _run(self, inputs) -> list:
+        """The program's flat outputs on program inputs (one micro-batch's, where split)."""
+        self._check_inputs(inputs, self._program.input_shapes)
+        if self.simulate:
+            return list(run_replicated(list(self.ranks), self._mesh, inputs))
+        C.set_active_mesh(self._device_mesh)
+        device = _device_of(self._device_mesh)
+        return list(self.program(*[x.to(device) for x in inputs]))
+
+    def _check_inputs(self, inputs, planned):
+        """``planned``: (name, shape, dtype[, requires grad]) per input."""
+        for x, (name, shape, dtype, *grad) in zip(inputs, planned):
             if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape or x.dtype != dtype:
                 got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
                 raise InputError(f"input {name!r}: planned for shape {shape} {dtype}, got "
                                  f"{got}; call with the example's shapes or compile again "
                                  "with example_inputs of the new shape")
-            if x.requires_grad and not grad:
+            if x.requires_grad and grad and not grad[0]:
                 raise InputError(f"input {name!r} requires grad but was planned without: its "
                                  "gradient would miss the sums over split work; give an "
                                  "example input with requires_grad=True")
