@@ -77,10 +77,14 @@ PRECISIONS = {
 
 @dataclass(frozen=True)
 class Training:
-    """What a training step holds and computes: precision and optimizer."""
+    """What a training step holds and computes: precision and optimizer, and how many
+    micro-batches the step runs (the program priced is one micro-batch's: its forward and
+    backward run that many times, the optimizer step and the bucketed gradient sums of
+    parameters once)."""
 
     precision: str = "fp32"
     optimizer: str = "adamw"
+    micro_batches: int = 1
 
     def __post_init__(self):
         from .errors import PlanError
@@ -143,6 +147,7 @@ class CostModel:
         self.op_overhead_s = max(getattr(d, "op_overhead_s", None) or KERNEL_LAUNCH_S
                                  for d in devices)
         self.activation_scale = PRECISIONS[training.precision]["activation_scale"]
+        self.micro_batches = training.micro_batches
         self._moves, self._lines = {}, {}
 
     # -- compute -------------------------------------------------------------------------------
@@ -168,7 +173,7 @@ class CostModel:
         fwd = np.maximum(flops / split / self.peak_flops,   # (split may be an array)
                          num_bytes * self.activation_scale / split / self.memory_bandwidth)
         factor = BACKWARD_FACTOR_CONTRACTION if op in CONTRACTIONS else BACKWARD_FACTOR_OTHER
-        return fwd * (1 + factor) + self.op_overhead_s
+        return (fwd * (1 + factor) + self.op_overhead_s) * self.micro_batches
 
     def optimizer_s(self, num_bytes_local: float, trainable: bool, element_size: int) -> float:
         """The optimizer step over one parameter's local shard: streaming its state."""
@@ -225,7 +230,7 @@ class CostModel:
             split = math.prod(self.mesh.shape[a] for a in split_axes)
             fixed += times * at0
             per_byte += times * slope / split * self.activation_scale
-        return fixed, per_byte
+        return fixed * self.micro_batches, per_byte * self.micro_batches
 
     def _collective_line(self, kind: str, axis: int) -> tuple:
         """(seconds at zero bytes, seconds per byte) of one collective on ``axis``."""
@@ -244,8 +249,11 @@ class CostModel:
         summed with others in buckets of BUCKET_BYTES (its share of one latency)."""
         num_bytes *= self.activation_scale
         full = _local(num_bytes, list(layout), self.mesh, axis)
-        share = min(1.0, full / BUCKET_BYTES) if bucketed and not fused else 1.0
-        return self.collective_s("reduce_scatter" if fused else "all_reduce", axis, full, share)
+        once = bucketed and not fused   # after the last micro-batch's backward
+        share = min(1.0, full / BUCKET_BYTES) if once else 1.0
+        runs = 1 if once else self.micro_batches
+        return runs * self.collective_s("reduce_scatter" if fused else "all_reduce", axis,
+                                        full, share)
 
 
 _PROBE_BYTES = float(1 << 30)

@@ -113,7 +113,8 @@ class Plan:
                 table.add_row(f"(input) {name}", format_layout(layout))
         else:
             first = ["node", "op", "inputs", "output"] if per == "op" else ["block", "ops",
-                                                                            "outputs"]
+                                                                            "outputs",
+                                                                            "recompute"]
             for col in first:
                 table.add_column(col)
             for col in ("compute", "communication", "saved memory"):
@@ -130,7 +131,23 @@ class Plan:
         console.print(f"predicted step {_seconds(c.total_s)} (compute {_seconds(c.compute_s)}, "
                       f"communication {_seconds(c.comm_s)}); peak memory per device "
                       f"{format_bytes(c.memory_bytes_per_device)}")
+        console.print(self._memory_line())
+        if self.micro_batches > 1:
+            console.print(f"micro-batches: {self.micro_batches} per step, gradients summed "
+                          "before one optimizer step")
+        if self.recompute:
+            console.print("recompute: " + "; ".join(
+                f"{_span(paths)} {choice}" for choice, paths in _runs_of(self.recompute)))
         return buf.getvalue()
+
+    def _memory_line(self) -> str:
+        c = self.cost
+        parts = (("parameters", c.parameter_bytes), ("gradients", c.gradient_bytes),
+                 ("optimizer", c.optimizer_bytes), ("activations", c.activation_bytes),
+                 ("recompute transient", c.transient_bytes))
+        return "memory per device at the peak: " + ", ".join(
+            f"{name} {format_bytes(v)}" for name, v in parts if v or name != "recompute "
+            "transient")
 
     def _op_rows(self):
         for name, v in self.nodes.items():
@@ -148,10 +165,27 @@ class Plan:
             b[3] += v.get("comm_s", 0.0)
             b[4] += v.get("memory_bytes", 0.0)
         for name, (ops, outs, comp, comm, mem) in blocks.items():
-            yield (name or "(top level)", str(ops), " ".join(sorted(outs)), comp, comm, mem)
+            yield (name or "(top level)", str(ops), " ".join(sorted(outs)),
+                   self.recompute.get(name, "-"), comp, comm, mem)
 
     def __str__(self) -> str:
         return self.explain()
+
+
+def _runs_of(recompute: dict) -> list:
+    """(choice, block paths) for each run of consecutive blocks taking one choice."""
+    out = []
+    for path, choice in recompute.items():
+        if out and out[-1][0] == choice:
+            out[-1][1].append(path)
+        else:
+            out.append((choice, [path]))
+    return out
+
+
+def _span(paths: list) -> str:
+    """``['h.0', 'h.1', 'h.2']`` -> ``'h.0-h.2'``."""
+    return paths[0] if len(paths) == 1 else f"{paths[0]}-{paths[-1]} ({len(paths)} blocks)"
 
 
 def format_bytes(n: float) -> str:

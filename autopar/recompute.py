@@ -110,11 +110,11 @@ class Recompute:
         new.edges, new.held = list(prob.edges), list(prob.held)
         for cls in self.blocks:
             runs = _runs(prob, cls)
+            last = _last_recomputed(runs, self.choices)
             for i, run in enumerate(runs):
-                shares = _shares([self.choices.get(inst.path, "none") for inst in run])
-                if shares.get("none", 0.0) < 1.0:
-                    _price_run(new, facts, run[0], shares, transient=i == _last_recomputed(
-                        runs, self.choices))
+                picked = [self.choices.get(inst.path, "none") for inst in run]
+                if any(c != "none" for c in picked):
+                    _price_run(new, facts, run, picked, transient=i == last)
         return new
 
 
@@ -143,13 +143,13 @@ def _shares(choices: list) -> dict:
     return out
 
 
-def _price_run(prob, facts, inst, shares: dict, transient: bool):
-    """Rewrite the tables of the nodes of ``inst`` (standing for a run) for ``shares``
-    (choice -> share of the run's instances)."""
-    inside = set(inst.nodes)
+def _price_run(prob, facts, run: list, picked: list, transient: bool):
+    """Rewrite the tables of the nodes standing for ``run`` (instances of one block, the
+    first in the problem) for the choices ``picked`` for them."""
+    inst, shares = run[0], _shares(picked)
     calls = [n for n in inst.nodes if n.op in ("call_function", "call_method")]
     kept_inputs = _chain_input_bytes(prob, facts, inst, calls)
-    transient_of = {}
+    last = next(c for c in reversed(picked) if c != "none")   # its backward comes first
     for n in calls:
         op = n.meta["autopar.op"]
         none_saved = np.asarray(prob.saved_bytes[n], dtype=float)
@@ -166,21 +166,38 @@ def _price_run(prob, facts, inst, shares: dict, transient: bool):
             saved = saved + f * mine
             if not keeps:
                 seconds = seconds + f * forward_s
-            transient_of[n] = np.maximum(none_saved - mine, 0.0)
+            if transient and choice == last:
+                prob.transient_bytes[n] = np.broadcast_to(
+                    np.maximum(none_saved - mine, 0.0), (len(prob.options[n]),)).tolist()
         prob.saved_bytes[n] = np.broadcast_to(saved, (len(prob.options[n]),)).tolist()
         prob.node_s[n] = seconds.tolist()
-    full = shares.get("full", 0.0)
-    if full:
-        for i, e in enumerate(prob.edges):
-            if e.dst in inside:
-                e = prob.edges[i] = copy.copy(e)   # (keeps its distinct keys)
-                e.cost = _PlusForward(e.cost, prob.prices, full)
+    _recompute_moves(prob, facts, run, picked)
     if transient:
         from .problem import _ALWAYS, Held
         end = len(prob.nodes) - 1
-        for n, table in transient_of.items():
-            prob.transient_bytes[n] = table.tolist()
-            prob.held.append(Held(n, "transient_bytes", end, _ALWAYS, 1))
+        prob.held += [Held(n, "transient_bytes", end, _ALWAYS, 1) for n in calls
+                      if n in prob.transient_bytes]
+
+
+def _recompute_moves(prob, facts, run: list, picked: list):
+    """The edges into the ops of fully recomputed instances move their values again: each
+    edge of the problem pays its forward collectives once more for the share of the program
+    edges it stands for that lead into such an instance."""
+    rep = prob.rep
+    again = {}
+    for inst, choice in zip(run, picked):
+        if choice != "full":
+            continue
+        for n in inst.nodes:
+            if n.op in ("call_function", "call_method"):
+                for slot, src in enumerate(facts.of(n)[0]):
+                    key = (rep.get(src, src), rep.get(n, n), slot)
+                    again[key] = again.get(key, 0) + 1
+    for i, e in enumerate(prob.edges):
+        count = again.get((e.src, e.dst, e.slot))
+        if count:
+            e = prob.edges[i] = copy.copy(e)   # (keeps its distinct keys)
+            e.cost = _PlusForward(e.cost, prob.prices, count / e.weight)
 
 
 def _chain_input_bytes(prob, facts, inst, calls) -> dict:

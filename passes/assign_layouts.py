@@ -17,7 +17,7 @@ def assign_layouts(gm, ctx):
     Reads ``node.meta["val"]`` and ``"autopar.op"``; writes ``"autopar.strategy"`` and
     ``"autopar.layout"``; sets ``ctx.mesh`` and ``ctx.plan``.
     """
-    training = Training(ctx.precision, ctx.optimizer)
+    training = Training(ctx.precision, ctx.optimizer, ctx.micro_batches_request or 1)
     budget = ctx.memory_budget_bytes
     if budget is None:
         budget = min(d.memory_bytes for d in ctx.cluster.devices())

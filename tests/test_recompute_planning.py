@@ -1,0 +1,167 @@
+"""Recomputation as a planning choice: chosen only where memory binds, priced as it runs
+(the folded plan's price is the plan re-priced block by block), pins by glob, and the cost
+model of a step run as micro-batches."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
+
+import autopar  # noqa: E402
+from autopar import Cluster, PlanError  # noqa: E402
+from autopar.cost import CostModel, Training  # noqa: E402
+from autopar.mesh import Mesh  # noqa: E402
+from models import Llama, LlamaConfig  # noqa: E402
+
+CLUSTER = Cluster.preset("dgx-a100", nodes=1)
+MESH = {"dp": 4, "tp": 2}   # where the tighter budgets below plan best
+
+
+def meta_llama(layers=6, dim=512, batch=8, seq=1024):
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(vocab_size=8192, max_seq_len=seq, dim=dim, hidden_dim=4 * dim,
+                                  n_heads=8, n_kv_heads=4, n_layers=layers))
+    tokens = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    return model, (tokens, tokens)
+
+
+def plan(model, example, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return autopar.plan(model, CLUSTER, example_inputs=example, **options)
+
+
+@functools.lru_cache(maxsize=None)
+def free_plan():
+    model, example = meta_llama()
+    return plan(model, example)
+
+
+def choices(p) -> set:
+    return set(p.recompute.values())
+
+
+def test_ample_memory_recomputes_nothing():
+    p = free_plan()
+    assert list(p.recompute) == [f"layers.{i}" for i in range(6)]
+    assert choices(p) == {"none"}
+    assert p.cost.transient_bytes == 0
+
+
+def test_the_peak_is_the_sum_of_its_parts():
+    c = free_plan().cost
+    parts = (c.parameter_bytes, c.gradient_bytes, c.optimizer_bytes, c.activation_bytes,
+             c.transient_bytes)
+    assert sum(parts) == pytest.approx(c.memory_bytes_per_device, rel=1e-9)
+    assert c.optimizer_bytes == pytest.approx(2 * c.gradient_bytes, rel=1e-9)   # AdamW, fp32
+    assert c.activation_bytes > 0
+
+
+def test_a_binding_budget_recomputes_and_fits():
+    """A budget the plan without recomputation barely meets (or cannot): the planner
+    recomputes, stays within the budget, and is no slower than the best plan that does not
+    recompute."""
+    model, example = meta_llama()
+    budget = 0.6 * free_plan().cost.memory_bytes_per_device
+    p = plan(model, example, memory_budget_bytes=budget, mesh=MESH)
+    assert choices(p) - {"none"}
+    assert p.cost.memory_bytes_per_device <= budget
+    try:
+        without = plan(model, example, memory_budget_bytes=budget, recompute="none", mesh=MESH)
+    except PlanError:
+        return
+    assert p.cost.total_s <= without.cost.total_s
+
+
+def test_a_budget_selective_cannot_meet_takes_full_recomputation():
+    model, example = meta_llama()
+    budget = 0.45 * free_plan().cost.memory_bytes_per_device
+    p = plan(model, example, memory_budget_bytes=budget, mesh=MESH)
+    assert "full" in choices(p)
+    assert p.cost.memory_bytes_per_device <= budget
+    with pytest.raises(PlanError, match="no plan fits"):
+        plan(model, example, memory_budget_bytes=budget, recompute="selective", mesh=MESH)
+
+
+def test_recomputation_costs_time_and_saves_memory_in_order():
+    model, example = meta_llama()
+    mesh = free_plan().mesh
+    by = {c: plan(model, example, mesh=mesh, recompute=c).cost for c in
+          ("none", "selective", "full")}
+    assert by["none"].total_s < by["selective"].total_s < by["full"].total_s
+    assert by["none"].activation_bytes > by["selective"].activation_bytes > \
+        by["full"].activation_bytes
+    # full recomputation runs about one more forward pass: under 50% more time
+    assert by["full"].total_s < 1.5 * by["none"].total_s
+
+
+def test_pins_by_glob_leave_the_rest_to_the_planner():
+    model, example = meta_llama()
+    p = plan(model, example, recompute={"layers.[12]": "full", "layers.5": "selective"})
+    assert p.recompute == {"layers.0": "none", "layers.1": "full", "layers.2": "full",
+                           "layers.3": "none", "layers.4": "none", "layers.5": "selective"}
+    text = p.explain()
+    assert "recompute: layers.0 none; layers.1-layers.2 (2 blocks) full" in text
+    assert "memory per device at the peak: parameters" in text
+    assert autopar.Plan.from_json(p.to_json()).recompute == p.recompute
+
+
+def test_bad_recompute_requests_name_the_value_and_the_choices():
+    model, example = meta_llama(layers=3)
+    with pytest.raises(PlanError, match=r"'sometimes'.*none, selective, full"):
+        plan(model, example, recompute="sometimes")
+    with pytest.raises(PlanError, match=r"'h\.\*' matches no block; the blocks are "
+                                        r"'layers.0', 'layers.1', 'layers.2'"):
+        plan(model, example, recompute={"h.*": "full"})
+
+
+def test_the_folded_price_is_the_plan_repriced_block_by_block():
+    """Instances of one folded block taking different choices are priced by their shares;
+    re-pricing the chosen plan on the unfolded program, each block with its own choice,
+    gives the same seconds and memory."""
+    from autopar.api import _plan
+    from autopar.prices import Facts
+    from autopar.problem import build_problem
+    from autopar.recompute import Recompute
+    model, example = meta_llama()
+    pins = {"layers.[0-2]": "full", "layers.[345]": "selective"}
+    budget = 0.8 * free_plan().cost.memory_bytes_per_device
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        captured, ctx = _plan(model, CLUSTER, example, None, None, "full", budget, "fp32",
+                              "adamw", program=False, recompute=pins)
+    p = ctx.plan
+    cost_model = CostModel(CLUSTER, ctx.mesh, Training())
+    facts = Facts()
+    prob = build_problem(captured.gm, ctx.mesh, cost_model, {}, facts=facts)
+    prob = Recompute(p.recompute, ctx.blocks).apply(prob, facts)
+    choice = {n: prob.options[n].index(n.meta["autopar.strategy"]) for n in prob.nodes}
+    again = prob.evaluate(choice)
+    assert again.total_s == pytest.approx(p.cost.total_s, rel=1e-9)
+    assert again.memory_bytes_per_device == pytest.approx(p.cost.memory_bytes_per_device,
+                                                          rel=1e-9)
+
+
+def test_a_step_of_micro_batches_runs_its_program_that_many_times():
+    """Priced on one micro-batch's program: ops and moves run m times a step, the optimizer
+    and the bucketed gradient sums of parameters once."""
+    mesh = Mesh(("dp",), (8,))
+    one = CostModel(CLUSTER, mesh, Training())
+    four = CostModel(CLUSTER, mesh, Training(micro_batches=4))
+    r = (autopar.Replicate(),)
+    assert four.compute_s("linear", 1e12, 1e8, [r], r) == pytest.approx(
+        4 * one.compute_s("linear", 1e12, 1e8, [r], r))
+    assert four.optimizer_s(1e8, True, 4) == one.optimizer_s(1e8, True, 4)
+    assert four.redistribute_s(1e8, (autopar.Shard(0),), r) == pytest.approx(
+        4 * one.redistribute_s(1e8, (autopar.Shard(0),), r))
+    assert four.grad_sum_s(1e8, r, 0, fused=False, bucketed=True) == pytest.approx(
+        one.grad_sum_s(1e8, r, 0, fused=False, bucketed=True))
+    assert four.grad_sum_s(1e8, r, 0, fused=False) == pytest.approx(
+        4 * one.grad_sum_s(1e8, r, 0, fused=False))
