@@ -18,7 +18,7 @@ sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "examples")]
 import torch.distributed as dist  # noqa: E402
 
 import autopar  # noqa: E402
-from equivalence import check_training, twin  # noqa: E402
+from equivalence import check_steps, check_training, twin, uneven_targets  # noqa: E402
 from spawn import join_world  # noqa: E402
 from test_e2e_simulated import SHARDED_INPUTS, make, megatron, slow_devices  # noqa: E402
 
@@ -44,6 +44,15 @@ def training_cases(world):
         yield f"{name}-sharded-{world}", name, dict(
             mesh={"dp": world}, cluster=slow_devices(world), expect="gather_shards",
             constraints={"*weight": "S(0)", **SHARDED_INPUTS[name]})
+    # micro-batches: pm.step runs 2 per step, unevenly ignored tokens, one all-reduce per
+    # gradient bucket per step; on 4 ranks data parallel over 2 with Megatron over 2
+    micro_mesh = {"dp": 2} if world == 2 else {"dp": 2, "tp": 2}
+    for name in ("gpt", "llama"):
+        held = megatron(name, micro_mesh) if "tp" in micro_mesh else {"*": "R"}
+        inputs = {k: v + "R" * (len(micro_mesh) - 1) for k, v in SHARDED_INPUTS[name].items()}
+        yield f"{name}-microbatch-2-{world}", name, dict(
+            mesh=micro_mesh, cluster=slow_devices(world), micro_batches=2, use_step=True,
+            constraints={**held, **inputs})
     if world == 2:
         # a transformers model (Dynamo capture, keyword inputs, ModelOutput), Megatron-style
         yield "hf-llama-megatron-2", "hf-llama", dict(
@@ -76,10 +85,25 @@ def run_training(name, opts):
     cluster = opts.pop("cluster", None) or autopar.Cluster.local()
     expect = opts.pop("expect", None)
     steps = opts.pop("steps", STEPS)
+    use_step = opts.pop("use_step", False)
+    if use_step:  # targets ignored unevenly over the micro-batches
+        args = (args[0], uneven_targets(args[1], opts.get("micro_batches") or 1))
     pm = autopar.compile(model, cluster, example_inputs=kwargs or args, **opts)
     assert expect is None or expect in pm.code, f"{expect} missing from the rank program"
     assert not pm.simulate
-    return check_training(pm, ref, args, kwargs, steps=steps)
+    if not use_step:
+        return check_training(pm, ref, args, kwargs, steps=steps)
+    return run_steps(pm, ref, args, kwargs, len(steps))
+
+
+def run_steps(pm, ref, args, kwargs, count):
+    """Train with ``pm.step``; each step all-reduces each gradient bucket once (a bucket
+    per set of axes: these models' gradients fit one)."""
+    worst, launches = check_steps(pm, ref, [args] * count, kwargs)
+    buckets = len(set(pm._program.grad_sync.values()))
+    assert buckets and launches == [buckets] * count, \
+        f"gradient all-reduces per step {launches}, expected {buckets} each"
+    return worst
 
 
 def run_errors(world):
