@@ -269,17 +269,19 @@ def _named_sources(gm, input_names) -> dict:
 
 def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budget: float,
                 level: str, stats: dict, input_names=(), blocks=(), recompute=None,
-                facts: Facts | None = None):
+                facts: Facts | None = None, refine_bound: bool = True):
     """The best (mesh, problem, choice, cost) over candidate meshes, with ``recompute``
     (:class:`~autopar.recompute.Recompute`) applied to every problem; ``facts`` may be
-    shared by searches on the same program."""
+    shared by searches on the same program. Without ``refine_bound``, plans that memory
+    binds are not refined (with the ends apart, mixed): the costliest programs, not worth
+    solving where recomputation may free the memory instead."""
     with paused_gc():
         return _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level,
-                            stats, input_names, blocks, recompute, facts)
+                            stats, input_names, blocks, recompute, facts, refine_bound)
 
 
 def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level, stats,
-                 input_names, blocks, recompute, facts):
+                 input_names, blocks, recompute, facts, refine_bound=True):
     sources = _named_sources(gm, input_names)
     shapes = {name: tuple(n.meta["val"].shape) for name, n in sources.items()}
     search = _Search(gm, cluster, training, budget, level, stats, blocks, recompute, facts)
@@ -340,14 +342,15 @@ def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level
         if not refine or best is None:
             return []
         limit = best.cost.total_s * (1 + margin)
-        near = sorted((o for o in tied if o.cost.total_s <= limit),
+        near = sorted((o for o in tied if o.cost.total_s <= limit and (
+                          refine_bound or o.support is None)),
                       key=lambda o: (o.cost.total_s, rank[str(o.mesh)]))
         out = [_Job(o.mesh, o.pinned, "ends", cutoff(1e-9), REFINE_TIME_LIMIT_S, o.hint())
                for o in near]
         base = next(o for o in tied if o.mesh == best.mesh)
         ends = [o for o in refined if o.mesh == best.mesh and o.folding == "ends"]
         source = base if base.support is not None else next(iter(ends), None)
-        shares = _distinct_cuts(source.shares)[:MAX_MIXES] if source else ()
+        shares = _distinct_cuts(source.shares)[:MAX_MIXES] if source and refine_bound else ()
         out += [_Job(best.mesh, best.pinned, ("mixed", f), cutoff(1e-9), REFINE_TIME_LIMIT_S,
                      base.hint()) for f in shares]
         return [j for j in out if (j.mesh, j.folding) not in planned]

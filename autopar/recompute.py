@@ -255,17 +255,20 @@ class _PlusForward:
 BINDS = 0.95
 # Where recomputing every free block fits, the share of them recomputed is cut in halves this
 # many times on the chosen mesh (the rest take the next cheaper choice), while it still fits.
-MIX_STEPS = 2
+MIX_STEPS = 1
 
 
 def choose_recompute(plan_with, blocks, pins: dict, budget: float) -> tuple:
-    """The fastest plan over recompute choices: ``plan_with(recompute, mesh=None)`` plans
-    (mesh, problem, choice, cost) for a :class:`Recompute` (on one mesh where given) or
+    """The fastest plan over recompute choices: ``plan_with(recompute, mesh=None,
+    refine_bound=True)`` plans (mesh, problem, choice, cost) for a :class:`Recompute` (on
+    one mesh where given; see :func:`~autopar.planner.choose_plan` for ``refine_bound``) or
     raises PlanError. Returns those and the choice per block path.
 
     Only where memory binds: no recomputation first (pinned blocks keep their pins); where
     that plan is within :data:`BINDS` of the budget or none fits, every free block selective,
-    then full; the fastest that fits is refined by recomputing fewer blocks on its mesh."""
+    then full; the fastest that fits is refined by recomputing fewer blocks on its mesh.
+    Plans that memory binds are compared unrefined (their refinements are the costliest
+    programs of all), and only the one kept is refined, on its mesh."""
     from .errors import PlanError
     paths = block_paths(blocks)
     free = [p for p in paths if p not in pins]
@@ -278,10 +281,10 @@ def choose_recompute(plan_with, blocks, pins: dict, budget: float) -> tuple:
 
     tried, error = [], None
 
-    def attempt(choices, mesh=None):
+    def attempt(choices, mesh=None, refine=False):
         nonlocal error
         try:
-            found = plan_with(Recompute(choices, blocks), mesh)
+            found = plan_with(Recompute(choices, blocks), mesh, refine)
         except PlanError as e:
             if mesh is None:
                 error = e if not error or "full" in choices.values() else error
@@ -289,14 +292,14 @@ def choose_recompute(plan_with, blocks, pins: dict, budget: float) -> tuple:
         tried.append((found[3].total_s, len(tried), found, choices))
         return found
 
-    base = attempt(config("none"))
+    base = attempt(config("none"), refine=not free)
     if not free or base is not None and base[3].memory_bytes_per_device < BINDS * budget:
         if base is None:
             raise error
         return (*base, config("none"))
     weaker = "none"
     for choice in ("selective", "full"):
-        if attempt(config(choice)) is not None and len(tried) > (base is not None):
+        if attempt(config(choice)) is not None:
             break   # a choice that fits: a stronger one only costs more time
         weaker = choice
     if not tried:
@@ -307,6 +310,9 @@ def choose_recompute(plan_with, blocks, pins: dict, budget: float) -> tuple:
     if strong is not None and strong != weaker and len(free) > 1:
         _mix(attempt, found, config, weaker, strong, len(free))
     _, _, found, choices = min(tried)
+    if found[3].memory_bytes_per_device >= BINDS * budget:
+        attempt(choices, found[0].as_dict(), refine=True)
+        _, _, found, choices = min(tried)
     return (*found, choices)
 
 

@@ -25,10 +25,11 @@ def assign_layouts(gm, ctx):
     pins = resolve_recompute(ctx.recompute_request, block_paths(blocks))
     facts = Facts()   # shared by the searches over recompute choices
 
-    def plan_with(recompute, mesh=None):
+    def plan_with(recompute, mesh=None, refine_bound=True):
         return choose_plan(gm, ctx.cluster, mesh or ctx.mesh_request, ctx.constraints,
                            training, budget, ctx.level, ctx.stats, ctx.input_names,
-                           blocks if ctx.fold else [], recompute=recompute, facts=facts)
+                           blocks if ctx.fold else [], recompute=recompute, facts=facts,
+                           refine_bound=refine_bound)
 
     mesh, prob, choice, cost, recompute = choose_recompute(plan_with, blocks, pins, budget)
     ctx.mesh = mesh
