@@ -1,9 +1,17 @@
 """Simulated execution: every rank of a mesh inside one process.
 
 A value is a list of per-rank tensors. Ordinary ops run once per rank on that rank's tensors;
-each collective of :mod:`autopar.runtime.collectives` is replaced by one autograd Function over
-the whole list, with the same forward and backward as the real one, so ``loss.backward()`` and
-an optimizer step exercise exactly the gradient flow of the distributed program.
+each collective of :mod:`autopar.runtime.collectives` is replaced by one differentiable op
+over the whole list (:func:`simulated_collective`), with the same forward and backward as the
+real one, so ``loss.backward()`` and an optimizer step exercise exactly the gradient flow of
+the distributed program.
+
+A block the plan recomputes (:mod:`autopar.runtime.checkpoint`) runs as one
+``torch.utils.checkpoint`` over every rank's tensors at once, with the policy of the real run.
+
+Randomness: an op that draws (dropout) runs every rank from the same generator state, which
+then stands where one draw leaves it, so replicated regions draw one device's numbers and a
+recomputed block, whose checkpoint restores the state it started from, draws them again.
 """
 
 from __future__ import annotations
@@ -15,13 +23,28 @@ from torch.utils._pytree import tree_map
 from ..graph_utils import fetch_attr
 from ..mesh import Mesh
 from . import collectives as C
+from .checkpoint import Recomputed, run_checkpointed
 
 RANDOM_OPS = {"dropout", "rand_like", "randn_like", "rand", "randn", "randint", "bernoulli",
               "dropout1d", "dropout2d", "alpha_dropout", "feature_alpha_dropout"}
+# ops that draw only with a positive dropout_p: (op, position of dropout_p)
+DROPOUT_ARG = {"scaled_dot_product_attention": 4}
 
 
-def _groups(mesh: Mesh, axis: str):
-    return mesh.groups(mesh.names.index(axis))
+def draws_random(node: Node) -> bool:
+    """Whether running ``node`` draws from the random generator."""
+    op = node.meta.get("autopar.op")
+    if op in RANDOM_OPS:
+        return True
+    if op in DROPOUT_ARG:
+        i = DROPOUT_ARG[op]
+        p = node.kwargs.get("dropout_p", node.args[i] if len(node.args) > i else 0.0)
+        return not isinstance(p, (int, float)) or p > 0
+    return False
+
+
+def _groups(mesh: Mesh, axis):
+    return mesh.groups(mesh.axis_index(axis))
 
 
 def _sim_all_gather(xs, mesh, dim, axis):
@@ -93,18 +116,40 @@ _SIM = {
 }
 
 
-class _OverRanks(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, fn, mesh, args, *xs):
-        ctx.fn, ctx.mesh, ctx.args = fn, mesh, args
-        ctx.shapes = [(x.shape, x.dtype, x.device) for x in xs]
-        return tuple(_SIM[fn][0](list(xs), mesh, *args))
+_BY_NAME = {fn.__name__: fn for fn in _SIM}
 
-    @staticmethod
-    def backward(ctx, *gs):
-        gs = [torch.zeros(s, dtype=d, device=dev) if g is None else g
-              for g, (s, d, dev) in zip(gs, ctx.shapes)]
-        return (None, None, None, *_SIM[ctx.fn][1](gs, ctx.mesh, *ctx.args))
+
+# One collective over every rank's tensors is one op of the dispatcher, as a real one is:
+# a selective checkpoint (runtime.checkpoint) sees it whole and keeps its outputs, not the
+# temporaries of its simulation, and never runs it again in backward.
+@torch.library.custom_op("autopar::simulated_collective", mutates_args=())
+def simulated_collective(xs: list[torch.Tensor], name: str, dims: list[int], axis: int,
+                         mesh_shape: list[int]) -> list[torch.Tensor]:
+    """Collective ``name`` of :mod:`autopar.runtime.collectives` on the per-rank ``xs``, over
+    mesh axis number ``axis`` of a mesh of shape ``mesh_shape``."""
+    return _SIM[_BY_NAME[name]][0](list(xs), _numbered(mesh_shape), *dims, axis)
+
+
+def _numbered(shape) -> Mesh:
+    """A mesh of ``shape`` whose axes are named by their index (an op takes no names)."""
+    return Mesh(tuple(range(len(shape))), tuple(shape))
+
+
+def _keep_arguments(ctx, inputs, output):
+    xs, ctx.name, ctx.dims, ctx.axis, shape = inputs
+    ctx.mesh = _numbered(shape)
+    ctx.shapes = [(x.shape, x.dtype, x.device) for x in xs]
+
+
+def _collective_backward(ctx, grads):
+    grads = [torch.zeros(s, dtype=d, device=dev) if g is None else g
+             for g, (s, d, dev) in zip(grads, ctx.shapes)]
+    back = _SIM[_BY_NAME[ctx.name]][1](grads, ctx.mesh, *ctx.dims, ctx.axis)
+    # an empty list of ints reads as an (empty) list of tensors: its gradient is one too
+    return back, None, [] if not ctx.dims else None, None, None
+
+
+simulated_collective.register_autograd(_collective_backward, setup_context=_keep_arguments)
 
 
 def run_collective(fn, per_rank, mesh: Mesh, args) -> list:
@@ -112,7 +157,9 @@ def run_collective(fn, per_rank, mesh: Mesh, args) -> list:
     if not per_rank[0].is_floating_point():
         with torch.no_grad():
             return _SIM[fn][0](list(per_rank), mesh, *args)
-    return list(_OverRanks.apply(fn, mesh, tuple(args), *per_rank))
+    *dims, axis = args
+    return simulated_collective(list(per_rank), fn.__name__, [int(d) for d in dims],
+                                mesh.names.index(axis), list(mesh.shape))
 
 
 class _Replicated(torch.autograd.Function):
@@ -173,8 +220,31 @@ def run_ranks(gms: list, mesh: Mesh, inputs: list) -> list:
 
     Returns the per-rank values of the graph's (flat tuple) output.
     """
-    graph = gms[0].graph
     n = len(gms)
+    return _run_graph(gms[0].graph, mesh, n, [per_rank_copies(x, n) for x in inputs],
+                      lambda target: [fetch_attr(gm, target) for gm in gms])
+
+
+def run_recomputed(block: Recomputed, per_rank_args: list, mesh: Mesh) -> list:
+    """A recomputed block over every rank: one checkpoint of the block's graph run for all
+    ranks. Its arguments go in flat (a tensor each), so the checkpoint saves them as it
+    saves a real rank's. Returns the block's output tuple per rank."""
+    n = mesh.size
+    flat = [v for per_rank in per_rank_args for v in per_rank]
+
+    def over_ranks(*flat):
+        lists = [list(flat[i * n:(i + 1) * n]) for i in range(len(per_rank_args))]
+        outs = _run_graph(block.graph_module.graph, mesh, n, lists, None)
+        return tuple(v for i in range(len(outs[0])) for v in (o[i] for o in outs))
+
+    got = run_checkpointed(over_ranks, block.choice, *flat)
+    k = len(got) // n
+    return [tuple(got[i * n + r] for i in range(k)) for r in range(n)]
+
+
+def _run_graph(graph, mesh: Mesh, n: int, inputs: list, attrs) -> list:
+    """Interpret ``graph`` for ``n`` ranks: ``inputs`` the per-rank values of its
+    placeholders, ``attrs(target)`` those of a get_attr."""
     env: dict = {}
     inputs = iter(inputs)
 
@@ -183,32 +253,38 @@ def run_ranks(gms: list, mesh: Mesh, inputs: list) -> list:
 
     for node in graph.nodes:
         if node.op == "placeholder":
-            env[node] = per_rank_copies(next(inputs), n)
+            env[node] = next(inputs)
         elif node.op == "get_attr":
-            env[node] = [fetch_attr(gm, node.target) for gm in gms]
+            env[node] = attrs(node.target)
         elif node.op == "call_function" and node.target in _SIM:
             src = env[node.args[0]]
             env[node] = run_collective(node.target, src, mesh, node.args[1:])
+        elif node.op == "call_function" and isinstance(node.target, Recomputed):
+            env[node] = run_recomputed(node.target, [env[a] for a in node.args], mesh)
         elif node.op in ("call_function", "call_method"):
-            random = node.meta.get("autopar.op") in RANDOM_OPS
-            state = torch.get_rng_state() if random else None
-            outs = []
-            aware = getattr(node.target, "rank_aware", False)
-            for r in range(n):
-                if random:
-                    torch.set_rng_state(state)
-                args, kwargs = per_rank(node.args, r), per_rank(node.kwargs, r)
-                if aware:  # reads the rank's place on the mesh (runtime.local_ops)
-                    kwargs = dict(kwargs, coords={
-                        a: (c, s) for a, c, s in zip(mesh.names, mesh.coordinate(r),
-                                                     mesh.shape)})
-                if node.op == "call_function":
-                    outs.append(node.target(*args, **kwargs))
-                else:
-                    outs.append(getattr(args[0], node.target)(*args[1:], **kwargs))
-            env[node] = outs
+            env[node] = _run_op(node, n, mesh, per_rank)
         elif node.op == "output":
             return [per_rank(node.args[0], r) for r in range(n)]
         else:
             raise RuntimeError(f"simulated run cannot execute node {node.format_node()}")
     raise RuntimeError("graph has no output node")
+
+
+def _run_op(node, n: int, mesh: Mesh, per_rank) -> list:
+    """An ordinary op on every rank's values; a random one from the same generator state."""
+    random = draws_random(node)
+    state = torch.get_rng_state() if random else None
+    outs = []
+    aware = getattr(node.target, "rank_aware", False)
+    for r in range(n):
+        if random:
+            torch.set_rng_state(state)
+        args, kwargs = per_rank(node.args, r), per_rank(node.kwargs, r)
+        if aware:  # reads the rank's place on the mesh (runtime.local_ops)
+            kwargs = dict(kwargs, coords={
+                a: (c, s) for a, c, s in zip(mesh.names, mesh.coordinate(r), mesh.shape)})
+        if node.op == "call_function":
+            outs.append(node.target(*args, **kwargs))
+        else:
+            outs.append(getattr(args[0], node.target)(*args[1:], **kwargs))
+    return outs
