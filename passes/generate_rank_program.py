@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch.fx import Node
 from torch.utils._pytree import tree_map
 
+from autopar.errors import PlanError
 from autopar.placement import Replicate, format_layout, local_shape, replicated
 from autopar.redistribute import plan_steps
 from autopar.rules import shape_of, tensor_inputs
 from autopar.prices import fused_axis, grad_sum_axes, needs_grad
+from autopar.runtime.checkpoint import Recomputed, identifier
 from autopar.runtime.collectives import gather_shards, grad_sum, step_call
+
+_BLOCK = "autopar.recompute_block"   # on nodes of the flat program: the recomputed block
 
 
 @dataclass
@@ -26,21 +32,27 @@ class RankProgram:
     input_shapes: list     # global shape and dtype per placeholder
     layouts: dict          # node name -> layout, for comments in the code
     grad_sync: dict = field(default_factory=dict)  # attribute name -> axis names to sum
+    recomputed: list = field(default_factory=list)  # runtime.checkpoint.Recomputed, in order
+    notes: dict = field(default_factory=dict)       # node name -> comment, besides layouts
 
 
 def generate_rank_program(gm, ctx):
     """Emit local shapes, local parameter shards and a collective on every edge whose layouts
-    differ, with the gradient-sum rule; outputs come back replicated.
+    differ, with the gradient-sum rule; outputs come back replicated. Every block that
+    ``ctx.plan.recompute`` recomputes becomes one call of its outlined ops under
+    ``torch.utils.checkpoint``.
 
-    Reads ``node.meta["autopar.strategy"]``, ``"autopar.layout"``, ``"val"``; sets
-    ``ctx.program``.
+    Reads ``node.meta["autopar.strategy"]``, ``"autopar.layout"``, ``"val"``,
+    ``"autopar.block"``; sets ``ctx.program``.
     """
     mesh = ctx.mesh
     g = fx.Graph()
     emit = _Emitter(g, mesh.names)
     emit.deferred = deferred_gradient_sums(gm)
+    choices = recompute_choices(ctx)
     env, attrs, input_shapes, grad_sync = {}, {}, [], {}
     for node in gm.graph.nodes:
+        emit.block = None
         if node.op == "placeholder":
             p = g.placeholder(node.name)
             emit.layouts[p.name] = replicated(mesh.ndim)
@@ -56,14 +68,107 @@ def generate_rank_program(gm, ctx):
             emit.layouts[a.name] = node.meta["autopar.layout"]
             env[node] = a
         elif node.op in ("call_function", "call_method"):
+            emit.block = choices.get(node.meta.get("autopar.block"))
             env[node] = _emit_op(node, env, emit, mesh)
         elif node.op == "output":
             outs = [emit.convert(env[v], v.meta["autopar.layout"], replicated(mesh.ndim))
                     for v in node.args[0]]
             g.output(tuple(outs))
     g.lint()
-    ctx.program = RankProgram(g, attrs, mesh, input_shapes, emit.layouts, grad_sync)
+    g, recomputed, notes = outline_recomputed_blocks(g)
+    g.lint()
+    ctx.program = RankProgram(g, attrs, mesh, input_shapes, emit.layouts, grad_sync,
+                              recomputed, notes)
     return gm
+
+
+def recompute_choices(ctx) -> dict:
+    """(block class id, instance index) -> (the same, path, choice) for the block instances
+    the plan recomputes (``node.meta["autopar.block"]`` names a node's block so). Instances
+    are told apart by their ids: blocks found as repeated runs may share a path."""
+    plan = getattr(ctx, "plan", None)
+    wanted = {p: c for p, c in (getattr(plan, "recompute", None) or {}).items() if c != "none"}
+    out, found = {}, set()
+    for class_id, cls in enumerate(getattr(ctx, "blocks", None) or []):
+        for index, inst in enumerate(cls.instances):
+            if inst.path in wanted:
+                choice = wanted[inst.path]
+                if choice not in ("selective", "full"):
+                    raise PlanError(f"plan.recompute[{inst.path!r}] = {choice!r}: choose one "
+                                    "of none, selective, full")
+                out[(class_id, index)] = (class_id, index, inst.path, choice)
+                found.add(inst.path)
+    missing = sorted(set(wanted) - found)
+    if missing:
+        known = [i.path for c in getattr(ctx, "blocks", None) or [] for i in c.instances]
+        raise PlanError(f"plan.recompute names {missing}, which are not blocks of this program "
+                        f"(its blocks: {known[:6]}); plan again for this model")
+    return out
+
+
+def outline_recomputed_blocks(graph: fx.Graph) -> tuple:
+    """Move the nodes of every recomputed block (``node.meta["autopar.recompute_block"]``)
+    into a GraphModule of its own, called where the block ends by a
+    :class:`~autopar.runtime.checkpoint.Recomputed`; its outputs keep their names.
+
+    Returns the new graph, the Recomputed calls in order and a comment per call node."""
+    members = {}
+    for n in graph.nodes:
+        if _BLOCK in n.meta:
+            members.setdefault(n.meta[_BLOCK], []).append(n)
+    if not members:
+        return graph, [], {}
+    taken = {n.name for n in graph.nodes}
+    ends = {nodes[-1]: key for key, nodes in members.items()}
+    new, env, recomputed, notes = fx.Graph(), {}, [], {}
+    for n in graph.nodes:
+        if _BLOCK not in n.meta:
+            env[n] = new.node_copy(n, lambda a: _defined(env, a, n))
+        elif n in ends:
+            (_, _, path, choice), nodes = ends[n], members[ends[n]]
+            block, inputs, outputs = _outline(path, choice, nodes)
+            call = new.create_node("call_function", block, tuple(env[a] for a in inputs),
+                                   name=_free_name(identifier(path), taken))
+            call.meta["autopar.op"] = "checkpoint"
+            notes[call.name] = f"{path or call.name}: {choice} recomputation in backward"
+            for i, out in enumerate(outputs):
+                env[out] = new.create_node("call_function", operator.getitem, (call, i),
+                                           name=out.name)
+                env[out].meta = {k: v for k, v in out.meta.items() if k != _BLOCK}
+                env[out].meta["autopar.op"] = "getitem"
+            recomputed.append(block)
+    return new, recomputed, notes
+
+
+def _defined(env, value, user):
+    assert value in env, (f"{user.name} reads {value.name} before its recomputed block ends: "
+                          "a block's nodes must be contiguous in the program")
+    return env[value]
+
+
+def _outline(path, choice, nodes) -> tuple:
+    """The block's own program: its inputs (values from outside, parameters among them) as
+    placeholders, its nodes read outside as a tuple output."""
+    inside = set(nodes)
+    inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside))
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    sub, env = fx.Graph(), {}
+    for a in inputs:
+        env[a] = sub.placeholder(a.name)
+    for n in nodes:
+        env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output(tuple(env[o] for o in outputs))
+    sub.lint()
+    gm = fx.GraphModule(torch.nn.Module(), sub, f"Block_{identifier(path)}")
+    return Recomputed(path, choice, gm), inputs, outputs
+
+
+def _free_name(base: str, taken: set) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
 
 
 def deferred_gradient_sums(gm) -> dict:
@@ -126,7 +231,7 @@ def _emit_op(node, env, emit, mesh):
         if swap is not None:  # a local computation that depends on the rank's coordinates
             op, (target, extra) = "call_function", swap
             kwargs = dict(kwargs, **extra)
-    n = emit.graph.create_node(op, target, tuple(args), dict(kwargs), name=node.name)
+    n = emit.tag(emit.graph.create_node(op, target, tuple(args), dict(kwargs), name=node.name))
     n.meta["autopar.op"] = node.meta["autopar.op"]
     emit.layouts[n.name] = strat.output
     return n
@@ -138,13 +243,21 @@ class _Emitter:
         self.axis_names = axis_names
         self.layouts = {}
         self.deferred = {}
+        self.block = None   # (class id, index, path, choice) of the recomputed block emitted
         self._cache = {}
 
     def call(self, fn, args, layout):
-        n = self.graph.call_function(fn, args)
+        n = self.tag(self.graph.call_function(fn, args))
         n.meta["autopar.op"] = fn.__name__
         self.layouts[n.name] = layout
         return n
+
+    def tag(self, node):
+        """Mark ``node`` as part of the recomputed block being emitted, if any: the op and
+        the collectives on the edges into it."""
+        if self.block is not None:
+            node.meta[_BLOCK] = self.block
+        return node
 
     def convert(self, value, src, dst, fuse_last=False):
         """``value`` held in layout ``src`` -> the same value in layout ``dst``; with
@@ -174,14 +287,27 @@ def _attr_name(fqn: str, taken: dict) -> str:
     return name
 
 
-def annotate_code(code: str, layouts: dict) -> str:
-    """Append each value's layout as a comment on the line that defines it."""
-    out = []
+def annotate_code(code: str, layouts: dict, notes: dict | None = None) -> str:
+    """Append each value's layout (or note) as a comment on the line that defines it."""
+    out, notes = [], notes or {}
     for line in code.splitlines():
         m = re.match(r"\s+(\w+) = ", line)
         if m and m.group(1) in layouts:
             line = f"{line}  # {format_layout(layouts[m.group(1)])}"
-        elif line.lstrip().startswith("def forward"):
-            pass
+        elif m and m.group(1) in notes:
+            line = f"{line}  # {notes[m.group(1)]}"
         out.append(line)
     return "\n".join(out)
+
+
+def program_code(program: RankProgram, code: str) -> str:
+    """A rank program's source (``code``, its GraphModule's) with layouts in comments,
+    followed by the source of every block it recomputes."""
+    parts = [annotate_code(code.strip("\n"), program.layouts, program.notes)]
+    for block in program.recomputed:
+        body = block.graph_module.code.strip("\n").rstrip().replace(
+            "def forward(self", f"def {block.__name__}(self", 1)
+        parts.append(f"# {block.path or block.__name__}, recomputed in backward ({block.choice}): "
+                     f"autopar_runtime_checkpoint_{block.__name__} runs it under "
+                     "torch.utils.checkpoint\n" + annotate_code(body, program.layouts))
+    return "\n\n".join(parts)

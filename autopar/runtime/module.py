@@ -180,8 +180,9 @@ class ParallelModule(torch.nn.Module):
 
     @property
     def code(self) -> str:
-        """This rank's program as Python source, each value's layout in a comment."""
-        from autopar.passes.generate_rank_program import annotate_code
+        """This rank's program as Python source, each value's layout in a comment, then
+        the source of each block it recomputes in backward."""
+        from autopar.passes.generate_rank_program import program_code
         gm = self.ranks[0] if self.simulate else self.program
         header = (f"# autopar rank program: mesh {self._mesh}, plan {self.plan.fingerprint()}\n"
                   "# layouts: R replicated, S(d) split on dim d, P partial sum; one per axis\n")
@@ -191,7 +192,7 @@ class ParallelModule(torch.nn.Module):
         for axes, names in by_axes.items():
             header += (f"# gradients summed over {', '.join(axes)} after backward, in buckets: "
                        f"{', '.join(names)}\n")
-        return header + annotate_code(gm.code.strip("\n"), self._program.layouts) + "\n"
+        return header + program_code(self._program, gm.code) + "\n"
 
     def rank_program(self, rank: int | None = None) -> fx.GraphModule:
         """The fx.GraphModule rank ``rank`` runs (simulated mode: any rank)."""
