@@ -53,6 +53,14 @@ def training_cases(world):
         yield f"{name}-microbatch-2-{world}", name, dict(
             mesh=micro_mesh, cluster=slow_devices(world), micro_batches=2, use_step=True,
             constraints={**held, **inputs})
+    # activation recomputation: every block under torch.utils.checkpoint, its collectives
+    # run again in backward (full) or kept (selective)
+    yield f"gpt-recompute-full-{world}", "gpt", dict(
+        mesh={"tp": world}, cluster=slow_devices(world), recompute="full",
+        expect="autopar_runtime_checkpoint_h_1(")
+    yield f"llama-recompute-selective-{world}", "llama", dict(
+        mesh={"tp": world}, cluster=slow_devices(world), recompute="selective",
+        expect="autopar_runtime_checkpoint_layers_1(")
     if world == 2:
         # a transformers model (Dynamo capture, keyword inputs, ModelOutput), Megatron-style
         yield "hf-llama-megatron-2", "hf-llama", dict(
