@@ -8,7 +8,7 @@
 from .api import Examination, compile, examine, plan
 from .backend import backend, register as _register_backend
 from .cluster import Cluster, DeviceSpec, LinkSpec
-from .errors import AutoparError, CaptureError, InputError, PlanError
+from .errors import AutoparError, CaptureError, InputError, NoFit, PlanError
 from .placement import Partial, Replicate, Shard, format_layout, parse_layout
 from .plans import Cost, Plan
 from .runtime.module import ParallelModule
@@ -19,5 +19,5 @@ _register_backend()  # torch.compile(model, backend="autopar")
 
 __all__ = ["compile", "plan", "examine", "backend", "Examination", "Cluster", "DeviceSpec",
            "LinkSpec", "Plan", "Cost", "ParallelModule", "Shard", "Replicate", "Partial",
-           "format_layout", "parse_layout", "AutoparError", "PlanError", "InputError",
+           "format_layout", "parse_layout", "AutoparError", "PlanError", "NoFit", "InputError",
            "CaptureError"]

@@ -50,7 +50,21 @@ def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budge
           precision, optimizer, fold=True, program=True, recompute=None, micro_batches=None):
     """Capture and plan ``model``; with ``program`` also generate the rank program (the
     plan alone does not need it). With ``micro_batches`` m > 1 what is planned is the
-    program of one micro-batch (``ctx.micro`` says how a step runs it)."""
+    program of one micro-batch (``ctx.micro`` says how a step runs it); without, the
+    planner picks m where memory binds (:func:`~autopar.microbatch.choose_micro_batches`)."""
+    from .microbatch import batch_size_of, choose_micro_batches
+    args = (model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
+            precision, optimizer, fold, program, recompute)
+    if micro_batches is not None:
+        return _plan_at(*args, micro_batches)
+    inputs = normalize_example_inputs(example_inputs) if example_inputs is not None else []
+    flat = torch.utils._pytree.tree_leaves(inputs)
+    return choose_micro_batches(lambda m: _plan_at(*args, m), batch_size_of(flat))
+
+
+def _plan_at(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
+             precision, optimizer, fold, program, recompute, micro_batches):
+    """:func:`_plan` for a given micro-batch count."""
     from autopar.passes import run_passes
     passes = _passes(program)
     _check_cluster(cluster)

@@ -13,6 +13,14 @@ class PlanError(AutoparError, ValueError):
     """A plan cannot be made or used as asked (mesh, constraints, world size)."""
 
 
+class NoFit(PlanError):
+    """No plan fits the memory budget; ``smallest_bytes`` is the least any plan tried needs."""
+
+    def __init__(self, message: str, smallest_bytes: float):
+        super().__init__(message)
+        self.smallest_bytes = smallest_bytes
+
+
 class InputError(AutoparError, TypeError):
     """Inputs do not match what the module was planned for."""
 

@@ -349,3 +349,69 @@ def _resize_split_values(split: BatchSplit) -> None:
         shape[out.dim] //= m
         args, kwargs = spec.rewrite(node.args, node.kwargs, tuple(shape))
         node.args, node.kwargs = tuple(args), dict(kwargs)
+
+
+# -- the search ---------------------------------------------------------------------------------
+
+# Micro-batch counts planned past the first that fits, while each is faster than the last.
+MAX_MORE_COUNTS = 2
+
+
+def choose_micro_batches(plan_at, batch_size: int | None):
+    """The plan of the micro-batch count that steps fastest within memory: ``plan_at(m)``
+    plans the step run as m micro-batches, returning ``(captured, ctx)``, or raises
+    :class:`~autopar.errors.NoFit`.
+
+    Only where memory binds: one micro-batch first; where its plan recomputes activations, or
+    no plan fits, the divisors of the batch after it in order, each searched with its own
+    recompute choices, stopping at a count whose plan recomputes nothing (more would only add
+    time), at one slower than the best so far, or :data:`MAX_MORE_COUNTS` counts past the
+    first that fits. A step that cannot be split (:func:`check_splittable`) keeps one."""
+    from .errors import NoFit
+    try:
+        best = plan_at(1)
+    except NoFit as e:
+        best, error = None, e
+    if best is not None and not _recomputes(best[1].plan) or not batch_size:
+        if best is None:
+            raise error
+        return best
+    fits = 0
+    for m in [d for d in range(2, batch_size + 1) if batch_size % d == 0]:
+        try:
+            found = plan_at(m)
+        except NoFit as e:
+            error = e if best is None else None
+            continue
+        except PlanError as e:   # the step does not split into micro-batches
+            if best is None:
+                raise NoFit(f"{error}; micro-batches cannot help: {_first_line(e)}",
+                            error.smallest_bytes) from None
+            return best
+        fits += 1
+        if best is not None and found[1].plan.cost.total_s >= best[1].plan.cost.total_s:
+            return best
+        best = found
+        if not _recomputes(best[1].plan) or fits > MAX_MORE_COUNTS:
+            return best
+    if best is None:
+        raise NoFit(f"{error}; with micro-batches of one sample ({batch_size} a step) too. "
+                    "Add devices or lower the batch per step", error.smallest_bytes)
+    return best
+
+
+def _recomputes(plan) -> bool:
+    return any(c != "none" for c in plan.recompute.values())
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0]
+
+
+def batch_size_of(inputs) -> int | None:
+    """The batch of flat example inputs as :func:`split_over_batch` reads it: dim 0 of the
+    first input that has dims."""
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return int(x.shape[0])
+    return None

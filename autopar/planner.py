@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cost import CostModel, Training
-from .errors import PlanError, closest
+from .errors import NoFit, PlanError, closest
 from .graph_utils import paused_gc
 from .mesh import Mesh
 from .placement import Partial, Replicate, Shard, divides, format_layout, parse_layout
@@ -367,15 +367,15 @@ def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level
     if best is None:
         smallest = min(Infeasible(o.prob).min_bytes for o in search.infeasible)
         if smallest <= budget and level == "fast":
-            raise PlanError(
+            raise NoFit(
                 f"level='fast' found no plan that fits in {format_bytes(budget)} per device "
                 f"on {cluster}, though plans needing {format_bytes(smallest)} exist: plan "
-                "with level='full' (the exact program keeps to the budget)")
-        raise PlanError(
+                "with level='full' (the exact program keeps to the budget)", smallest)
+        raise NoFit(
             f"no plan fits in {format_bytes(budget)} per device on {cluster}: the smallest "
             f"any plan needs is {format_bytes(smallest)}. Add devices, allow sharded "
             "parameters (drop constraints that replicate them), lower the batch size, or "
-            "raise memory_budget_bytes")
+            "raise memory_budget_bytes", smallest)
     return best.mesh, best.prob, best.choice, best.cost
 
 

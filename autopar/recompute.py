@@ -269,7 +269,7 @@ def choose_recompute(plan_with, blocks, pins: dict, budget: float) -> tuple:
     then full; the fastest that fits is refined by recomputing fewer blocks on its mesh.
     Plans that memory binds are compared unrefined (their refinements are the costliest
     programs of all), and only the one kept is refined, on its mesh."""
-    from .errors import PlanError
+    from .errors import NoFit, PlanError
     paths = block_paths(blocks)
     free = [p for p in paths if p not in pins]
 
@@ -303,8 +303,10 @@ def choose_recompute(plan_with, blocks, pins: dict, budget: float) -> tuple:
             break   # a choice that fits: a stronger one only costs more time
         weaker = choice
     if not tried:
-        raise PlanError(f"{error} (even with every block not pinned otherwise recomputed in "
-                        "full)") from None
+        if not isinstance(error, NoFit):
+            raise error
+        raise NoFit(f"{error} (even with every block not pinned otherwise recomputed in full)",
+                    error.smallest_bytes) from None
     _, _, found, choices = min(tried)
     strong = next((c for c in ("full", "selective") if c in choices.values()), None)
     if strong is not None and strong != weaker and len(free) > 1:
