@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 
 
 class AutoparError(Exception):
@@ -14,11 +15,45 @@ class PlanError(AutoparError, ValueError):
 
 
 class NoFit(PlanError):
-    """No plan fits the memory budget; ``smallest_bytes`` is the least any plan tried needs."""
+    """No plan fits ``budget_bytes`` per device on ``cluster``; ``smallest_bytes`` is the
+    least any plan tried needs, ``tried`` what the search did beyond one micro-batch without
+    recomputation ("every block recomputed in full", ...).
 
-    def __init__(self, message: str, smallest_bytes: float):
-        super().__init__(message)
-        self.smallest_bytes = smallest_bytes
+    ``smallest_bytes`` may be given as a function: it takes a program of its own per mesh to
+    find, and a search that goes on to other choices (more recomputation, more micro-batches)
+    never asks for it."""
+
+    def __init__(self, budget_bytes: float, cluster, smallest_bytes, level: str = "full",
+                 tried: tuple = (), note: str = ""):
+        super().__init__()
+        self.budget_bytes, self.cluster, self.level = budget_bytes, cluster, level
+        self.tried, self.note = tuple(tried), note
+        self._smallest = smallest_bytes
+
+    @functools.cached_property
+    def smallest_bytes(self) -> float:
+        s = self._smallest
+        return float(s() if callable(s) else s)
+
+    def __str__(self) -> str:
+        from .plans import format_bytes
+        budget, smallest = format_bytes(self.budget_bytes), format_bytes(self.smallest_bytes)
+        if self.smallest_bytes <= self.budget_bytes and self.level == "fast":
+            text = (f"level='fast' found no plan that fits in {budget} per device on "
+                    f"{self.cluster}, though plans needing {smallest} exist: plan with "
+                    "level='full' (the exact program keeps to the budget)")
+        else:
+            even = f", even with {' and '.join(self.tried)}" if self.tried else ""
+            text = (f"no plan fits in {budget} per device on {self.cluster}{even}: the "
+                    f"smallest any plan needs is {smallest}. Add devices, allow sharded "
+                    "parameters (drop constraints that replicate them), lower the batch size, "
+                    "or raise memory_budget_bytes")
+        return text + (f". {self.note}" if self.note else "")
+
+    def having_tried(self, what: str = "", note: str = "") -> "NoFit":
+        """This error after a search that also tried ``what``, with ``note`` added."""
+        return NoFit(self.budget_bytes, self.cluster, lambda: self.smallest_bytes, self.level,
+                     self.tried + ((what,) if what else ()), note or self.note)
 
 
 class InputError(AutoparError, TypeError):

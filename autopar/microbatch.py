@@ -385,8 +385,8 @@ def choose_micro_batches(plan_at, batch_size: int | None):
             continue
         except PlanError as e:   # the step does not split into micro-batches
             if best is None:
-                raise NoFit(f"{error}; micro-batches cannot help: {_first_line(e)}",
-                            error.smallest_bytes) from None
+                raise error.having_tried(note=f"Micro-batches cannot help: {_first_line(e)}") \
+                    from None
             return best
         fits += 1
         if best is not None and found[1].plan.cost.total_s >= best[1].plan.cost.total_s:
@@ -395,8 +395,7 @@ def choose_micro_batches(plan_at, batch_size: int | None):
         if not _recomputes(best[1].plan) or fits > MAX_MORE_COUNTS:
             return best
     if best is None:
-        raise NoFit(f"{error}; with micro-batches of one sample ({batch_size} a step) too. "
-                    "Add devices or lower the batch per step", error.smallest_bytes)
+        raise error.having_tried(f"micro-batches of one sample ({batch_size} a step)")
     return best
 
 

@@ -365,17 +365,9 @@ def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level
         jobs = refinements()
     progress.close()
     if best is None:
-        smallest = min(Infeasible(o.prob).min_bytes for o in search.infeasible)
-        if smallest <= budget and level == "fast":
-            raise NoFit(
-                f"level='fast' found no plan that fits in {format_bytes(budget)} per device "
-                f"on {cluster}, though plans needing {format_bytes(smallest)} exist: plan "
-                "with level='full' (the exact program keeps to the budget)", smallest)
-        raise NoFit(
-            f"no plan fits in {format_bytes(budget)} per device on {cluster}: the smallest "
-            f"any plan needs is {format_bytes(smallest)}. Add devices, allow sharded "
-            "parameters (drop constraints that replicate them), lower the batch size, or "
-            "raise memory_budget_bytes", smallest)
+        infeasible = search.infeasible
+        raise NoFit(budget, cluster, lambda: min(Infeasible(o.prob).min_bytes for o in infeasible),
+                    level)
     return best.mesh, best.prob, best.choice, best.cost
 
 

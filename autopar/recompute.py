@@ -305,8 +305,8 @@ def choose_recompute(plan_with, blocks, pins: dict, budget: float) -> tuple:
     if not tried:
         if not isinstance(error, NoFit):
             raise error
-        raise NoFit(f"{error} (even with every block not pinned otherwise recomputed in full)",
-                    error.smallest_bytes) from None
+        raise error.having_tried("every block" + (" not pinned" if pins else "") +
+                                 " recomputed in full") from None
     _, _, found, choices = min(tried)
     strong = next((c for c in ("full", "selective") if c in choices.values()), None)
     if strong is not None and strong != weaker and len(free) > 1:

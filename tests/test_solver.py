@@ -252,5 +252,5 @@ def test_a_fast_plan_that_misses_the_budget_names_the_exact_level():
     with pytest.raises(PlanError, match=r"level='fast' found no plan .* plan with "
                                         r"level='full'") as e:
         autopar.plan(net, cluster, example_inputs=x, mesh={"dp": 16}, level="fast",
-                     memory_budget_bytes=budget, recompute="none")
+                     memory_budget_bytes=budget, recompute="none", micro_batches=1)
     assert "Add devices" not in str(e.value)
