@@ -167,3 +167,47 @@ def test_a_step_of_micro_batches_runs_its_program_that_many_times():
         one.grad_sum_s(1e8, r, 0, fused=False, bucketed=True))
     assert four.grad_sum_s(1e8, r, 0, fused=False) == pytest.approx(
         4 * one.grad_sum_s(1e8, r, 0, fused=False))
+
+
+# -- micro-batches chosen by the planner --------------------------------------------------------
+
+WIDE = dict(layers=4, dim=256, batch=16, seq=1024)   # activations are most of the memory
+DP = {"dp": 8}
+
+
+@functools.lru_cache(maxsize=None)
+def wide_free_plan():
+    model, example = meta_llama(**WIDE)
+    return plan(model, example, mesh=DP)
+
+
+def test_ample_memory_keeps_one_micro_batch():
+    assert wide_free_plan().micro_batches == 1
+
+
+def test_a_budget_micro_batches_meet_faster_than_recomputation_alone():
+    """Where one micro-batch fits only by recomputing every block in full, two micro-batches
+    with selective recomputation step faster: the planner takes them."""
+    model, example = meta_llama(**WIDE)
+    budget = 0.4 * wide_free_plan().cost.memory_bytes_per_device
+    p = plan(model, example, mesh=DP, memory_budget_bytes=budget)
+    one = plan(model, example, mesh=DP, memory_budget_bytes=budget, micro_batches=1)
+    assert p.micro_batches > 1 and one.micro_batches == 1
+    assert p.cost.memory_bytes_per_device <= budget
+    assert p.cost.total_s < one.cost.total_s
+    assert "micro-batches: " + str(p.micro_batches) in p.explain()
+
+
+def test_no_plan_even_with_micro_batches_of_one_sample_names_the_smallest():
+    model, example = meta_llama(**WIDE)
+    budget = 0.05 * wide_free_plan().cost.memory_bytes_per_device
+    with pytest.raises(autopar.NoFit, match=r"even with every block recomputed in full and "
+                                            r"micro-batches of one sample \(16 a step\): the "
+                                            r"smallest any plan needs is [\d.]+ MiB\. Add "
+                                            r"devices") as e:
+        plan(model, example, mesh=DP, memory_budget_bytes=budget)
+    assert e.value.smallest_bytes > budget
+    with pytest.raises(autopar.NoFit) as pinned:
+        plan(model, example, mesh=DP, memory_budget_bytes=budget, micro_batches=1)
+    assert "micro-batches of one sample" not in str(pinned.value)
+    assert pinned.value.smallest_bytes > e.value.smallest_bytes   # more micro-batches help
