@@ -15,8 +15,13 @@ the mesh the folded plan chose is planned again twice with the exact program how
 own); the gap is the folded optimum's step time minus the unfolded one's, relative
 (0: folding lost nothing).
 
-    python benchmarks/search_time.py                    # about half a minute on 2 cores
+A second table plans the 70B at other steps (sequences x tokens, fp32 and bf16-mixed,
+AdamW), memory binding at some and not at others, and prints what the planner chose: the
+mesh, the recomputation per block and the micro-batches.
+
+    python benchmarks/search_time.py                    # about two minutes on 2 cores
     python benchmarks/search_time.py --unfolded-depth 0 # folded only
+    python benchmarks/search_time.py --steps ""         # without the second table
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ SHAPES = {
 VOCAB = 128256
 BATCH, SEQ = 8, 2048
 NODES = 8
+# 70B training steps: (sequences, tokens each, precision)
+STEPS = ((8, 2048, "bf16-mixed"), (16, 1024, "bf16-mixed"), (4, 4096, "bf16-mixed"),
+         (4, 4096, "fp32"), (64, 4096, "bf16-mixed"), (64, 4096, "fp32"))
 PHASES = ("capture", "normalize_graph", "annotate_shapes", "simplify_graph", "expand_repeats",
           "fold_repeated_blocks", "assign_layouts")
 
@@ -66,16 +74,40 @@ def llama(shape: dict, batch: int, seq: int):
     return model, (tokens, tokens)
 
 
-def plan(name, shape, cluster, **options):
+def plan(name, shape, cluster, batch=BATCH, seq=SEQ, precision="bf16-mixed", **options):
     big = name == "405B"
-    model, example = llama(shape, *((1, SEQ // 2) if big else (BATCH, SEQ)))
+    model, example = llama(shape, *((1, SEQ // 2) if big else (batch, seq)))
     optimizer = "sgd" if big else "adamw"
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        p = autopar.plan(model, cluster, example_inputs=example, precision="bf16-mixed",
+        p = autopar.plan(model, cluster, example_inputs=example, precision=precision,
                          optimizer=optimizer, **options)
     return p, time.perf_counter() - start
+
+
+def recompute_summary(p) -> str:
+    """How many blocks take each recomputation choice: "full 20, selective 60"."""
+    counts = {}
+    for c in p.recompute.values():
+        counts[c] = counts.get(c, 0) + 1
+    return ", ".join(f"{c} {n}" for c, n in counts.items()) or "-"
+
+
+def steps_table(cluster, steps) -> Table:
+    table = Table(title=f"LLaMA-3 70B steps on {cluster}, AdamW, seconds")
+    for col in ("step", "precision", "plan s", "mesh", "recompute", "micro-batches",
+                "step s", "peak GiB"):
+        table.add_column(col, justify="left" if col in ("step", "precision", "mesh",
+                                                         "recompute") else "right")
+    for batch, seq, precision in steps:
+        gc.collect()
+        p, total = plan("70B", SHAPES["70B"], cluster, batch, seq, precision)
+        mesh = "x".join(f"{k}{v}" for k, v in p.mesh.items())
+        table.add_row(f"{batch} x {seq}", precision, f"{total:.2f}", mesh,
+                      recompute_summary(p), str(p.micro_batches), f"{p.cost.total_s:.3f}",
+                      f"{p.cost.memory_bytes_per_device / 2**30:.1f}")
+    return table
 
 
 def main(argv=None):
@@ -84,6 +116,8 @@ def main(argv=None):
                         help="plan unfolded too where the model has at most this many layers")
     parser.add_argument("--depths", default="8,16,32,64,128",
                         help="depths of the 70B-width rows, comma-separated")
+    parser.add_argument("--steps", default=",".join(str(i) for i in range(len(STEPS))),
+                        help="which 70B steps of STEPS to plan, by index, comma-separated")
     args = parser.parse_args(argv)
     cluster = autopar.Cluster.preset("dgx-h100", nodes=NODES)
     console = Console(width=200)
@@ -121,6 +155,9 @@ def main(argv=None):
     if len(deep) >= 2 and deep[0] in results and deep[-1] in results:
         console.print(f"depth {deep[0].split(', ')[1]} -> {deep[-1].split(', ')[1]}: "
                       f"x{results[deep[-1]] / results[deep[0]]:.2f} the time")
+    chosen = [STEPS[int(i)] for i in args.steps.split(",") if i]
+    if chosen:
+        console.print(steps_table(cluster, chosen))
 
 
 if __name__ == "__main__":
