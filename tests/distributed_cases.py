@@ -61,6 +61,14 @@ def training_cases(world):
     yield f"llama-recompute-selective-{world}", "llama", dict(
         mesh={"tp": world}, cluster=slow_devices(world), recompute="selective",
         expect="autopar_runtime_checkpoint_layers_1(")
+    # both: recomputed blocks in each of 2 micro-batches, one gradient all-reduce per bucket
+    for name, choice, block in (("gpt", "full", "h_1"), ("llama", "selective", "layers_1")):
+        held = megatron(name, micro_mesh) if "tp" in micro_mesh else {"*": "R"}
+        inputs = {k: v + "R" * (len(micro_mesh) - 1) for k, v in SHARDED_INPUTS[name].items()}
+        yield f"{name}-recompute-{choice}-microbatch-2-{world}", name, dict(
+            mesh=micro_mesh, cluster=slow_devices(world), micro_batches=2, use_step=True,
+            recompute=choice, constraints={**held, **inputs},
+            expect=f"autopar_runtime_checkpoint_{block}(")
     if world == 2:
         # a transformers model (Dynamo capture, keyword inputs, ModelOutput), Megatron-style
         yield "hf-llama-megatron-2", "hf-llama", dict(
