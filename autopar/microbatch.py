@@ -140,11 +140,10 @@ def _batch_inputs(gm, m: int, names: list) -> BatchSplit:
     first = shaped[0]
     batch = int(first.meta["val"].shape[0])
     if batch % m:
-        divisors = [d for d in range(1, batch + 1) if batch % d == 0]
         name = names[placeholders.index(first)] if len(names) == len(placeholders) \
             else first.name
         raise PlanError(f"micro_batches={m} does not divide the batch of {batch} (dim 0 of "
-                        f"input {name!r}); choose one of its divisors {divisors}, or give "
+                        f"input {name!r}); choose one of its divisors {divisors(batch)}, or give "
                         f"a batch that {m} divides")
     dims = {n: 0 for n in shaped if int(n.meta["val"].shape[0]) == batch}
     return BatchSplit(m, batch, dims)
@@ -372,16 +371,15 @@ def choose_micro_batches(plan_at, batch_size: int | None):
         best = plan_at(1)
     except NoFit as e:
         best, error = None, e
-    if best is not None and not _recomputes(best[1].plan) or not batch_size:
-        if best is None:
-            raise error
+    if best is not None and not _recomputes(best[1].plan):
         return best
+    more = divisors(batch_size)[1:] if batch_size else []
     fits = 0
-    for m in [d for d in range(2, batch_size + 1) if batch_size % d == 0]:
+    for m in more:
         try:
             found = plan_at(m)
         except NoFit as e:
-            error = e if best is None else None
+            error = e
             continue
         except PlanError as e:   # the step does not split into micro-batches
             if best is None:
@@ -395,8 +393,14 @@ def choose_micro_batches(plan_at, batch_size: int | None):
         if not _recomputes(best[1].plan) or fits > MAX_MORE_COUNTS:
             return best
     if best is None:
-        raise error.having_tried(f"micro-batches of one sample ({batch_size} a step)")
+        raise error.having_tried(f"micro-batches of one sample ({batch_size} a step)") \
+            if more else error
     return best
+
+
+def divisors(n: int) -> list:
+    """The micro-batch counts a batch of ``n`` splits into evenly, from 1."""
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _recomputes(plan) -> bool:
