@@ -260,10 +260,12 @@ class _Emitter:
         return node
 
     def convert(self, value, src, dst, fuse_last=False):
-        """``value`` held in layout ``src`` -> the same value in layout ``dst``; with
-        ``fuse_last`` the final all_gather becomes ``gather_shards`` (not shared)."""
+        """``value`` held in layout ``src`` -> the same value in layout ``dst``, made once
+        for every consumer that needs it so; with ``fuse_last`` the final all_gather becomes
+        ``gather_shards``, whose backward reduce-scatters the gradients its consumers add
+        up (each rank's a partial sum, as every consumer fusing it has)."""
         key = (value, tuple(dst), fuse_last)
-        if key in self._cache and not fuse_last:
+        if key in self._cache:
             return self._cache[key]
         cur = list(src)
         out = value

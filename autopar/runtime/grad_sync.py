@@ -2,9 +2,10 @@
 
 When every use of a replicated parameter sums its gradient over the same mesh axes (data
 parallel), the sum runs on the parameter's whole gradient instead of once per use: a hook
-collects each gradient as autograd produces it, full buckets are all-reduced asynchronously
-while backward goes on, and when backward ends the summed gradients replace the local
-contribution (so gradient accumulation over several backwards stays exact).
+takes each gradient as autograd produces it (handing autograd zeros to accumulate in its
+place, so that no second copy of it stays alive), full buckets are all-reduced
+asynchronously while backward goes on, and when backward ends the summed gradients are added
+into ``.grad`` (so gradient accumulation over several steps stays exact).
 
 A step of several micro-batches runs its backwards but the last inside :meth:`deferred`:
 their contributions are held, and the last backward sums each parameter's held
@@ -52,13 +53,12 @@ class _Sync:
             self._deferring = False
 
     def _hold(self, key, g) -> bool:
-        """Inside :meth:`deferred`, add ``g`` to what ``key`` holds (a copy: autograd may
-        make the first contribution the parameter's ``.grad`` and add into it in place)."""
+        """Inside :meth:`deferred`, add ``g`` to what ``key`` holds (``g`` itself the first
+        time: autograd is handed zeros instead, never ``g``)."""
         if not self._deferring:
             return False
         with torch.no_grad():
-            self.held[key] = g.detach().clone() if key not in self.held \
-                else self.held[key] + g
+            self.held[key] = g.detach() if key not in self.held else self.held[key] + g
         return True
 
     def _with_held(self, key, g):
@@ -89,10 +89,10 @@ class DistributedGradSync(_Sync):
             p.register_hook(functools.partial(self._on_grad, name))
 
     def _on_grad(self, name, g):
-        if self._hold(name, g):
-            return
-        self._first_of_backward()
-        self._add(name, self._with_held(name, g))
+        if not self._hold(name, g):
+            self._first_of_backward()
+            self._add(name, self._with_held(name, g))
+        return torch.zeros_like(g)   # what autograd adds into .grad; the sum comes at the end
 
     def _add(self, name, g):
         p, axes = self.params[name]
@@ -106,7 +106,8 @@ class DistributedGradSync(_Sync):
         self.pending_bytes.pop(axes)
         flat = torch.cat([g.reshape(-1) for _, g in items])
         work = dist.all_reduce(flat, group=self.mesh.get_group(axes[0]), async_op=True)
-        self.launched.append((axes, work, flat, items))
+        # the gradients themselves are let go: the bucket holds them
+        self.launched.append((axes, work, flat, [p for p, _ in items]))
 
     def finish(self):
         for name in list(self.held):  # held by earlier backwards, not reached by the last
@@ -117,7 +118,7 @@ class DistributedGradSync(_Sync):
             work.wait()
             for axis in axes[1:]:
                 dist.all_reduce(flat, group=self.mesh.get_group(axis))
-            _replace_contributions(items, flat)
+            _add_sums(items, flat)
         self.launched = []
 
 
@@ -136,10 +137,10 @@ class SimulatedGradSync(_Sync):
                 p.register_hook(functools.partial(self._on_grad, name, r))
 
     def _on_grad(self, name, rank, g):
-        if self._hold((name, rank), g):
-            return
-        self._first_of_backward()
-        self.got.setdefault(name, {})[rank] = self._with_held((name, rank), g)
+        if not self._hold((name, rank), g):
+            self._first_of_backward()
+            self.got.setdefault(name, {})[rank] = self._with_held((name, rank), g)
+        return torch.zeros_like(g)
 
     def finish(self):
         for name, rank in list(self.held):
@@ -172,17 +173,16 @@ class SimulatedGradSync(_Sync):
                     total = sum(summed[r] for r in group)
                     for r in group:
                         summed[r] = total
-            for r, flat in local.items():
-                per_rank = [(self.params[n][0][r], self.got[n][r]) for n in names]
-                _replace_contributions(per_rank, summed[r])
+            for r in local:
+                _add_sums([self.params[n][0][r] for n in names], summed[r])
 
 
-def _replace_contributions(items, flat):
-    """Each parameter's gradient: its local contribution of this backward replaced by the
-    summed one held in ``flat``."""
+def _add_sums(params, flat):
+    """Each parameter's summed gradient of this step, held in ``flat`` in order, added into
+    its ``.grad`` (where autograd accumulated zeros in its place)."""
     offset = 0
     with torch.no_grad():
-        for p, g in items:
-            n = g.numel()
-            p.grad.add_(flat[offset:offset + n].view_as(g) - g)
+        for p in params:
+            n = p.numel()
+            p.grad.add_(flat[offset:offset + n].view_as(p.grad))
             offset += n
