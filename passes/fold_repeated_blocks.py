@@ -61,8 +61,8 @@ def fold_repeated_blocks(gm, ctx):
     """Find repeated blocks and group structurally identical ones into classes.
 
     Reads ``node.meta["autopar.op"]``, ``"val"`` and ``"nn_module_stack"``, and
-    ``ctx.param_fqns`` and ``ctx.constraints`` (a parameter a constraint names only in some
-    layers makes those layers differ). Writes ``node.meta["autopar.block"] = (class id,
+    ``ctx.param_fqns`` and ``ctx.constraints`` (a parameter pinned to a layout in some layers
+    only, or to different layouts, makes those layers differ). Writes ``node.meta["autopar.block"] = (class id,
     instance index)`` on every node of a block (class ids count from 0 in order of first
     appearance), sets ``ctx.blocks`` to the list of :class:`BlockClass`, and
     ``ctx.stats["block_classes"]`` to a JSON summary.
@@ -70,7 +70,7 @@ def fold_repeated_blocks(gm, ctx):
     nodes = list(gm.graph.nodes)
     for node in nodes:
         node.meta.pop("autopar.block", None)
-    labeler = _Labeler(set(ctx.param_fqns), list(ctx.constraints or {}))
+    labeler = _Labeler(set(ctx.param_fqns), dict(ctx.constraints or {}))
     method = "module_hierarchy"
     classes = _classify(_module_blocks(nodes), labeler)
     if not any(len(c.instances) > 1 for c in classes):
@@ -162,9 +162,9 @@ def _instance(path: str, block_nodes: list) -> BlockInstance:
 class _Labeler:
     """Labels of nodes and of whole blocks, for the WL hash and the exact comparison."""
 
-    def __init__(self, param_fqns: set, constraint_patterns: list):
+    def __init__(self, param_fqns: set, constraints: dict):
         self.param_fqns = param_fqns
-        self.patterns = constraint_patterns
+        self.constraints = constraints   # glob -> layout
         self._described = {}   # id(value) -> (value, its description)
 
     def describe(self, val):
@@ -178,9 +178,11 @@ class _Labeler:
     def node_label(self, node: Node) -> tuple:
         val = self.describe(node.meta.get("val"))
         if node.op == "get_attr":
-            pinned = tuple(p for p in self.patterns if fnmatch.fnmatchcase(node.target, p))
+            # the layouts it is pinned to (the last matching glob wins), not which globs
+            pinned = [str(lay) for p, lay in self.constraints.items()
+                      if fnmatch.fnmatchcase(node.target, p)][-1:]
             return ("get_attr", val, node.target in self.param_fqns,
-                    bool(getattr(node.meta.get("val"), "requires_grad", False)), pinned)
+                    bool(getattr(node.meta.get("val"), "requires_grad", False)), tuple(pinned))
         return (node.op, node.meta.get("autopar.op"), val)
 
     def structure(self, inst: BlockInstance) -> tuple:
