@@ -15,10 +15,12 @@ from .placement import format_layout, parse_layout
 
 @dataclass(frozen=True)
 class Cost:
-    """Predicted time of one training step (forward and backward) and peak memory, with the
-    peak's parts per device: parameters, their gradients and optimizer states (in their
-    storage layouts), activations saved for backward and other live values at the peak, and
-    the transient of recomputing a block in backward."""
+    """Predicted time of one training step (forward and backward) and peak memory per
+    device, the larger of two points: the forward pass at its most (parameters, their
+    gradients and optimizer states in their storage layouts, activations saved for backward
+    and other live values, and the transient of recomputing a block in backward, or of the
+    gradients held between micro-batches), and the end of backward (the parameters' storage
+    and the buckets of the gradients summed over ranks, ``bucket_bytes``)."""
 
     total_s: float = 0.0
     compute_s: float = 0.0
@@ -29,6 +31,7 @@ class Cost:
     optimizer_bytes: float = 0.0
     activation_bytes: float = 0.0
     transient_bytes: float = 0.0
+    bucket_bytes: float = 0.0
 
 
 @dataclass
@@ -144,10 +147,13 @@ class Plan:
         c = self.cost
         parts = (("parameters", c.parameter_bytes), ("gradients", c.gradient_bytes),
                  ("optimizer", c.optimizer_bytes), ("activations", c.activation_bytes),
-                 ("recompute transient", c.transient_bytes))
-        return "memory per device at the peak: " + ", ".join(
-            f"{name} {format_bytes(v)}" for name, v in parts if v or name != "recompute "
-            "transient")
+                 ("transient", c.transient_bytes))
+        line = "memory per device at the forward pass's peak: " + ", ".join(
+            f"{name} {format_bytes(v)}" for name, v in parts if v or name != "transient")
+        if c.bucket_bytes:
+            line += (f"; at the end of backward, gradient-sum buckets "
+                     f"{format_bytes(c.bucket_bytes)}")
+        return line
 
     def _op_rows(self):
         for name, v in self.nodes.items():

@@ -14,6 +14,7 @@ from torch.fx import Node
 
 from .cost import CostModel, axes_mask, coded_path, work_axes
 from .placement import is_partial, is_replicate, is_shard
+from .saved import SavedValues
 from .redistribute import REPLICATED, coded_steps, layout_code, plan_steps
 from .rules import candidates, even_combos, make_strategies, out_vals, tensor_inputs
 
@@ -62,6 +63,7 @@ class Prices:
         self.tables, self._fractions, self._size_of = {}, np.zeros(0), None
         self.lists = shared.lists   # what is read off a list of strategies or of keys
         self.strategies, self.node_prices = {}, {}
+        self._communicated = {}
 
     def path_lines(self, grad: bool) -> tuple:
         """(seconds at zero bytes, seconds per byte) arrays by path id (:class:`Moves`), for
@@ -84,6 +86,17 @@ class Prices:
             lay = self.layout_id.layouts
             axes = self.sum_axes[(need, out)] = _sum_axes(lay[need], lay[out])
         return axes
+
+    def communicated(self, src: int, need: int) -> bool:
+        """Whether moving a value from layout id ``src`` to ``need`` makes a new copy by a
+        collective (a gather, a reduction, an all-to-all), rather than keeping it or taking
+        a local slice of it (a view)."""
+        found = self._communicated.get((src, need))
+        if found is None:
+            a, b = self.layout_id.layouts[src], self.layout_id.layouts[need]
+            found = self._communicated[(src, need)] = any(
+                p != q and (is_partial(p) or is_shard(p)) for p, q in zip(a, b))
+        return found
 
     def layout_ids(self, options: list) -> list:
         """Per strategy (output layout id, input layout ids); ``options`` is one of the lists
@@ -247,6 +260,7 @@ class Facts:
 
     def __init__(self):
         self.nodes, self.meshes, self.folds, self._candidates = {}, {}, {}, {}
+        self._saved = SavedValues(lambda n: self.of(n)[0])
         self.layout_id = LayoutIds()
         self.moves, self.sum_axes, self.lists, self._strategies = {}, {}, {}, {}
 
@@ -258,6 +272,11 @@ class Facts:
             f = self.nodes[n] = (ins, _value_bytes(n), needs_grad(n), _floating(n),
                                  isinstance(n.meta.get("val"), (tuple, list)))
         return f
+
+    @property
+    def saved(self) -> SavedValues:
+        """What backward keeps of the program's values (:mod:`autopar.saved`)."""
+        return self._saved
 
     def candidates(self, n: Node) -> tuple:
         """:func:`~autopar.rules.candidates` of ``n``, whatever the mesh."""

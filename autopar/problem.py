@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .cost import SAVES_NOTHING, CostModel
+from .cost import CostModel
 from .placement import Replicate, Shard, divides
 from .plans import Cost
 from .prices import Facts, LayoutIds, Priced, Prices, distinct_keys
 from .rules import Strategy, shape_of
+from .runtime.grad_sync import BUCKET_BYTES
 
 # Checkpoints at which memory is constrained: every op up to this many, else evenly spaced.
 MAX_MEMORY_CHECKPOINTS = 64
@@ -40,6 +41,12 @@ class Edge:
     dst_keys: list            # per dst strategy: (needed layout, gradient-sum axes)
     cost: Priced              # (src key, dst key) -> seconds, forward and backward, one edge
     weight: int = 1
+    # Where a collective's copy on this edge stays saved for backward (a parameter gathered
+    # for an op that saves it; any value moved into a selectively recomputed block): bytes
+    # of the whole value the copy stands for (its share where several ops save one copy),
+    # and (position, count) of when the copies count toward memory (:meth:`saved_matrix`).
+    saved_bytes: float = 0.0
+    spans: tuple = ()
 
     def seconds(self, src_choice: int, dst_choice: int) -> float:
         """Seconds of every edge this one stands for, given both ends' strategies."""
@@ -55,6 +62,19 @@ class Edge:
         """Seconds of one edge per (distinct src key, distinct dst key)."""
         src, _, dst, _ = self.distinct
         return self.cost.matrix(src, dst)
+
+    def saved_matrix(self, prices: Prices) -> np.ndarray:
+        """Bytes saved for backward per (distinct src key, distinct dst key), one edge: the
+        copy a collective makes in the layout the consumer needs; none where the value is
+        used as it is or sliced (a view of what is held already)."""
+        found = self.__dict__.get("_saved")
+        if found is None:
+            src, _, dst, _ = self.distinct
+            need = np.array([k[0] for k in dst], dtype=np.intp)
+            moved = np.array([[prices.communicated(a, b) for b in need] for a in src], dtype=bool)
+            found = self.__dict__["_saved"] = \
+                self.saved_bytes * prices.fractions()[need][None, :] * moved
+        return found
 
     def matrix(self) -> np.ndarray:
         """:meth:`seconds` for every (src strategy, dst strategy)."""
@@ -106,10 +126,15 @@ class Problem:
     saved_bytes: dict = field(default_factory=dict)    # node -> [bytes] saved for backward
     out_bytes: dict = field(default_factory=dict)      # node -> [bytes] of its output
     transient_bytes: dict = field(default_factory=dict)  # node -> [bytes] recomputed at once
+    held_grad_bytes: dict = field(default_factory=dict)  # parameter -> [bytes] of gradients
+                                                         #   held between micro-batches
     held: list = field(default_factory=list)           # [Held]: when each table counts
     outputs: list = field(default_factory=list)        # nodes returned by the graph
     weight: dict = field(default_factory=dict)         # node -> instances it stands for
     rep: dict = field(default_factory=dict)            # left-out node -> node standing for it
+    block_start: int = 0                                # where the first repeated block starts
+    sync_bytes: dict = field(default_factory=dict)      # parameter -> [bytes] of its gradient
+                                                        #   summed over ranks in buckets
     prices: Prices = None                               # shared by the problems on one mesh
 
     def __post_init__(self):
@@ -145,7 +170,7 @@ class Problem:
         peak, at = self._peak(choice)
         parts = {"static_bytes": 0.0, "activations": 0.0, "transient_bytes": 0.0}
         params = {"parameter": 0.0, "gradient": 0.0, "optimizer": 0.0}
-        for h in self.held:
+        for h in self.held:   # the parts at the forward pass's peak
             if not h.start <= at < h.end:
                 continue
             v = h.mult * getattr(self, h.table)[h.node][choice[h.node]]
@@ -153,10 +178,12 @@ class Problem:
                 for part, share in self._static_parts(h.node).items():
                     params[part] += v * share
             else:
-                parts["transient_bytes" if h.table == "transient_bytes" else "activations"] += v
+                transient = h.table in ("transient_bytes", "held_grad_bytes")
+                parts["transient_bytes" if transient else "activations"] += v
+        parts["activations"] += sum(v for start, v in self._edge_memory(choice) if start <= at)
         return Cost(compute + comm, compute, comm, peak, params["parameter"],
                     params["gradient"], params["optimizer"], parts["activations"],
-                    parts["transient_bytes"])
+                    parts["transient_bytes"], self._gradient_buckets(choice))
 
     def _static_parts(self, node) -> dict:
         """How a parameter's storage splits into weights, gradients, optimizer states."""
@@ -166,28 +193,68 @@ class Problem:
         return self.model.training.parameter_parts(trainable, elem)
 
     def peak_memory(self, choice: dict) -> float:
-        """The largest of :meth:`memory_at` over the forward pass, in one sweep."""
+        """The larger of the most :meth:`memory_at` holds over the forward pass and what the
+        end of backward holds (the parameters' storage and :meth:`_gradient_buckets`)."""
         return self._peak(choice)[0]
 
+    def _gradient_buckets(self, choice: dict) -> float:
+        """Bytes the gradient sums hold at the end of backward, beyond the parameters'
+        storage: a bucket of every gradient summed over ranks (all-reduced while backward
+        goes on, added into ``.grad`` when it ends), and the gradients of the last bucket
+        not yet copied into one."""
+        synced = self._synced(choice)
+        return synced + min(BUCKET_BYTES, synced)
+
     def _peak(self, choice: dict) -> tuple:
-        """(the largest memory held, after which node position), in one sweep."""
+        """(:meth:`peak_memory`, after which node position the forward pass holds its
+        most), in one sweep."""
         n = len(self.nodes)
         delta = [0.0] * (n + 1)
         for h in self.held:
             v = h.mult * getattr(self, h.table)[h.node][choice[h.node]]
             delta[h.start] += v
             delta[min(h.end, n)] -= v
+        for start, v in self._edge_memory(choice):
+            delta[start] += v
         held, peak, at = 0.0, 0.0, 0
         for t in range(n):
             held += delta[t]
             if held > peak:
                 peak, at = held, t
-        return peak, at
+        return max(peak, self.memory_after_backward(choice)), at
+
+    def memory_after_backward(self, choice: dict) -> float:
+        """Bytes held by one device late in backward, the saved activations gone: the
+        parameters' storage and the gradients summed over ranks, with either what the first
+        block recomputed holds again (its backward runs last, the other blocks' gradients
+        waiting for their buckets) or, at the very end, the last bucket's copy of them."""
+        static = sum(h.mult * self.static_bytes[h.node][choice[h.node]] for h in self.held
+                     if h.table == "static_bytes")
+        recomputed = sum(h.mult * self.transient_bytes[h.node][choice[h.node]]
+                         for h in self.held if h.table == "transient_bytes")
+        synced = self._synced(choice)
+        return static + synced + max(recomputed, min(BUCKET_BYTES, synced))
+
+    def _synced(self, choice: dict) -> float:
+        return sum(self.weight.get(n, 1) * v[choice[n]] for n, v in self.sync_bytes.items())
 
     def memory_at(self, choice: dict, t: int) -> float:
         """Bytes held by one device just after node ``t`` runs in the forward pass."""
         return sum(h.mult * getattr(self, h.table)[h.node][choice[h.node]]
-                   for h in self.held if h.start <= t < h.end)
+                   for h in self.held if h.start <= t < h.end) + \
+            sum(v for start, v in self._edge_memory(choice) if start <= t)
+
+    def _edge_memory(self, choice: dict):
+        """(position from which it counts to the end of the forward pass, bytes) of every
+        parameter copy saved for backward under ``choice``."""
+        for e in self.edges:
+            if not e.saved_bytes:
+                continue
+            _, src_of, _, dst_of = e.distinct
+            v = e.saved_matrix(self.prices)[src_of[choice[e.src]], dst_of[choice.get(e.dst, 0)]]
+            if v:
+                for start, mult in e.spans:
+                    yield start, mult * v
 
     def pair_count(self) -> int:
         """How many (producer layout, consumer need) pairs the exact program would carry."""
@@ -198,18 +265,21 @@ class Problem:
         """A copy keeping only strategies ``kept[node]`` (indices), and per node the map from
         new indices back to the old."""
         new = Problem(self.mesh, self.model, self.nodes, outputs=self.outputs, held=self.held,
-                      weight=self.weight, rep=self.rep, prices=self.prices)
+                      weight=self.weight, rep=self.rep, prices=self.prices,
+                      block_start=self.block_start)
         for n in self.nodes:
             idx = kept[n]
             new.options[n] = [self.options[n][i] for i in idx]
             for table in ("node_s", "static_bytes", "saved_bytes", "out_bytes"):
                 getattr(new, table)[n] = [getattr(self, table)[n][i] for i in idx]
-            if n in self.transient_bytes:
-                new.transient_bytes[n] = [self.transient_bytes[n][i] for i in idx]
+            for table in ("transient_bytes", "held_grad_bytes", "sync_bytes"):
+                if n in getattr(self, table):
+                    getattr(new, table)[n] = [getattr(self, table)[n][i] for i in idx]
         for e in self.edges:
             src_keys = [e.src_keys[i] for i in kept[e.src]]
             dst_keys = e.dst_keys if e.dst not in kept else [e.dst_keys[i] for i in kept[e.dst]]
-            new.edges.append(Edge(e.src, e.dst, e.slot, src_keys, dst_keys, e.cost, e.weight))
+            new.edges.append(Edge(e.src, e.dst, e.slot, src_keys, dst_keys, e.cost, e.weight,
+                                  e.saved_bytes, e.spans))
         return new, kept
 
     def scores_near(self, seed: dict) -> dict:
@@ -369,6 +439,8 @@ def _hold_memory(prob: Problem, blocks, pos: dict, uses: dict):
     for n in prob.nodes:
         w, p = prob.weight.get(n, 1), pos[n]
         prob.held.append(Held(n, "static_bytes", 0, _ALWAYS, w))
+        if n in prob.held_grad_bytes:
+            prob.held.append(Held(n, "held_grad_bytes", 0, _ALWAYS, w))
         prob.held.append(Held(n, "saved_bytes", p, _ALWAYS, 1))
         if w > 1:
             prob.held.append(Held(n, "saved_bytes", block_start, _ALWAYS, w - 1))
@@ -381,6 +453,16 @@ def _hold_memory(prob: Problem, blocks, pos: dict, uses: dict):
         earlier = max((t for t, back in readers if back), default=-1)
         if earlier >= 0:
             prob.held.append(Held(n, "out_bytes", block_start, earlier, 1))
+    prob.block_start = block_start
+    for e in prob.edges:
+        if e.saved_bytes:
+            e.spans = edge_spans(prob, e, pos)
+
+
+def edge_spans(prob: Problem, e: Edge, pos: dict) -> tuple:
+    """When a copy saved on edge ``e`` counts, as (position, count): each instance of its
+    consumer holds one, those before the last from the first block's start on."""
+    return ((pos[e.dst], 1),) + (((prob.block_start, e.weight - 1),) if e.weight > 1 else ())
 
 
 def _source_options(node, mesh, pinned) -> list:
@@ -411,6 +493,23 @@ def _price_node(prob: Problem, n: Node, facts: Facts):
     if found is None:
         found = prob.prices.node_prices[key] = _node_prices(prob, n, facts)
     prob.node_s[n], prob.static_bytes[n], prob.saved_bytes[n], prob.out_bytes[n] = found
+    if n.op == "get_attr" and _trainable(n):
+        prob.sync_bytes[n] = _synced_gradients(prob, n, facts)
+        if prob.model.micro_batches > 1:   # held apart between micro-batches
+            prob.held_grad_bytes[n] = prob.sync_bytes[n]
+
+
+def _synced_gradients(prob: Problem, n: Node, facts: Facts) -> list:
+    """Per strategy of parameter ``n``, the bytes of its gradient summed over ranks once a
+    step (where it is replicated on a mesh axis): bucketed at the end of backward and, over
+    several micro-batches, this step's local contributions held in a copy until the last
+    micro-batch's backward sums them."""
+    prices = prob.prices
+    outs, _ = prices.id_arrays(prob.options[n])
+    shard, partial = prices.layout_id.masks()
+    every = (1 << prob.mesh.ndim) - 1
+    replicated = (shard[outs] | partial[outs]) != every
+    return (facts.of(n)[1] * prices.fractions()[outs] * replicated).tolist()
 
 
 def _node_prices(prob: Problem, n: Node, facts: Facts) -> tuple:
@@ -434,22 +533,19 @@ def _node_prices(prob: Problem, n: Node, facts: Facts) -> tuple:
     seconds = m.compute_s(op, spec.flops, spec.num_bytes, None, None,
                           split=prices.work_splits(opts))
     seconds = _per_strategy(seconds, len(opts))
-    out = (num_bytes * m.activation_scale * share[outs]).tolist()
-    if op in SAVES_NOTHING:
-        return seconds, zeros, zeros, out
-    saved = np.zeros(len(opts))
-    for slot, src in enumerate(ins):   # the inputs it saves, but a pinned parameter as is
-        src_bytes, _, floating = facts.of(src)[1:4]
-        if not floating:
-            continue
-        need = needs[:, slot]
-        add = saved + src_bytes * m.activation_scale * share[need]
-        src_options = prob.options[prob.rep.get(src, src)]
-        if src.op == "get_attr" and len(src_options) == 1:   # already counted
-            saved = np.where(need != prob.layout_id(src_options[0].output), add, saved)
-        else:
-            saved = add
-    return seconds, zeros, saved.tolist(), out
+    out = num_bytes * m.activation_scale * share[outs]
+    saved, kept = np.zeros(len(opts)), facts.saved
+    for slot, src in enumerate(ins):
+        # the inputs it saves, its share of each storage (ops saving one storage hold it
+        # once); a parameter's copy is its edge's (Edge.saved_matrix), a view of a
+        # parameter is the parameter
+        root = kept.root(src)
+        if facts.of(src)[3] and root.op != "get_attr" and kept.saves(n, slot):
+            saved = saved + facts.of(root)[1] * m.activation_scale * share[needs[:, slot]] * \
+                kept.share(src)
+    if kept.saves_output(n):
+        saved = saved + facts.of(kept.root(n))[1] / num_bytes * out * kept.share(n)
+    return seconds, zeros, saved.tolist(), out.tolist()
 
 
 def _per_strategy(seconds, count: int) -> list:
@@ -465,6 +561,8 @@ def _edge(prob: Problem, src: Node, dst: Node, slot: int, facts: Facts) -> Edge:
     cost = prices.table(num_bytes, grad, src.op == "get_attr", is_tuple)
     e = Edge(src, dst, slot, src_keys, dst_keys, cost)
     e.distinct = (*prices.distinct(src_keys), *prices.distinct(dst_keys))
+    if src.op == "get_attr" and facts.of(src)[3] and facts.saved.saves(dst, slot):
+        e.saved_bytes = num_bytes * prob.model.activation_scale * facts.saved.share(src)
     return e
 
 

@@ -171,12 +171,49 @@ def _price_run(prob, facts, run: list, picked: list, transient: bool):
                     np.maximum(none_saved - mine, 0.0), (len(prob.options[n]),)).tolist()
         prob.saved_bytes[n] = np.broadcast_to(saved, (len(prob.options[n]),)).tolist()
         prob.node_s[n] = seconds.tolist()
+    _saved_copies(prob, facts, run, picked)
     _recompute_moves(prob, facts, run, picked)
     if transient:
         from .problem import _ALWAYS, Held
         end = len(prob.nodes) - 1
         prob.held += [Held(n, "transient_bytes", end, _ALWAYS, 1) for n in calls
                       if n in prob.transient_bytes]
+
+
+def _saved_copies(prob, facts, run: list, picked: list):
+    """What stays saved of the copies collectives make on the edges into the ops of
+    recomputed instances: a selective block keeps every collective's output, so that
+    backward runs none again; a full block keeps none (its forward makes them again in
+    backward). Each edge of the problem keeps them for the share of the program edges it
+    stands for that lead into an instance keeping them."""
+    from .problem import edge_spans
+    rep, keeping = prob.rep, {}
+    for inst, choice in zip(run, picked):
+        for n in inst.nodes:
+            if n.op in ("call_function", "call_method"):
+                for slot, src in enumerate(facts.of(n)[0]):
+                    key = (rep.get(src, src), rep.get(n, n), slot)
+                    count = keeping.setdefault(key, {"none": 0, "selective": 0, "full": 0})
+                    count[choice] += 1
+    pos = None
+    for i, e in enumerate(prob.edges):
+        count = keeping.get((e.src, e.dst, e.slot))
+        if count is None:
+            continue
+        src_bytes, _, floating = facts.of(e.src)[1:4]
+        if e.saved_bytes:      # a parameter's copy: kept by "none" and "selective"
+            kept = e.saved_bytes * (count["none"] + count["selective"]) / e.weight
+        elif count["selective"] and floating and e.src.op != "get_attr":
+            kept = count["selective"] / e.weight * src_bytes * prob.model.activation_scale * \
+                facts.saved.share(e.src)
+        else:
+            continue
+        e = prob.edges[i] = copy.copy(e)   # (keeps its distinct keys)
+        e.__dict__.pop("_saved", None)
+        e.saved_bytes = kept
+        if not e.spans:
+            pos = pos or prob.index()
+            e.spans = edge_spans(prob, e, pos)
 
 
 def _recompute_moves(prob, facts, run: list, picked: list):

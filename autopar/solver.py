@@ -50,8 +50,11 @@ import highspy
 from scipy.sparse import coo_array
 
 from .errors import PlanError
+from .problem import _ALWAYS
+from .runtime.grad_sync import BUCKET_BYTES
 
 TIME_LIMIT_S = 60.0
+MEMORY_UNIT = float(2**30)  # bytes per unit of the memory rows
 INTEGRAL_TOLERANCE = 1e-7   # a relaxed binary this close to 0 or 1 counts as integral
 
 
@@ -283,11 +286,12 @@ def one_strategy_per_node(b: _Builder, prob, x: dict):
     b.rows(len(cols), rows, np.concatenate(cols), np.ones(len(rows)), 1.0, 1.0)
 
 
-def edge_marginals(b: _Builder, prob, x: dict) -> float:
-    """y[e, a, b] for edges with a choice on both sides; edges with one side fixed fold their
-    cost into the other side's x. Returns the constant cost of fully fixed edges."""
+def edge_marginals(b: _Builder, prob, x: dict, pairs: dict) -> float:
+    """y[e, a, b] for edges with a choice on both sides (into ``pairs``: edge index ->
+    (columns, a, b)); edges with one side fixed fold their cost into the other side's x.
+    Returns the constant cost of fully fixed edges."""
     constant = 0.0
-    for e in prob.edges:
+    for k, e in enumerate(prob.edges):
         src_free, dst_free = e.src in x, e.dst in x
         if not src_free and not dst_free:
             constant += e.seconds(0, 0)
@@ -296,54 +300,98 @@ def edge_marginals(b: _Builder, prob, x: dict) -> float:
         elif not src_free:
             b.add_cost(x[e.dst], [e.seconds(0, s) for s in range(len(x[e.dst]))])
         else:
-            _pair_variables(b, e, x)
+            pairs[k] = _pair_variables(b, e, x)
     return constant
 
 
-def _pair_variables(b: _Builder, e, x: dict):
+def _pair_variables(b: _Builder, e, x: dict, seconds: bool = True) -> tuple:
     """y for every pair of distinct (producer layout, consumer need) of edge ``e`` whose
-    cost is finite, and the rows tying them to both ends' x."""
+    cost is finite, and the rows tying them to both ends' x; (their columns, and per
+    column its distinct producer and consumer key). Without ``seconds`` they cost nothing."""
     src, src_of, dst, dst_of = e.distinct
     cost = e.key_matrix()
     finite = np.isfinite(cost)
     i, j = np.nonzero(finite)
-    pairs = b.columns(e.weight * cost[finite], False)
+    pairs = b.columns(e.weight * cost[finite] if seconds else np.zeros(len(i)), False)
     na, nb = len(src), len(dst)
     xs, xd = x[e.src], x[e.dst]
     rows = np.concatenate([i, na + j, src_of, na + dst_of])
     cols = np.concatenate([pairs, pairs, xs, xd])
     vals = np.concatenate([np.ones(2 * len(pairs)), -np.ones(len(xs) + len(xd))])
     b.rows(na + nb, rows, cols, vals, 0.0, 0.0)
+    return pairs, i, j
 
 
-def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, peak_col: int | None = None):
+def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, pairs: dict,
+                  peak_col: int | None = None):
     """Memory after each checkpoint stays within the budget (or below ``peak_col``)."""
     points = np.array(prob.checkpoints())
     constant = np.zeros(len(points))
     rows, cols, vals = [], [], []
+
+    def hold(start, end, columns, v):
+        """``v`` (per column of ``columns``, or a constant where ``columns`` is None) from
+        the checkpoint at ``start`` up to ``end``."""
+        first, last = np.searchsorted(points, [start, end])
+        if first >= last:
+            return
+        if columns is None:
+            constant[first:last] += v
+            return
+        nz = np.nonzero(v)[0]
+        span = np.arange(first, last)
+        rows.append(np.repeat(span, len(nz)))
+        cols.append(np.tile(columns[nz], len(span)))
+        vals.append(np.tile(v[nz], len(span)))
+
     for h in prob.held:
-        first, end = np.searchsorted(points, [h.start, h.end])
-        if first >= end:
-            continue
         per = getattr(prob, h.table)[h.node]
         if h.node not in x:
-            constant[first:end] += h.mult * per[0]
+            hold(h.start, h.end, None, h.mult * per[0])
+        else:
+            hold(h.start, h.end, x[h.node], h.mult * np.asarray(per))
+    for k, e in enumerate(prob.edges):
+        if not e.saved_bytes:
             continue
-        v = h.mult * np.asarray(per)
-        nz = np.nonzero(v)[0]
-        if not len(nz):
-            continue
-        span = np.arange(first, end)
-        rows.append(np.repeat(span, len(nz)))
-        cols.append(np.tile(x[h.node][nz], len(span)))
-        vals.append(np.tile(v[nz], len(span)))
-    if peak_col is not None:
+        m = e.saved_matrix(prob.prices)
+        _, src_of, _, dst_of = e.distinct
+        if k in pairs:
+            columns, i, j = pairs[k]
+            per = m[i, j]
+        elif e.src in x:
+            columns, per = x[e.src], m[src_of, dst_of[0]]
+        elif e.dst in x:
+            columns, per = x[e.dst], m[src_of[0], dst_of]
+        else:
+            columns, per = None, m[src_of[0], dst_of[0]]
+        for start, mult in e.spans:
+            hold(start, _ALWAYS, columns, mult * per)
+    # late in backward (Problem.memory_after_backward), two points: the first block
+    # recomputed while the gradients wait for their buckets, and the very end, the last
+    # bucket's copy made (its share at most a bucket, as if full)
+    late = len(points)
+    after = len(prob.nodes)   # positions past every node: rows late and late + 1
+    points, constant = np.append(points, [after, after + 1]), np.append(constant, [0.0, 0.0])
+    most = sum(prob.weight.get(n, 1) * max(v) for n, v in prob.sync_bytes.items())
+    constant[late + 1] += min(BUCKET_BYTES, most)
+    for h in prob.held:
+        if h.table in ("static_bytes", "transient_bytes"):
+            per = getattr(prob, h.table)[h.node]
+            end = _ALWAYS if h.table == "static_bytes" else after + 1   # (transient: late)
+            hold(after, end, x.get(h.node), h.mult * (np.asarray(per) if h.node in x
+                                                      else per[0]))
+    for n, v in prob.sync_bytes.items():
+        w = prob.weight.get(n, 1)
+        hold(after, _ALWAYS, x.get(n), w * (np.asarray(v) if n in x else v[0]))
+    # in GiB: HiGHS's branch and bound misjudges feasibility with coefficients in bytes
+    vals = [v / MEMORY_UNIT for v in vals]
+    if peak_col is not None:   # (the peak in GiB too)
         rows.append(np.arange(len(points)))
         cols.append(np.full(len(points), peak_col))
         vals.append(-np.ones(len(points)))
-        hi = -constant
+        hi = -constant / MEMORY_UNIT
     else:
-        hi = budget_bytes - constant
+        hi = (budget_bytes - constant) / MEMORY_UNIT
     b.rows(len(points), _join(rows, int), _join(cols, int), _join(vals, float), -np.inf, hi)
 
 
@@ -381,9 +429,10 @@ def solve(prob, budget_bytes: float, time_limit_s: float = TIME_LIMIT_S,
     b = _Builder()
     x = strategy_variables(b, prob)
     one_strategy_per_node(b, prob, x)
-    constant = edge_marginals(b, prob, x)
+    pairs = {}
+    constant = edge_marginals(b, prob, x, pairs)
     constant += sum(prob.weight.get(n, 1) * prob.node_s[n][0] for n in prob.nodes if n not in x)
-    memory_budget(b, prob, x, budget_bytes)
+    memory_budget(b, prob, x, budget_bytes, pairs)
     if hint is not None:
         res = b.branch(time_limit_s, _hinted(prob, x, hint, b.n_cols), whole=False)
         if res.x is not None:
@@ -447,17 +496,19 @@ def min_memory(prob, time_limit_s: float = TIME_LIMIT_S) -> float:
     b._cost = [np.zeros(len(c)) for c in b._cost]
     peak = b.var(1.0, False, upper=np.inf)
     one_strategy_per_node(b, prob, x)
-    # edges impose no cost here, but tuple edges still forbid some pairs
-    for e in prob.edges:
-        if e.src in x and e.dst in x and e.cost.forbids:
-            _pair_variables(b, e, x)
-    memory_budget(b, prob, x, 0.0, peak_col=peak)
+    # edges impose no cost here, but tuple edges still forbid some pairs, and a consumer's
+    # copy of a parameter depends on both ends
+    pairs = {}
+    for k, e in enumerate(prob.edges):
+        if e.src in x and e.dst in x and (e.cost.forbids or e.saved_bytes):
+            pairs[k] = _pair_variables(b, e, x, seconds=False)
+    memory_budget(b, prob, x, 0.0, pairs, peak_col=peak)
     res = b.relax(time_limit_s)
     if not b.is_integral(res) and res.status != "infeasible":
         res = b.branch(time_limit_s)
     if res.x is None:
         raise PlanError("no layout assignment exists for this program on this mesh")
-    return float(res.x[peak])
+    return float(res.x[peak]) * MEMORY_UNIT
 
 
 class Infeasible(Exception):
