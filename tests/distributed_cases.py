@@ -122,6 +122,65 @@ def run_steps(pm, ref, args, kwargs, count):
     return worst
 
 
+MEMORY_PLANS = {
+    "dp-full-recompute": dict(mesh_of=lambda w: {"dp": w}, constraints={"*": "R"},
+                              recompute="full"),
+    "sharded-selective-2": dict(mesh_of=lambda w: {"dp": w}, constraints={"*weight": "S(0)"},
+                                recompute="selective", micro_batches=2),
+    "megatron": dict(mesh_of=lambda w: {"tp": w}, megatron=True),
+    "automatic": dict(mesh_of=lambda w: None),
+}
+
+
+def memory_cases(world):
+    """(case, model name, compile options) whose memory is measured against the plan."""
+    for name in ("gpt", "llama"):
+        for plan, o in MEMORY_PLANS.items():
+            mesh = o["mesh_of"](world)
+            opts = {k: v for k, v in o.items() if k not in ("mesh_of", "megatron")}
+            if mesh is not None:
+                opts["mesh"] = mesh
+            if o.get("megatron"):
+                opts["constraints"] = megatron(name, mesh)
+            elif "constraints" in opts:
+                opts["constraints"] = {**opts["constraints"], **SHARDED_INPUTS[name]}
+            yield f"memory-{name}-{plan}-{world}", name, opts
+
+
+def memory_model(name):
+    """Models wide enough that activations, not a step's few small tensors, fill memory."""
+    import torch
+    from models import GPT, GPTConfig, Llama, LlamaConfig, tiny_batch
+    torch.manual_seed(0)
+    if name == "gpt":
+        cfg = GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128)
+        return GPT(cfg), tiny_batch(cfg, 8, 64)
+    cfg = LlamaConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                      hidden_dim=384, max_seq_len=64)
+    return Llama(cfg), tiny_batch(cfg, 8, 64)
+
+
+def run_memory(name, opts):
+    """Measured bytes of a step on this rank beside the plan's prediction: the relative
+    error of the saved activations and of the peak."""
+    import torch
+    from autopar.runtime.memory import measure_step
+    model, batch = memory_model(name)
+    pm = autopar.compile(model, autopar.Cluster.local(measure=False), example_inputs=batch,
+                         **opts)
+    optimizer = torch.optim.AdamW(pm.parameters(), lr=1e-3)
+    for _ in range(2):
+        pm.step(*batch)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+    got = measure_step(pm, optimizer, *batch)
+    c = pm.plan.cost
+    return {"saved": (c.activation_bytes - got.saved) / got.saved,
+            "peak": (c.memory_bytes_per_device - got.peak) / got.peak,
+            "held": (c.parameter_bytes + c.gradient_bytes + c.optimizer_bytes - got.held)
+            / got.held}
+
+
 def run_errors(world):
     """Misuse in a real run gives a clear error on every rank, never a hang."""
     out = {}
@@ -148,6 +207,12 @@ def main(rank, world, port, result_dir):
     for case, name, opts in training_cases(world):
         try:
             results[case] = {"worst": run_training(name, opts)}
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            results[case] = {"error": f"{type(e).__name__}: {e}",
+                             "trace": traceback.format_exc()[-2000:]}
+    for case, name, opts in memory_cases(world):
+        try:
+            results[case] = run_memory(name, opts)
         except Exception as e:  # noqa: BLE001 - reported to the test
             results[case] = {"error": f"{type(e).__name__}: {e}",
                              "trace": traceback.format_exc()[-2000:]}

@@ -32,6 +32,25 @@ def test_training_matches_one_device_on_every_rank(world_results):
             assert r["worst"] <= RTOL, f"rank {rank} {case}: worst relative error {r['worst']}"
 
 
+# The memory model against what a rank really holds (autopar.runtime.memory): the
+# activations saved for backward, the peak of the step, and parameters with gradients and
+# optimizer states, each within this share of the measured bytes.
+MEMORY_TOLERANCE = 0.10
+
+
+def test_predicted_memory_matches_what_each_rank_holds(world_results):
+    world, results = world_results
+    cases = [case for case, _, _ in distributed_cases.memory_cases(world)]
+    assert len(cases) == 8
+    for rank, res in enumerate(results):
+        for case in cases:
+            r = res[case]
+            assert "error" not in r, f"rank {rank} {case}: {r.get('error')}\n{r.get('trace')}"
+            for what in ("saved", "peak", "held"):
+                assert abs(r[what]) <= MEMORY_TOLERANCE, \
+                    f"rank {rank} {case}: predicted {what} bytes off by {r[what]:+.1%}"
+
+
 def test_world_size_mismatch_is_a_clear_error(world_results):
     world, results = world_results
     for res in results:
