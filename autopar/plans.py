@@ -19,8 +19,9 @@ class Cost:
     device, the larger of two points: the forward pass at its most (parameters, their
     gradients and optimizer states in their storage layouts, activations saved for backward
     and other live values, and the transient of recomputing a block in backward, or of the
-    gradients held between micro-batches), and the end of backward (the parameters' storage
-    and the buckets of the gradients summed over ranks, ``bucket_bytes``)."""
+    gradients held between micro-batches), and late backward (the parameters' storage and
+    the buckets of the gradients summed over ranks, ``bucket_bytes``, or the first block
+    recomputed while they wait)."""
 
     total_s: float = 0.0
     compute_s: float = 0.0
@@ -151,7 +152,7 @@ class Plan:
         line = "memory per device at the forward pass's peak: " + ", ".join(
             f"{name} {format_bytes(v)}" for name, v in parts if v or name != "transient")
         if c.bucket_bytes:
-            line += (f"; at the end of backward, gradient-sum buckets "
+            line += (f"; late in backward, gradient-sum buckets "
                      f"{format_bytes(c.bucket_bytes)}")
         return line
 

@@ -46,6 +46,10 @@ class LayoutIds:
         return i
 
 
+# Redistribution steps that take no collective: a local slice, a partial sum's share.
+LOCAL_STEPS = frozenset({"shard", "to_partial"})
+
+
 class Prices:
     """What pricing on one mesh learns, shared by every problem built on it: layout ids,
     the cost line of each way of moving a value (:class:`Moves`), and one table of edge costs
@@ -93,9 +97,9 @@ class Prices:
         a local slice of it (a view)."""
         found = self._communicated.get((src, need))
         if found is None:
-            a, b = self.layout_id.layouts[src], self.layout_id.layouts[need]
+            lay = self.layout_id.layouts
             found = self._communicated[(src, need)] = any(
-                p != q and (is_partial(p) or is_shard(p)) for p, q in zip(a, b))
+                step.kind not in LOCAL_STEPS for step in plan_steps(lay[src], lay[need]))
         return found
 
     def layout_ids(self, options: list) -> list:

@@ -193,8 +193,8 @@ class Problem:
         return self.model.training.parameter_parts(trainable, elem)
 
     def peak_memory(self, choice: dict) -> float:
-        """The larger of the most :meth:`memory_at` holds over the forward pass and what the
-        end of backward holds (the parameters' storage and :meth:`_gradient_buckets`)."""
+        """The larger of the most :meth:`memory_at` holds over the forward pass and
+        :meth:`memory_after_backward`."""
         return self._peak(choice)[0]
 
     def _gradient_buckets(self, choice: dict) -> float:

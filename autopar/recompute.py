@@ -180,6 +180,19 @@ def _price_run(prob, facts, run: list, picked: list, transient: bool):
                       if n in prob.transient_bytes]
 
 
+def _choices_per_edge(prob, facts, run: list, picked: list) -> dict:
+    """Per edge of the problem (src, dst, slot), how many of the program edges it stands
+    for lead into an instance of ``run`` taking each choice of ``picked``."""
+    rep, out = prob.rep, {}
+    for inst, choice in zip(run, picked):
+        for n in inst.nodes:
+            if n.op in ("call_function", "call_method"):
+                for slot, src in enumerate(facts.of(n)[0]):
+                    count = out.setdefault((rep.get(src, src), rep.get(n, n), slot), {})
+                    count[choice] = count.get(choice, 0) + 1
+    return out
+
+
 def _saved_copies(prob, facts, run: list, picked: list):
     """What stays saved of the copies collectives make on the edges into the ops of
     recomputed instances: a selective block keeps every collective's output, so that
@@ -187,23 +200,16 @@ def _saved_copies(prob, facts, run: list, picked: list):
     backward). Each edge of the problem keeps them for the share of the program edges it
     stands for that lead into an instance keeping them."""
     from .problem import edge_spans
-    rep, keeping = prob.rep, {}
-    for inst, choice in zip(run, picked):
-        for n in inst.nodes:
-            if n.op in ("call_function", "call_method"):
-                for slot, src in enumerate(facts.of(n)[0]):
-                    key = (rep.get(src, src), rep.get(n, n), slot)
-                    count = keeping.setdefault(key, {"none": 0, "selective": 0, "full": 0})
-                    count[choice] += 1
-    pos = None
+    keeping, pos = _choices_per_edge(prob, facts, run, picked), None
     for i, e in enumerate(prob.edges):
         count = keeping.get((e.src, e.dst, e.slot))
         if count is None:
             continue
         src_bytes, _, floating = facts.of(e.src)[1:4]
         if e.saved_bytes:      # a parameter's copy: kept by "none" and "selective"
-            kept = e.saved_bytes * (count["none"] + count["selective"]) / e.weight
-        elif count["selective"] and floating and e.src.op != "get_attr":
+            kept = e.saved_bytes * (count.get("none", 0) + count.get("selective", 0)) / \
+                e.weight
+        elif count.get("selective") and floating and e.src.op != "get_attr":
             kept = count["selective"] / e.weight * src_bytes * prob.model.activation_scale * \
                 facts.saved.share(e.src)
         else:
@@ -220,18 +226,9 @@ def _recompute_moves(prob, facts, run: list, picked: list):
     """The edges into the ops of fully recomputed instances move their values again: each
     edge of the problem pays its forward collectives once more for the share of the program
     edges it stands for that lead into such an instance."""
-    rep = prob.rep
-    again = {}
-    for inst, choice in zip(run, picked):
-        if choice != "full":
-            continue
-        for n in inst.nodes:
-            if n.op in ("call_function", "call_method"):
-                for slot, src in enumerate(facts.of(n)[0]):
-                    key = (rep.get(src, src), rep.get(n, n), slot)
-                    again[key] = again.get(key, 0) + 1
+    choices = _choices_per_edge(prob, facts, run, picked)
     for i, e in enumerate(prob.edges):
-        count = again.get((e.src, e.dst, e.slot))
+        count = choices.get((e.src, e.dst, e.slot), {}).get("full")
         if count:
             e = prob.edges[i] = copy.copy(e)   # (keeps its distinct keys)
             e.cost = _PlusForward(e.cost, prob.prices, count / e.weight)

@@ -2,7 +2,7 @@
 
 Which inputs an op saves for its backward (a product keeps a factor only for the other's
 gradient; an embedding keeps its indices, not its table), which ops keep their own output
-(softmax, tanh, attention), and which values share one storage (views of one value, through
+instead (softmax, tanh), and which values share one storage (views of one value, through
 ``view``, ``transpose``, the pieces of a ``split``, a ``reshape`` of a contiguous value): a
 storage several ops save is held once, so each of them holds its share of it.
 """
@@ -18,10 +18,9 @@ from .cost import SAVES_NOTHING
 # heads, dim), so that the usual transpose back to (batch, sequence, width) is a view of it,
 # which the output projection saves: it is counted there.
 SAVES_OUTPUT = frozenset({"softmax", "log_softmax", "tanh", "sigmoid", "exp"})
-# Ops that keep only some of their inputs, and which: op -> slots.
-KEEPS_ONLY = {"embedding": {0},                  # the gradient scatters by the indices
-              "softmax": set(), "log_softmax": set(), "tanh": set(), "sigmoid": set(),
-              "exp": set()}                      # these read their output instead
+# Ops that keep only some of their inputs, and which: op -> slots (an embedding's gradient
+# scatters by the indices).
+KEEPS_ONLY = {"embedding": {0}}
 # Ops whose output is a view of their first input's storage.
 VIEWS = frozenset({"view", "view_as", "transpose", "permute", "t", "unsqueeze", "squeeze",
                    "expand", "expand_as", "broadcast_to", "movedim", "adjoint", "split",
@@ -43,7 +42,8 @@ class SavedValues:
     def saves(self, n: Node, slot: int) -> bool:
         """Whether op ``n`` keeps its input ``slot`` for backward."""
         op = n.meta.get("autopar.op")
-        if op in SAVES_NOTHING or op in VIEWS or op in VIEWS_OF_CONTIGUOUS:
+        if op in SAVES_NOTHING or op in VIEWS or op in VIEWS_OF_CONTIGUOUS or \
+                op in SAVES_OUTPUT:
             return False
         if op in KEEPS_ONLY:
             return slot in KEEPS_ONLY[op]
