@@ -64,6 +64,27 @@ class CaptureError(AutoparError, ValueError):
     """The program could not be captured as a graph."""
 
 
+class PlanMismatch(PlanError):
+    """Ranks derived different plans: ``fingerprints`` maps each rank to its plan's
+    fingerprint; the message names the first field that differs, where it was found."""
+
+    def __init__(self, message: str, fingerprints: dict):
+        super().__init__(message)
+        self.fingerprints = dict(fingerprints)
+
+
+class RankFailed(AutoparError, RuntimeError):
+    """Another rank failed, and this one stopped instead of waiting for it.
+
+    ``failed_rank`` is the rank that failed (None where no rank recorded an error and more
+    than one may have stopped), ``reason`` what it recorded ("in forward: ValueError: ...",
+    "" where it recorded nothing: it exited or was killed)."""
+
+    def __init__(self, message: str, failed_rank: int | None = None, reason: str = ""):
+        super().__init__(message)
+        self.failed_rank, self.reason = failed_rank, reason
+
+
 def closest(name: str, candidates, n: int = 3) -> str:
     """A short 'did you mean' list for an error message."""
     found = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.3)

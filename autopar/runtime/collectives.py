@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed._functional_collectives as funcol
 
+from . import faults
+
 # torch.distributed._functional_collectives is the traceable collective API (private, but the
 # one torch.compile understands). Checked against torch 2.5 through 2.13: the *_single names
 # replaced all_gather_tensor / reduce_scatter_tensor in 2.13, which still accepts the old ones.
@@ -92,7 +94,12 @@ def _function(name: str, forward, backward):
         return forward(x, *args)
 
     def bwd(ctx, g):
-        return backward(g, *ctx.args), None
+        if torch.compiler.is_compiling():
+            return backward(g, *ctx.args), None
+        try:
+            return backward(g, *ctx.args), None
+        except Exception as error:  # a peer's failure becomes RankFailed, not gloo's timeout
+            raise faults.explain(error, "in backward")  # noqa: B904 - explain chains it
 
     return type(name, (torch.autograd.Function,),
                 {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})

@@ -21,6 +21,8 @@ import functools
 import torch
 import torch.distributed as dist
 
+from . import faults
+
 # DistributedDataParallel's default bucket size (bucket_cap_mb=25).
 BUCKET_BYTES = 25 * 2**20
 
@@ -115,9 +117,12 @@ class DistributedGradSync(_Sync):
         for axes in list(self.pending):
             self._launch(axes)
         for axes, work, flat, items in self.launched:
-            work.wait()
-            for axis in axes[1:]:
-                dist.all_reduce(flat, group=self.mesh.get_group(axis))
+            try:
+                work.wait()
+                for axis in axes[1:]:
+                    dist.all_reduce(flat, group=self.mesh.get_group(axis))
+            except Exception as error:  # a peer's failure becomes RankFailed
+                raise faults.explain(error, "in backward")  # noqa: B904 - explain chains it
             _add_sums(items, flat)
         self.launched = []
 

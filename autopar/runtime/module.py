@@ -3,7 +3,9 @@
 In simulated mode it holds every rank's shards and runs all ranks together; in distributed
 mode (one process per rank under torchrun) it holds this rank's shards and runs collectives
 over a DeviceMesh. Its ``parameters()`` are the local shards, so any torch.optim optimizer
-works unchanged.
+works unchanged. In distributed mode its ranks first check that they planned alike, and a
+rank that fails is named by the others instead of leaving them waiting
+(:mod:`autopar.runtime.faults`).
 
 A plan of m > 1 micro-batches runs the program of one micro-batch m times per step
 (:mod:`autopar.microbatch`): ``step`` runs each micro-batch's forward and backward in turn,
@@ -26,6 +28,7 @@ from ..mesh import Mesh
 from ..placement import Shard, replicated
 from ..redistribute import plan_steps
 from . import collectives as C
+from . import faults
 from .grad_sync import DistributedGradSync, SimulatedGradSync
 from .simulate import run_collective, run_replicated
 
@@ -63,8 +66,10 @@ class ParallelModule(torch.nn.Module):
             self.ranks = torch.nn.ModuleList(
                 self._build(source, c) for c in self._coords)
             self._device_mesh = None
+            self._epoch = None  # failures are recorded for other ranks in distributed mode
         else:
             self._device_mesh = _init_distributed(plan, self._mesh)
+            self._epoch = faults.current_epoch()  # its plan check's
             coord = tuple(self._device_mesh.get_coordinate())
             self._coords = [coord]
             self.program = self._build(source, coord, device=_device_of(self._device_mesh))
@@ -101,6 +106,7 @@ class ParallelModule(torch.nn.Module):
 
     # -- running --------------------------------------------------------------------------------
 
+    @faults.guarded("in forward")
     def forward(self, *args, **kwargs):
         """The full batch's outputs, as one device computes them (with autograd)."""
         inputs = self._captured.flatten_inputs(args, kwargs)
@@ -112,6 +118,7 @@ class ParallelModule(torch.nn.Module):
                                         for mine in self._micro.program_inputs(inputs)])
         return self._captured.unflatten_outputs(list(outs), inputs)
 
+    @faults.guarded("in step")
     def step(self, *args, **kwargs) -> torch.Tensor:
         """Forward and backward of a whole step on the global batch: every micro-batch in
         turn, gradients added into ``.grad`` (summed over ranks once per step). Returns the
@@ -160,6 +167,7 @@ class ParallelModule(torch.nn.Module):
         if self.simulate:
             return list(run_replicated(list(self.ranks), self._mesh, inputs))
         C.set_active_mesh(self._device_mesh)
+        faults.set_active(self._epoch)
         device = _device_of(self._device_mesh)
         return list(self.program(*[x.to(device) for x in inputs]))
 
@@ -227,6 +235,7 @@ class ParallelModule(torch.nn.Module):
                     vals = [fn(vals[0], *extra)]
         return vals[0].clone()
 
+    @faults.guarded("in full_state_dict")
     def full_state_dict(self) -> dict:
         """Every parameter and buffer gathered to its full tensor, keyed by the original FQN
         (a tied weight under each of its names, as the model's own state dict has it)."""
@@ -237,6 +246,7 @@ class ParallelModule(torch.nn.Module):
                 out[alias] = out[fqn]
         return out
 
+    @faults.guarded("in full_grad_dict")
     def full_grad_dict(self) -> dict:
         """The gradient of every parameter gathered to a full tensor (None where unset)."""
         out = {}
@@ -290,12 +300,7 @@ def _init_distributed(plan, mesh: Mesh):
         raise PlanError(f"the plan is for {mesh.size} ranks (mesh {mesh}) but torch.distributed "
                         f"has world size {world}; launch with --nproc_per_node {mesh.size} or "
                         f"plan for a cluster of {world} devices")
-    mine = plan.fingerprint()
-    every = [None] * world
-    dist.all_gather_object(every, mine)
-    if len(set(every)) != 1:
-        raise PlanError(f"ranks derived different plans ({sorted(set(every))}); every rank must "
-                        "plan the same model, inputs and cluster (same code, shapes and options)")
+    faults.check_same_plan(plan)  # through the store, before any collective
     from torch.distributed.device_mesh import init_device_mesh
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     if device_type == "cuda":
