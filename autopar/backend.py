@@ -34,17 +34,16 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .cluster import Cluster
-from .cost import Training
 from .errors import PlanError
 from .graph_utils import replace_with_constant
-from .placement import replicated
-from .redistribute import plan_steps
-from .runtime import collectives as C
-from .runtime.simulate import run_replicated
+
+# ``import autopar`` imports this module, so what imports DTensor and the planner (placement,
+# cost, redistribute, runtime) is imported in the functions that use it.
 
 
-def backend(cluster=None, *, simulate=False, mesh=None, constraints=None, level="full",
-            memory_budget_bytes=None, precision="fp32", optimizer="adamw", fold=True):
+def backend(cluster=None, *, simulate=False, mesh=None, constraints=None, storage=None,
+            level="full", memory_budget_bytes=None, precision="fp32", optimizer="adamw",
+            fold=True):
     """A torch.compile backend that plans every captured graph for ``cluster``.
 
     >>> import torch, autopar
@@ -60,13 +59,15 @@ def backend(cluster=None, *, simulate=False, mesh=None, constraints=None, level=
         group needed). Otherwise each process of a ``torch.distributed`` group is one rank
         and the group's world size must equal the cluster's device count; with no process
         group, a one-device cluster runs its program in this process.
-    mesh, constraints, level, memory_budget_bytes, precision, optimizer, fold: as for
-        :func:`autopar.compile`; constraints name parameters by their FQNs in the module and
-        inputs by their argument names. Parameters not constrained are planned replicated.
+    mesh, constraints, storage, level, memory_budget_bytes, precision, optimizer, fold: as
+        for :func:`autopar.compile`; constraints name parameters by their FQNs in the module
+        and inputs by their argument names. Parameters not pinned are stored replicated (as
+        the module holds them) and used as the plan finds best.
 
     ``torch.compile(model, backend="autopar")`` uses ``backend()`` with these defaults.
     """
-    return Backend(cluster, simulate=simulate, mesh=mesh, constraints=constraints, level=level,
+    return Backend(cluster, simulate=simulate, mesh=mesh, constraints=constraints,
+                   storage=storage, level=level,
                    memory_budget_bytes=memory_budget_bytes, precision=precision,
                    optimizer=optimizer, fold=fold)
 
@@ -80,6 +81,7 @@ class Backend:
 
     def __init__(self, cluster=None, *, simulate=False, **options):
         from .api import _check_cluster
+        from .cost import Training
         if cluster is not None:
             _check_cluster(cluster)
         if not isinstance(simulate, bool):
@@ -234,10 +236,12 @@ def _plan_graph(gm, names, inputs, cluster, options):
     from autopar.passes.assign_layouts import assign_layouts
     from autopar.passes.generate_rank_program import generate_rank_program
     from autopar.planner import candidate_meshes
+    from .placement import replicated
     start = time.perf_counter()
     fqns = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
     user = dict(options["constraints"] or {})
-    free = [f for f in fqns if not any(fnmatch.fnmatchcase(f, p) for p in user)]
+    held = dict(options.get("storage") or {})
+    free = [f for f in fqns if not any(fnmatch.fnmatchcase(f, p) for p in {**user, **held})]
     ctx = PassContext(cluster=cluster, memory_budget_bytes=options["memory_budget_bytes"],
                       level=options["level"], fold=options["fold"],
                       precision=options["precision"], optimizer=options["optimizer"],
@@ -246,7 +250,8 @@ def _plan_graph(gm, names, inputs, cluster, options):
     best, refused = None, {}
     for mesh in candidate_meshes(cluster, options["mesh"]):
         ctx.mesh_request = mesh.as_dict()
-        ctx.constraints = {**{f: replicated(mesh.ndim) for f in free}, **user}
+        ctx.constraints = user
+        ctx.storage = {**{f: replicated(mesh.ndim) for f in free}, **held}
         try:
             run_passes(gm, ctx, [assign_layouts])
         except PlanError as e:  # constraints that do not fit this mesh, or out of memory
@@ -262,7 +267,8 @@ def _plan_graph(gm, names, inputs, cluster, options):
                         f"(as the module under torch.compile holds them): {why}")
     if ctx.mesh_request != best[0].as_dict():
         ctx.mesh_request = best[0].as_dict()
-        ctx.constraints = {**{f: replicated(best[0].ndim) for f in free}, **user}
+        ctx.constraints = user
+        ctx.storage = {**{f: replicated(best[0].ndim) for f in free}, **held}
         run_passes(gm, ctx, [assign_layouts])
     run_passes(gm, ctx, [generate_rank_program])
     ctx.stats["seconds"]["total"] = time.perf_counter() - start
@@ -280,6 +286,9 @@ def take_full_state(program, kinds: list) -> tuple:
     sum :class:`~autopar.ParallelModule` defers to after backward gets ``grad_sum`` here, as
     its gradient lands in the user's parameter. Returns (graph module, layouts by node name).
     """
+    from .placement import replicated
+    from .redistribute import plan_steps
+    from .runtime import collectives as C
     g = fx.Graph()
     layouts = dict(program.layouts)
     axis_names = program.mesh.names
@@ -385,6 +394,8 @@ class CompiledGraph:
                      else ("value", a) for a in args)
 
     def __call__(self, *args):
+        from .runtime import collectives as C
+        from .runtime.simulate import run_replicated
         key = self._key(args)
         planned = self._planned.get(key)
         if planned is None:
@@ -433,8 +444,13 @@ def _registered(gm, example_inputs):
 
 
 def register() -> None:
-    """Register ``"autopar"`` with torch.compile. ``torch._dynamo.register_backend`` is the
-    registration torch.compile documents for custom backends; checked with torch 2.13."""
+    """Register ``"autopar"`` with torch.compile unless Dynamo finds it by itself, by the
+    ``torch_dynamo_backends`` entry point installing autopar declares (then this only looks).
+    ``torch._dynamo.register_backend`` is the registration torch.compile documents for custom
+    backends; checked with torch 2.13."""
+    from importlib.metadata import entry_points
+    if entry_points(group="torch_dynamo_backends", name="autopar"):
+        return
     from torch._dynamo import list_backends, register_backend
     if "autopar" not in list_backends(exclude_tags=()):
         register_backend(_registered, name="autopar")

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -206,8 +207,7 @@ def _run(lp: _Program, time_limit_s: float, presolve: bool, objective_bound: flo
     if n_cols == 0:  # rows without entries: feasible if 0 is within every row's bounds
         ok = np.all(lp.row_lower <= 0) and np.all(lp.row_upper >= 0)
         return Solution("optimal" if ok else "infeasible", np.zeros(0) if ok else None, 0.0)
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h = _highs()
     h.setOptionValue("threads", 1)
     h.setOptionValue("time_limit", float(time_limit_s))
     h.setOptionValue("presolve", "on" if presolve else "off")
@@ -227,6 +227,64 @@ def _run(lp: _Program, time_limit_s: float, presolve: bool, objective_bound: flo
 
 
 _FEASIBLE = 2   # HiGHS's kSolutionStatusFeasible
+
+_LOG = logging.getLogger(__name__)
+
+
+def solver_log_enabled() -> bool:
+    """Whether HiGHS's log is written: only while the "autopar" logger (of which this
+    module's "autopar.solver" is a child) takes DEBUG records, one per line of the log."""
+    return _LOG.isEnabledFor(logging.DEBUG)
+
+
+def _highs():
+    """A HiGHS instance writing nothing to the console; with :func:`solver_log_enabled`, its
+    log goes to the "autopar.solver" logger. HiGHS prints its banner once per process, as the
+    first instance is made and before an option can be set (highspy 1.16): that first one is
+    made with the process's stdout and stderr pointed at /dev/null."""
+    if not _BANNER_SHOWN.is_set():
+        with _BANNER_LOCK:
+            if not _BANNER_SHOWN.is_set():
+                with _silenced_fds():
+                    highspy.Highs()
+                _BANNER_SHOWN.set()
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    if solver_log_enabled():
+        h.setCallback(_log_line, None)
+        h.startCallback(highspy.cb.HighsCallbackType.kCallbackLogging)
+        h.setOptionValue("log_to_console", False)
+        h.setOptionValue("output_flag", True)
+    return h
+
+
+_BANNER_LOCK = threading.Lock()
+_BANNER_SHOWN = threading.Event()
+
+
+@contextlib.contextmanager
+def _silenced_fds():
+    """File descriptors 1 and 2 on /dev/null for the duration (what C code writes, too)."""
+    import os
+    import sys
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(fd) for fd in (1, 2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            os.dup2(null, fd)
+        yield
+    finally:
+        for fd, keep in zip((1, 2), saved):
+            os.dup2(keep, fd)
+            os.close(keep)
+        os.close(null)
+
+
+def _log_line(callback_type, message: str, data_out, data_in, user_data):
+    if message.strip():
+        _LOG.debug("HiGHS: %s", message.rstrip("\n"))
 
 
 class Turns:
