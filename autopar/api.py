@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -15,13 +17,15 @@ from .cost import Training
 from .errors import CaptureError, InputError, PlanError
 from .graph_utils import fetch_attr, paused_gc
 from .repeats import Unrepeatable, containers, cut_to_two, repeated_lists
+from .runtime.faults import planning
 
 
 def _context(captured, cluster, mesh=None, constraints=None, memory_budget_bytes=None,
              level="full", precision="fp32", optimizer="adamw", fold=True, recompute=None,
-             micro_batches=None):
+             micro_batches=None, storage=None):
     from autopar.passes import PassContext
     return PassContext(cluster=cluster, mesh_request=mesh, constraints=dict(constraints or {}),
+                       storage=dict(storage or {}),
                        memory_budget_bytes=memory_budget_bytes, level=level, fold=fold,
                        precision=precision, optimizer=optimizer, recompute_request=recompute,
                        micro_batches_request=micro_batches,
@@ -47,7 +51,8 @@ def _passes(program: bool) -> list:
 
 
 def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
-          precision, optimizer, fold=True, program=True, recompute=None, micro_batches=None):
+          precision, optimizer, fold=True, program=True, recompute=None, micro_batches=None,
+          storage=None):
     """Capture and plan ``model``; with ``program`` also generate the rank program (the
     plan alone does not need it). With ``micro_batches`` m > 1 what is planned is the
     program of one micro-batch (``ctx.micro`` says how a step runs it); without, the
@@ -56,14 +61,14 @@ def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budge
     args = (model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
             precision, optimizer, fold, program, recompute)
     if micro_batches is not None:
-        return _plan_at(*args, micro_batches)
+        return _plan_at(*args, micro_batches, storage)
     inputs = normalize_example_inputs(example_inputs) if example_inputs is not None else []
     flat = torch.utils._pytree.tree_leaves(inputs)
-    return choose_micro_batches(lambda m: _plan_at(*args, m), batch_size_of(flat))
+    return choose_micro_batches(lambda m: _plan_at(*args, m, storage), batch_size_of(flat))
 
 
 def _plan_at(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
-             precision, optimizer, fold, program, recompute, micro_batches):
+             precision, optimizer, fold, program, recompute, micro_batches, storage=None):
     """:func:`_plan` for a given micro-batch count."""
     from autopar.passes import run_passes
     passes = _passes(program)
@@ -73,7 +78,7 @@ def _plan_at(model, cluster, example_inputs, mesh, constraints, level, memory_bu
     Training(precision, optimizer)  # validates both
     _check_micro_batches(micro_batches)
     options = (cluster, mesh, constraints, memory_budget_bytes, level, precision, optimizer, fold,
-               recompute, micro_batches)
+               recompute, micro_batches, storage)
     start = time.perf_counter()
     with paused_gc():  # capture, like planning, makes millions of short-lived objects
         repeats = repeated_lists(model) if fold else []
@@ -103,7 +108,8 @@ def _plan_at(model, cluster, example_inputs, mesh, constraints, level, memory_bu
 
 def plan_micro_batches(model, cluster, example_inputs, micro_batches: int, *, program=True,
                        mesh=None, constraints=None, level="full", memory_budget_bytes=None,
-                       precision="fp32", optimizer="adamw", fold=True, recompute=None):
+                       precision="fp32", optimizer="adamw", fold=True, recompute=None,
+                       storage=None):
     """Capture ``model`` on ``example_inputs`` (the global batch) and plan it to run as
     ``micro_batches`` micro-batches: the planned program is one micro-batch's.
 
@@ -115,7 +121,7 @@ def plan_micro_batches(model, cluster, example_inputs, micro_batches: int, *, pr
     """
     return _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
                  precision, optimizer, fold, program=program, recompute=recompute,
-                 micro_batches=micro_batches)
+                 micro_batches=micro_batches, storage=storage)
 
 
 def parallel_module(model, captured, ctx, simulate: bool):
@@ -129,9 +135,9 @@ def parallel_module(model, captured, ctx, simulate: bool):
                           micro=getattr(ctx, "micro", None))
 
 
-def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, level="full",
-         memory_budget_bytes=None, precision="fp32", optimizer="adamw", fold=True,
-         recompute=None, micro_batches=None):
+def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, storage=None,
+         level="full", memory_budget_bytes=None, precision="fp32", optimizer="adamw", fold=True,
+         recompute=None, micro_batches=None, verbose=False):
     """Plan ``model`` for ``cluster`` without running it; meta-device models are fine.
 
     >>> import torch, autopar
@@ -140,9 +146,10 @@ def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, le
     >>> p.mesh
     {'dp': 2}
     """
-    _, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
-                   precision, optimizer, fold, program=False, recompute=recompute,
-                   micro_batches=micro_batches)
+    with _verbose(verbose):
+        _, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level,
+                       memory_budget_bytes, precision, optimizer, fold, program=False,
+                       recompute=recompute, micro_batches=micro_batches, storage=storage)
     return ctx.plan
 
 
@@ -168,16 +175,39 @@ def _source_tensors(model, captured) -> dict:
 
 def _compile_now(model, cluster, example_inputs, simulate, mesh, constraints, level,
                  memory_budget_bytes, precision, optimizer, fold, recompute=None,
-                 micro_batches=None):
-    captured, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level,
-                          memory_budget_bytes, precision, optimizer, fold,
-                          recompute=recompute, micro_batches=micro_batches)
-    return parallel_module(model, captured, ctx, simulate)
+                 micro_batches=None, storage=None, verbose=False):
+    # distributed: a rank failing here is named by the others, not waited for
+    with planning(distributed=not simulate), _verbose(verbose):
+        captured, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level,
+                              memory_budget_bytes, precision, optimizer, fold,
+                              recompute=recompute, micro_batches=micro_batches,
+                              storage=storage)
+        return parallel_module(model, captured, ctx, simulate)
+
+
+@contextlib.contextmanager
+def _verbose(on: bool):
+    """With ``on``, the "autopar" logger at DEBUG (the solver's log among what it shows) and a
+    handler printing it to stderr, for the duration."""
+    if not on:
+        yield
+        return
+    logger = logging.getLogger("autopar")
+    handler = logging.StreamHandler()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        logger.removeHandler(handler)
 
 
 def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, mesh=None,
-            constraints=None, level="full", memory_budget_bytes=None, precision="fp32",
-            optimizer="adamw", fold=True, recompute=None, micro_batches=None):
+            constraints=None, storage=None, level="full", memory_budget_bytes=None,
+            precision="fp32", optimizer="adamw", fold=True, recompute=None, micro_batches=None,
+            verbose=False):
     """Make ``model`` a distributed program for ``cluster``: a :class:`ParallelModule`.
 
     ``model`` is an nn.Module instance or a function of tensors. Without ``example_inputs``
@@ -189,7 +219,14 @@ def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, me
     mesh: axis name -> size (e.g. ``{"dp": 2, "tp": 4}``); by default every factorization
         of the device count into up to three axes is tried.
     constraints: glob over parameter FQNs and input names -> one placement per mesh axis
-        (``(Replicate(), Shard(0))`` or ``"RS(0)"``); those layouts are fixed.
+        (``(Replicate(), Shard(0))`` or ``"RS(0)"``): the layout a parameter is *used* in,
+        as DTensor's ColwiseParallel/RowwiseParallel mean it (``Shard(0)`` on a linear
+        weight over ``tp`` makes the matmul column-parallel there, ``Shard(1)``
+        row-parallel); it is also how the parameter is stored unless ``storage`` says
+        otherwise. For an input, the layout each rank receives and reads it in.
+    storage: glob over parameter FQNs -> the layout a parameter is *held* in, apart from
+        how it is used: ``{"*.weight": "S(0)"}`` on ``dp`` stores every weight split
+        (FSDP/ZeRO-3) and gathers it just before use, its gradient reduce-scattered back.
     level: "full" solves the integer program, "fast" propagates greedily.
     memory_budget_bytes: per-device memory the plan must fit (default: the device's).
     precision, optimizer: what a training step holds and computes ("fp32" or
@@ -206,11 +243,13 @@ def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, me
         ``pm(*inputs)`` computes the full batch's outputs, every micro-batch's activations
         held until ``backward()``. A step that does not split exactly (an op needing a
         batch sum whole on a value that requires grad) is refused with a PlanError.
+    verbose: show the solver's log (as the "autopar" logger at DEBUG does); planning is
+        otherwise silent.
     """
-    opts = dict(simulate=simulate, mesh=mesh, constraints=constraints, level=level,
-                memory_budget_bytes=memory_budget_bytes, precision=precision,
+    opts = dict(simulate=simulate, mesh=mesh, constraints=constraints, storage=storage,
+                level=level, memory_budget_bytes=memory_budget_bytes, precision=precision,
                 optimizer=optimizer, fold=fold, recompute=recompute,
-                micro_batches=micro_batches)
+                micro_batches=micro_batches, verbose=verbose)
     if model is None:
         if cluster is None:
             raise PlanError("autopar.compile needs a cluster: @autopar.compile(cluster=...)")

@@ -26,10 +26,12 @@ from .mesh import Mesh
 from .placement import Partial, Replicate, Shard, divides, format_layout, parse_layout
 from .plans import format_bytes
 from .prices import Facts
-from .problem import Problem, build_problem
+from .problem import Pins, Problem, build_problem
 from .solver import TIME_LIMIT_S, TURNS, Dominated, Infeasible, solve
 
 AXIS_NAMES = {1: ("dp",), 2: ("dp", "tp"), 3: ("dp", "sp", "tp")}
+# Axis names that mean pipeline stages (torchtitan's "pp"): refused until stages are planned.
+PIPELINE_AXES = ("pp", "pipeline", "stage", "stages")
 # Past this many (producer layout, consumer need) pairs the exact program keeps, per node,
 # the KEEP_PER_NODE strategies of best local score plus those of the fast plans.
 MAX_EXACT_PAIRS = 150_000
@@ -59,6 +61,14 @@ def candidate_meshes(cluster, mesh_request) -> list:
     (outer to inner; the innermost axis spans the most closely linked devices)."""
     n = cluster.world_size
     if mesh_request is not None:
+        staged = [a for a in mesh_request if str(a).lower() in PIPELINE_AXES]
+        if staged:
+            raise PlanError(
+                f"mesh axis {staged[0]!r} in {dict(mesh_request)} asks for pipeline stages, "
+                "which autopar does not plan yet: every axis it plans splits the work of "
+                "each op, none runs layers on different devices; leave it out (e.g. "
+                f"{ {a: s for a, s in mesh_request.items() if a not in staged} } with a "
+                "cluster of that many devices) or let autopar choose the mesh")
         mesh = Mesh.from_dict(mesh_request)
         if mesh.size != n:
             raise PlanError(f"mesh {mesh} has {mesh.size} devices but the cluster {cluster} has "
@@ -99,38 +109,54 @@ def _divisors(n: int) -> list:
     return [d for d in range(2, n) if n % d == 0]
 
 
-def resolve_constraints(constraints, fqns, shapes: dict, mesh: Mesh) -> dict:
-    """Glob over parameter FQNs and input names -> layout, checked and expanded per name."""
+def resolve_constraints(constraints, fqns, shapes: dict, mesh: Mesh,
+                        kind: str = "constraint") -> dict:
+    """Glob over parameter FQNs and input names -> layout, checked and expanded per name;
+    ``kind`` names the option in messages ("constraint" or "storage")."""
     out = {}
     for pattern, layout in (constraints or {}).items():
         matched = [f for f in fqns if fnmatch.fnmatchcase(f, pattern)]
         if not matched:
-            raise PlanError(f"constraint {pattern!r} matches no parameter or input; closest: "
+            what = "parameter" if kind == "storage" else "parameter or input"
+            raise PlanError(f"{kind} {pattern!r} matches no {what}; closest: "
                             f"{closest(pattern.replace('*', ''), fqns)}")
         if isinstance(layout, str):
             layout = parse_layout(layout)
         if not isinstance(layout, (tuple, list)) or not all(
                 isinstance(p, (Shard, Replicate, Partial)) for p in layout):
-            raise PlanError(f"constraint {pattern!r}: {layout!r} is not a tuple of placements; "
+            raise PlanError(f"{kind} {pattern!r}: {layout!r} is not a tuple of placements; "
                             "write e.g. (Replicate(), Shard(0)) or 'RS(0)'")
         layout = tuple(layout)
         if len(layout) != mesh.ndim:
-            raise PlanError(f"constraint {pattern!r}: layout {format_layout(layout)} has "
+            raise PlanError(f"{kind} {pattern!r}: layout {format_layout(layout)} has "
                             f"{len(layout)} placements but mesh {mesh} has {mesh.ndim} axes; "
                             "give one placement per mesh axis")
         if any(isinstance(p, Partial) for p in layout):
-            raise PlanError(f"constraint {pattern!r}: a parameter or input cannot be Partial; "
+            raise PlanError(f"{kind} {pattern!r}: a parameter or input cannot be Partial; "
                             "use Shard(dim) or Replicate()")
         for f in matched:
             shape = shapes[f]
             norm = tuple(Shard(p.dim + len(shape)) if isinstance(p, Shard) and p.dim < 0 else p
                          for p in layout)
             if not divides(shape, norm, mesh.shape):
-                raise PlanError(f"constraint {pattern!r}: layout {format_layout(layout)} does "
+                raise PlanError(f"{kind} {pattern!r}: layout {format_layout(layout)} does "
                                 f"not split {f} of shape {tuple(shape)} evenly over mesh "
                                 f"{mesh}; pick a dim whose size divides")
             out[f] = norm
     return out
+
+
+def resolve_pins(constraints, storage, sources: dict, mesh: Mesh) -> Pins:
+    """The user's pins on ``mesh`` as :class:`~autopar.problem.Pins` of ``sources`` (name ->
+    node). ``constraints`` pin the layout a parameter or an input is used in (and a
+    parameter is stored in, unless ``storage`` pins that apart; an input arrives in it);
+    ``storage`` pins only how parameters are held."""
+    shapes = {name: tuple(n.meta["val"].shape) for name, n in sources.items()}
+    params = [name for name, n in sources.items() if n.op == "get_attr"]
+    used = resolve_constraints(constraints, list(shapes), shapes, mesh)
+    held = resolve_constraints(storage, params, shapes, mesh, kind="storage")
+    stored = {sources[name]: layout for name, layout in {**used, **held}.items()}
+    return Pins(stored, {sources[name]: layout for name, layout in used.items()})
 
 
 def propagate(prob: Problem, sharded_params: bool = False) -> dict:
@@ -269,28 +295,27 @@ def _named_sources(gm, input_names) -> dict:
 
 def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budget: float,
                 level: str, stats: dict, input_names=(), blocks=(), recompute=None,
-                facts: Facts | None = None, refine_bound: bool = True):
-    """The best (mesh, problem, choice, cost) over candidate meshes, with ``recompute``
+                facts: Facts | None = None, refine_bound: bool = True, storage=None):
+    """The best (mesh, problem, choice, cost) over candidate meshes, ``constraints`` and
+    ``storage`` pinned as :func:`resolve_pins` says, with ``recompute``
     (:class:`~autopar.recompute.Recompute`) applied to every problem; ``facts`` may be
     shared by searches on the same program. Without ``refine_bound``, plans that memory
     binds are not refined (with the ends apart, mixed): the costliest programs, not worth
     solving where recomputation may free the memory instead."""
     with paused_gc():
         return _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level,
-                            stats, input_names, blocks, recompute, facts, refine_bound)
+                            stats, input_names, blocks, recompute, facts, refine_bound,
+                            storage)
 
 
 def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level, stats,
-                 input_names, blocks, recompute, facts, refine_bound=True):
+                 input_names, blocks, recompute, facts, refine_bound=True, storage=None):
     sources = _named_sources(gm, input_names)
-    shapes = {name: tuple(n.meta["val"].shape) for name, n in sources.items()}
     search = _Search(gm, cluster, training, budget, level, stats, blocks, recompute, facts)
     candidates = candidate_meshes(cluster, mesh_request)
     rank = {str(m): i for i, m in enumerate(candidates)}
     meshes = sorted(candidates, key=lambda m: _promise(m, cluster))
-    pinned = {m: {sources[name]: layout for name, layout in
-                  resolve_constraints(constraints, list(shapes), shapes, m).items()}
-              for m in meshes}
+    pinned = {m: resolve_pins(constraints, storage, sources, m) for m in meshes}
     # Repeated blocks with all instances tied make a program a third the size: compare the
     # meshes on it, then plan the first and last instances apart on the meshes within
     # _ends_margin of the best.
@@ -376,7 +401,7 @@ class _Job:
     """One program to plan: a mesh, its pinned sources, how blocks fold, the cutoff."""
 
     mesh: Mesh
-    pinned: dict
+    pinned: Pins
     folding: object
     cutoff: float
     time_limit_s: float = TIME_LIMIT_S
@@ -389,7 +414,7 @@ class _Outcome:
     cost), "dominated" (with the bound) or "infeasible" (with its problem)."""
 
     mesh: Mesh
-    pinned: dict
+    pinned: Pins
     folding: object
     kind: str
     cost: object = None
@@ -497,10 +522,12 @@ class _LazyProgress:
 
     def advance(self, label: str):
         if self.bar is None and time.perf_counter() - self.start > self.after_s:
+            import sys
             from rich.console import Console
             from rich.progress import Progress
             console = Console(stderr=True)
-            if console.is_terminal:
+            # FORCE_COLOR, which many CI runners set, makes rich call a log file a terminal
+            if sys.stderr.isatty() and console.is_terminal:
                 self.bar = Progress(console=console, transient=True)
                 self.bar.start()
                 self.task = self.bar.add_task("planning", total=self.total)

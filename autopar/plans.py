@@ -9,8 +9,39 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
-from .placement import format_layout, parse_layout
+from .placement import Partial, Shard, format_layout, parse_layout
+
+# Ops that contract a parameter with their input: its split is column- or row-parallel.
+_MATMULS = {"linear", "matmul", "bmm", "mm", "addmm", "baddbmm", "addbmm", "einsum",
+            "grouped_mm_fallback", "conv1d", "conv2d", "conv3d"}
+
+
+class Use(NamedTuple):
+    """How one op computes with a parameter: the op, the layout it reads the parameter in
+    (through any views or casts), the op's output layout, and the parameter's rank."""
+
+    op: str
+    layout: tuple
+    output: tuple
+    ndim: int
+
+    def role(self, axis: int, stored) -> str:
+        """What this use does with the parameter on mesh axis ``axis``, in words."""
+        p = self.layout[axis]
+        if not isinstance(p, Shard):
+            if isinstance(stored, Shard):
+                return "stored split, gathered for use"
+            return "replicated"
+        if self.ndim == 3 and p.dim == 0:
+            return "expert split"
+        if self.op == "embedding":
+            return "vocabulary split" if p.dim == 0 else "embedding dim split"
+        if self.op in _MATMULS:
+            return "row-parallel" if isinstance(self.output[axis], Partial) else \
+                "column-parallel"
+        return f"split on dim {p.dim}"
 
 
 @dataclass(frozen=True)
@@ -18,8 +49,9 @@ class Cost:
     """Predicted time of one training step (forward and backward) and peak memory per
     device, the larger of two points: the forward pass at its most (parameters, their
     gradients and optimizer states in their storage layouts, activations saved for backward
-    and other live values, and the transient of recomputing a block in backward, or of the
-    gradients held between micro-batches), and late backward (the parameters' storage and
+    and other live values, and the transient of recomputing a block in backward, of the
+    gradients held between micro-batches, or of a loss's gradient as backward enters it),
+    and late backward (the parameters' storage and
     the buckets of the gradients summed over ranks, ``bucket_bytes``, or the first block
     recomputed while they wait)."""
 
@@ -47,6 +79,9 @@ class Plan:
     cluster: str = ""
     recompute: dict = field(default_factory=dict)   # block path -> "none"/"selective"/"full"
     micro_batches: int = 1          # the global batch runs as this many, gradients summed
+    uses: dict = field(default_factory=dict)   # parameter FQN -> [Use]: how ops read it
+    pinned: dict = field(default_factory=dict)  # parameter or input name -> what the user
+                                                #   pinned: "use", "storage", "use, storage"
 
     @property
     def world_size(self) -> int:
@@ -67,6 +102,10 @@ class Plan:
             "stats": self.stats,
             "recompute": dict(self.recompute),
             "micro_batches": self.micro_batches,
+            "uses": {k: [{"op": u.op, "layout": format_layout(u.layout),
+                          "output": format_layout(u.output), "ndim": u.ndim} for u in v]
+                     for k, v in self.uses.items()},
+            "pinned": dict(self.pinned),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -82,7 +121,10 @@ class Plan:
             nodes={k: {**v, "inputs": [parse_layout(x) for x in v["inputs"]],
                        "output": parse_layout(v["output"])} for k, v in d["nodes"].items()},
             cost=Cost(**d.get("cost", {})), stats=d.get("stats", {}), cluster=d.get("cluster", ""),
-            recompute=dict(d.get("recompute", {})), micro_batches=int(d.get("micro_batches", 1)))
+            recompute=dict(d.get("recompute", {})), micro_batches=int(d.get("micro_batches", 1)),
+            uses={k: [Use(u["op"], parse_layout(u["layout"]), parse_layout(u["output"]),
+                          u["ndim"]) for u in v] for k, v in d.get("uses", {}).items()},
+            pinned=dict(d.get("pinned", {})))
 
     def fingerprint(self) -> str:
         """A hash of everything that shapes the rank programs (not timings)."""
@@ -109,12 +151,16 @@ class Plan:
             raise ValueError(f"per={per!r}: choose 'param', 'op' or 'block'")
         table = Table()
         if per == "param":
-            table.add_column("parameter")
-            table.add_column("layout")
+            for col in ("parameter", "stored", "used as", "parallelism", "pinned"):
+                table.add_column(col)
             for name, layout in self.placements.items():
-                table.add_row(name, format_layout(layout))
+                used = " ".join(dict.fromkeys(format_layout(u.layout)
+                                              for u in self.uses.get(name, ())))
+                table.add_row(name, format_layout(layout), used or "-", self.role(name),
+                              self.pinned.get(name, ""))
             for name, layout in self.inputs.items():
-                table.add_row(f"(input) {name}", format_layout(layout))
+                table.add_row(f"(input) {name}", format_layout(layout), "-",
+                              self._input_role(layout), self.pinned.get(name, ""))
         else:
             first = ["node", "op", "inputs", "output"] if per == "op" else ["block", "ops",
                                                                             "outputs",
@@ -131,6 +177,12 @@ class Plan:
         console = Console(file=buf, width=140, force_terminal=False)
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
         console.print(f"autopar plan: mesh {mesh} on {self.cluster}")
+        if per == "param":
+            for line in self.axis_summary():
+                console.print(line)
+            if self.pinned:
+                console.print("pinned: what the user fixed (use: constraints=, storage: "
+                              "storage=); the cost model chose every other layout")
         console.print(table)
         console.print(f"predicted step {_seconds(c.total_s)} (compute {_seconds(c.compute_s)}, "
                       f"communication {_seconds(c.comm_s)}); peak memory per device "
@@ -143,6 +195,65 @@ class Plan:
             console.print("recompute: " + "; ".join(
                 f"{_span(paths)} {choice}" for choice, paths in _runs_of(self.recompute)))
         return buf.getvalue()
+
+    def role(self, fqn: str) -> str:
+        """What parallelism parameter ``fqn`` takes part in, per mesh axis, in words:
+        ``"dp: replicated; tp: column-parallel"``."""
+        stored, uses = self.placements[fqn], self.uses.get(fqn, ())
+        parts = []
+        for i, axis in enumerate(self.mesh):
+            roles = list(dict.fromkeys(u.role(i, stored[i]) for u in uses))
+            if not roles:
+                roles = ["stored split" if isinstance(stored[i], Shard) else "replicated"]
+            parts.append(f"{axis}: {' / '.join(roles)}")
+        return "; ".join(parts)
+
+    def _input_role(self, layout) -> str:
+        parts = [f"{axis}: " + ("batch split" if p == Shard(0) else f"split on dim {p.dim}"
+                                if isinstance(p, Shard) else "replicated")
+                 for axis, p in zip(self.mesh, layout)]
+        return "; ".join(parts)
+
+    def axis_summary(self) -> list:
+        """One line per mesh axis saying what runs on it: data parallel (the batch split),
+        tensor parallel (parameters used split, by kind), sharded parameter storage, other
+        splits of the work, or nothing split at all."""
+        lines = []
+        for i, axis in enumerate(self.mesh):
+            kinds, gathered, replicated = {}, 0, 0
+            for fqn, stored in self.placements.items():
+                roles = {u.role(i, stored[i]) for u in self.uses.get(fqn, ())}
+                for r in roles - {"replicated", "stored split, gathered for use"}:
+                    kinds[r] = kinds.get(r, 0) + 1
+                gathered += "stored split, gathered for use" in roles
+                replicated += roles == {"replicated"}
+            dims = {}
+            for v in self.nodes.values():
+                p = v["output"][i]
+                key = "partial sums" if isinstance(p, Partial) else \
+                    p.dim if isinstance(p, Shard) else None
+                if key is not None:
+                    dims[key] = dims.get(key, 0) + 1
+            what = []
+            if dims.get(0):
+                what.append(f"data parallel: {dims[0]} of {len(self.nodes)} ops work on a "
+                            f"split of the batch (dim 0), {replicated} parameters and buffers "
+                            f"replicated (gradients summed over {axis})")
+            if kinds:
+                what.append("tensor parallel: " + ", ".join(
+                    f"{n} {kind}" for kind, n in sorted(kinds.items())) + " parameters")
+            if gathered:
+                what.append(f"sharded parameters (FSDP/ZeRO-3): {gathered} stored split, "
+                            "gathered for use")
+            other = {d: n for d, n in dims.items() if d not in (0, "partial sums")}
+            if other:
+                what.append("ops split on " + ", ".join(
+                    f"dim {d} ({n})" for d, n in sorted(other.items())))
+            if not what and not dims:
+                what.append("nothing split: every device on this axis repeats the same work")
+            lines.append(f"  {axis} ({self.mesh[axis]}): " + "; ".join(what or
+                         [f"{dims['partial sums']} ops leave partial sums"]))
+        return ["what runs on each mesh axis:"] + lines
 
     def _memory_line(self) -> str:
         c = self.cost

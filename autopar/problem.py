@@ -16,8 +16,11 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .cost import CostModel
-from .placement import Replicate, Shard, divides
+from .cost import NO_KERNEL, CostModel
+from .errors import PlanError
+from .graph_utils import module_path
+from .saved import GRADIENT_COPIES
+from .placement import Partial, Replicate, Shard, divides, format_layout
 from .plans import Cost
 from .prices import Facts, LayoutIds, Priced, Prices, distinct_keys
 from .rules import Strategy, shape_of
@@ -128,11 +131,14 @@ class Problem:
     transient_bytes: dict = field(default_factory=dict)  # node -> [bytes] recomputed at once
     held_grad_bytes: dict = field(default_factory=dict)  # parameter -> [bytes] of gradients
                                                          #   held between micro-batches
+    loss_grad_bytes: dict = field(default_factory=dict)  # a loss's input -> [bytes] of its
+                                                         #   gradient's copies (GRADIENT_COPIES)
     held: list = field(default_factory=list)           # [Held]: when each table counts
     outputs: list = field(default_factory=list)        # nodes returned by the graph
     weight: dict = field(default_factory=dict)         # node -> instances it stands for
     rep: dict = field(default_factory=dict)            # left-out node -> node standing for it
     block_start: int = 0                                # where the first repeated block starts
+    backward_peaks: list = field(default_factory=list)  # positions of GRADIENT_COPIES ops
     sync_bytes: dict = field(default_factory=dict)      # parameter -> [bytes] of its gradient
                                                         #   summed over ranks in buckets
     prices: Prices = None                               # shared by the problems on one mesh
@@ -178,7 +184,8 @@ class Problem:
                 for part, share in self._static_parts(h.node).items():
                     params[part] += v * share
             else:
-                transient = h.table in ("transient_bytes", "held_grad_bytes")
+                transient = h.table in ("transient_bytes", "held_grad_bytes",
+                                        "loss_grad_bytes")
                 parts["transient_bytes" if transient else "activations"] += v
         parts["activations"] += sum(v for start, v in self._edge_memory(choice) if start <= at)
         return Cost(compute + comm, compute, comm, peak, params["parameter"],
@@ -266,13 +273,14 @@ class Problem:
         new indices back to the old."""
         new = Problem(self.mesh, self.model, self.nodes, outputs=self.outputs, held=self.held,
                       weight=self.weight, rep=self.rep, prices=self.prices,
-                      block_start=self.block_start)
+                      block_start=self.block_start, backward_peaks=self.backward_peaks)
         for n in self.nodes:
             idx = kept[n]
             new.options[n] = [self.options[n][i] for i in idx]
             for table in ("node_s", "static_bytes", "saved_bytes", "out_bytes"):
                 getattr(new, table)[n] = [getattr(self, table)[n][i] for i in idx]
-            for table in ("transient_bytes", "held_grad_bytes", "sync_bytes"):
+            for table in ("transient_bytes", "held_grad_bytes", "sync_bytes",
+                          "loss_grad_bytes"):
                 if n in getattr(self, table):
                     getattr(new, table)[n] = [getattr(self, table)[n][i] for i in idx]
         for e in self.edges:
@@ -298,18 +306,40 @@ class Problem:
             return calls
         step = len(calls) / MAX_MEMORY_CHECKPOINTS
         picked = {calls[int(k * step)] for k in range(MAX_MEMORY_CHECKPOINTS)} | {calls[-1]}
-        return sorted(picked)
+        return sorted(picked | set(self.backward_peaks))
 
 
 _PLANNED = ("placeholder", "get_attr", "call_function", "call_method")
+# Ops that only relabel their input's layout (views, casts): a parameter pinned to the layout
+# it is used in passes through them to the op that computes with it, with no collective.
+CARRY_LAYOUT = NO_KERNEL | {"reshape", "contiguous", "clone", "to", "type", "float", "half",
+                            "bfloat16", "double"}
+
+
+@dataclass(frozen=True)
+class Pins:
+    """What the user pinned, per source node. ``stored``: the layout a parameter is held in,
+    or an input arrives in (the node takes only that layout). ``used``: the layout a
+    parameter or an input is read in (its readers take it so, with no collective between,
+    through views and casts to the op that computes with it)."""
+
+    stored: dict = field(default_factory=dict)
+    used: dict = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.stored or self.used)
+
+    def of(self, node) -> tuple:
+        return self.stored.get(node), self.used.get(node)
 _ALWAYS = 1 << 62   # the end of a held interval that lasts to the end of the forward pass
 
 
-def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=(),
+def build_problem(gm, mesh, model: CostModel, pinned: Pins, blocks=(),
                   folding="ends", facts: Facts | None = None) -> Problem:
     """Enumerate strategies for the nodes of ``gm`` on ``mesh`` and price them.
 
-    ``pinned`` maps parameter and input nodes to the only layout they may take. Given
+    ``pinned`` (:class:`Pins`) gives parameter and input nodes the only layout they may be
+    stored in, and parameters the only layout their readers may take them in. Given
     ``blocks`` (classes of structurally identical instances), the problem is folded as
     ``folding`` says (see :func:`fold_groups` and :class:`Problem`). ``facts`` keeps what
     problems built again on the same program (and mesh, with the same ``pinned``) share.
@@ -319,23 +349,35 @@ def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=(),
     folded = facts.folds.get(key)
     if folded is None:
         folded = facts.folds[key] = _Folded(gm, blocks, folding, facts)
+    pinned = pinned or Pins()
     if pinned:
         _check_pinned(blocks, pinned, folding)
     rep, weight, nodes, pos = folded.rep, folded.weight, folded.nodes, folded.pos
     prices = facts.prices(mesh, model)
     prob = Problem(mesh, prices.model, nodes, weight=weight, rep=rep, prices=prices)
+    carried = {n: (layout, n.target) for n, layout in pinned.used.items()}
     for n in nodes:
         if n.op in ("placeholder", "get_attr"):
-            key = (n, pinned.get(n))
+            key = (n, pinned.stored.get(n))
             found = prices.strategies.get(key)
             if found is None:
-                found = prices.strategies[key] = _source_options(n, mesh, pinned)
+                found = prices.strategies[key] = _source_options(n, mesh, pinned.stored)
             prob.options[n] = found
             continue
-        found = prices.strategies.get(n)
+        need = tuple((slot, *carried[src]) for slot, src in enumerate(facts.of(n)[0])
+                     if src in carried)
+        key = (n, need) if need else n
+        found = prices.strategies.get(key)
         if found is None:
-            found = prices.strategies[n] = facts.strategies(n, mesh.shape)
+            found = facts.strategies(n, mesh.shape)
+            if need:
+                found = _reading_as_pinned(n, found, need)
+            prices.strategies[key] = found
         prob.options[n] = found
+        outs = {s.output for s in found}
+        if need and len(outs) == 1 and n.meta.get("autopar.op") in CARRY_LAYOUT and \
+                len(facts.of(n)[0]) == 1:
+            carried[n] = (outs.pop(), need[0][2])
     for n in nodes:
         _price_node(prob, n, facts)
     prob.outputs = list(dict.fromkeys(folded.returned))
@@ -343,7 +385,7 @@ def build_problem(gm, mesh, model: CostModel, pinned: dict, blocks=(),
         e = _edge(prob, src, dst, slot, facts)
         e.weight = count
         prob.edges.append(e)
-    _hold_memory(prob, blocks, pos, folded.uses)
+    _hold_memory(prob, blocks, pos, folded.uses, facts)
     _price_outputs(prob, folded.output, folded.returned, facts)
     return prob
 
@@ -354,7 +396,7 @@ class _Folded:
     (:func:`_fold_edges`), what the graph returns."""
 
     def __init__(self, gm, blocks, folding, facts: Facts):
-        self.rep, self.weight = _fold_map(blocks, {}, folding)
+        self.rep, self.weight = _fold_map(blocks, Pins(), folding)
         every = [n for n in gm.graph.nodes if n.op in _PLANNED]
         self.nodes = [n for n in every if n not in self.rep]
         self.pos = {n: i for i, n in enumerate(self.nodes)}
@@ -396,7 +438,7 @@ def _fold_map(blocks, pinned, folding) -> tuple:
                 weight[a] = len(run)
             for inst in others:
                 for a, b in zip(stand.nodes, inst.nodes):
-                    if pinned.get(a) != pinned.get(b):
+                    if pinned.of(a) != pinned.of(b):
                         raise ValueError(f"{b.name} is pinned unlike {a.name}: the blocks "
                                          "holding them were folded together")
                     rep[b] = a
@@ -420,17 +462,53 @@ def _fold_edges(rep: dict, every: list, pos: dict, facts: Facts) -> tuple:
     return found, uses
 
 
-def _check_pinned(blocks, pinned: dict, folding):
+def _check_pinned(blocks, pinned: Pins, folding):
     """Nodes folded together must be pinned alike."""
     _fold_map(blocks, pinned, folding)
 
 
-def _hold_memory(prob: Problem, blocks, pos: dict, uses: dict):
+def _reads_as(read: tuple, pinned: tuple) -> bool:
+    """Whether reading a value pinned to ``pinned`` in layout ``read`` honours the pin: the
+    same placement on every axis, except that a replicated value may be read as a partial
+    sum (its term added on one rank of the axis, as a row-parallel linear adds its bias):
+    no collective either way."""
+    return all(r == p or isinstance(p, Replicate) and isinstance(r, Partial)
+               for r, p in zip(read, pinned))
+
+
+def _reading_as_pinned(n: Node, options: list, need: tuple) -> list:
+    """The strategies of ``n`` that read each pinned input (``need``: slot, layout, the
+    parameter's FQN) in its pinned layout (:func:`_reads_as`); none is an error naming what
+    ``n`` allows."""
+    kept = [s for s in options if all(_reads_as(s.inputs[slot], layout)
+                                      for slot, layout, _ in need)]
+    if kept:
+        return kept
+    for slot, layout, fqn in need:
+        allowed = sorted({format_layout(s.inputs[slot]) for s in options})
+        if format_layout(layout) not in allowed:
+            where = module_path(n)
+            op = n.meta.get("autopar.op", n.name)
+            raise PlanError(
+                f"{fqn} is pinned to be used as {format_layout(layout)}, but {op} "
+                f"(node {n.name}{f', in {where}' if where else ''}) can read it only as "
+                f"{', '.join(allowed) or 'nothing on this mesh'}; pin one of those in "
+                "constraints=, or pin only how it is stored with storage= and let the "
+                "planner choose how it is used")
+    raise PlanError(f"{n.meta.get('autopar.op', n.name)} (node {n.name}) has no strategy "
+                    "reading " + " and ".join(f"{fqn} as {format_layout(lay)}"
+                                              for _, lay, fqn in need) +
+                    " together; pin those parameters to layouts it can read together")
+
+
+def _hold_memory(prob: Problem, blocks, pos: dict, uses: dict, facts: Facts):
     """When each node's parameters, saved activations and output count toward memory.
 
     Seen from the last instance of each block, where memory peaks: the activations saved by
     all earlier instances are held from the first block's start, and a value read by the
-    next instance (the block's output) is live from that start until its last reader.
+    next instance (the block's output) is live from that start until its last reader. At a
+    loss (:data:`~autopar.saved.GRADIENT_COPIES`), where backward enters it: what the
+    forward pass holds there, and the copies of its input's gradient.
     """
     starts = [pos[cls.instances[0].nodes[0]] for cls in blocks
               if cls.instances[0].nodes[0] in pos]
@@ -453,6 +531,14 @@ def _hold_memory(prob: Problem, blocks, pos: dict, uses: dict):
         earlier = max((t for t, back in readers if back), default=-1)
         if earlier >= 0:
             prob.held.append(Held(n, "out_bytes", block_start, earlier, 1))
+        copies = GRADIENT_COPIES.get(n.meta.get("autopar.op")) if n.op in (
+            "call_function", "call_method") else None
+        ins = facts.of(n)[0] if copies else ()
+        if ins and facts.of(ins[0])[2]:
+            src = prob.rep.get(ins[0], ins[0])
+            prob.loss_grad_bytes[src] = (copies * np.asarray(prob.out_bytes[src])).tolist()
+            prob.held.append(Held(src, "loss_grad_bytes", p, p + 1, 1))
+            prob.backward_peaks.append(p)
     prob.block_start = block_start
     for e in prob.edges:
         if e.saved_bytes:
@@ -488,7 +574,8 @@ def _price_node(prob: Problem, n: Node, facts: Facts):
     the same parameters pinned), so computed once per mesh."""
     ins = facts.of(n)[0]
     key = (n, tuple(len(prob.options[prob.rep.get(a, a)]) == 1 and prob.options[
-        prob.rep.get(a, a)][0].output for a in ins if a.op == "get_attr"), len(prob.options[n]))
+        prob.rep.get(a, a)][0].output for a in ins if a.op == "get_attr"), len(prob.options[n]),
+        id(prob.options[n]))
     found = prob.prices.node_prices.get(key)
     if found is None:
         found = prob.prices.node_prices[key] = _node_prices(prob, n, facts)

@@ -18,6 +18,11 @@ from .cost import SAVES_NOTHING
 # heads, dim), so that the usual transpose back to (batch, sequence, width) is a view of it,
 # which the output projection saves: it is counted there.
 SAVES_OUTPUT = frozenset({"softmax", "log_softmax", "tanh", "sigmoid", "exp"})
+# Ops whose backward holds this many copies of their first input's gradient at once, while
+# all that the forward pass saved is still alive: cross-entropy's gradient of the
+# log-probabilities beside that of the logits. Where a loss ends the program (the usual
+# case), this is where the step peaks.
+GRADIENT_COPIES = {"cross_entropy": 2}
 # Ops that keep only some of their inputs, and which: op -> slots (an embedding's gradient
 # scatters by the indices).
 KEEPS_ONLY = {"embedding": {0}}

@@ -70,7 +70,8 @@ def forced_plans(workload, model, batch) -> dict:
         "data parallel": dict(mesh={"dp": WORLD}, constraints={**replicated, **split_batch}),
         "Megatron TP": dict(mesh={"tp": WORLD}, constraints={
             **replicated, **megatron, **{name: "R" for name in inputs}}),
-        "sharded params": dict(mesh={"dp": WORLD}, constraints={**sharded, **split_batch}),
+        "sharded params": dict(mesh={"dp": WORLD}, constraints={**replicated, **split_batch},
+                               storage=sharded),
         "automatic": {},
     }
 

@@ -81,7 +81,7 @@ def forced_plans(workload, model, batch) -> dict:
     sharded = {fqn: "S(0)" if shape[0] % WORLD == 0 else "R" for fqn, shape in params.items()}
     megatron = {glob: f"S({dim})" for glob, dim in workload.megatron.items()}
     dp = dict(mesh={"dp": WORLD}, constraints={**replicated, **split_batch})
-    fsdp = dict(mesh={"dp": WORLD}, constraints={**sharded, **split_batch})
+    fsdp = dict(mesh={"dp": WORLD}, constraints={**replicated, **split_batch}, storage=sharded)
     return {
         "data parallel": dp,
         "sharded params": fsdp,

@@ -1,5 +1,11 @@
-"""Plan a small GPT for a 4-device cluster, then train it as 4 local CPU processes (gloo)
+"""Plan a small LLaMA for a 4-device cluster, then train it as 4 local CPU processes (gloo)
 and show that the loss matches a single device step for step.
+
+The plan is data parallel on "dp" (the batch split in two) and Megatron-style tensor parallel
+on "tp": the attention and feed-forward projections pinned as DTensor's ColwiseParallel and
+RowwiseParallel mean it (``Shard(0)``: the weight's output features split, so the matmul is
+column-parallel; ``Shard(1)``: its input features split, row-parallel, partial sums reduced).
+The planner chooses the layout of everything else.
 
     python examples/quickstart.py              # spawns the 4 processes itself
     torchrun --nproc_per_node 4 examples/quickstart.py
@@ -21,18 +27,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import autopar  # noqa: E402
 from autopar import Replicate, Shard  # noqa: E402
-from models import GPT, GPTConfig, tiny_batch  # noqa: E402
+from models import Llama, LlamaConfig, tiny_batch  # noqa: E402
 
 WORLD = 4
 STEPS = 5
 MESH = {"dp": 2, "tp": 2}
-# Megatron-style tensor parallel on "tp" (column-parallel, then row-parallel), data parallel
-# on "dp"; everything else is left to the planner.
-TENSOR_PARALLEL = {
-    "h.*.attn.c_attn.*": (Replicate(), Shard(0)),
-    "h.*.attn.c_proj.weight": (Replicate(), Shard(1)),
-    "h.*.mlp.c_fc.*": (Replicate(), Shard(0)),
-    "h.*.mlp.c_proj.weight": (Replicate(), Shard(1)),
+COLUMN, ROW = (Replicate(), Shard(0)), (Replicate(), Shard(1))   # one placement per axis
+PINS = {
+    "layers.*.attention.w[qkv].weight": COLUMN,      # query, key, value: heads split on tp
+    "layers.*.attention.wo.weight": ROW,             # output projection: partial sums
+    "layers.*.feed_forward.w[13].weight": COLUMN,    # SwiGLU gate and up projections
+    "layers.*.feed_forward.w2.weight": ROW,          # down projection
+    "tokens": (Shard(0), Replicate()),               # each dp rank takes half the batch
+    "targets": (Shard(0), Replicate()),
 }
 
 
@@ -55,16 +62,18 @@ def worker(rank: int, world: int, port: int):
                                 timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
     torch.manual_seed(0)                       # same weights and data on every rank
-    cfg = GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=4, n_embd=64)
-    model = GPT(cfg)
+    cfg = LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                      hidden_dim=128, max_seq_len=16)
+    model = Llama(cfg)
     single = copy.deepcopy(model)
     tokens, targets = tiny_batch(cfg, batch=8, seq=16)
 
     pm = autopar.compile(model, autopar.Cluster.local(), example_inputs=(tokens, targets),
-                         mesh=MESH, constraints=TENSOR_PARALLEL)
+                         mesh=MESH, constraints=PINS)
     if rank == 0:
         print(pm.plan.explain())
-        print("rank 0 runs:\n")
+        print("rank 0 runs (split weights used as they are held, the batch sliced on entry, "
+              "a collective wherever layouts meet):\n")
         print(pm.code)
     losses = train(pm, tokens, targets)
     if rank == 0:

@@ -24,7 +24,8 @@ class PassContext:
     cluster: object = None
     mesh: object = None                 # autopar.mesh.Mesh, chosen by assign_layouts
     mesh_request: dict | None = None    # the user's mesh=
-    constraints: dict = field(default_factory=dict)
+    constraints: dict = field(default_factory=dict)   # the user's: layouts parameters are used in
+    storage: dict = field(default_factory=dict)       # the user's: layouts parameters are held in
     example_inputs: list = field(default_factory=list)   # flat, one per placeholder
     input_names: list = field(default_factory=list)
     param_fqns: list = field(default_factory=list)

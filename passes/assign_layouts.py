@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 from autopar.cost import Training
 from autopar.graph_utils import module_path
 from autopar.planner import choose_plan
-from autopar.plans import Plan
+from autopar.plans import Plan, Use
 from autopar.prices import Facts
+from autopar.problem import CARRY_LAYOUT
 from autopar.recompute import block_paths, choose_recompute, resolve_recompute
 from autopar.rules import tensor_inputs
 
@@ -29,7 +32,7 @@ def assign_layouts(gm, ctx):
         return choose_plan(gm, ctx.cluster, mesh or ctx.mesh_request, ctx.constraints,
                            training, budget, ctx.level, ctx.stats, ctx.input_names,
                            blocks if ctx.fold else [], recompute=recompute, facts=facts,
-                           refine_bound=refine_bound)
+                           refine_bound=refine_bound, storage=ctx.storage)
 
     mesh, prob, choice, cost, recompute = choose_recompute(plan_with, blocks, pins, budget)
     ctx.mesh = mesh
@@ -55,8 +58,54 @@ def assign_layouts(gm, ctx):
                              "memory_bytes": prob.saved_bytes[r][c]}
     ctx.plan = Plan(mesh=mesh.as_dict(), placements=placements, inputs=inputs, nodes=nodes,
                     cost=cost, stats=ctx.stats, cluster=str(ctx.cluster), recompute=recompute,
-                    micro_batches=ctx.micro_batches_request or 1)
+                    micro_batches=ctx.micro_batches_request or 1, uses=_uses(gm),
+                    pinned=_pinned([*placements, *inputs], ctx))
     return gm
+
+
+def _pinned(names: list, ctx) -> dict:
+    """Name -> what the user pinned of it: "use" (``constraints=``), "storage", or both."""
+    out = {}
+    for name in names:
+        kinds = [kind for kind, globs in (("use", ctx.constraints), ("storage", ctx.storage))
+                 if any(fnmatch.fnmatchcase(name, g) for g in globs or {})]
+        if kinds:
+            out[name] = ", ".join(kinds)
+    return out
+
+
+def _uses(gm) -> dict:
+    """Per parameter FQN, how its readers take it: one :class:`~autopar.plans.Use` per
+    distinct (op, layout read, the op's output layout), following views and casts to the
+    op that computes with it."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or "autopar.strategy" not in n.meta:
+            continue
+        found = []
+        for reader, layout in _readers(n):
+            use = Use(reader.meta["autopar.op"], layout, reader.meta["autopar.layout"],
+                      len(n.meta["val"].shape))
+            if use not in found:
+                found.append(use)
+        out[n.target] = found
+    return out
+
+
+def _readers(value, read_as=None) -> list:
+    """(op computing with ``value``, the layout the parameter is read in) for each reader of
+    ``value``, through views and casts (``read_as``: how the parameter was read before
+    them)."""
+    out = []
+    for user in value.users:
+        ins = tensor_inputs(user) if "autopar.strategy" in user.meta else []
+        if value not in ins:
+            continue
+        layout = read_as or user.meta["autopar.strategy"].inputs[ins.index(value)]
+        deeper = _readers(user, layout) if user.meta["autopar.op"] in CARRY_LAYOUT and \
+            len(ins) == 1 else []
+        out += deeper or [(user, layout)]
+    return out
 
 
 def _comm_per_node(gm, prob, choice) -> dict:

@@ -70,7 +70,7 @@ def fold_repeated_blocks(gm, ctx):
     nodes = list(gm.graph.nodes)
     for node in nodes:
         node.meta.pop("autopar.block", None)
-    labeler = _Labeler(set(ctx.param_fqns), dict(ctx.constraints or {}))
+    labeler = _Labeler(set(ctx.param_fqns), dict(ctx.constraints or {}), dict(ctx.storage or {}))
     method = "module_hierarchy"
     classes = _classify(_module_blocks(nodes), labeler)
     if not any(len(c.instances) > 1 for c in classes):
@@ -162,9 +162,9 @@ def _instance(path: str, block_nodes: list) -> BlockInstance:
 class _Labeler:
     """Labels of nodes and of whole blocks, for the WL hash and the exact comparison."""
 
-    def __init__(self, param_fqns: set, constraints: dict):
+    def __init__(self, param_fqns: set, constraints: dict, storage: dict | None = None):
         self.param_fqns = param_fqns
-        self.constraints = constraints   # glob -> layout
+        self.pins = (constraints, storage or {})   # glob -> layout: used in, stored in
         self._described = {}   # id(value) -> (value, its description)
 
     def describe(self, val):
@@ -179,10 +179,11 @@ class _Labeler:
         val = self.describe(node.meta.get("val"))
         if node.op == "get_attr":
             # the layouts it is pinned to (the last matching glob wins), not which globs
-            pinned = [str(lay) for p, lay in self.constraints.items()
-                      if fnmatch.fnmatchcase(node.target, p)][-1:]
+            pinned = [[str(lay) for p, lay in pins.items()
+                       if fnmatch.fnmatchcase(node.target, p)][-1:] for pins in self.pins]
             return ("get_attr", val, node.target in self.param_fqns,
-                    bool(getattr(node.meta.get("val"), "requires_grad", False)), tuple(pinned))
+                    bool(getattr(node.meta.get("val"), "requires_grad", False)),
+                    tuple(map(tuple, pinned)))
         return (node.op, node.meta.get("autopar.op"), val)
 
     def structure(self, inst: BlockInstance) -> tuple:

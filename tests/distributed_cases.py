@@ -43,7 +43,7 @@ def training_cases(world):
         # parameters stored sharded, gathered for use, gradients reduce-scattered back
         yield f"{name}-sharded-{world}", name, dict(
             mesh={"dp": world}, cluster=slow_devices(world), expect="gather_shards",
-            constraints={"*weight": "S(0)", **SHARDED_INPUTS[name]})
+            constraints={"*weight": "R", **SHARDED_INPUTS[name]}, storage={"*weight": "S(0)"})
     # micro-batches: pm.step runs 2 per step, unevenly ignored tokens, one all-reduce per
     # gradient bucket per step; on 4 ranks data parallel over 2 with Megatron over 2
     micro_mesh = {"dp": 2} if world == 2 else {"dp": 2, "tp": 2}
@@ -125,8 +125,9 @@ def run_steps(pm, ref, args, kwargs, count):
 MEMORY_PLANS = {
     "dp-full-recompute": dict(mesh_of=lambda w: {"dp": w}, constraints={"*": "R"},
                               recompute="full"),
-    "sharded-selective-2": dict(mesh_of=lambda w: {"dp": w}, constraints={"*weight": "S(0)"},
-                                recompute="selective", micro_batches=2),
+    "sharded-selective-2": dict(mesh_of=lambda w: {"dp": w}, constraints={"*weight": "R"},
+                                storage={"*weight": "S(0)"}, recompute="selective",
+                                micro_batches=2),
     "megatron": dict(mesh_of=lambda w: {"tp": w}, megatron=True),
     "automatic": dict(mesh_of=lambda w: None),
 }

@@ -46,7 +46,8 @@ BACKEND_CASES = {
                                 constraints=SHARDED_INPUTS["gpt"]),
                     "grad_sum("),
     "gpt-sharded": ("gpt", dict(cluster=slow_devices(2), mesh={"dp": 2},
-                                constraints={"*weight": "S(0)", **SHARDED_INPUTS["gpt"]}),
+                                constraints={"*weight": "R", **SHARDED_INPUTS["gpt"]},
+                                storage={"*weight": "S(0)"}),
                     "shard(h_0_mlp_c_fc_weight, 0, 'dp')"),
 }
 
@@ -274,4 +275,4 @@ def test_two_processes_misuse_is_a_clear_error(two_processes):
         assert msg.startswith("PlanError") and "world size 2" in msg \
             and "4 devices" in msg, msg
         msg = results["plan-mismatch"].get("error", "no error")
-        assert msg.startswith("PlanError") and "different plans" in msg, msg
+        assert msg.startswith("PlanMismatch") and "different plans" in msg, msg

@@ -119,7 +119,8 @@ def test_parameters_stored_sharded_match_one_device(name):
     ref = twin(model)
     pm = autopar.compile(model, slow_devices(4),
                          example_inputs=kwargs or args, simulate=True, mesh={"dp": 4},
-                         constraints={"*weight": "S(0)", **SHARDED_INPUTS[name]})
+                         constraints={"*weight": "R", **SHARDED_INPUTS[name]},
+                         storage={"*weight": "S(0)"})
     assert "gather_shards" in pm.code
     check_training(pm, ref, args, kwargs)
 

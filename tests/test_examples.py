@@ -25,8 +25,24 @@ def test_example_runs(script):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     if script.name in ("quickstart.py", "hf_llama.py"):
         assert "matches one device" in done.stdout
+    if script.name == "quickstart.py":
+        _check_quickstart_splits_work(done.stdout)
     if script.name == "hf_llama.py":
         assert "captured with dynamo" in done.stdout and "ops without a rule: none" in done.stdout
+
+
+def _check_quickstart_splits_work(out: str):
+    """The rank program printed holds weights split on tp and used as held (no gather),
+    partial sums reduced over tp, and the batch split on dp; the plan says so in words."""
+    held = re.findall(r"(\w+_weight) = self\.\w+  # RS\((\d)\)", out)
+    assert {dim for _, dim in held} == {"0", "1"}, "no column- and row-split weights"
+    for name, _ in held:
+        assert re.search(rf"linear\(\w+, {name}\b", out), f"{name} is not used as held"
+        assert f"all_gather({name}" not in out
+    assert re.search(r"all_reduce\(\w+, 'tp'\)", out)
+    assert "shard(tokens, 0, 'dp')" in out and "shard(targets, 0, 'dp')" in out
+    assert "dp (2): data parallel" in out and "tp (2): tensor parallel" in out
+    assert "column-parallel" in out and "row-parallel" in out
 
 
 def python_blocks(path):
@@ -48,5 +64,6 @@ def test_doc_code_runs(doc, monkeypatch):
 
 def test_readme_python_example_runs(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    [block] = python_blocks(ROOT / "README.md")
-    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    namespace = {"__name__": "readme"}
+    for block in python_blocks(ROOT / "README.md"):
+        exec(compile(block, "README.md", "exec"), namespace)
