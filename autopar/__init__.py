@@ -11,10 +11,18 @@ Dynamo or the solver load their modules at first use.
 import importlib
 import sys
 
-from .backend import backend, register as _register_backend
-from .cluster import Cluster, DeviceSpec, LinkSpec
-from .errors import (AutoparError, CaptureError, InputError, NoFit, PlanError, PlanMismatch,
-                     RankFailed)
+from .backend import backend
+from .backend import register as _register_backend
+from .cost.cluster import Cluster, DeviceSpec, LinkSpec
+from .errors import (
+    AutoparError,
+    CaptureError,
+    InputError,
+    NoFit,
+    PlanError,
+    PlanMismatch,
+    RankFailed,
+)
 
 __version__ = "0.1.0"
 
@@ -25,9 +33,10 @@ if "torch._dynamo" in sys.modules:
 
 # name -> its module, imported when the name is first read (PEP 562)
 _LAZY = {"compile": "api", "plan": "api", "examine": "api", "Examination": "api",
-         "Plan": "plans", "Cost": "plans", "ParallelModule": "runtime.module",
-         "Shard": "placement", "Replicate": "placement", "Partial": "placement",
-         "format_layout": "placement", "parse_layout": "placement"}
+         "Plan": "search.result", "Cost": "search.result", "ParallelModule": "runtime.module",
+         "Shard": "program.placement", "Replicate": "program.placement",
+         "Partial": "program.placement",
+         "format_layout": "program.placement", "parse_layout": "program.placement"}
 
 
 def __getattr__(name: str):

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .capture import capture, normalize_example_inputs
-from .cluster import Cluster
-from .cost import Training
+from .cost.cluster import Cluster
+from .cost.model import Training
 from .errors import CaptureError, InputError, PlanError
-from .graph_utils import fetch_attr, paused_gc
-from .repeats import Unrepeatable, containers, cut_to_two, repeated_lists
+from .program.capture import capture, normalize_example_inputs
+from .program.graph import fetch_attr, paused_gc
+from .program.repeats import Unrepeatable, containers, cut_to_two, repeated_lists
 from .runtime.faults import planning
 
 
@@ -44,7 +44,8 @@ def _passes(program: bool) -> list:
     split into micro-batches right after ``simplify_graph`` (sizes are constants from then
     on, and the blocks are folded at the micro-batch's shapes), then planning."""
     from autopar.passes import ANALYSIS, PIPELINE, assign_layouts, simplify_graph
-    from .microbatch import split_micro_batches
+
+    from .search.microbatch import split_micro_batches
     passes = list(PIPELINE if program else ANALYSIS + [assign_layouts])
     passes.insert(passes.index(simplify_graph) + 1, split_micro_batches)
     return passes
@@ -56,8 +57,8 @@ def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budge
     """Capture and plan ``model``; with ``program`` also generate the rank program (the
     plan alone does not need it). With ``micro_batches`` m > 1 what is planned is the
     program of one micro-batch (``ctx.micro`` says how a step runs it); without, the
-    planner picks m where memory binds (:func:`~autopar.microbatch.choose_micro_batches`)."""
-    from .microbatch import batch_size_of, choose_micro_batches
+    planner picks m where memory binds (:func:`~autopar.search.microbatch.choose_micro_batches`)."""
+    from .search.microbatch import batch_size_of, choose_micro_batches
     args = (model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
             precision, optimizer, fold, program, recompute)
     if micro_batches is not None:
@@ -114,7 +115,7 @@ def plan_micro_batches(model, cluster, example_inputs, micro_batches: int, *, pr
     ``micro_batches`` micro-batches: the planned program is one micro-batch's.
 
     Returns ``(captured, ctx)``: ``ctx.plan`` (with ``plan.micro_batches``), with ``program``
-    also ``ctx.program``, and ``ctx.micro`` (:class:`autopar.microbatch.MicroBatches`, None
+    also ``ctx.program``, and ``ctx.micro`` (:class:`autopar.search.microbatch.MicroBatches`, None
     for 1). A search over the micro-batch count prices ``ctx.plan.cost`` per candidate
     (``program=False`` skips code generation) and builds the module of the one it keeps with
     :func:`parallel_module`.

@@ -33,9 +33,9 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .cluster import Cluster
+from .cost.cluster import Cluster
 from .errors import PlanError
-from .graph_utils import replace_with_constant
+from .program.graph import replace_with_constant
 
 # ``import autopar`` imports this module, so what imports DTensor and the planner (placement,
 # cost, redistribute, runtime) is imported in the functions that use it.
@@ -81,7 +81,7 @@ class Backend:
 
     def __init__(self, cluster=None, *, simulate=False, **options):
         from .api import _check_cluster
-        from .cost import Training
+        from .cost.model import Training
         if cluster is not None:
             _check_cluster(cluster)
         if not isinstance(simulate, bool):
@@ -235,8 +235,9 @@ def _plan_graph(gm, names, inputs, cluster, options):
     from autopar.passes import ANALYSIS, PassContext, run_passes
     from autopar.passes.assign_layouts import assign_layouts
     from autopar.passes.generate_rank_program import generate_rank_program
-    from autopar.planner import candidate_meshes
-    from .placement import replicated
+    from autopar.search.meshes import candidate_meshes
+
+    from .program.placement import replicated
     start = time.perf_counter()
     fqns = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
     user = dict(options["constraints"] or {})
@@ -286,8 +287,8 @@ def take_full_state(program, kinds: list) -> tuple:
     sum :class:`~autopar.ParallelModule` defers to after backward gets ``grad_sum`` here, as
     its gradient lands in the user's parameter. Returns (graph module, layouts by node name).
     """
-    from .placement import replicated
-    from .redistribute import plan_steps
+    from .program.placement import replicated
+    from .program.redistribute import plan_steps
     from .runtime import collectives as C
     g = fx.Graph()
     layouts = dict(program.layouts)

@@ -36,7 +36,7 @@ class NoFit(PlanError):
         return float(s() if callable(s) else s)
 
     def __str__(self) -> str:
-        from .plans import format_bytes
+        from .search.result import format_bytes
         budget, smallest = format_bytes(self.budget_bytes), format_bytes(self.smallest_bytes)
         if self.smallest_bytes <= self.budget_bytes and self.level == "fast":
             text = (f"level='fast' found no plan that fits in {budget} per device on "

@@ -164,7 +164,7 @@ def fresh_local_figures(enabled: bool = True):
 
 def cached_figures() -> str | None:
     """The figures an earlier ``Cluster.local()`` cached for this machine, in one line."""
-    from autopar.probe import load_cached
+    from autopar.cost.probe import load_cached
     m = load_cached()
     if m is None:
         return None

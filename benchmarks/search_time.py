@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import autopar  # noqa: E402
-import autopar.planner  # noqa: E402
+import autopar.search.meshes  # noqa: E402
 from models import Llama, LlamaConfig  # noqa: E402
 
 # The public LLaMA-3 shapes (Meta's model cards and the Llama 3 paper, table 3).
@@ -134,13 +134,13 @@ def main(argv=None):
         analysis = sum(sec.get(k, 0.0) for k in PHASES[1:-1])
         unfolded, gap = "-", "-"
         if shape["n_layers"] <= args.unfolded_depth:
-            pruning, autopar.planner.MAX_EXACT_PAIRS = autopar.planner.MAX_EXACT_PAIRS, \
+            pruning, autopar.search.meshes.MAX_EXACT_PAIRS = autopar.search.meshes.MAX_EXACT_PAIRS, \
                 float("inf")
             try:
                 f, _ = plan(name, shape, cluster, mesh=p.mesh)
                 q, q_total = plan(name, shape, cluster, fold=False, mesh=p.mesh)
             finally:
-                autopar.planner.MAX_EXACT_PAIRS = pruning
+                autopar.search.meshes.MAX_EXACT_PAIRS = pruning
             unfolded = f"{q_total:.2f}"
             gap = f"{(f.cost.total_s - q.cost.total_s) / q.cost.total_s:+.1e}"
         results[name] = total

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from autopar.errors import AutoparError
-from autopar.graph_utils import paused_gc
+from autopar.program.graph import paused_gc
 
 
 class PassError(RuntimeError):
@@ -22,7 +22,7 @@ class PassContext:
     """What passes share: the target, the user's options, and what earlier passes found."""
 
     cluster: object = None
-    mesh: object = None                 # autopar.mesh.Mesh, chosen by assign_layouts
+    mesh: object = None                 # autopar.program.mesh.Mesh, chosen by assign_layouts
     mesh_request: dict | None = None    # the user's mesh=
     constraints: dict = field(default_factory=dict)   # the user's: layouts parameters are used in
     storage: dict = field(default_factory=dict)       # the user's: layouts parameters are held in
@@ -36,7 +36,7 @@ class PassContext:
     optimizer: str = "adamw"
     recompute_request: object = None    # the user's recompute= (a choice, or globs -> choices)
     micro_batches_request: int | None = None   # the user's micro_batches=
-    repeats: list = field(default_factory=list)   # autopar.repeats.Repeat, from capture
+    repeats: list = field(default_factory=list)   # autopar.program.repeats.Repeat, from capture
     unsupported: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     plan: object = None
@@ -66,14 +66,14 @@ def _run_passes(gm, ctx, passes):
     return gm
 
 
-from .normalize_graph import normalize_graph  # noqa: E402
 from .annotate_shapes import annotate_shapes  # noqa: E402
-from .simplify_graph import simplify_graph  # noqa: E402
-from .expand_repeats import expand_repeats  # noqa: E402
-from .check_coverage import check_coverage  # noqa: E402
-from .fold_repeated_blocks import fold_repeated_blocks  # noqa: E402
 from .assign_layouts import assign_layouts  # noqa: E402
+from .check_coverage import check_coverage  # noqa: E402
+from .expand_repeats import expand_repeats  # noqa: E402
+from .fold_repeated_blocks import fold_repeated_blocks  # noqa: E402
 from .generate_rank_program import generate_rank_program  # noqa: E402
+from .normalize_graph import normalize_graph  # noqa: E402
+from .simplify_graph import simplify_graph  # noqa: E402
 
 ANALYSIS = [normalize_graph, annotate_shapes, simplify_graph, expand_repeats, check_coverage,
             fold_repeated_blocks]

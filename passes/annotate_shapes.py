@@ -7,7 +7,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Interpreter
 
 from autopar.errors import CaptureError
-from autopar.graph_utils import fetch_attr, where
+from autopar.program.graph import fetch_attr, where
 
 
 def annotate_shapes(gm, ctx):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 
-from autopar.cost import Training
-from autopar.graph_utils import module_path
-from autopar.planner import choose_plan
-from autopar.plans import Plan, Use
-from autopar.prices import Facts
-from autopar.problem import CARRY_LAYOUT
-from autopar.recompute import block_paths, choose_recompute, resolve_recompute
+from autopar.cost.model import Training
+from autopar.program.graph import module_path
 from autopar.rules import tensor_inputs
+from autopar.search.meshes import choose_plan
+from autopar.search.pricing import Facts
+from autopar.search.problem import CARRY_LAYOUT
+from autopar.search.recompute import block_paths, choose_recompute, resolve_recompute
+from autopar.search.result import Plan, Use
 
 
 def assign_layouts(gm, ctx):
@@ -75,7 +75,7 @@ def _pinned(names: list, ctx) -> dict:
 
 
 def _uses(gm) -> dict:
-    """Per parameter FQN, how its readers take it: one :class:`~autopar.plans.Use` per
+    """Per parameter FQN, how its readers take it: one :class:`~autopar.search.result.Use` per
     distinct (op, layout read, the op's output layout), following views and casts to the
     op that computes with it."""
     out = {}

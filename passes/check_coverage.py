@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-from autopar.graph_utils import where
+from autopar.program.graph import where
 from autopar.rules import rule_for
 from autopar.rules.names import describe_target
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch.fx import map_arg
 
-from autopar.capture import _install as install_attr
-from autopar.graph_utils import module_path
-from autopar.repeats import Unrepeatable
+from autopar.program.capture import _install as install_attr
+from autopar.program.graph import module_path
+from autopar.program.repeats import Unrepeatable
 
 from .fold_repeated_blocks import BlockInstance, _instance, _Labeler, block_prefix
 
@@ -16,7 +16,7 @@ _CALLS = ("call_function", "call_method", "call_module")
 def expand_repeats(gm, ctx):
     """Copy the second traced layer of each cut container once per layer left out.
 
-    Reads ``ctx.repeats`` (from :mod:`autopar.repeats`) and ``node.meta`` of the traced
+    Reads ``ctx.repeats`` (from :mod:`autopar.program.repeats`) and ``node.meta`` of the traced
     layers; writes the copies with the same ``node.meta`` (``"val"``, ``"autopar.op"``, ...),
     ``"autopar.module_path"`` naming their own layer, and extends ``ctx.param_fqns``. Raises
     :class:`Unrepeatable` when the two traced layers differ, or when the program reads a

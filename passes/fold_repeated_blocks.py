@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from autopar.graph_utils import module_path
+from autopar.program.graph import module_path
 
 _CALLS = ("call_function", "call_method", "call_module")
 _WL_ITERATIONS = 3           # enough rounds to separate blocks that differ one op deep

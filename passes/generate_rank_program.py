@@ -12,12 +12,12 @@ from torch.fx import Node
 from torch.utils._pytree import tree_map
 
 from autopar.errors import PlanError
-from autopar.placement import Replicate, format_layout, local_shape, replicated
-from autopar.redistribute import plan_steps
+from autopar.program.placement import Replicate, format_layout, local_shape, replicated
+from autopar.program.redistribute import plan_steps
 from autopar.rules import shape_of, tensor_inputs
-from autopar.prices import fused_axis, grad_sum_axes, needs_grad
 from autopar.runtime.checkpoint import Recomputed, identifier
 from autopar.runtime.collectives import gather_shards, grad_sum, step_call
+from autopar.search.pricing import fused_axis, grad_sum_axes, needs_grad
 
 _BLOCK = "autopar.recompute_block"   # on nodes of the flat program: the recomputed block
 

@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from autopar import Cluster, PlanError, probe
-from autopar.cluster import DEVICES, LOCAL_LINK, PRESETS, DeviceSpec, NodeSpec
-from autopar.mesh import Mesh
-from autopar.cost import axis_links
+from autopar import Cluster, PlanError
+from autopar.cost import probe
+from autopar.cost.cluster import DEVICES, LOCAL_LINK, PRESETS, DeviceSpec, NodeSpec
+from autopar.program.mesh import Mesh
+from autopar.cost.model import axis_links
 
 ISSUE_YAML = """\
 nodes:                       # in rank order; each node holds `count` devices of one type

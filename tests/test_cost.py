@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from autopar import Cluster, Partial, PlanError, Replicate, Shard
-from autopar.cost import (BACKWARD_FACTOR_CONTRACTION, KERNEL_LAUNCH_S, MATMUL_EFFICIENCY,
+from autopar.cost.model import (BACKWARD_FACTOR_CONTRACTION, KERNEL_LAUNCH_S, MATMUL_EFFICIENCY,
                           MEMORY_EFFICIENCY, CostModel, Training, axis_links)
-from autopar.mesh import Mesh
+from autopar.program.mesh import Mesh
 
 R, P, S0, S1 = Replicate(), Partial(), Shard(0), Shard(1)
 DGX = Cluster.preset("dgx-a100")
@@ -133,7 +133,7 @@ def test_edge_prices_agree_pair_by_pair_and_by_blocks_in_any_order():
     """A table prices a pair alone or in a block of pairs; whichever comes first, the two
     agree exactly (the gradient sums a pair implies included)."""
     from itertools import product
-    from autopar.prices import Facts
+    from autopar.search.pricing import Facts
     mesh = Mesh(("dp", "tp"), (2, 4))
     model = CostModel(Cluster.preset("dgx-a100"), mesh)
     layouts = list(product([R, S0, S1], repeat=2))

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import autopar
 from autopar import Cluster, format_layout
 from autopar.api import _context
-from autopar.capture import capture
-from autopar.graph_utils import module_path
+from autopar.program.capture import capture
+from autopar.program.graph import module_path
 from autopar.passes import ANALYSIS, fold_repeated_blocks, run_passes
 from autopar.passes.fold_repeated_blocks import block_prefix
 from models import GPT, Bert, BertConfig, GPTConfig, Llama, LlamaConfig, tiny_batch
@@ -338,8 +338,8 @@ def test_folded_capture_falls_back_to_full_depth_where_layers_cannot_be_copied(m
 
 def _unfolded_cost(captured, ctx):
     """The cost of the chosen plan priced on the unfolded problem (every node on its own)."""
-    from autopar.cost import CostModel, Training
-    from autopar.problem import build_problem
+    from autopar.cost.model import CostModel, Training
+    from autopar.search.problem import build_problem
     model = CostModel(ctx.cluster, ctx.mesh, Training(ctx.precision, ctx.optimizer))
     prob = build_problem(captured.gm, ctx.mesh, model, {})
     choice = {n: prob.options[n].index(n.meta["autopar.strategy"]) for n in prob.nodes}
@@ -352,7 +352,7 @@ def test_a_tight_budget_mixes_strategies_across_the_instances_of_a_block():
     rest another (as OSDP mixes sharded and replicated layers): faster, within budget when
     priced layer by layer."""
     from autopar.api import _plan
-    from autopar import planner
+    from autopar.search import meshes as planner
     from test_solver import batch, meta_net
     net, cluster, x = meta_net(2048, 8192, layers=10), Cluster.preset("dgx-a100", nodes=2), \
         batch(4096, 2048)
@@ -384,10 +384,10 @@ def test_refinements_where_memory_binds_are_solved_over_the_tied_relaxations_str
     only those, beats or ties the tied plan (which is among them), and prices as it says;
     where no plan uses only the hinted strategies, its own relaxation is solved after all."""
     from autopar.api import _plan
-    from autopar.cost import CostModel, Training
-    from autopar.mesh import Mesh
-    from autopar.problem import build_problem
-    from autopar.solver import solve
+    from autopar.cost.model import CostModel, Training
+    from autopar.program.mesh import Mesh
+    from autopar.search.problem import build_problem
+    from autopar.search.solver import solve
     from test_solver import batch, meta_net
     net, cluster, x = meta_net(2048, 8192, layers=10), Cluster.preset("dgx-a100", nodes=2), \
         batch(4096, 2048)

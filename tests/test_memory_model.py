@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 import autopar
 from autopar import Cluster
-from autopar.capture import capture
+from autopar.program.capture import capture
 from autopar.passes import ANALYSIS, PassContext, run_passes
-from autopar.prices import Facts
+from autopar.search.pricing import Facts
 
 
 def analysed(model, *inputs):

@@ -146,7 +146,7 @@ def test_explain_says_when_an_axis_splits_nothing_and_when_it_shards_storage():
     R, S0 = autopar.Replicate(), autopar.Shard(0)
     plan = autopar.Plan(mesh={"dp": 2}, placements={"w": (R,)}, inputs={"x": (R,)},
                         nodes={"mm": {"op": "linear", "inputs": [(R,), (R,)], "output": (R,)}},
-                        uses={"w": [autopar.plans.Use("linear", (R,), (R,), 2)]})
+                        uses={"w": [autopar.search.result.Use("linear", (R,), (R,), 2)]})
     assert "dp (2): nothing split" in "\n".join(plan.axis_summary())
     model, args, _ = make("mlp")
     plan = autopar.plan(model, autopar.Cluster.local(2, measure=False), example_inputs=args,

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 import autopar
-from autopar.planner import _LazyProgress
-from autopar.solver import solver_log_enabled
+from autopar.search.meshes import _LazyProgress
+from autopar.search.solver import solver_log_enabled
 
 
 class Net(nn.Module):
@@ -58,7 +58,7 @@ def test_solver_log_goes_to_the_autopar_logger_at_debug(caplog, capfd):
     caplog.set_level(logging.DEBUG, logger="autopar")
     assert solver_log_enabled()
     plan_small_model()
-    solver = [r.getMessage() for r in caplog.records if r.name == "autopar.solver"]
+    solver = [r.getMessage() for r in caplog.records if r.name == "autopar.search.solver"]
     assert any(m.startswith("HiGHS:") and "rows" in m for m in solver), solver[:5]
     assert capfd.readouterr() == ("", "")  # through the logger only, not the console
 

@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "exa
 
 import autopar  # noqa: E402
 from autopar import Cluster, PlanError  # noqa: E402
-from autopar.cost import CostModel, Training  # noqa: E402
-from autopar.mesh import Mesh  # noqa: E402
+from autopar.cost.model import CostModel, Training  # noqa: E402
+from autopar.program.mesh import Mesh  # noqa: E402
 from models import Llama, LlamaConfig  # noqa: E402
 
 CLUSTER = Cluster.preset("dgx-a100", nodes=1)
@@ -138,9 +138,9 @@ def test_the_folded_price_is_the_plan_repriced_block_by_block():
     re-pricing the chosen plan on the unfolded program, each block with its own choice,
     gives the same seconds and memory."""
     from autopar.api import _plan
-    from autopar.prices import Facts
-    from autopar.problem import build_problem
-    from autopar.recompute import Recompute
+    from autopar.search.pricing import Facts
+    from autopar.search.problem import build_problem
+    from autopar.search.recompute import Recompute
     model, example = meta_llama()
     pins = {"layers.[0-2]": "full", "layers.[345]": "selective"}
     budget = 0.8 * free_plan().cost.memory_bytes_per_device

@@ -8,9 +8,9 @@ import itertools
 import pytest
 import torch
 
-from autopar.mesh import Mesh
-from autopar.placement import Partial, Replicate, Shard, divides, format_layout
-from autopar.redistribute import plan_steps
+from autopar.program.mesh import Mesh
+from autopar.program.placement import Partial, Replicate, Shard, divides, format_layout
+from autopar.program.redistribute import plan_steps
 from autopar.runtime.collectives import step_call
 from autopar.runtime.module import shard_tensor
 from autopar.runtime.simulate import run_collective

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 # registers torch.ops.transformers.grouped_mm_fallback, the experts' matmul of MoE layers
 import transformers.integrations.moe  # noqa: F401
 
-from autopar.capture import capture
-from autopar.mesh import Mesh
+from autopar.program.capture import capture
+from autopar.program.mesh import Mesh
 from autopar.passes import ANALYSIS, PassContext, generate_rank_program, run_passes
-from autopar.placement import Partial, Replicate, format_layout, replicated
+from autopar.program.placement import Partial, Replicate, format_layout, replicated
 from autopar.rules import Strategy, rule_for, strategies, tensor_inputs
 from autopar.runtime.module import ParallelModule, shard_tensor
 from autopar.runtime.simulate import merge_replicated, run_ranks

@@ -161,11 +161,11 @@ def test_planning_prints_nothing_off_a_terminal(capfd):
 
 
 def test_peak_memory_sweep_equals_the_largest_checkpoint():
-    from autopar.capture import capture
-    from autopar.cost import CostModel
-    from autopar.mesh import Mesh
+    from autopar.program.capture import capture
+    from autopar.cost.model import CostModel
+    from autopar.program.mesh import Mesh
     from autopar.passes import ANALYSIS, PassContext, run_passes
-    from autopar.problem import build_problem
+    from autopar.search.problem import build_problem
     model, x = meta_net(256, 1024, 2), batch(64, 256)
     captured = capture(model, x)
     ctx = PassContext(example_inputs=captured.example_inputs, input_names=captured.input_names)
@@ -206,7 +206,7 @@ def _axes(name: str) -> dict:
 def test_three_axis_meshes_are_searched_where_a_mesh_they_refine_came_close(width, rows):
     """A mesh (a, b, c) is planned only where (a*b, c) or (a, b*c) planned (or was bounded)
     within THREE_AXIS_MARGIN of the best; those skipped plan no better on their own here."""
-    from autopar.planner import THREE_AXIS_MARGIN
+    from autopar.search.meshes import THREE_AXIS_MARGIN
     net, cluster = meta_net(width, 4 * width, layers=2), Cluster.preset("dgx-a100", nodes=2)
     plan = autopar.plan(net, cluster, example_inputs=batch(rows, width))
     meshes, skipped = plan.stats["meshes"], plan.stats.get("meshes_skipped", [])
@@ -224,7 +224,7 @@ def test_three_axis_meshes_are_searched_where_a_mesh_they_refine_came_close(widt
 def test_planning_side_by_side_in_threads_changes_nothing(monkeypatch):
     """The meshes of a batch are planned in threads taking turns at Python while HiGHS
     solves: the plan, its cost and the stats (in their order) are those of one thread."""
-    from autopar import planner
+    from autopar.search import meshes as planner
     net, cluster, x = meta_net(1024, 4096, layers=4), Cluster.preset("dgx-a100", nodes=2), \
         batch(4096, 1024)
     monkeypatch.setattr(planner.os, "cpu_count", lambda: 4)

@@ -19,7 +19,7 @@ import torch
 from torch.fx import Node
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-from ..placement import Partial, Replicate, Shard, is_shard
+from ..program.placement import Partial, Replicate, Shard, is_shard
 
 R = Replicate()
 P = Partial()

@@ -10,8 +10,18 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from . import (P, R, OpSpec, arg, einsum_options, io_bytes, norm_dim, register, shape_of,
-               tensor_inputs)
+from . import (
+    OpSpec,
+    P,
+    R,
+    arg,
+    einsum_options,
+    io_bytes,
+    norm_dim,
+    register,
+    shape_of,
+    tensor_inputs,
+)
 from .shape import basic_index_labels
 
 
@@ -66,7 +76,7 @@ def one_hot(node):
 
 @register("setitem")
 def setitem(node):
-    """``x[index] = value`` out of place (see ``autopar.graph_utils.setitem``). With an index
+    """``x[index] = value`` out of place (see ``autopar.program.graph.setitem``). With an index
     of slices and ints, a dim of ``x`` fully sliced may be split, and the dims of ``value``
     that line up with it split alike; both Partial give a Partial. A tensor index is
     replicated."""

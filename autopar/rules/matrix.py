@@ -9,9 +9,21 @@ sharded one (column-parallel linear, data parallel on a batch label).
 from __future__ import annotations
 
 from ..runtime.local_ops import grouped_mm_local_experts
-
-from . import (P, R, OpSpec, Shard, arg, broadcast_labels, einsum_flops, einsum_options,
-               io_bytes, register, replicated_options, shape_of, tensor_inputs)
+from . import (
+    OpSpec,
+    P,
+    R,
+    Shard,
+    arg,
+    broadcast_labels,
+    einsum_flops,
+    einsum_options,
+    io_bytes,
+    register,
+    replicated_options,
+    shape_of,
+    tensor_inputs,
+)
 
 
 def _batch_labels(ndim: int, prefix: str = "b") -> list:

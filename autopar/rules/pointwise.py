@@ -10,10 +10,18 @@ from __future__ import annotations
 import numbers
 
 import torch
-
-from . import (P, OpSpec, broadcast_labels, einsum_options, io_bytes, register, shape_of,
-               tensor_inputs)
 from torch.fx import Node
+
+from . import (
+    OpSpec,
+    P,
+    broadcast_labels,
+    einsum_options,
+    io_bytes,
+    register,
+    shape_of,
+    tensor_inputs,
+)
 
 UNARY = [
     "relu", "gelu", "silu", "tanh", "sigmoid", "softplus", "elu", "leaky_relu", "hardtanh",

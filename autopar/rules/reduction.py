@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from . import (R, OpSpec, arg, broadcast_labels, einsum_options, io_bytes, norm_dim,
-               register, shape_of, tensor_inputs)
+from . import (
+    OpSpec,
+    R,
+    arg,
+    broadcast_labels,
+    einsum_options,
+    io_bytes,
+    norm_dim,
+    register,
+    shape_of,
+    tensor_inputs,
+)
 from .pointwise import pointwise
 
 

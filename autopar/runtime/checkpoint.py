@@ -2,7 +2,7 @@
 ``torch.utils.checkpoint``.
 
 :func:`autopar.passes.generate_rank_program` outlines every block whose recompute choice
-(``plan.recompute``, see :mod:`autopar.recompute`) is not "none" into a GraphModule of its own:
+(``plan.recompute``, see :mod:`autopar.search.recompute`) is not "none" into a GraphModule of its own:
 the block's ops and the collectives on the edges into them, its parameters passed in as
 arguments. The rank program calls it through a :class:`Recomputed` named for the block
 (``autopar_runtime_checkpoint_h_0(...)`` in ``pm.code``), which runs it with
@@ -27,10 +27,13 @@ import functools
 import re
 
 import torch
-from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
-                                    create_selective_checkpoint_contexts)
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
-from ..recompute import KEPT_BY_SELECTIVE
+from ..search.recompute import KEPT_BY_SELECTIVE
 
 # The aten ops each fx-level op of KEPT_BY_SELECTIVE reaches the dispatcher as (CPU and CUDA
 # kernels, and the math fallbacks), besides any aten op of the op's own name. linear and

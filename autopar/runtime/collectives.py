@@ -1,7 +1,7 @@
 """The collective ops a rank program calls, for real processes (torch.distributed).
 
 Each op is a plain function named in the generated code (``all_gather(x, 0, 'tp')``) whose
-forward and backward follow the table in :mod:`autopar.redistribute`; the communication is
+forward and backward follow the table in :mod:`autopar.program.redistribute`; the communication is
 ``torch.distributed._functional_collectives`` on the active mesh's sub-groups. In simulated
 mode the same functions are never called: :mod:`autopar.runtime.simulate` runs every rank
 together and replaces each by an op over the list of per-rank values.
@@ -168,7 +168,7 @@ STEP_FUNCTIONS = {"all_gather": all_gather, "shard": shard, "all_reduce": all_re
 
 
 def step_call(step, axis_names):
-    """(function, extra args) that carry out a :class:`~autopar.redistribute.Step`."""
+    """(function, extra args) that carry out a :class:`~autopar.program.redistribute.Step`."""
     fn = STEP_FUNCTIONS[step.kind]
     axis = axis_names[step.axis]
     if step.kind in ("all_reduce", "to_partial"):

@@ -8,7 +8,7 @@ rank that fails is named by the others instead of leaving them waiting
 (:mod:`autopar.runtime.faults`).
 
 A plan of m > 1 micro-batches runs the program of one micro-batch m times per step
-(:mod:`autopar.microbatch`): ``step`` runs each micro-batch's forward and backward in turn,
+(:mod:`autopar.search.microbatch`): ``step`` runs each micro-batch's forward and backward in turn,
 freeing its activations before the next, with one gradient sum per bucket per step;
 calling the module runs them all and returns the full batch's outputs, whose ``backward()``
 gives the same gradients but holds every micro-batch's activations until then.
@@ -24,9 +24,9 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from ..errors import InputError, PlanError
-from ..mesh import Mesh
-from ..placement import Shard, replicated
-from ..redistribute import plan_steps
+from ..program.mesh import Mesh
+from ..program.placement import Shard, replicated
+from ..program.redistribute import plan_steps
 from . import collectives as C
 from . import faults
 from .grad_sync import DistributedGradSync, SimulatedGradSync
@@ -49,7 +49,7 @@ class ParallelModule(torch.nn.Module):
         super().__init__()
         self.plan = plan
         self.simulate = simulate
-        self._micro = micro  # autopar.microbatch.MicroBatches, None for one micro-batch
+        self._micro = micro  # autopar.search.microbatch.MicroBatches, None for one micro-batch
         self._captured = captured
         self._program = program
         self._mesh = program.mesh

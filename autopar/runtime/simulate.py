@@ -20,8 +20,8 @@ import torch
 from torch.fx import Node
 from torch.utils._pytree import tree_map
 
-from ..graph_utils import fetch_attr
-from ..mesh import Mesh
+from ..program.graph import fetch_attr
+from ..program.mesh import Mesh
 from . import collectives as C
 from .checkpoint import Recomputed, run_checkpointed
 

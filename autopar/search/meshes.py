@@ -5,7 +5,7 @@ Level "fast" walks the graph once per mesh and gives each op the strategy that i
 given the layouts its inputs arrive in (an input or a parameter takes the layout its first
 reader wants); it also tries parameters stored sharded on the outermost axis (ZeRO-3/FSDP)
 and keeps the cheaper assignment that fits in memory. Level "full" solves the integer program
-of :mod:`autopar.solver` per mesh and keeps the better of it and the fast plan. Either way the
+of :mod:`autopar.search.solver` per mesh and keeps the better of it and the fast plan. Either way the
 mesh with the least predicted step time wins.
 """
 
@@ -19,14 +19,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cost import CostModel, Training
-from .errors import NoFit, PlanError, closest
-from .graph_utils import paused_gc
-from .mesh import Mesh
-from .placement import Partial, Replicate, Shard, divides, format_layout, parse_layout
-from .plans import format_bytes
-from .prices import Facts
+from ..cost.model import CostModel, Training
+from ..errors import NoFit, PlanError, closest
+from ..program.graph import paused_gc
+from ..program.mesh import Mesh
+from ..program.placement import (
+    Partial,
+    Replicate,
+    Shard,
+    divides,
+    format_layout,
+    parse_layout,
+)
+from .pricing import Facts
 from .problem import Pins, Problem, build_problem
+from .result import format_bytes
 from .solver import TIME_LIMIT_S, TURNS, Dominated, Infeasible, solve
 
 AXIS_NAMES = {1: ("dp",), 2: ("dp", "tp"), 3: ("dp", "sp", "tp")}
@@ -147,7 +154,7 @@ def resolve_constraints(constraints, fqns, shapes: dict, mesh: Mesh,
 
 
 def resolve_pins(constraints, storage, sources: dict, mesh: Mesh) -> Pins:
-    """The user's pins on ``mesh`` as :class:`~autopar.problem.Pins` of ``sources`` (name ->
+    """The user's pins on ``mesh`` as :class:`~autopar.search.problem.Pins` of ``sources`` (name ->
     node). ``constraints`` pin the layout a parameter or an input is used in (and a
     parameter is stored in, unless ``storage`` pins that apart; an input arrives in it);
     ``storage`` pins only how parameters are held."""
@@ -298,7 +305,7 @@ def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budg
                 facts: Facts | None = None, refine_bound: bool = True, storage=None):
     """The best (mesh, problem, choice, cost) over candidate meshes, ``constraints`` and
     ``storage`` pinned as :func:`resolve_pins` says, with ``recompute``
-    (:class:`~autopar.recompute.Recompute`) applied to every problem; ``facts`` may be
+    (:class:`~autopar.search.recompute.Recompute`) applied to every problem; ``facts`` may be
     shared by searches on the same program. Without ``refine_bound``, plans that memory
     binds are not refined (with the ends apart, mixed): the costliest programs, not worth
     solving where recomputation may free the memory instead."""
@@ -523,6 +530,7 @@ class _LazyProgress:
     def advance(self, label: str):
         if self.bar is None and time.perf_counter() - self.start > self.after_s:
             import sys
+
             from rich.console import Console
             from rich.progress import Progress
             console = Console(stderr=True)

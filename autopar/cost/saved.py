@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch.fx import Node
 
-from .cost import SAVES_NOTHING
+from .model import SAVES_NOTHING
 
 # Ops whose backward reads their output (and whatever else they save of their inputs).
 # Attention keeps its output too, but its fused kernels lay it out as (batch, sequence,

@@ -14,7 +14,7 @@ from typing import Sequence
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement
 
-from .errors import PlanError
+from ..errors import PlanError
 
 __all__ = ["Shard", "Replicate", "Partial", "Placement", "Layout", "format_layout",
            "parse_layout", "local_shape", "is_shard", "is_partial", "is_replicate",

@@ -22,8 +22,8 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import CaptureError, InputError
-from .graph_utils import replace_with_constant, setitem, user_frame
+from ..errors import CaptureError, InputError
+from .graph import replace_with_constant, setitem, user_frame
 
 
 @dataclass

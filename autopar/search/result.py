@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
-from .placement import Partial, Shard, format_layout, parse_layout
+from ..program.placement import Partial, Shard, format_layout, parse_layout
 
 # Ops that contract a parameter with their input: its split is column- or row-parallel.
 _MATMULS = {"linear", "matmul", "bmm", "mm", "addmm", "baddbmm", "addbmm", "einsum",

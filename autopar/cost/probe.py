@@ -11,7 +11,7 @@ Three figures, each the best of a few runs so that a passing hiccup does not cou
   bytes x 2(n-1)/n / time, so both read directly as the alpha and beta of the cost model.
 
 Results are cached as JSON in ``$AUTOPAR_CACHE_DIR`` or ``~/.cache/autopar/``, one file per
-host name, CPU count and torch version. ``python -m autopar.probe`` prints this machine's
+host name, CPU count and torch version. ``python -m autopar.cost.probe`` prints this machine's
 figures (``--refresh`` measures again).
 
 This module imports only torch and the standard library: it is also the script that each
@@ -186,7 +186,7 @@ def _spawned_link() -> tuple:
     try:
         return spawn_allreduce_probe(PROBE_PROCESSES)
     except (RuntimeError, OSError, ValueError, KeyError) as e:
-        from autopar.cluster import LOCAL_LINK
+        from autopar.cost.cluster import LOCAL_LINK
         warnings.warn(f"autopar: could not time gloo all-reduce between local processes ({e}); "
                       "planning with nominal link figures, and not caching them", stacklevel=4)
         return LOCAL_LINK.bandwidth_bytes_per_s, LOCAL_LINK.latency_s, 0
@@ -345,7 +345,7 @@ def _worker(rank: int, world: int, port: int) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m autopar.probe",
+    parser = argparse.ArgumentParser(prog="python -m autopar.cost.probe",
                                      description="Measure this machine for Cluster.local().")
     parser.add_argument("--refresh", action="store_true", help="measure again, ignoring the cache")
     parser.add_argument("--world-size", type=int, default=2, help="processes to describe")

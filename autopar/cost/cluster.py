@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .errors import PlanError, closest
+from ..errors import PlanError, closest
 
 GB = 1e9
 TFLOPS = 1e12
@@ -113,7 +113,7 @@ DEVICES = {d.name: d for d in [
     # sparsity, so 60 and 121 dense; 24 GB GDDR6 at 300 GB/s.
     DeviceSpec("L4", _tf(30.3, 60, 121, 121), 24 * GB, 300 * GB),
     # A nominal set of CPU cores, used by Cluster.local(measure=False); measure=True replaces it
-    # with this machine's measured figures (autopar/probe.py).
+    # with this machine's measured figures (autopar/cost/probe.py).
     DeviceSpec("cpu", _tf(0.1), 16 * GB, 20 * GB),
 ]}
 
@@ -166,7 +166,7 @@ PRESETS = {
     "g6.48xlarge": NodePreset("L4", 8, PCIE4, LinkSpec(100 * Gbps / 8, 15e-6)),
 }
 
-# Gloo over loopback, nominal: Cluster.local() measures the real figures (autopar/probe.py).
+# Gloo over loopback, nominal: Cluster.local() measures the real figures (autopar/cost/probe.py).
 LOCAL_LINK = LinkSpec(2 * GB, 50e-6)
 
 # Links a cluster file may leave out: DGX A100's (NVSwitch within, HDR InfiniBand between).
@@ -229,7 +229,7 @@ class Cluster:
         bandwidth and latency of a gloo all-reduce between local processes. They are measured
         once (a few seconds) and cached as JSON under ``$AUTOPAR_CACHE_DIR`` or
         ``~/.cache/autopar/``, keyed by host name, CPU count and torch version; delete the file
-        or run ``python -m autopar.probe --refresh`` to measure again. Inside an initialized
+        or run ``python -m autopar.cost.probe --refresh`` to measure again. Inside an initialized
         process group every rank must call this together: rank 0 loads or measures (the
         all-reduce over the existing group) and broadcasts, so all ranks plan with the same
         figures. ``measure=False`` gives fixed nominal figures without probing (the same on

@@ -2,7 +2,7 @@
 every edge for each pair of (producer layout, consumer need), and memory terms.
 
 Both planners read it: the propagation planner (level "fast") and the integer program
-(level "full", :mod:`autopar.solver`); :meth:`Problem.evaluate` prices any assignment the same
+(level "full", :mod:`autopar.search.solver`); :meth:`Problem.evaluate` prices any assignment the same
 way both objectives do, so plans from either can be compared.
 """
 
@@ -16,15 +16,15 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .cost import NO_KERNEL, CostModel
-from .errors import PlanError
-from .graph_utils import module_path
-from .saved import GRADIENT_COPIES
-from .placement import Partial, Replicate, Shard, divides, format_layout
-from .plans import Cost
-from .prices import Facts, LayoutIds, Priced, Prices, distinct_keys
-from .rules import Strategy, shape_of
-from .runtime.grad_sync import BUCKET_BYTES
+from ..cost.model import NO_KERNEL, CostModel
+from ..cost.saved import GRADIENT_COPIES
+from ..errors import PlanError
+from ..program.graph import module_path
+from ..program.placement import Partial, Replicate, Shard, divides, format_layout
+from ..rules import Strategy, shape_of
+from ..runtime.grad_sync import BUCKET_BYTES
+from .pricing import Facts, LayoutIds, Priced, Prices, distinct_keys
+from .result import Cost
 
 # Checkpoints at which memory is constrained: every op up to this many, else evenly spaced.
 MAX_MEMORY_CHECKPOINTS = 64
@@ -507,7 +507,7 @@ def _hold_memory(prob: Problem, blocks, pos: dict, uses: dict, facts: Facts):
     Seen from the last instance of each block, where memory peaks: the activations saved by
     all earlier instances are held from the first block's start, and a value read by the
     next instance (the block's output) is live from that start until its last reader. At a
-    loss (:data:`~autopar.saved.GRADIENT_COPIES`), where backward enters it: what the
+    loss (:data:`~autopar.cost.saved.GRADIENT_COPIES`), where backward enters it: what the
     forward pass holds there, and the copies of its input's gradient.
     """
     starts = [pos[cls.instances[0].nodes[0]] for cls in blocks

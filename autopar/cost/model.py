@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .placement import is_partial, is_shard
-from .redistribute import REPLICATED, coded_steps, layout_code
-from .runtime.grad_sync import BUCKET_BYTES
+from ..program.placement import is_partial, is_shard
+from ..program.redistribute import REPLICATED, coded_steps, layout_code
+from ..runtime.grad_sync import BUCKET_BYTES
 
 # Share of datasheet peak FLOP/s a large GEMM sustains. NVIDIA's A100 and H100 tuning guides
 # and MLPerf training submissions show dense GEMMs at roughly 60-80% of peak; take 0.7.
@@ -87,7 +87,7 @@ class Training:
     micro_batches: int = 1
 
     def __post_init__(self):
-        from .errors import PlanError
+        from ..errors import PlanError
         if self.precision not in PRECISIONS:
             raise PlanError(f"precision={self.precision!r}: choose one of {sorted(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -288,7 +288,7 @@ def move_path(src: tuple, dst: tuple) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def coded_path(src: tuple, dst: tuple) -> tuple:
-    """:func:`move_path` of layouts as :func:`~autopar.redistribute.layout_code` writes
+    """:func:`move_path` of layouts as :func:`~autopar.program.redistribute.layout_code` writes
     them."""
     cur = list(src)
     path = []

@@ -46,13 +46,13 @@ import logging
 import threading
 from dataclasses import dataclass
 
-import numpy as np
 import highspy
+import numpy as np
 from scipy.sparse import coo_array
 
-from .errors import PlanError
+from ..errors import PlanError
+from ..runtime.grad_sync import BUCKET_BYTES
 from .problem import _ALWAYS
-from .runtime.grad_sync import BUCKET_BYTES
 
 TIME_LIMIT_S = 60.0
 MEMORY_UNIT = float(2**30)  # bytes per unit of the memory rows
@@ -233,13 +233,13 @@ _LOG = logging.getLogger(__name__)
 
 def solver_log_enabled() -> bool:
     """Whether HiGHS's log is written: only while the "autopar" logger (of which this
-    module's "autopar.solver" is a child) takes DEBUG records, one per line of the log."""
+    module's "autopar.search.solver" is a child) takes DEBUG records, one per line of the log."""
     return _LOG.isEnabledFor(logging.DEBUG)
 
 
 def _highs():
     """A HiGHS instance writing nothing to the console; with :func:`solver_log_enabled`, its
-    log goes to the "autopar.solver" logger. HiGHS prints its banner once per process, as the
+    log goes to the "autopar.search.solver" logger. HiGHS prints its banner once per process, as the
     first instance is made and before an option can be set (highspy 1.16): that first one is
     made with the process's stdout and stderr pointed at /dev/null."""
     if not _BANNER_SHOWN.is_set():

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .cost import CostModel, axes_mask, coded_path, work_axes
-from .placement import is_partial, is_replicate, is_shard
-from .saved import SavedValues
-from .redistribute import REPLICATED, coded_steps, layout_code, plan_steps
-from .rules import candidates, even_combos, make_strategies, out_vals, tensor_inputs
+from ..cost.model import CostModel, axes_mask, coded_path, work_axes
+from ..cost.saved import SavedValues
+from ..program.placement import is_partial, is_replicate, is_shard
+from ..program.redistribute import REPLICATED, coded_steps, layout_code, plan_steps
+from ..rules import candidates, even_combos, make_strategies, out_vals, tensor_inputs
 
 
 class LayoutIds:
@@ -144,7 +144,7 @@ class Prices:
         return self._per_list("arrays", options, make)
 
     def fractions(self) -> np.ndarray:
-        """:func:`~autopar.placement.shard_fraction` of every layout so far on this mesh,
+        """:func:`~autopar.program.placement.shard_fraction` of every layout so far on this mesh,
         by layout id (of layouts over as many axes as the mesh has; any number for the
         others)."""
         shard, _ = self.layout_id.masks()
@@ -203,7 +203,7 @@ class Moves:
         self._codes = []
 
     def code(self, i: int) -> tuple:
-        """:func:`~autopar.redistribute.layout_code` of the layout with id ``i``."""
+        """:func:`~autopar.program.redistribute.layout_code` of the layout with id ``i``."""
         codes = self._codes
         while len(codes) <= i:
             codes.append(None)
@@ -279,7 +279,7 @@ class Facts:
 
     @property
     def saved(self) -> SavedValues:
-        """What backward keeps of the program's values (:mod:`autopar.saved`)."""
+        """What backward keeps of the program's values (:mod:`autopar.cost.saved`)."""
         return self._saved
 
     def candidates(self, n: Node) -> tuple:

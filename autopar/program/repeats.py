@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import AutoparError
+from ..errors import AutoparError
 
 MIN_REPEATS = 3   # with fewer layers, cutting saves nothing
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from .errors import PlanError
+from ..errors import PlanError
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ A block is one instance of a repeated block (a transformer layer, ``h.3``), as
 The rank program applies a choice with ``torch.utils.checkpoint.checkpoint(...,
 use_reentrant=False)``, a selective one with a policy from
 ``create_selective_checkpoint_contexts``. This module holds what a choice means (which ops a
-selective block keeps) and the user's pins; :mod:`autopar.planner` weighs the choices.
+selective block keeps) and the user's pins; :mod:`autopar.search.meshes` weighs the choices.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import fnmatch
 
 import numpy as np
 
-from .cost import CONTRACTIONS
-from .errors import PlanError, closest
+from ..cost.model import CONTRACTIONS
+from ..errors import PlanError, closest
 
 CHOICES = ("none", "selective", "full")
 
@@ -76,7 +76,7 @@ def _some(paths, n: int = 4) -> str:
 
 class Recompute:
     """Recompute choices per block instance, applied to the tables of a planning problem
-    (:class:`~autopar.problem.Problem`) before it is solved, so that the placements are
+    (:class:`~autopar.search.problem.Problem`) before it is solved, so that the placements are
     chosen knowing what stays saved and what is computed twice.
 
     In a folded problem a node stands for a run of instances; where they take different
@@ -255,7 +255,7 @@ def _chain_input_bytes(prob, facts, inst, calls) -> dict:
 
 
 def _backward_factor(op: str) -> float:
-    from .cost import BACKWARD_FACTOR_CONTRACTION, BACKWARD_FACTOR_OTHER
+    from ..cost.model import BACKWARD_FACTOR_CONTRACTION, BACKWARD_FACTOR_OTHER
     return BACKWARD_FACTOR_CONTRACTION if op in CONTRACTIONS else BACKWARD_FACTOR_OTHER
 
 
@@ -295,7 +295,7 @@ MIX_STEPS = 1
 def choose_recompute(plan_with, blocks, pins: dict, budget: float) -> tuple:
     """The fastest plan over recompute choices: ``plan_with(recompute, mesh=None,
     refine_bound=True)`` plans (mesh, problem, choice, cost) for a :class:`Recompute` (on
-    one mesh where given; see :func:`~autopar.planner.choose_plan` for ``refine_bound``) or
+    one mesh where given; see :func:`~autopar.search.meshes.choose_plan` for ``refine_bound``) or
     raises PlanError. Returns those and the choice per block path.
 
     Only where memory binds: no recomputation first (pinned blocks keep their pins); where
@@ -303,7 +303,7 @@ def choose_recompute(plan_with, blocks, pins: dict, budget: float) -> tuple:
     then full; the fastest that fits is refined by recomputing fewer blocks on its mesh.
     Plans that memory binds are compared unrefined (their refinements are the costliest
     programs of all), and only the one kept is refined, on its mesh."""
-    from .errors import NoFit, PlanError
+    from ..errors import NoFit, PlanError
     paths = block_paths(blocks)
     free = [p for p in paths if p not in pins]
 

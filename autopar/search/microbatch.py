@@ -35,11 +35,18 @@ import torch
 import torch.fx as fx
 from torch.fx import Node
 
-from .errors import PlanError
-from .graph_utils import where
-from .placement import Partial, Replicate, Shard, is_partial, is_replicate, is_shard
-from .rules import candidates, even_combos, is_tensor_like, shape_of, tensor_inputs
-from .rules.names import canonical_name
+from ..errors import PlanError
+from ..program.graph import where
+from ..program.placement import (
+    Partial,
+    Replicate,
+    Shard,
+    is_partial,
+    is_replicate,
+    is_shard,
+)
+from ..rules import candidates, even_combos, is_tensor_like, shape_of, tensor_inputs
+from ..rules.names import canonical_name
 
 R, P = Replicate(), Partial()
 
@@ -366,7 +373,7 @@ def choose_micro_batches(plan_at, batch_size: int | None):
     recompute choices, stopping at a count whose plan recomputes nothing (more would only add
     time), at one slower than the best so far, or :data:`MAX_MORE_COUNTS` counts past the
     first that fits. A step that cannot be split (:func:`check_splittable`) keeps one."""
-    from .errors import NoFit
+    from ..errors import NoFit
     try:
         best = plan_at(1)
     except NoFit as e:
