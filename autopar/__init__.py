@@ -14,15 +14,8 @@ import sys
 from .backend import backend
 from .backend import register as _register_backend
 from .cost.cluster import Cluster, DeviceSpec, LinkSpec
-from .errors import (
-    AutoparError,
-    CaptureError,
-    InputError,
-    NoFit,
-    PlanError,
-    PlanMismatch,
-    RankFailed,
-)
+from .errors import (AutoparError, CaptureError, InputError, NoFit, PlanError, PlanMismatch,
+                     RankFailed)
 
 __version__ = "0.1.0"
 

@@ -3,32 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
+from ._torch import tree_leaves
 from .cost.cluster import Cluster
-from .cost.model import Training
 from .errors import CaptureError, InputError, PlanError
+from .options import Options
 from .program.capture import capture, normalize_example_inputs
-from .program.graph import fetch_attr, paused_gc
+from .program.graph import copy_graph_module, fetch_attr, paused_gc
 from .program.repeats import Unrepeatable, containers, cut_to_two, repeated_lists
 from .runtime.faults import planning
+from .search.microbatch import batch_size_of
 
 
-def _context(captured, cluster, mesh=None, constraints=None, memory_budget_bytes=None,
-             level="full", precision="fp32", optimizer="adamw", fold=True, recompute=None,
-             micro_batches=None, storage=None):
+def _context(captured, cluster, options: Options):
     from autopar.passes import PassContext
-    return PassContext(cluster=cluster, mesh_request=mesh, constraints=dict(constraints or {}),
-                       storage=dict(storage or {}),
-                       memory_budget_bytes=memory_budget_bytes, level=level, fold=fold,
-                       precision=precision, optimizer=optimizer, recompute_request=recompute,
-                       micro_batches_request=micro_batches,
+    return PassContext(cluster=cluster, options=options,
                        example_inputs=captured.example_inputs, input_names=captured.input_names,
                        param_fqns=captured.param_fqns)
 
@@ -39,90 +37,126 @@ def _check_cluster(cluster):
                         "use Cluster.preset('dgx-a100'), Cluster.local(4) or Cluster.load(path)")
 
 
-def _passes(program: bool) -> list:
-    """The passes of a plan (with ``program``, of the rank program too): the analysis, the
-    split into micro-batches right after ``simplify_graph`` (sizes are constants from then
-    on, and the blocks are folded at the micro-batch's shapes), then planning."""
-    from autopar.passes import ANALYSIS, PIPELINE, assign_layouts, simplify_graph
-
-    from .search.microbatch import split_micro_batches
-    passes = list(PIPELINE if program else ANALYSIS + [assign_layouts])
-    passes.insert(passes.index(simplify_graph) + 1, split_micro_batches)
-    return passes
-
-
-def _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
-          precision, optimizer, fold=True, program=True, recompute=None, micro_batches=None,
-          storage=None):
-    """Capture and plan ``model``; with ``program`` also generate the rank program (the
-    plan alone does not need it). With ``micro_batches`` m > 1 what is planned is the
-    program of one micro-batch (``ctx.micro`` says how a step runs it); without, the
-    planner picks m where memory binds (:func:`~autopar.search.microbatch.choose_micro_batches`)."""
-    from .search.microbatch import batch_size_of, choose_micro_batches
-    args = (model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
-            precision, optimizer, fold, program, recompute)
-    if micro_batches is not None:
-        return _plan_at(*args, micro_batches, storage)
-    inputs = normalize_example_inputs(example_inputs) if example_inputs is not None else []
-    flat = torch.utils._pytree.tree_leaves(inputs)
-    return choose_micro_batches(lambda m: _plan_at(*args, m, storage), batch_size_of(flat))
-
-
-def _plan_at(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
-             precision, optimizer, fold, program, recompute, micro_batches, storage=None):
-    """:func:`_plan` for a given micro-batch count."""
-    from autopar.passes import run_passes
-    passes = _passes(program)
+def _plan(model, cluster, example_inputs, options: Options, program: bool = True):
+    """Capture and plan ``model``; with ``program`` also generate the rank program of the
+    plan kept (the plan alone does not need it). The model is captured and prepared once;
+    each micro-batch count the search tries (:func:`autopar.search.choose`) plans a copy of
+    it split into that count's micro-batches (``ctx.micro`` says how a step runs it).
+    Returns ``(captured, ctx)`` of the count kept, ``ctx.stats["seconds"]`` covering the
+    whole call."""
+    from autopar import search
+    from autopar.passes import generate_rank_program, run_passes
     _check_cluster(cluster)
-    if level not in ("fast", "full"):
-        raise PlanError(f"level={level!r}: choose 'fast' (propagation) or 'full' (exact)")
-    Training(precision, optimizer)  # validates both
-    _check_micro_batches(micro_batches)
-    options = (cluster, mesh, constraints, memory_budget_bytes, level, precision, optimizer, fold,
-               recompute, micro_batches, storage)
     start = time.perf_counter()
     with paused_gc():  # capture, like planning, makes millions of short-lived objects
-        repeats = repeated_lists(model) if fold else []
-        captured = None
-        if repeats:
-            try:
-                with cut_to_two(containers(model, repeats)):
-                    captured = capture(model, example_inputs)
-                ctx = _context(captured, *options)
-                ctx.repeats = repeats
-                ctx.stats["seconds"] = {"capture": time.perf_counter() - start}
-                run_passes(captured.gm, ctx, passes)
-            except (Unrepeatable, CaptureError):
-                captured = None  # traced again below, at full depth
-        if captured is None:
-            captured = capture(model, example_inputs)
-            ctx = _context(captured, *options)
-            ctx.stats["seconds"] = {"capture": time.perf_counter() - start}
-            run_passes(captured.gm, ctx, passes)
+        prepared = _Prepared(model, example_inputs, cluster, options)
+        inputs = normalize_example_inputs(example_inputs) if example_inputs is not None else []
+        flat = tree_leaves(inputs)
+        kept = search.choose(prepared.plan_at, batch_size_of(flat), options)
+        if program:
+            run_passes(kept.captured.gm, kept.ctx, [generate_rank_program])
+    captured, ctx = kept
     ctx.stats["repeats"] = {r.path: r.count for r in ctx.repeats}
     ctx.stats["nodes"] = sum(1 for _ in captured.gm.graph.nodes)
     ctx.stats["capture_method"] = captured.method
+    ctx.stats["captures"] = prepared.captures
+    ctx.stats["micro_batch_counts_tried"] = prepared.counts
     ctx.stats["fallback_ops"] = sorted({u[0] for u in ctx.unsupported})
     ctx.stats["seconds"]["total"] = time.perf_counter() - start
     return captured, ctx
 
 
+class _Programmed(NamedTuple):
+    """A micro-batch count's program and its pass context, holding its plan."""
+
+    captured: object
+    ctx: object
+
+    @property
+    def plan(self):
+        return self.ctx.plan
+
+
+class _Prepared:
+    """A model captured once (repeated layers cut to two where they fold) and prepared by
+    the passes that do not depend on the micro-batch count; :meth:`plan_at` plans a copy of
+    it for one count. Where the layers cut to two do not expand back (they differ), the
+    model is captured again at full depth, once."""
+
+    def __init__(self, model, example_inputs, cluster, options: Options):
+        self.model, self.example_inputs = model, example_inputs
+        self.cluster, self.options = cluster, options
+        self.seconds = {}      # shared by every count's context: the whole call's time
+        self.captures, self.counts = 0, []
+        start = time.perf_counter()
+        repeats = repeated_lists(model) if options.fold else []
+        self.seconds["capture"] = time.perf_counter() - start
+        try:
+            self._capture(repeats)
+        except CaptureError:
+            if not repeats:
+                raise
+            self._capture([])  # traced again, at full depth
+
+    def _capture(self, repeats):
+        from autopar.passes import PREPARE, run_passes
+        start = time.perf_counter()
+        if repeats:
+            with cut_to_two(containers(self.model, repeats)):
+                captured = capture(self.model, self.example_inputs)
+        else:
+            captured = capture(self.model, self.example_inputs)
+        self.captures += 1
+        self.seconds["capture"] = self.seconds.get("capture", 0.0) + \
+            time.perf_counter() - start
+        ctx = _context(captured, self.cluster, self.options)
+        ctx.repeats = repeats
+        ctx.stats["seconds"] = self.seconds
+        run_passes(captured.gm, ctx, PREPARE)
+        self.captured, self.ctx = captured, ctx
+
+    def plan_at(self, micro_batches: int) -> _Programmed:
+        """Plan a copy of the prepared program split into ``micro_batches``."""
+        from autopar.passes import PER_COUNT, assign_layouts
+        self.counts.append(micro_batches)
+        try:
+            return self._plan_copy(micro_batches, PER_COUNT + [assign_layouts])
+        except Unrepeatable:
+            if not self.ctx.repeats:
+                raise
+            self._capture([])  # traced again, at full depth
+            return self._plan_copy(micro_batches, PER_COUNT + [assign_layouts])
+
+    def _plan_copy(self, micro_batches: int, passes) -> _Programmed:
+        from autopar.passes import run_passes
+        start = time.perf_counter()
+        gm = copy_graph_module(self.captured.gm)
+        captured = dataclasses.replace(self.captured, gm=gm,
+                                       example_inputs=list(self.captured.example_inputs),
+                                       input_names=list(self.captured.input_names))
+        ctx = dataclasses.replace(self.ctx, options=self.options.replace(
+                                      micro_batches=micro_batches),
+                                  example_inputs=list(self.ctx.example_inputs),
+                                  input_names=list(self.ctx.input_names),
+                                  unsupported=list(self.ctx.unsupported),
+                                  stats={"seconds": self.seconds})
+        self.seconds["copy"] = self.seconds.get("copy", 0.0) + time.perf_counter() - start
+        run_passes(gm, ctx, passes)
+        return _Programmed(captured, ctx)
+
+
 def plan_micro_batches(model, cluster, example_inputs, micro_batches: int, *, program=True,
-                       mesh=None, constraints=None, level="full", memory_budget_bytes=None,
-                       precision="fp32", optimizer="adamw", fold=True, recompute=None,
-                       storage=None):
+                       **options):
     """Capture ``model`` on ``example_inputs`` (the global batch) and plan it to run as
-    ``micro_batches`` micro-batches: the planned program is one micro-batch's.
+    ``micro_batches`` micro-batches (``options`` as :class:`~autopar.options.Options` takes
+    them): the planned program is one micro-batch's.
 
     Returns ``(captured, ctx)``: ``ctx.plan`` (with ``plan.micro_batches``), with ``program``
-    also ``ctx.program``, and ``ctx.micro`` (:class:`autopar.search.microbatch.MicroBatches`, None
-    for 1). A search over the micro-batch count prices ``ctx.plan.cost`` per candidate
-    (``program=False`` skips code generation) and builds the module of the one it keeps with
-    :func:`parallel_module`.
+    also ``ctx.program``, and ``ctx.micro``
+    (:class:`autopar.passes.split_micro_batches.MicroBatches`, None for 1).
     """
-    return _plan(model, cluster, example_inputs, mesh, constraints, level, memory_budget_bytes,
-                 precision, optimizer, fold, program=program, recompute=recompute,
-                 micro_batches=micro_batches, storage=storage)
+    return _plan(model, cluster, example_inputs,
+                 Options(**options, micro_batches=micro_batches), program=program)
 
 
 def parallel_module(model, captured, ctx, simulate: bool):
@@ -139,7 +173,8 @@ def parallel_module(model, captured, ctx, simulate: bool):
 def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, storage=None,
          level="full", memory_budget_bytes=None, precision="fp32", optimizer="adamw", fold=True,
          recompute=None, micro_batches=None, verbose=False):
-    """Plan ``model`` for ``cluster`` without running it; meta-device models are fine.
+    """Plan ``model`` for ``cluster`` without running it; meta-device models are fine. The
+    options are :func:`compile`'s.
 
     >>> import torch, autopar
     >>> p = autopar.plan(torch.nn.Linear(8, 8), autopar.Cluster.local(2),
@@ -147,19 +182,13 @@ def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, st
     >>> p.mesh
     {'dp': 2}
     """
-    with _verbose(verbose):
-        _, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level,
-                       memory_budget_bytes, precision, optimizer, fold, program=False,
-                       recompute=recompute, micro_batches=micro_batches, storage=storage)
+    options = Options(mesh=mesh, constraints=constraints, storage=storage, level=level,
+                      memory_budget_bytes=memory_budget_bytes, precision=precision,
+                      optimizer=optimizer, fold=fold, recompute=recompute,
+                      micro_batches=micro_batches, verbose=verbose)
+    with _verbose(options.verbose):
+        _, ctx = _plan(model, cluster, example_inputs, options, program=False)
     return ctx.plan
-
-
-def _check_micro_batches(micro_batches):
-    if micro_batches is not None and (isinstance(micro_batches, bool) or
-                                      not isinstance(micro_batches, int) or micro_batches < 1):
-        raise PlanError(f"micro_batches={micro_batches!r}: give a whole number >= 1 (how many "
-                        "micro-batches the global batch runs as), or None to let the planner "
-                        "choose")
 
 
 def _source_tensors(model, captured) -> dict:
@@ -174,15 +203,10 @@ def _source_tensors(model, captured) -> dict:
     return out
 
 
-def _compile_now(model, cluster, example_inputs, simulate, mesh, constraints, level,
-                 memory_budget_bytes, precision, optimizer, fold, recompute=None,
-                 micro_batches=None, storage=None, verbose=False):
+def _compile_now(model, cluster, example_inputs, simulate: bool, options: Options):
     # distributed: a rank failing here is named by the others, not waited for
-    with planning(distributed=not simulate), _verbose(verbose):
-        captured, ctx = _plan(model, cluster, example_inputs, mesh, constraints, level,
-                              memory_budget_bytes, precision, optimizer, fold,
-                              recompute=recompute, micro_batches=micro_batches,
-                              storage=storage)
+    with planning(distributed=not simulate), _verbose(options.verbose):
+        captured, ctx = _plan(model, cluster, example_inputs, options)
         return parallel_module(model, captured, ctx, simulate)
 
 
@@ -247,10 +271,14 @@ def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, me
     verbose: show the solver's log (as the "autopar" logger at DEBUG does); planning is
         otherwise silent.
     """
-    opts = dict(simulate=simulate, mesh=mesh, constraints=constraints, storage=storage,
-                level=level, memory_budget_bytes=memory_budget_bytes, precision=precision,
-                optimizer=optimizer, fold=fold, recompute=recompute,
-                micro_batches=micro_batches, verbose=verbose)
+    if not isinstance(simulate, bool):
+        raise PlanError(f"simulate={simulate!r}: pass True (every rank in this process) or "
+                        "False (one process per rank)")
+    options = Options(mesh=mesh, constraints=constraints, storage=storage, level=level,
+                      memory_budget_bytes=memory_budget_bytes, precision=precision,
+                      optimizer=optimizer, fold=fold, recompute=recompute,
+                      micro_batches=micro_batches, verbose=verbose)
+    opts = dict(simulate=simulate, options=options)
     if model is None:
         if cluster is None:
             raise PlanError("autopar.compile needs a cluster: @autopar.compile(cluster=...)")
@@ -297,7 +325,7 @@ class LazyParallel(torch.nn.Module):
         self._compiled = {}
 
     def _key(self, args, kwargs):
-        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        leaves = tree_leaves((args, kwargs))
         return tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x)
                      for x in leaves)
 
@@ -374,7 +402,7 @@ def examine(model, example_inputs=None) -> Examination:
 
     from autopar.passes import ANALYSIS, run_passes
     captured = capture(model, example_inputs)
-    ctx = _context(captured, None, None, None)
+    ctx = _context(captured, None, Options())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_passes(captured.gm, ctx, ANALYSIS)

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._torch import register_dynamo_backend, tree_flatten, tree_unflatten
 from .cost.cluster import Cluster
 from .errors import PlanError
 from .program.graph import replace_with_constant
@@ -81,17 +81,13 @@ class Backend:
 
     def __init__(self, cluster=None, *, simulate=False, **options):
         from .api import _check_cluster
-        from .cost.model import Training
+        from .options import Options
         if cluster is not None:
             _check_cluster(cluster)
         if not isinstance(simulate, bool):
             raise PlanError(f"simulate={simulate!r}: pass True (every rank in this process) "
                             "or False (one process per rank)")
-        if options["level"] not in ("fast", "full"):
-            raise PlanError(f"level={options['level']!r}: choose 'fast' (propagation) or "
-                            "'full' (exact)")
-        Training(options["precision"], options["optimizer"])  # validates both
-        self.cluster, self.simulate, self.options = cluster, simulate, options
+        self.cluster, self.simulate, self.options = cluster, simulate, Options(**options)
         self.graphs = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> "CompiledGraph":
@@ -230,48 +226,18 @@ def _has_path(module, fqn: str) -> bool:
 # -- planning ----------------------------------------------------------------------------------
 
 def _plan_graph(gm, names, inputs, cluster, options):
-    """Run autopar's passes on a specialized graph; parameters and buffers not constrained
-    are pinned replicated on every candidate mesh. Returns the pass context."""
-    from autopar.passes import ANALYSIS, PassContext, run_passes
-    from autopar.passes.assign_layouts import assign_layouts
-    from autopar.passes.generate_rank_program import generate_rank_program
-    from autopar.search.meshes import candidate_meshes
-
-    from .program.placement import replicated
+    """Run autopar's passes on a specialized graph; parameters and buffers not pinned are
+    stored replicated (as the module under torch.compile holds them). Returns the pass
+    context."""
+    from autopar.passes import PIPELINE, PassContext, run_passes
     start = time.perf_counter()
     fqns = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
-    user = dict(options["constraints"] or {})
-    held = dict(options.get("storage") or {})
-    free = [f for f in fqns if not any(fnmatch.fnmatchcase(f, p) for p in {**user, **held})]
-    ctx = PassContext(cluster=cluster, memory_budget_bytes=options["memory_budget_bytes"],
-                      level=options["level"], fold=options["fold"],
-                      precision=options["precision"], optimizer=options["optimizer"],
-                      example_inputs=list(inputs), input_names=list(names), param_fqns=fqns)
-    run_passes(gm, ctx, ANALYSIS)
-    best, refused = None, {}
-    for mesh in candidate_meshes(cluster, options["mesh"]):
-        ctx.mesh_request = mesh.as_dict()
-        ctx.constraints = user
-        ctx.storage = {**{f: replicated(mesh.ndim) for f in free}, **held}
-        try:
-            run_passes(gm, ctx, [assign_layouts])
-        except PlanError as e:  # constraints that do not fit this mesh, or out of memory
-            refused[str(mesh)] = e
-            continue
-        if best is None or ctx.plan.cost.total_s < best[1]:
-            best = (mesh, ctx.plan.cost.total_s)
-    if best is None:
-        if len({str(e) for e in refused.values()}) == 1:
-            raise next(iter(refused.values()))
-        why = "; ".join(f"mesh {m}: {e}" for m, e in refused.items())
-        raise PlanError(f"no mesh of {cluster} admits a plan with the parameters replicated "
-                        f"(as the module under torch.compile holds them): {why}")
-    if ctx.mesh_request != best[0].as_dict():
-        ctx.mesh_request = best[0].as_dict()
-        ctx.constraints = user
-        ctx.storage = {**{f: replicated(best[0].ndim) for f in free}, **held}
-        run_passes(gm, ctx, [assign_layouts])
-    run_passes(gm, ctx, [generate_rank_program])
+    pinned = {**options.constraints, **options.storage}
+    free = [f for f in fqns if not any(fnmatch.fnmatchcase(f, p) for p in pinned)]
+    options = options.replace(storage={**{f: "R" for f in free}, **options.storage})
+    ctx = PassContext(cluster=cluster, options=options, example_inputs=list(inputs),
+                      input_names=list(names), param_fqns=fqns)
+    run_passes(gm, ctx, PIPELINE)
     ctx.stats["seconds"]["total"] = time.perf_counter() - start
     ctx.stats["nodes"] = sum(1 for _ in gm.graph.nodes)
     ctx.stats["capture_method"] = "torch.compile backend"
@@ -378,7 +344,7 @@ class CompiledGraph:
     @property
     def code(self) -> str:
         """The rank program of the most recent call's shapes, layouts in comments."""
-        from autopar.passes.generate_rank_program import annotate_code
+        from .runtime.code import annotate_code
         p = self._latest()
         header = (f"# autopar rank program (torch.compile backend): mesh {p.mesh}, plan "
                   f"{p.plan.fingerprint()}\n# parameters and buffers are graph inputs, whole; "
@@ -447,14 +413,11 @@ def _registered(gm, example_inputs):
 def register() -> None:
     """Register ``"autopar"`` with torch.compile unless Dynamo finds it by itself, by the
     ``torch_dynamo_backends`` entry point installing autopar declares (then this only looks).
-    ``torch._dynamo.register_backend`` is the registration torch.compile documents for custom
-    backends; checked with torch 2.13."""
+    (:func:`autopar._torch.register_dynamo_backend`)."""
     from importlib.metadata import entry_points
     if entry_points(group="torch_dynamo_backends", name="autopar"):
         return
-    from torch._dynamo import list_backends, register_backend
-    if "autopar" not in list_backends(exclude_tags=()):
-        register_backend(_registered, name="autopar")
+    register_dynamo_backend(_registered, "autopar")
 
 
 __all__ = ["backend", "Backend", "CompiledGraph", "register"]

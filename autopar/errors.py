@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import functools
 
+from .units import format_bytes
+
 
 class AutoparError(Exception):
     """Base class of every error autopar raises on purpose."""
@@ -36,7 +38,6 @@ class NoFit(PlanError):
         return float(s() if callable(s) else s)
 
     def __str__(self) -> str:
-        from .search.result import format_bytes
         budget, smallest = format_bytes(self.budget_bytes), format_bytes(self.smallest_bytes)
         if self.smallest_bytes <= self.budget_bytes and self.level == "fast":
             text = (f"level='fast' found no plan that fits in {budget} per device on "

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from autopar.errors import AutoparError
+from autopar.options import Options
 from autopar.program.graph import paused_gc
 
 
@@ -23,19 +24,10 @@ class PassContext:
 
     cluster: object = None
     mesh: object = None                 # autopar.program.mesh.Mesh, chosen by assign_layouts
-    mesh_request: dict | None = None    # the user's mesh=
-    constraints: dict = field(default_factory=dict)   # the user's: layouts parameters are used in
-    storage: dict = field(default_factory=dict)       # the user's: layouts parameters are held in
+    options: Options = field(default_factory=Options)   # what the user asked for
     example_inputs: list = field(default_factory=list)   # flat, one per placeholder
     input_names: list = field(default_factory=list)
     param_fqns: list = field(default_factory=list)
-    memory_budget_bytes: float | None = None
-    level: str = "full"
-    fold: bool = True
-    precision: str = "fp32"
-    optimizer: str = "adamw"
-    recompute_request: object = None    # the user's recompute= (a choice, or globs -> choices)
-    micro_batches_request: int | None = None   # the user's micro_batches=
     repeats: list = field(default_factory=list)   # autopar.program.repeats.Repeat, from capture
     unsupported: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
@@ -44,7 +36,7 @@ class PassContext:
 
 
 def run_passes(gm, ctx: PassContext, passes) -> object:
-    """Run ``passes`` in order, timing each into ``ctx.stats["seconds"]``."""
+    """Run ``passes`` in order, adding each one's seconds into ``ctx.stats["seconds"]``."""
     with paused_gc():
         return _run_passes(gm, ctx, passes)
 
@@ -61,7 +53,8 @@ def _run_passes(gm, ctx, passes):
         except Exception as e:
             raise PassError(f"pass {p.__name__} failed after {done}: "
                             f"{type(e).__name__}: {e}") from e
-        seconds[p.__name__] = seconds.get(p.__name__, 0.0) + time.perf_counter() - start
+        finally:  # a pass that raises took its time too (a micro-batch count that fits not)
+            seconds[p.__name__] = seconds.get(p.__name__, 0.0) + time.perf_counter() - start
         done.append(p.__name__)
     return gm
 
@@ -74,9 +67,14 @@ from .fold_repeated_blocks import fold_repeated_blocks  # noqa: E402
 from .generate_rank_program import generate_rank_program  # noqa: E402
 from .normalize_graph import normalize_graph  # noqa: E402
 from .simplify_graph import simplify_graph  # noqa: E402
+from .split_micro_batches import split_micro_batches  # noqa: E402
 
-ANALYSIS = [normalize_graph, annotate_shapes, simplify_graph, expand_repeats, check_coverage,
-            fold_repeated_blocks]
+# Run once per plan() call on the captured program ...
+PREPARE = [normalize_graph, annotate_shapes, simplify_graph]
+# ... then on a copy per micro-batch count: the split right after simplify_graph (sizes are
+# constants from then on), the blocks folded at the micro-batch's shapes.
+PER_COUNT = [split_micro_batches, expand_repeats, check_coverage, fold_repeated_blocks]
+ANALYSIS = PREPARE + PER_COUNT
 PIPELINE = ANALYSIS + [assign_layouts, generate_rank_program]
 
 __all__ = ["PassContext", "PassError", "run_passes", "ANALYSIS", "PIPELINE", "normalize_graph",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Interpreter
 
+from autopar._torch import fake_tensor_mode
 from autopar.errors import CaptureError
 from autopar.program.graph import fetch_attr, where
 
@@ -16,7 +16,8 @@ def annotate_shapes(gm, ctx):
     Reads the example inputs in ``ctx``; writes ``node.meta["val"]`` (a FakeTensor, a tuple of
     them, or a Python value for size queries).
     """
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    _, fake_mode = fake_tensor_mode()
+    mode = fake_mode(allow_non_fake_inputs=True)
     with mode:
         inputs = [_fake(x) for x in ctx.example_inputs]
         attrs = {}
@@ -32,7 +33,8 @@ def annotate_new_nodes(gm) -> bool:
     their inputs, in the FakeTensorMode those were made in. False, with nothing done, when no
     node holds a FakeTensor to find that mode by."""
     known = {n: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta and n.op != "output"}
-    mode = next((v.fake_mode for v in known.values() if isinstance(v, FakeTensor)), None)
+    fake, _ = fake_tensor_mode()
+    mode = next((v.fake_mode for v in known.values() if isinstance(v, fake)), None)
     if mode is None:
         return False
     with mode:

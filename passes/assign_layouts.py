@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import fnmatch
 
-from autopar.cost.model import Training
+from autopar import search
 from autopar.program.graph import module_path
 from autopar.rules import tensor_inputs
-from autopar.search.meshes import choose_plan
-from autopar.search.pricing import Facts
-from autopar.search.problem import CARRY_LAYOUT
-from autopar.search.recompute import block_paths, choose_recompute, resolve_recompute
+from autopar.rules.traits import CARRY_LAYOUT
 from autopar.search.result import Plan, Use
 
 
@@ -20,21 +17,9 @@ def assign_layouts(gm, ctx):
     Reads ``node.meta["val"]`` and ``"autopar.op"``; writes ``"autopar.strategy"`` and
     ``"autopar.layout"``; sets ``ctx.mesh`` and ``ctx.plan``.
     """
-    training = Training(ctx.precision, ctx.optimizer, ctx.micro_batches_request or 1)
-    budget = ctx.memory_budget_bytes
-    if budget is None:
-        budget = min(d.memory_bytes for d in ctx.cluster.devices())
-    blocks = getattr(ctx, "blocks", [])
-    pins = resolve_recompute(ctx.recompute_request, block_paths(blocks))
-    facts = Facts()   # shared by the searches over recompute choices
-
-    def plan_with(recompute, mesh=None, refine_bound=True):
-        return choose_plan(gm, ctx.cluster, mesh or ctx.mesh_request, ctx.constraints,
-                           training, budget, ctx.level, ctx.stats, ctx.input_names,
-                           blocks if ctx.fold else [], recompute=recompute, facts=facts,
-                           refine_bound=refine_bound, storage=ctx.storage)
-
-    mesh, prob, choice, cost, recompute = choose_recompute(plan_with, blocks, pins, budget)
+    options = ctx.options
+    mesh, prob, choice, cost, recompute = search.plan_program(
+        gm, ctx.cluster, options, ctx.stats, ctx.input_names, getattr(ctx, "blocks", []))
     ctx.mesh = mesh
     comm = _comm_per_node(gm, prob, choice)
     placements, inputs, nodes = {}, {}, {}
@@ -58,7 +43,7 @@ def assign_layouts(gm, ctx):
                              "memory_bytes": prob.saved_bytes[r][c]}
     ctx.plan = Plan(mesh=mesh.as_dict(), placements=placements, inputs=inputs, nodes=nodes,
                     cost=cost, stats=ctx.stats, cluster=str(ctx.cluster), recompute=recompute,
-                    micro_batches=ctx.micro_batches_request or 1, uses=_uses(gm),
+                    micro_batches=options.micro_batches or 1, uses=_uses(gm),
                     pinned=_pinned([*placements, *inputs], ctx))
     return gm
 
@@ -67,7 +52,8 @@ def _pinned(names: list, ctx) -> dict:
     """Name -> what the user pinned of it: "use" (``constraints=``), "storage", or both."""
     out = {}
     for name in names:
-        kinds = [kind for kind, globs in (("use", ctx.constraints), ("storage", ctx.storage))
+        kinds = [kind for kind, globs in (("use", ctx.options.constraints),
+                                          ("storage", ctx.options.storage))
                  if any(fnmatch.fnmatchcase(name, g) for g in globs or {})]
         if kinds:
             out[name] = ", ".join(kinds)

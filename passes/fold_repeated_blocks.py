@@ -61,7 +61,7 @@ def fold_repeated_blocks(gm, ctx):
     """Find repeated blocks and group structurally identical ones into classes.
 
     Reads ``node.meta["autopar.op"]``, ``"val"`` and ``"nn_module_stack"``, and
-    ``ctx.param_fqns`` and ``ctx.constraints`` (a parameter pinned to a layout in some layers
+    ``ctx.param_fqns`` and ``ctx.options`` (its constraints and storage) (a parameter pinned to a layout in some layers
     only, or to different layouts, makes those layers differ). Writes ``node.meta["autopar.block"] = (class id,
     instance index)`` on every node of a block (class ids count from 0 in order of first
     appearance), sets ``ctx.blocks`` to the list of :class:`BlockClass`, and
@@ -70,7 +70,7 @@ def fold_repeated_blocks(gm, ctx):
     nodes = list(gm.graph.nodes)
     for node in nodes:
         node.meta.pop("autopar.block", None)
-    labeler = _Labeler(set(ctx.param_fqns), dict(ctx.constraints or {}), dict(ctx.storage or {}))
+    labeler = _Labeler(set(ctx.param_fqns), ctx.options.constraints, ctx.options.storage)
     method = "module_hierarchy"
     classes = _classify(_module_blocks(nodes), labeler)
     if not any(len(c.instances) > 1 for c in classes):

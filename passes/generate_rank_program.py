@@ -4,36 +4,23 @@ from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 from torch.fx import Node
-from torch.utils._pytree import tree_map
 
+from autopar._torch import tree_map
 from autopar.errors import PlanError
-from autopar.program.placement import Replicate, format_layout, local_shape, replicated
+from autopar.program.placement import Replicate, local_shape, replicated
 from autopar.program.redistribute import plan_steps
 from autopar.rules import shape_of, tensor_inputs
+from autopar.runtime import local_ops
 from autopar.runtime.checkpoint import Recomputed, identifier
+from autopar.runtime.code import RankProgram
 from autopar.runtime.collectives import gather_shards, grad_sum, step_call
 from autopar.search.pricing import fused_axis, grad_sum_axes, needs_grad
 
 _BLOCK = "autopar.recompute_block"   # on nodes of the flat program: the recomputed block
-
-
-@dataclass
-class RankProgram:
-    """The per-rank program: one graph for all ranks, and how to shard each attribute."""
-
-    graph: fx.Graph
-    attrs: dict            # local attribute name -> (FQN, layout)
-    mesh: object
-    input_shapes: list     # global shape and dtype per placeholder
-    layouts: dict          # node name -> layout, for comments in the code
-    grad_sync: dict = field(default_factory=dict)  # attribute name -> axis names to sum
-    recomputed: list = field(default_factory=list)  # runtime.checkpoint.Recomputed, in order
-    notes: dict = field(default_factory=dict)       # node name -> comment, besides layouts
 
 
 def generate_rank_program(gm, ctx):
@@ -229,7 +216,8 @@ def _emit_op(node, env, emit, mesh):
     if strat.spec.local is not None:
         swap = strat.spec.local(strat.inputs, strat.output, mesh.names)
         if swap is not None:  # a local computation that depends on the rank's coordinates
-            op, (target, extra) = "call_function", swap
+            op, (name, extra) = "call_function", swap
+            target = getattr(local_ops, name)
             kwargs = dict(kwargs, **extra)
     n = emit.tag(emit.graph.create_node(op, target, tuple(args), dict(kwargs), name=node.name))
     n.meta["autopar.op"] = node.meta["autopar.op"]
@@ -287,29 +275,3 @@ def _attr_name(fqn: str, taken: dict) -> str:
     while name in taken:
         name, i = f"{base}_{i}", i + 1
     return name
-
-
-def annotate_code(code: str, layouts: dict, notes: dict | None = None) -> str:
-    """Append each value's layout (or note) as a comment on the line that defines it."""
-    out, notes = [], notes or {}
-    for line in code.splitlines():
-        m = re.match(r"\s+(\w+) = ", line)
-        if m and m.group(1) in layouts:
-            line = f"{line}  # {format_layout(layouts[m.group(1)])}"
-        elif m and m.group(1) in notes:
-            line = f"{line}  # {notes[m.group(1)]}"
-        out.append(line)
-    return "\n".join(out)
-
-
-def program_code(program: RankProgram, code: str) -> str:
-    """A rank program's source (``code``, its GraphModule's) with layouts in comments,
-    followed by the source of every block it recomputes."""
-    parts = [annotate_code(code.strip("\n"), program.layouts, program.notes)]
-    for block in program.recomputed:
-        body = block.graph_module.code.strip("\n").rstrip().replace(
-            "def forward(self", f"def {block.__name__}(self", 1)
-        parts.append(f"# {block.path or block.__name__}, recomputed in backward ({block.choice}): "
-                     f"autopar_runtime_checkpoint_{block.__name__} runs it under "
-                     "torch.utils.checkpoint\n" + annotate_code(body, program.layouts))
-    return "\n\n".join(parts)

@@ -8,11 +8,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from autopar.program.graph import (
-    as_constant,
-    is_foldable_constant,
-    replace_with_constant,
-)
+from autopar.program.graph import as_constant, is_foldable_constant, replace_with_constant
 from autopar.rules import arg, is_tensor_like, norm_dim
 from autopar.rules.names import canonical_name
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import autopar
 from autopar import Cluster, format_layout
 from autopar.api import _context
+from autopar.options import Options
 from autopar.program.capture import capture
 from autopar.program.graph import module_path
 from autopar.passes import ANALYSIS, fold_repeated_blocks, run_passes
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def analyze(model, example_inputs, constraints=None):
     captured = capture(model, example_inputs)
-    ctx = _context(captured, None, constraints=constraints)
+    ctx = _context(captured, None, Options(constraints=constraints or {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_passes(captured.gm, ctx, ANALYSIS)
@@ -338,9 +339,9 @@ def test_folded_capture_falls_back_to_full_depth_where_layers_cannot_be_copied(m
 
 def _unfolded_cost(captured, ctx):
     """The cost of the chosen plan priced on the unfolded problem (every node on its own)."""
-    from autopar.cost.model import CostModel, Training
+    from autopar.cost.model import CostModel
     from autopar.search.problem import build_problem
-    model = CostModel(ctx.cluster, ctx.mesh, Training(ctx.precision, ctx.optimizer))
+    model = CostModel(ctx.cluster, ctx.mesh, ctx.options.training())
     prob = build_problem(captured.gm, ctx.mesh, model, {})
     choice = {n: prob.options[n].index(n.meta["autopar.strategy"]) for n in prob.nodes}
     return prob.evaluate(choice)
@@ -358,12 +359,13 @@ def test_a_tight_budget_mixes_strategies_across_the_instances_of_a_block():
         batch(4096, 2048)
     free = autopar.plan(net, cluster, example_inputs=x, mesh={"dp": 16})
     budget = 0.8 * free.cost.memory_bytes_per_device
-    options = (cluster, x, {"dp": 16}, None, "full", budget, "fp32", "adamw")
-    captured, ctx = _plan(net, *options, recompute="none")
+    options = (cluster, x,
+               Options(mesh={"dp": 16}, memory_budget_bytes=budget, recompute="none"))
+    captured, ctx = _plan(net, *options)
     mixed = ctx.plan
     mixes, planner.MAX_MIXES = planner.MAX_MIXES, 0
     try:
-        alike = _plan(net, *options, recompute="none")[1].plan
+        alike = _plan(net, *options)[1].plan
     finally:
         planner.MAX_MIXES = mixes
     assert next(iter(mixed.stats["meshes"].values()))["folding"][0] == "mixed"
@@ -374,7 +376,7 @@ def test_a_tight_budget_mixes_strategies_across_the_instances_of_a_block():
     assert priced.total_s == pytest.approx(mixed.cost.total_s, rel=1e-9)
     assert priced.memory_bytes_per_device <= budget
     # where memory binds the plan still depends on nothing but the inputs
-    again = _plan(net, *options, recompute="none")[1].plan
+    again = _plan(net, *options)[1].plan
     assert again.placements == mixed.placements and again.cost == mixed.cost
 
 
@@ -393,7 +395,7 @@ def test_refinements_where_memory_binds_are_solved_over_the_tied_relaxations_str
         batch(4096, 2048)
     free = autopar.plan(net, cluster, example_inputs=x, mesh={"dp": 16})
     budget = 0.8 * free.cost.memory_bytes_per_device
-    captured, ctx = _plan(net, cluster, x, {"dp": 16}, None, "full", budget, "fp32", "adamw")
+    captured, ctx = _plan(net, cluster, x, Options(mesh={"dp": 16}, memory_budget_bytes=budget))
     mesh = Mesh(("dp",), (16,))
     model = CostModel(cluster, mesh, Training("fp32", "adamw"))
     tied = build_problem(captured.gm, mesh, model, {}, ctx.blocks, "tied")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import autopar
 from autopar import PlanError
-from autopar.search.microbatch import FIRST_FLAG
+from autopar.passes.split_micro_batches import FIRST_FLAG
 from equivalence import assert_close, check_steps, count_launches, twin, uneven_targets
 from models import GPT, GPTConfig, Llama, LlamaConfig, tiny_batch
 from test_e2e_simulated import megatron, slow_devices

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 import autopar
 from autopar import Replicate
-from autopar.search.recompute import KEPT_BY_SELECTIVE
+from autopar.rules.traits import KEPT_BY_SELECTIVE
 from autopar.runtime import checkpoint as ckpt
 from autopar.passes.generate_rank_program import recompute_choices
 from equivalence import check_training, twin

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "exa
 import autopar  # noqa: E402
 from autopar import Cluster, PlanError  # noqa: E402
 from autopar.cost.model import CostModel, Training  # noqa: E402
+from autopar.options import Options  # noqa: E402
 from autopar.program.mesh import Mesh  # noqa: E402
 from models import Llama, LlamaConfig  # noqa: E402
 
@@ -146,8 +147,8 @@ def test_the_folded_price_is_the_plan_repriced_block_by_block():
     budget = 0.8 * free_plan().cost.memory_bytes_per_device
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        captured, ctx = _plan(model, CLUSTER, example, None, None, "full", budget, "fp32",
-                              "adamw", program=False, recompute=pins)
+        captured, ctx = _plan(model, CLUSTER, example,
+                              Options(memory_budget_bytes=budget, recompute=pins), program=False)
     p = ctx.plan
     cost_model = CostModel(CLUSTER, ctx.mesh, Training())
     facts = Facts()

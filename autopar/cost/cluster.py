@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from ..errors import PlanError, closest
+from . import probe
 
 GB = 1e9
 TFLOPS = 1e12
@@ -166,8 +167,8 @@ PRESETS = {
     "g6.48xlarge": NodePreset("L4", 8, PCIE4, LinkSpec(100 * Gbps / 8, 15e-6)),
 }
 
-# Gloo over loopback, nominal: Cluster.local() measures the real figures (autopar/cost/probe.py).
-LOCAL_LINK = LinkSpec(2 * GB, 50e-6)
+# Gloo over loopback, nominal: Cluster.local() measures the real figures (cost/probe.py).
+LOCAL_LINK = LinkSpec(probe.NOMINAL_LINK_BANDWIDTH_BYTES_PER_S, probe.NOMINAL_LINK_LATENCY_S)
 
 # Links a cluster file may leave out: DGX A100's (NVSwitch within, HDR InfiniBand between).
 DEFAULT_INTRA_NODE = NVLINK3
@@ -239,8 +240,7 @@ class Cluster:
         if not measure:
             node = NodeSpec(DEVICES["cpu"], world_size, LOCAL_LINK)
             return cls((node,), LOCAL_LINK, name=f"local x {world_size}")
-        from .probe import local_measurement
-        m = local_measurement()
+        m = probe.local_measurement()
         device = DeviceSpec("cpu", {"fp32": m.peak_flops / world_size},
                             m.memory_bytes / world_size,
                             m.memory_bandwidth_bytes_per_s / world_size, measured=True,

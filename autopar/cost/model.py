@@ -23,8 +23,11 @@ import numpy as np
 
 from ..program.placement import is_partial, is_shard
 from ..program.redistribute import REPLICATED, coded_steps, layout_code
-from ..runtime.grad_sync import BUCKET_BYTES
+from ..rules.traits import CONTRACTIONS, NO_KERNEL
 
+# Gradients summed over ranks go in buckets of this many bytes, one collective each, as
+# DistributedDataParallel's default (bucket_cap_mb=25); the runtime's gradient sync uses it.
+BUCKET_BYTES = 25 * 2**20
 # Share of datasheet peak FLOP/s a large GEMM sustains. NVIDIA's A100 and H100 tuning guides
 # and MLPerf training submissions show dense GEMMs at roughly 60-80% of peak; take 0.7.
 MATMUL_EFFICIENCY = 0.7
@@ -37,29 +40,10 @@ KERNEL_LAUNCH_S = 10e-6
 # Devices measured on this machine (Cluster.local) report what they sustained: no discount.
 MEASURED_EFFICIENCY = 1.0
 
-# Backward FLOPs relative to forward: a contraction computes two GEMMs (grad of each input),
-# elementwise ops about one pass.
-CONTRACTIONS = {"linear", "matmul", "bmm", "mm", "addmm", "baddbmm", "addbmm", "einsum",
-                "scaled_dot_product_attention"}
+# Backward FLOPs relative to forward: a contraction (rules.traits.CONTRACTIONS) computes two
+# GEMMs (grad of each input), elementwise ops about one pass.
 BACKWARD_FACTOR_CONTRACTION = 2.0
 BACKWARD_FACTOR_OTHER = 1.0
-
-# Ops that launch no kernel: they return a view of their input's storage.
-NO_KERNEL = {"view", "transpose", "permute", "t", "getitem", "split", "chunk", "unbind",
-             "unsqueeze", "squeeze", "flatten", "expand", "expand_as", "view_as", "detach",
-             "alias", "movedim", "adjoint", "broadcast_to", "tensor_split", "split_with_sizes"}
-
-# Ops whose backward needs none of their inputs (linear maps and data movement).
-SAVES_NOTHING = {
-    "add", "sub", "neg", "pos", "rsub", "view", "reshape", "flatten", "unsqueeze", "squeeze",
-    "view_as", "ravel", "transpose", "permute", "t", "movedim", "adjoint", "expand",
-    "expand_as", "broadcast_to", "contiguous", "clone", "detach", "alias", "to", "type",
-    "float", "half", "bfloat16", "double", "getitem", "split", "chunk", "unbind",
-    "tensor_split", "split_with_sizes", "cat", "stack", "repeat_interleave", "sum", "mean",
-    "zeros_like", "ones_like", "empty_like", "full_like", "arange", "zeros", "ones", "full",
-    "new_zeros", "new_ones", "new_full", "new_empty", "eq", "ne", "lt", "le", "gt", "ge",
-    "dropout",
-}
 
 OPTIMIZERS = {"sgd": 0, "adamw": 2, "adam": 2}      # fp32 state tensors per parameter
 # Bytes an optimizer step moves per fp32 parameter: SGD reads the weight and gradient and

@@ -41,6 +41,10 @@ MATMUL_N = 2048            # large enough for BLAS to reach its steady rate; ~0.
 MATMUL_RUNS = 5
 COPY_BYTES = 2**27         # 128 MiB, far beyond any last-level cache
 COPY_RUNS = 5
+# Gloo over loopback, nominal: what planning assumes where the link is not measured
+# (Cluster.local(measure=False), or a probe that failed).
+NOMINAL_LINK_BANDWIDTH_BYTES_PER_S = 2e9
+NOMINAL_LINK_LATENCY_S = 50e-6
 # All-reduce sizes (bytes) timed one by one between barriers; latency and bandwidth are the
 # least-squares fit of t = 2(n-1) latency + 2(n-1)/n bytes / bandwidth over their medians,
 # so per-message costs that a one-float probe misses are part of the latency.
@@ -186,10 +190,9 @@ def _spawned_link() -> tuple:
     try:
         return spawn_allreduce_probe(PROBE_PROCESSES)
     except (RuntimeError, OSError, ValueError, KeyError) as e:
-        from autopar.cost.cluster import LOCAL_LINK
         warnings.warn(f"autopar: could not time gloo all-reduce between local processes ({e}); "
                       "planning with nominal link figures, and not caching them", stacklevel=4)
-        return LOCAL_LINK.bandwidth_bytes_per_s, LOCAL_LINK.latency_s, 0
+        return NOMINAL_LINK_BANDWIDTH_BYTES_PER_S, NOMINAL_LINK_LATENCY_S, 0
 
 
 @contextlib.contextmanager

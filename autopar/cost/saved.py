@@ -11,27 +11,8 @@ from __future__ import annotations
 
 from torch.fx import Node
 
-from .model import SAVES_NOTHING
+from ..rules.traits import KEEPS_ONLY, SAVES_NOTHING, SAVES_OUTPUT, VIEWS, VIEWS_OF_CONTIGUOUS
 
-# Ops whose backward reads their output (and whatever else they save of their inputs).
-# Attention keeps its output too, but its fused kernels lay it out as (batch, sequence,
-# heads, dim), so that the usual transpose back to (batch, sequence, width) is a view of it,
-# which the output projection saves: it is counted there.
-SAVES_OUTPUT = frozenset({"softmax", "log_softmax", "tanh", "sigmoid", "exp"})
-# Ops whose backward holds this many copies of their first input's gradient at once, while
-# all that the forward pass saved is still alive: cross-entropy's gradient of the
-# log-probabilities beside that of the logits. Where a loss ends the program (the usual
-# case), this is where the step peaks.
-GRADIENT_COPIES = {"cross_entropy": 2}
-# Ops that keep only some of their inputs, and which: op -> slots (an embedding's gradient
-# scatters by the indices).
-KEEPS_ONLY = {"embedding": {0}}
-# Ops whose output is a view of their first input's storage.
-VIEWS = frozenset({"view", "view_as", "transpose", "permute", "t", "unsqueeze", "squeeze",
-                   "expand", "expand_as", "broadcast_to", "movedim", "adjoint", "split",
-                   "chunk", "unbind", "tensor_split", "split_with_sizes", "detach", "alias"})
-# ... where their input is contiguous (else they copy).
-VIEWS_OF_CONTIGUOUS = frozenset({"reshape", "flatten", "ravel", "contiguous"})
 _CALLS = ("call_function", "call_method")
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .._torch import dynamo_ignoring, lazy_graph_module, tree_flatten, tree_unflatten
 from ..errors import CaptureError, InputError
 from .graph import replace_with_constant, setitem, user_frame
 
@@ -214,13 +214,7 @@ def _graph_module(root, graph, name: str) -> fx.GraphModule:
     """A GraphModule that writes its Python code when it is first read or called, not at each
     ``recompile()``: passes recompile after every rewrite, and writing the code of an 80-layer
     model takes longer than copying its layers."""
-    # torch.fx's lazy GraphModule is private (checked with torch 2.13); Dynamo hands backends
-    # the same class. Without it, the code is written at every recompile().
-    try:
-        from torch.fx._lazy_graph_module import _LazyGraphModule
-    except ImportError:
-        return fx.GraphModule(root, graph, name)
-    return _LazyGraphModule(root, graph, name)
+    return lazy_graph_module(root, graph, name)
 
 
 def _drop_unused(gm):
@@ -318,12 +312,11 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
 
         return markers
 
-    import torch._dynamo
-    torch._dynamo.reset()
+    torch.compiler.reset()
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
-    with torch._dynamo.config.patch(ignore_logging_functions=_logging_methods()):
+    with dynamo_ignoring(_logging_methods()):
         result = compiled(*args, **kwargs)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     gm = recorded["gm"]
     params, buffers, consts = _state(model)
     # a tensor reachable by several names (tied weights: an LM head sharing the embedding)
@@ -417,7 +410,7 @@ def _rebind(sig, args, kwargs, tensors: dict):
 
 
 def _leaf_names(tree: dict) -> list:
-    from torch.utils._pytree import keystr, tree_flatten_with_path
+    from .._torch import keystr, tree_flatten_with_path
     return [keystr(path) for path, _ in tree_flatten_with_path(tree)[0]]
 
 

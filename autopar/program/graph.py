@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+from copy import deepcopy
 
 import torch
+import torch.fx as fx
 from torch.fx import Node
-from torch.utils._pytree import tree_map
+
+from .._torch import lazy_graph_module, tree_map
 
 
 def fetch_attr(module, target: str):
@@ -102,3 +105,13 @@ def paused_gc():
     finally:
         if enabled:
             gc.enable()
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule of a copy of ``gm``'s graph on the same attributes (parameters are not
+    copied): each node a new one with a shallow copy of its ``meta`` (``Graph.__deepcopy__``
+    copies node by node), so that passes may rewrite the copy and its facts while ``gm``
+    stays as it was. Lazy, as capture makes it: its code is written when first read."""
+    copy = lazy_graph_module(gm, deepcopy(gm.graph), gm.__class__.__name__)
+    copy.meta = dict(getattr(gm, "meta", {}))
+    return copy

@@ -6,7 +6,7 @@ A consumer that wants a slice takes its own part locally, without communication.
 
 from __future__ import annotations
 
-from . import OpSpec, P, R, Shard, register, shape_of, tensor_inputs
+from .core import OpSpec, P, R, Shard, register, shape_of, tensor_inputs
 
 FACTORIES = ["arange", "zeros", "ones", "full", "empty", "tensor", "scalar_tensor", "eye",
              "linspace", "rand", "randn", "randint", "as_tensor"]

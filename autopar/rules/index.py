@@ -10,18 +10,8 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from . import (
-    OpSpec,
-    P,
-    R,
-    arg,
-    einsum_options,
-    io_bytes,
-    norm_dim,
-    register,
-    shape_of,
-    tensor_inputs,
-)
+from .core import (OpSpec, P, R, arg, einsum_options, io_bytes, norm_dim, register, shape_of,
+                   tensor_inputs)
 from .shape import basic_index_labels
 
 

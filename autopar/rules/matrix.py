@@ -8,22 +8,8 @@ sharded one (column-parallel linear, data parallel on a batch label).
 
 from __future__ import annotations
 
-from ..runtime.local_ops import grouped_mm_local_experts
-from . import (
-    OpSpec,
-    P,
-    R,
-    Shard,
-    arg,
-    broadcast_labels,
-    einsum_flops,
-    einsum_options,
-    io_bytes,
-    register,
-    replicated_options,
-    shape_of,
-    tensor_inputs,
-)
+from .core import (OpSpec, P, R, Shard, arg, broadcast_labels, einsum_flops, einsum_options,
+                   io_bytes, register, replicated_options, shape_of, tensor_inputs)
 
 
 def _batch_labels(ndim: int, prefix: str = "b") -> list:
@@ -225,6 +211,6 @@ def grouped_mm(node):
     def local(in_layouts, out_layout, axis_names):
         axes = tuple(axis_names[a] for a, (p, o) in enumerate(zip(in_layouts[w_slot], out_layout))
                      if p == Shard(0) and o == P)
-        return (grouped_mm_local_experts, {"axes": axes}) if axes else None
+        return ("grouped_mm_local_experts", {"axes": axes}) if axes else None
 
     return OpSpec(options, 2.0 * rows * k * n, io_bytes(node), local=local)

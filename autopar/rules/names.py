@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
+from .._torch import NN_OPS
+
 _OPERATORS = {
     operator.add: "add", operator.iadd: "add", operator.sub: "sub", operator.isub: "sub",
     operator.mul: "mul", operator.imul: "mul", operator.truediv: "div", operator.itruediv: "div",
@@ -40,7 +42,7 @@ _FUNCTION_NAMES: dict = {}
 
 
 def _scan():
-    spaces = [torch, F, torch._C._nn, torch.Tensor, torch.special, torch.linalg]
+    spaces = [torch, F, NN_OPS, torch.Tensor, torch.special, torch.linalg]
     for space in spaces:
         for name in dir(space):
             if name.startswith("__"):

@@ -12,16 +12,9 @@ import numbers
 import torch
 from torch.fx import Node
 
-from . import (
-    OpSpec,
-    P,
-    broadcast_labels,
-    einsum_options,
-    io_bytes,
-    register,
-    shape_of,
-    tensor_inputs,
-)
+from .._torch import tree_leaves
+from .core import (OpSpec, P, broadcast_labels, einsum_options, io_bytes, register, shape_of,
+                   tensor_inputs)
 
 UNARY = [
     "relu", "gelu", "silu", "tanh", "sigmoid", "softplus", "elu", "leaky_relu", "hardtanh",
@@ -88,7 +81,7 @@ def additive(node):
 
 
 def _uses(node, x) -> int:
-    return sum(1 for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs)) if a is x)
+    return sum(1 for a in tree_leaves((node.args, node.kwargs)) if a is x)
 
 
 @register(*SCALING)

@@ -10,18 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from . import (
-    OpSpec,
-    R,
-    arg,
-    broadcast_labels,
-    einsum_options,
-    io_bytes,
-    norm_dim,
-    register,
-    shape_of,
-    tensor_inputs,
-)
+from .core import (OpSpec, R, arg, broadcast_labels, einsum_options, io_bytes, norm_dim, register,
+                   shape_of, tensor_inputs)
 from .pointwise import pointwise
 
 

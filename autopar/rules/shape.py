@@ -10,19 +10,8 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from . import (
-    OpSpec,
-    P,
-    R,
-    arg,
-    einsum_options,
-    io_bytes,
-    norm_dim,
-    register,
-    shape_of,
-    spec_for,
-    tensor_inputs,
-)
+from .core import (OpSpec, P, R, arg, einsum_options, io_bytes, norm_dim, register, shape_of,
+                   spec_for, tensor_inputs)
 
 
 def reshape_labels(in_shape, out_shape):

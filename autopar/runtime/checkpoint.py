@@ -27,13 +27,10 @@ import functools
 import re
 
 import torch
-from torch.utils.checkpoint import (
-    CheckpointPolicy,
-    checkpoint,
-    create_selective_checkpoint_contexts,
-)
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts)
 
-from ..search.recompute import KEPT_BY_SELECTIVE
+from ..rules.traits import KEPT_BY_SELECTIVE
 
 # The aten ops each fx-level op of KEPT_BY_SELECTIVE reaches the dispatcher as (CPU and CUDA
 # kernels, and the math fallbacks), besides any aten op of the op's own name. linear and

@@ -10,13 +10,14 @@ together and replaces each by an op over the list of per-rank values.
 from __future__ import annotations
 
 import torch
-import torch.distributed._functional_collectives as funcol
 
+from .._torch import functional_collectives
 from . import faults
 
 # torch.distributed._functional_collectives is the traceable collective API (private, but the
 # one torch.compile understands). Checked against torch 2.5 through 2.13: the *_single names
 # replaced all_gather_tensor / reduce_scatter_tensor in 2.13, which still accepts the old ones.
+funcol = functional_collectives()
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 _reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
 

@@ -21,19 +21,9 @@ import functools
 import torch
 import torch.distributed as dist
 
+from .._torch import at_end_of_backward
+from ..cost.model import BUCKET_BYTES
 from . import faults
-
-# DistributedDataParallel's default bucket size (bucket_cap_mb=25).
-BUCKET_BYTES = 25 * 2**20
-
-
-def at_end_of_backward(callback) -> None:
-    """Run ``callback`` when the current backward pass finishes.
-
-    ``Variable._execution_engine.queue_callback`` is private; it is how DDP and FSDP run code
-    at the end of backward. Checked against torch 2.5 through 2.13.
-    """
-    torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
 class _Sync:

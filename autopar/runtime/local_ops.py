@@ -1,7 +1,7 @@
 """Local computations that depend on the rank's place on the mesh.
 
-An op rule names one of these (``OpSpec.local``) for layouts whose local work is not the op
-itself on the local pieces. Each takes the axes it depends on; it reads this rank's
+An op rule names one of these by its name here (``OpSpec.local``) for layouts whose local work
+is not the op itself on the local pieces. Each takes the axes it depends on; it reads this rank's
 coordinates from the active DeviceMesh, or, in a simulated run (all ranks in one process),
 from ``coords`` (axis name -> (coordinate, size)), which the simulator passes.
 """

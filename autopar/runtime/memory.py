@@ -19,8 +19,8 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from .._torch import TorchDispatchMode, in_backward, tree_leaves
 
 
 class LiveTensors(TorchDispatchMode):
@@ -52,7 +52,7 @@ class LiveTensors(TorchDispatchMode):
         self.now -= self._alive.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.at_backward is None and torch._C._current_graph_task_id() != -1:
+        if self.at_backward is None and in_backward():
             self.at_backward = self.now
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):

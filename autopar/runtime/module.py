@@ -49,7 +49,7 @@ class ParallelModule(torch.nn.Module):
         super().__init__()
         self.plan = plan
         self.simulate = simulate
-        self._micro = micro  # autopar.search.microbatch.MicroBatches, None for one micro-batch
+        self._micro = micro  # autopar.passes.split_micro_batches.MicroBatches, None for one micro-batch
         self._captured = captured
         self._program = program
         self._mesh = program.mesh
@@ -190,7 +190,7 @@ class ParallelModule(torch.nn.Module):
     def code(self) -> str:
         """This rank's program as Python source, each value's layout in a comment, then
         the source of each block it recomputes in backward."""
-        from autopar.passes.generate_rank_program import program_code
+        from .code import program_code
         gm = self.ranks[0] if self.simulate else self.program
         header = (f"# autopar rank program: mesh {self._mesh}, plan {self.plan.fingerprint()}\n"
                   "# layouts: R replicated, S(d) split on dim d, P partial sum; one per axis\n")

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 from torch.fx import Node
-from torch.utils._pytree import tree_map
 
+from .._torch import tree_map
 from ..program.graph import fetch_attr
 from ..program.mesh import Mesh
 from . import collectives as C

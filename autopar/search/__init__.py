@@ -1,0 +1,57 @@
+"""The search for a plan: a nest of layers, each a small search over the layers below it.
+
+Read top-down, outermost first::
+
+    choose(plan_at, batch_size, options)            micro-batch counts        microbatch.py
+      plan_at(m): the program of one micro-batch, captured once per plan() call and split
+      per count (passes/split_micro_batches.py), then planned by
+    plan_program(program, cluster, options)         one micro-batch's program
+      stages.search                                  pipeline stages (p = 1)   stages.py
+        recompute.choose_recompute                   none/selective/full per   recompute.py
+                                                     block, where memory binds
+          meshes.choose_plan                         every candidate mesh      meshes.py
+            problem.build_problem, solver.solve      the per-op program on     problem.py,
+            (or meshes.propagate at level "fast")    one mesh, priced and      pricing.py,
+                                                     solved exactly            solver.py
+
+Each layer keeps the fastest plan within the memory budget of what it tried and hands it up
+as a :class:`~autopar.search.result.Planned`; :mod:`autopar.search.result` holds what a
+plan is (:class:`~autopar.search.result.Plan`, :class:`~autopar.search.result.Cost`).
+"""
+
+from __future__ import annotations
+
+from . import meshes, microbatch, recompute, stages
+from .pricing import Facts
+from .result import Planned
+
+
+def choose(plan_at, batch_size: int | None, options):
+    """The plan of the micro-batch count that steps fastest within memory: ``plan_at(m)``
+    plans the program of one of m micro-batches (whatever it returns, with the ``.plan``
+    it made); the count the options pin, else :func:`microbatch.choose_micro_batches`."""
+    if options.micro_batches is not None:
+        return plan_at(options.micro_batches)
+    return microbatch.choose_micro_batches(plan_at, batch_size)
+
+
+def plan_program(gm, cluster, options, stats: dict, input_names=(), blocks=()) -> Planned:
+    """The fastest plan of one program (one micro-batch's, the count in ``options``) within
+    the memory budget: its stages, the recompute choice of each block, the mesh and every
+    node's strategy. ``blocks``: the classes of repeated blocks folding found."""
+    training = options.training()
+    budget = options.memory_budget_bytes
+    if budget is None:
+        budget = min(d.memory_bytes for d in cluster.devices())
+    pins = recompute.resolve_recompute(options.recompute, recompute.block_paths(blocks))
+    facts = Facts()   # what the programs built on this one share, over every layer below
+
+    def plan_stage(stage):
+        def plan_with(choices, mesh=None, refine_bound=True) -> Planned:
+            return meshes.choose_plan(gm, cluster, options, training, budget, stats,
+                                      input_names, blocks if options.fold else [],
+                                      recompute=choices, facts=facts,
+                                      refine_bound=refine_bound, mesh=mesh)
+        return recompute.choose_recompute(plan_with, blocks, pins, budget)
+
+    return stages.search(cluster, plan_stage)

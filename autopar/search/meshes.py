@@ -21,24 +21,16 @@ import numpy as np
 
 from ..cost.model import CostModel, Training
 from ..errors import NoFit, PlanError, closest
+from ..options import Options
 from ..program.graph import paused_gc
 from ..program.mesh import Mesh
-from ..program.placement import (
-    Partial,
-    Replicate,
-    Shard,
-    divides,
-    format_layout,
-    parse_layout,
-)
+from ..program.placement import Partial, Replicate, Shard, divides, format_layout, parse_layout
 from .pricing import Facts
 from .problem import Pins, Problem, build_problem
-from .result import format_bytes
+from .result import Planned
 from .solver import TIME_LIMIT_S, TURNS, Dominated, Infeasible, solve
 
 AXIS_NAMES = {1: ("dp",), 2: ("dp", "tp"), 3: ("dp", "sp", "tp")}
-# Axis names that mean pipeline stages (torchtitan's "pp"): refused until stages are planned.
-PIPELINE_AXES = ("pp", "pipeline", "stage", "stages")
 # Past this many (producer layout, consumer need) pairs the exact program keeps, per node,
 # the KEEP_PER_NODE strategies of best local score plus those of the fast plans.
 MAX_EXACT_PAIRS = 150_000
@@ -68,14 +60,6 @@ def candidate_meshes(cluster, mesh_request) -> list:
     (outer to inner; the innermost axis spans the most closely linked devices)."""
     n = cluster.world_size
     if mesh_request is not None:
-        staged = [a for a in mesh_request if str(a).lower() in PIPELINE_AXES]
-        if staged:
-            raise PlanError(
-                f"mesh axis {staged[0]!r} in {dict(mesh_request)} asks for pipeline stages, "
-                "which autopar does not plan yet: every axis it plans splits the work of "
-                "each op, none runs layers on different devices; leave it out (e.g. "
-                f"{ {a: s for a, s in mesh_request.items() if a not in staged} } with a "
-                "cluster of that many devices) or let autopar choose the mesh")
         mesh = Mesh.from_dict(mesh_request)
         if mesh.size != n:
             raise PlanError(f"mesh {mesh} has {mesh.size} devices but the cluster {cluster} has "
@@ -134,6 +118,8 @@ def resolve_constraints(constraints, fqns, shapes: dict, mesh: Mesh,
             raise PlanError(f"{kind} {pattern!r}: {layout!r} is not a tuple of placements; "
                             "write e.g. (Replicate(), Shard(0)) or 'RS(0)'")
         layout = tuple(layout)
+        if layout and all(isinstance(p, Replicate) for p in layout):
+            layout = (Replicate(),) * mesh.ndim   # replicated, whatever the mesh
         if len(layout) != mesh.ndim:
             raise PlanError(f"{kind} {pattern!r}: layout {format_layout(layout)} has "
                             f"{len(layout)} placements but mesh {mesh} has {mesh.ndim} axes; "
@@ -300,29 +286,37 @@ def _named_sources(gm, input_names) -> dict:
     return out
 
 
-def choose_plan(gm, cluster, mesh_request, constraints, training: Training, budget: float,
-                level: str, stats: dict, input_names=(), blocks=(), recompute=None,
-                facts: Facts | None = None, refine_bound: bool = True, storage=None):
-    """The best (mesh, problem, choice, cost) over candidate meshes, ``constraints`` and
-    ``storage`` pinned as :func:`resolve_pins` says, with ``recompute``
+def choose_plan(gm, cluster, options: Options, training: Training, budget: float, stats: dict,
+                input_names=(), blocks=(), recompute=None, facts: Facts | None = None,
+                refine_bound: bool = True, mesh: dict | None = None):
+    """The best (mesh, problem, choice, cost) over candidate meshes (``mesh``, else
+    ``options.mesh``, else every one), the options' ``constraints`` and ``storage`` pinned as
+    :func:`resolve_pins` says, with ``recompute``
     (:class:`~autopar.search.recompute.Recompute`) applied to every problem; ``facts`` may be
     shared by searches on the same program. Without ``refine_bound``, plans that memory
     binds are not refined (with the ends apart, mixed): the costliest programs, not worth
     solving where recomputation may free the memory instead."""
     with paused_gc():
-        return _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level,
-                            stats, input_names, blocks, recompute, facts, refine_bound,
-                            storage)
+        return _choose_plan(gm, cluster, options, training, budget, stats, input_names,
+                            blocks, recompute, facts, refine_bound, mesh)
 
 
-def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level, stats,
-                 input_names, blocks, recompute, facts, refine_bound=True, storage=None):
+def _choose_plan(gm, cluster, options, training, budget, stats, input_names, blocks,
+                 recompute, facts, refine_bound=True, mesh_request=None):
     sources = _named_sources(gm, input_names)
-    search = _Search(gm, cluster, training, budget, level, stats, blocks, recompute, facts)
-    candidates = candidate_meshes(cluster, mesh_request)
+    search = _Search(gm, cluster, training, budget, options.level, stats, blocks, recompute,
+                     facts)
+    pinned, refused = {}, []
+    for m in candidate_meshes(cluster, mesh_request or options.mesh):
+        try:  # pins name the meshes they fit: one placement per axis
+            pinned[m] = resolve_pins(options.constraints, options.storage, sources, m)
+        except PlanError as e:
+            refused.append(e)
+    if not pinned:
+        raise refused[0]
+    candidates = list(pinned)
     rank = {str(m): i for i, m in enumerate(candidates)}
     meshes = sorted(candidates, key=lambda m: _promise(m, cluster))
-    pinned = {m: resolve_pins(constraints, storage, sources, m) for m in meshes}
     # Repeated blocks with all instances tied make a program a third the size: compare the
     # meshes on it, then plan the first and last instances apart on the meshes within
     # _ends_margin of the best.
@@ -399,8 +393,8 @@ def _choose_plan(gm, cluster, mesh_request, constraints, training, budget, level
     if best is None:
         infeasible = search.infeasible
         raise NoFit(budget, cluster, lambda: min(Infeasible(o.prob).min_bytes for o in infeasible),
-                    level)
-    return best.mesh, best.prob, best.choice, best.cost
+                    options.level)
+    return Planned(best.mesh, best.prob, best.choice, best.cost)
 
 
 @dataclass

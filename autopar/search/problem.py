@@ -16,13 +16,12 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from ..cost.model import NO_KERNEL, CostModel
-from ..cost.saved import GRADIENT_COPIES
+from ..cost.model import BUCKET_BYTES, CostModel
 from ..errors import PlanError
 from ..program.graph import module_path
 from ..program.placement import Partial, Replicate, Shard, divides, format_layout
 from ..rules import Strategy, shape_of
-from ..runtime.grad_sync import BUCKET_BYTES
+from ..rules.traits import CARRY_LAYOUT, GRADIENT_COPIES
 from .pricing import Facts, LayoutIds, Priced, Prices, distinct_keys
 from .result import Cost
 
@@ -310,12 +309,6 @@ class Problem:
 
 
 _PLANNED = ("placeholder", "get_attr", "call_function", "call_method")
-# Ops that only relabel their input's layout (views, casts): a parameter pinned to the layout
-# it is used in passes through them to the op that computes with it, with no collective.
-CARRY_LAYOUT = NO_KERNEL | {"reshape", "contiguous", "clone", "to", "type", "float", "half",
-                            "bfloat16", "double"}
-
-
 @dataclass(frozen=True)
 class Pins:
     """What the user pinned, per source node. ``stored``: the layout a parameter is held in,
@@ -507,7 +500,7 @@ def _hold_memory(prob: Problem, blocks, pos: dict, uses: dict, facts: Facts):
     Seen from the last instance of each block, where memory peaks: the activations saved by
     all earlier instances are held from the first block's start, and a value read by the
     next instance (the block's output) is live from that start until its last reader. At a
-    loss (:data:`~autopar.cost.saved.GRADIENT_COPIES`), where backward enters it: what the
+    loss (:data:`~autopar.rules.traits.GRADIENT_COPIES`), where backward enters it: what the
     forward pass holds there, and the copies of its input's gradient.
     """
     starts = [pos[cls.instances[0].nodes[0]] for cls in blocks

@@ -25,14 +25,8 @@ import fnmatch
 
 import numpy as np
 
-from ..cost.model import CONTRACTIONS
 from ..errors import PlanError, closest
-
-CHOICES = ("none", "selective", "full")
-
-# Under "selective", the outputs of these ops stay saved (and are not computed again); every
-# other op of the block is recomputed.
-KEPT_BY_SELECTIVE = frozenset(CONTRACTIONS)
+from ..rules.traits import CONTRACTIONS, KEPT_BY_SELECTIVE
 
 
 def block_paths(blocks) -> list:
@@ -41,20 +35,15 @@ def block_paths(blocks) -> list:
 
 
 def resolve_recompute(request, paths) -> dict:
-    """``request`` (glob over block paths -> choice, or one choice for every block) as
-    block path -> choice, for the blocks it names."""
+    """``request`` (glob over block paths -> choice, or one choice for every block, as
+    :class:`~autopar.options.Options` checked it) as block path -> choice, for the blocks it
+    names."""
     if request is None:
         return {}
     if isinstance(request, str):
         request = {"*": request}
-    if not isinstance(request, dict):
-        raise PlanError(f"recompute={request!r}: give a choice ({', '.join(CHOICES)}) or a "
-                        "dict of block globs to choices, e.g. {'layers.*': 'full'}")
     out = {}
     for pattern, choice in request.items():
-        if choice not in CHOICES:
-            raise PlanError(f"recompute[{pattern!r}] = {choice!r}: choose one of "
-                            f"{', '.join(CHOICES)}")
         matched = [p for p in paths if fnmatch.fnmatchcase(p, pattern)]
         if not matched:
             raise PlanError(f"recompute pattern {pattern!r} matches no block; the blocks are "
@@ -84,7 +73,7 @@ class Recompute:
     so the run's total is exact). Per instance:
 
     - saved bytes: ``none`` as priced; ``selective`` the outputs of the ops
-      :data:`KEPT_BY_SELECTIVE` names, ``full`` nothing, and either also the block's
+      :data:`~autopar.rules.traits.KEPT_BY_SELECTIVE` names, ``full`` nothing, and either also the block's
       inputs from the chain of blocks (a checkpoint keeps its arguments);
     - seconds: plus the forward of what is computed again (``full``: every op and the
       forward collectives on the edges into them; ``selective``: the ops not kept, no
@@ -292,11 +281,12 @@ BINDS = 0.95
 MIX_STEPS = 1
 
 
-def choose_recompute(plan_with, blocks, pins: dict, budget: float) -> tuple:
+def choose_recompute(plan_with, blocks, pins: dict, budget: float):
     """The fastest plan over recompute choices: ``plan_with(recompute, mesh=None,
-    refine_bound=True)`` plans (mesh, problem, choice, cost) for a :class:`Recompute` (on
-    one mesh where given; see :func:`~autopar.search.meshes.choose_plan` for ``refine_bound``) or
-    raises PlanError. Returns those and the choice per block path.
+    refine_bound=True)`` plans a :class:`~autopar.search.result.Planned` for a
+    :class:`Recompute` (on one mesh where given; see
+    :func:`~autopar.search.meshes.choose_plan` for ``refine_bound``) or raises PlanError.
+    Returns the fastest, with its choice per block path.
 
     Only where memory binds: no recomputation first (pinned blocks keep their pins); where
     that plan is within :data:`BINDS` of the budget or none fits, every free block selective,
@@ -323,14 +313,14 @@ def choose_recompute(plan_with, blocks, pins: dict, budget: float) -> tuple:
             if mesh is None:
                 error = e if not error or "full" in choices.values() else error
             return None
-        tried.append((found[3].total_s, len(tried), found, choices))
+        tried.append((found.cost.total_s, len(tried), found, choices))
         return found
 
     base = attempt(config("none"), refine=not free)
-    if not free or base is not None and base[3].memory_bytes_per_device < BINDS * budget:
+    if not free or base is not None and base.cost.memory_bytes_per_device < BINDS * budget:
         if base is None:
             raise error
-        return (*base, config("none"))
+        return base._replace(recompute=config("none"))
     weaker = "none"
     for choice in ("selective", "full"):
         if attempt(config(choice)) is not None:
@@ -346,16 +336,16 @@ def choose_recompute(plan_with, blocks, pins: dict, budget: float) -> tuple:
     if strong is not None and strong != weaker and len(free) > 1:
         _mix(attempt, found, config, weaker, strong, len(free))
     _, _, found, choices = min(tried)
-    if found[3].memory_bytes_per_device >= BINDS * budget:
-        attempt(choices, found[0].as_dict(), refine=True)
+    if found.cost.memory_bytes_per_device >= BINDS * budget:
+        attempt(choices, found.mesh.as_dict(), refine=True)
         _, _, found, choices = min(tried)
-    return (*found, choices)
+    return found._replace(recompute=choices)
 
 
 def _mix(attempt, found, config, weaker, strong, n_free: int):
     """Recompute ``strong`` on fewer of the free blocks (the first ones), the others taking
     ``weaker``, on the mesh of ``found``: halving the count while a plan still fits."""
-    mesh = found[0].as_dict()
+    mesh = found.mesh.as_dict()
     low, high = 0, n_free          # high: a count known to fit
     for _ in range(MIX_STEPS):
         mid = (low + high) // 2

@@ -12,10 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 from ..program.placement import Partial, Shard, format_layout, parse_layout
-
-# Ops that contract a parameter with their input: its split is column- or row-parallel.
-_MATMULS = {"linear", "matmul", "bmm", "mm", "addmm", "baddbmm", "addbmm", "einsum",
-            "grouped_mm_fallback", "conv1d", "conv2d", "conv3d"}
+from ..rules.traits import WEIGHT_CONTRACTIONS
+from ..units import format_bytes, format_seconds
 
 
 class Use(NamedTuple):
@@ -38,7 +36,7 @@ class Use(NamedTuple):
             return "expert split"
         if self.op == "embedding":
             return "vocabulary split" if p.dim == 0 else "embedding dim split"
-        if self.op in _MATMULS:
+        if self.op in WEIGHT_CONTRACTIONS:
             return "row-parallel" if isinstance(self.output[axis], Partial) else \
                 "column-parallel"
         return f"split on dim {p.dim}"
@@ -65,6 +63,18 @@ class Cost:
     activation_bytes: float = 0.0
     transient_bytes: float = 0.0
     bucket_bytes: float = 0.0
+
+
+class Planned(NamedTuple):
+    """What a layer of the search hands up: the mesh, the per-op problem on it, the chosen
+    strategy index of each of its nodes, the cost, and the recompute choice of each block
+    (empty below the recomputation layer)."""
+
+    mesh: object
+    problem: object
+    choice: dict
+    cost: Cost
+    recompute: dict = {}
 
 
 @dataclass
@@ -170,7 +180,7 @@ class Plan:
             for col in ("compute", "communication", "saved memory"):
                 table.add_column(col, justify="right")
             for row in (self._op_rows() if per == "op" else self._block_rows()):
-                table.add_row(*row[:-3], _seconds(row[-3]), _seconds(row[-2]),
+                table.add_row(*row[:-3], format_seconds(row[-3]), format_seconds(row[-2]),
                               format_bytes(row[-1]))
         c = self.cost
         buf = StringIO()
@@ -184,8 +194,8 @@ class Plan:
                 console.print("pinned: what the user fixed (use: constraints=, storage: "
                               "storage=); the cost model chose every other layout")
         console.print(table)
-        console.print(f"predicted step {_seconds(c.total_s)} (compute {_seconds(c.compute_s)}, "
-                      f"communication {_seconds(c.comm_s)}); peak memory per device "
+        console.print(f"predicted step {format_seconds(c.total_s)} (compute {format_seconds(c.compute_s)}, "
+                      f"communication {format_seconds(c.comm_s)}); peak memory per device "
                       f"{format_bytes(c.memory_bytes_per_device)}")
         console.print(self._memory_line())
         if self.micro_batches > 1:
@@ -304,21 +314,6 @@ def _runs_of(recompute: dict) -> list:
 def _span(paths: list) -> str:
     """``['h.0', 'h.1', 'h.2']`` -> ``'h.0-h.2'``."""
     return paths[0] if len(paths) == 1 else f"{paths[0]}-{paths[-1]} ({len(paths)} blocks)"
-
-
-def format_bytes(n: float) -> str:
-    """``10000`` -> ``'9.8 KiB'``."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
-
-
-def _seconds(t: float) -> str:
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if t >= scale:
-            return f"{t / scale:.3g} {unit}"
-    return f"{t / 1e-9:.3g} ns"
 
 
 def block_of(module_path: str) -> str:

@@ -50,8 +50,8 @@ import highspy
 import numpy as np
 from scipy.sparse import coo_array
 
+from ..cost.model import BUCKET_BYTES
 from ..errors import PlanError
-from ..runtime.grad_sync import BUCKET_BYTES
 from .problem import _ALWAYS
 
 TIME_LIMIT_S = 60.0
