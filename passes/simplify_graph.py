@@ -27,6 +27,9 @@ def simplify_graph(gm, ctx):
       ``cross_entropy(reduction="sum") / (number of counted targets)``, so that a split batch
       or feature dim yields a Partial sum instead of a wrong local mean.
     - ``x.type_as(y)`` and ``x.to(y)`` become ``x.to(dtype)``: ``y`` is read only for its dtype.
+    - ``cat`` leaves out inputs of shape (0,), as torch does whatever the others' rank (an
+      empty key-value cache a layer appends its first keys to): they hold nothing, and would
+      read as a value the batch does not split.
     """
     changed, replaced = False, []   # replaced: (value of a rewritten node, node now computing it)
     for node in list(gm.graph.nodes):
@@ -146,6 +149,26 @@ def _type_as(graph, node):
     return node
 
 
+def _cat(graph, node):
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    if not isinstance(tensors, (list, tuple)):
+        return None
+    kept = [t for t in tensors if not _empty_vector(t)]
+    if len(kept) == len(tensors) or not kept:
+        return None
+    if node.args:
+        node.args = (kept, *node.args[1:])
+    else:
+        node.kwargs = {**node.kwargs, "tensors": kept}
+    return node
+
+
+def _empty_vector(value) -> bool:
+    val = getattr(value, "meta", {}).get("val")
+    return isinstance(val, torch.Tensor) and tuple(val.shape) == (0,)
+
+
 # each rewrite returns the node that now computes the value, or None where it changes nothing
 _REWRITES = {"mean": _mean, "cross_entropy": _cross_entropy, "cross_entropy_loss": _cross_entropy,
-             "type_as": _type_as, "to": _type_as}
+             "type_as": _type_as, "to": _type_as, "cat": _cat, "concat": _cat,
+             "concatenate": _cat}
