@@ -64,6 +64,9 @@ class BatchSplit:
     placements: dict = field(default_factory=dict)    # node -> S(d) | R | P
     chosen: dict = field(default_factory=dict)        # node -> (inputs' placements, output, spec)
     whole: dict = field(default_factory=dict)         # node needed whole -> its readers
+    derived: set = field(default_factory=set)         # batch-independent values computed
+                                                      #   from ones needed whole
+    sliced: dict = field(default_factory=dict)        # of those, read split: node -> dim
     first: list = field(default_factory=list)         # (value, reader): R -> P
     refused: list = field(default_factory=list)       # (value, reader, why)
 
@@ -80,10 +83,13 @@ class MicroBatches:
     whole: fx.GraphModule | None  # full inputs -> the reduce points' values
     first_flag: bool              # the program takes FIRST_FLAG as its last input
     outputs: list                 # per graph output: ("sum",) | ("cat", dim) | ("first",)
+    whole_dims: list = field(default_factory=list)   # per value needed whole: the dim a
+                                                     #   micro-batch reads its slice of, or None
 
     def program_inputs(self, inputs: list) -> list:
         """The inputs of each micro-batch's program: its slice of the batch, then the values
-        needed whole (computed here, from the full inputs), then the first-micro-batch flag."""
+        needed whole (computed here, from the full inputs; its slice where it is read split),
+        then the first-micro-batch flag."""
         whole = []
         if self.whole is not None:
             with torch.no_grad():
@@ -93,7 +99,9 @@ class MicroBatches:
             mine = [x if d is None else x.chunk(self.count, d)[k]
                     for x, d in zip(inputs, self.input_dims)]
             flag = [torch.tensor(k == 0, device=_device(inputs))] if self.first_flag else []
-            out.append(mine + whole + flag)
+            dims = self.whole_dims or [None] * len(whole)
+            read = [w if d is None else w.chunk(self.count, d)[k] for w, d in zip(whole, dims)]
+            out.append(mine + read + flag)
         return out
 
     def combine(self, per_micro: list) -> list:
@@ -126,6 +134,9 @@ def split_over_batch(gm: fx.GraphModule, micro_batches: int, input_names=()) -> 
             split.placements[node] = R if d is None else Shard(d)
         elif node.op in ("call_function", "call_method"):
             _place(node, split)
+            if is_replicate(split.placements[node]) and any(
+                    a in split.whole or a in split.derived for a in tensor_inputs(node)):
+                split.derived.add(node)
         elif node.op != "output":
             split.placements[node] = R
     return split
@@ -164,7 +175,7 @@ def _place(node: Node, split: BatchSplit) -> None:
     best = None
     for (i,) in even_combos(found, (split.micro_batches,)):
         *need, out = columns[i]
-        cost = sum(_move_cost(a, h, n) for a, h, n in zip(ins, have, need))
+        cost = sum(_move_cost(a, h, n, split) for a, h, n in zip(ins, have, need))
         key = (cost, not is_replicate(out))   # ties: independent of the batch where it can be
         if best is None or key < best[0]:
             best = (key, tuple(need), out)
@@ -177,13 +188,23 @@ def _place(node: Node, split: BatchSplit) -> None:
         _record_move(a, node, h, n, split)
 
 
-def _move_cost(src: Node, have, need) -> int:
+def _move_cost(src: Node, have, need, split: BatchSplit) -> int:
     if have == need:
         return 0
     if is_replicate(have):
-        return _FIRST_COST if is_partial(need) else _REFUSED_COST
+        if is_partial(need):
+            return _FIRST_COST
+        return _WHOLE_COST if _sliceable(src, need, split) else _REFUSED_COST
     refused = _REFUSED_COST if _requires_grad(src) else 0
-    return _WHOLE_COST + refused + _move_cost(src, R, need)
+    return _WHOLE_COST + refused + _move_cost(src, R, need, split)
+
+
+def _sliceable(src: Node, need, split: BatchSplit) -> bool:
+    """Whether a micro-batch may read its slice of ``src``, computed whole: a value made from
+    values needed whole (an attention mask built from the full batch's padding mask), whose
+    dim ``need.dim`` is the batch's. Each micro-batch reads the rows of its own samples."""
+    return src in split.derived and is_shard(need) and \
+        shape_of(src)[need.dim] == split.batch_size
 
 
 def _record_move(src: Node, reader: Node, have, need, split: BatchSplit) -> None:
@@ -198,6 +219,9 @@ def _record_move(src: Node, reader: Node, have, need, split: BatchSplit) -> None
         split.whole.setdefault(src, []).append(reader)
     if is_partial(need):
         split.first.append((src, reader))
+    elif _sliceable(src, need, split):
+        split.whole.setdefault(src, []).append(reader)
+        split.sliced[src] = need.dim
     elif is_shard(need):
         held = "does not depend on the batch" if is_replicate(have) else f"is {_what(have)}"
         split.refused.append((src, reader, f"reads {src.name} split over the batch on dim "
@@ -264,7 +288,8 @@ def split_micro_batches(gm, ctx):
     ctx.input_names = list(ctx.input_names) + extra_names
     annotate_shapes(gm, ctx)
     ctx.micro = MicroBatches(m, split.batch_size, [split.input_dims.get(n) for n in placeholders],
-                             full_shapes, whole, bool(split.first), outputs)
+                             full_shapes, whole, bool(split.first), outputs,
+                             [split.sliced.get(v) for v in split.whole])
     return gm
 
 
@@ -315,7 +340,10 @@ def _read_whole_values(gm, split: BatchSplit, placeholders: list) -> tuple:
         with graph.inserting_after(placeholders[-1]):
             whole_of[src] = graph.placeholder(f"{src.name}_whole")
     for src, readers in split.whole.items():
-        examples.append(src.meta["val"])
+        d = split.sliced.get(src)
+        val = src.meta["val"]
+        examples.append(val if d is None else val.narrow(d, 0, split.batch_size //
+                                                          split.micro_batches))
         names.append(whole_of[src].name)
         for reader in readers:
             reader.replace_input_with(src, whole_of[src])

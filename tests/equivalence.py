@@ -123,15 +123,16 @@ def count_launches(pm) -> list:
     return count
 
 
-def check_steps(pm, ref: torch.nn.Module, batches, kwargs=None):
-    """``loss = pm.step(*batch)`` against the single-device model, one AdamW step per batch:
-    the loss and every gradient after each step's backward, every parameter after each
-    optimizer step. Returns (worst relative error, gradient all-reduce launches per step)."""
-    kwargs = kwargs or {}
+def check_steps(pm, ref: torch.nn.Module, batches, kwargs=None, adamw=None):
+    """``loss = pm.step(*batch)`` against the single-device model, one AdamW step per batch
+    (``adamw``: its options, ADAMW by default): the loss and every gradient after each step's
+    backward, every parameter after each optimizer step. Returns (worst relative error,
+    gradient all-reduce launches per step)."""
+    kwargs, adamw = kwargs or {}, adamw or ADAMW
     worst, launches = 0.0, []
     count = count_launches(pm)
-    opt, ref_opt = torch.optim.AdamW(pm.parameters(), **ADAMW), \
-        torch.optim.AdamW(ref.parameters(), **ADAMW)
+    opt, ref_opt = torch.optim.AdamW(pm.parameters(), **adamw), \
+        torch.optim.AdamW(ref.parameters(), **adamw)
     for i, batch in enumerate(batches):
         before = count[0]
         loss = pm.step(*batch, **kwargs)
