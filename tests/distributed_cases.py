@@ -78,6 +78,12 @@ def training_cases(world):
         yield "hf-mixtral-experts-2", "hf-mixtral", dict(
             mesh={"tp": 2}, cluster=slow_devices(2), steps=("sgd", "sgd"),
             expect="grouped_mm_local_experts", constraints={"*.experts.*": "S(0)"})
+        # a transformers decoder in 2 micro-batches, sequences padded: each micro-batch
+        # reads its rows of the attention mask built once for the whole batch
+        yield "hf-qwen2-padded-microbatch-2", "hf-qwen2-padded", dict(
+            mesh={"dp": 2}, cluster=slow_devices(2), micro_batches=2, use_step=True,
+            adamw=dict(lr=1e-3, eps=1e-3), constraints={
+                "*": "R", "input_ids": "S(0)", "attention_mask": "S(0)", "labels": "S(0)"})
 
 
 def hf_megatron(name, mesh):
@@ -89,8 +95,9 @@ def make_model(name):
     """(model, args, kwargs): the zoo of test_e2e_simulated, or test_hf's for "hf-*"."""
     if name.startswith("hf-"):
         import test_hf
-        model, kwargs = test_hf.make(name[3:])
-        return model, (), kwargs
+        family, padded = name[3:].removesuffix("-padded"), name.endswith("-padded")
+        model, kwargs = test_hf.make(family)
+        return model, (), test_hf.padded(kwargs) if padded else kwargs
     return make(name)
 
 
@@ -102,20 +109,21 @@ def run_training(name, opts):
     expect = opts.pop("expect", None)
     steps = opts.pop("steps", STEPS)
     use_step = opts.pop("use_step", False)
-    if use_step:  # targets ignored unevenly over the micro-batches
+    adamw = opts.pop("adamw", None)
+    if use_step and args:  # targets ignored unevenly over the micro-batches
         args = (args[0], uneven_targets(args[1], opts.get("micro_batches") or 1))
     pm = autopar.compile(model, cluster, example_inputs=kwargs or args, **opts)
     assert expect is None or expect in pm.code, f"{expect} missing from the rank program"
     assert not pm.simulate
     if not use_step:
         return check_training(pm, ref, args, kwargs, steps=steps)
-    return run_steps(pm, ref, args, kwargs, len(steps))
+    return run_steps(pm, ref, args, kwargs, len(steps), adamw)
 
 
-def run_steps(pm, ref, args, kwargs, count):
+def run_steps(pm, ref, args, kwargs, count, adamw=None):
     """Train with ``pm.step``; each step all-reduces each gradient bucket once (a bucket
     per set of axes: these models' gradients fit one)."""
-    worst, launches = check_steps(pm, ref, [args] * count, kwargs)
+    worst, launches = check_steps(pm, ref, [args] * count, kwargs, adamw)
     buckets = len(set(pm._program.grad_sync.values()))
     assert buckets and launches == [buckets] * count, \
         f"gradient all-reduces per step {launches}, expected {buckets} each"

@@ -247,16 +247,27 @@ def test_indexed_assignment_runs_out_of_place_unless_a_view_base_is_read_later()
                      autopar.Cluster.local(2, measure=False), example_inputs=(x, w))
 
 
+def padded(inputs: dict) -> dict:
+    """``inputs`` with sequences 1 and 3 padded on the left (an attention mask), their
+    padding's labels ignored."""
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[1, :3] = 0
+    mask[3, :5] = 0
+    labels = inputs["labels"].clone()
+    labels[mask == 0] = -100
+    return {**inputs, "attention_mask": mask, "labels": labels}
+
+
 def mistral():
     return _decoder(transformers.MistralConfig, transformers.MistralForCausalLM, "sdpa")
 
 
-@pytest.mark.parametrize("name, micro_batches, padded", [
+@pytest.mark.parametrize("name, micro_batches, pad", [
     ("llama", 2, True), ("llama", 4, True), ("qwen2", 2, True), ("qwen2", 4, True),
     ("qwen2", 4, False),
     ("mistral", 2, True)])
 def test_decoders_step_in_micro_batches_as_the_full_batch_on_one_device(name, micro_batches,
-                                                                         padded):
+                                                                         pad):
     """transformers decoders run as micro-batches: their key-value cache starts from an
     empty tensor each layer appends to (left out of the split), and the attention mask they
     build from the padding mask and the batch's size is computed once for the whole batch,
@@ -270,12 +281,8 @@ def test_decoders_step_in_micro_batches_as_the_full_batch_on_one_device(name, mi
     labels[0, 2:7] = -100                      # most of the first micro-batch's tokens
     labels[-1, -1] = -100
     inputs = {**inputs, "labels": labels}
-    if padded:
-        mask = torch.ones_like(labels)
-        mask[1, :3] = 0
-        mask[3, :5] = 0
-        labels[mask == 0] = -100
-        inputs["attention_mask"] = mask
+    if pad:
+        inputs = padded(inputs)
     ref = twin(model)
     pm = compile_simulated(model, inputs, {"dp": 2}, micro_batches=micro_batches)
     assert pm.plan.micro_batches == micro_batches
