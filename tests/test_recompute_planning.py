@@ -235,3 +235,24 @@ def test_no_plan_even_with_micro_batches_of_one_sample_names_the_smallest():
         plan(model, example, mesh=DP, memory_budget_bytes=budget, micro_batches=1)
     assert "micro-batches of one sample" not in str(pinned.value)
     assert pinned.value.smallest_bytes > e.value.smallest_bytes   # more micro-batches help
+
+
+def test_the_peak_where_backward_enters_the_loss_binds_the_plan(monkeypatch):
+    """As backward enters the loss, everything saved is alive beside two copies of this
+    rank's share of the logits' gradient. Under a budget that the fastest plan meets only
+    when that point is ignored, the planner picks another plan that fits with it."""
+    import autopar.search.problem as problem
+    model, example = meta_llama(**WIDE)
+    ample = 1e15
+    free = plan(model, example, mesh=DP, memory_budget_bytes=ample)
+    monkeypatch.setattr(problem, "GRADIENT_COPIES", {})
+    blind = plan(model, example, mesh=DP, memory_budget_bytes=ample)
+    monkeypatch.undo()
+    # the same fastest assignment, priced without and with the loss's point
+    assert blind.placements == free.placements and blind.cost.total_s == free.cost.total_s
+    budget = blind.cost.memory_bytes_per_device
+    assert free.cost.memory_bytes_per_device > budget * 1.05
+    p = plan(model, example, mesh=DP, memory_budget_bytes=budget)
+    assert p.cost.memory_bytes_per_device <= budget
+    assert (p.recompute, p.micro_batches, p.placements) != \
+        (free.recompute, free.micro_batches, free.placements)
