@@ -120,9 +120,40 @@ def test_the_peak_is_the_larger_of_the_forward_pass_and_late_backward():
     static = c.parameter_bytes + c.gradient_bytes + c.optimizer_bytes
     assert c.bucket_bytes >= c.gradient_bytes        # every gradient is summed over dp
     assert c.activation_bytes < c.bucket_bytes
-    assert c.memory_bytes_per_device == static + c.bucket_bytes
+    # (and the 4-byte loss the caller gets back, held to the end of the step)
+    assert c.memory_bytes_per_device == static + c.bucket_bytes + 4
     assert "gradient-sum buckets" in p.explain()
     sharded = autopar.plan(model, Cluster.preset("dgx-a100"), example_inputs=(x,),
                            mesh={"dp": 8}, constraints={"*weight": "R", "x": "S(0)"},
                            storage={"*weight": "S(0)"})
     assert sharded.cost.bucket_bytes < c.bucket_bytes  # sharded weights are reduce-scattered
+
+
+class LogitsAndLoss(nn.Module):
+    """A language-model head that returns its logits beside the loss, as transformers do."""
+
+    def __init__(self, d=64, vocab=512):
+        super().__init__()
+        self.body, self.head = nn.Linear(d, d), nn.Linear(d, vocab)
+
+    def forward(self, x, targets):
+        logits = self.head(torch.tanh(self.body(x)))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), logits
+
+
+def test_outputs_the_caller_gets_back_are_held_whole_to_the_end_of_the_step():
+    """What a step returns comes back whole on every rank and is held through backward (the
+    caller holds it; pm.step combines every micro-batch's): its bytes count at every point
+    from where it is made, late backward included, whatever the split, over the micro-batches
+    together."""
+    x, targets = torch.randn(16, 32, 64), torch.randint(0, 512, (16, 32))
+    logits_bytes = 16 * 32 * 512 * 4
+    cluster = Cluster.preset("dgx-a100", nodes=1)
+    for m in (1, 2):
+        p = autopar.plan(LogitsAndLoss(), cluster, example_inputs=(x, targets),
+                         mesh={"dp": 8}, micro_batches=m)
+        c = p.cost
+        static = c.parameter_bytes + c.gradient_bytes + c.optimizer_bytes
+        assert p.micro_batches == m
+        assert c.transient_bytes >= logits_bytes      # held whole, on every rank
+        assert c.memory_bytes_per_device >= static + c.activation_bytes + logits_bytes

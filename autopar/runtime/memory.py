@@ -72,8 +72,8 @@ class StepMemory:
     peak: int
 
 
-def measure_step(pm, optimizer, *inputs) -> StepMemory:
-    """Run ``pm.step(*inputs)`` (forward and backward of every micro-batch, no optimizer
+def measure_step(pm, optimizer, *inputs, **kwargs) -> StepMemory:
+    """Run ``pm.step(*inputs, **kwargs)`` (forward and backward of every micro-batch, no optimizer
     step) and measure what this rank holds. Take it after a step of ``optimizer`` has made
     its states, with gradients zeroed in place (``zero_grad(set_to_none=False)``): the plan's
     memory counts them held."""
@@ -86,6 +86,6 @@ def measure_step(pm, optimizer, *inputs) -> StepMemory:
             for v in state.values():
                 live.hold(v)
         held = live.now
-        pm.step(*inputs)
+        pm.step(*inputs, **kwargs)
     at_backward = live.at_backward if live.at_backward is not None else live.now
     return StepMemory(held, at_backward - held, live.peak)

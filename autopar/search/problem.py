@@ -132,6 +132,8 @@ class Problem:
                                                          #   held between micro-batches
     loss_grad_bytes: dict = field(default_factory=dict)  # a loss's input -> [bytes] of its
                                                          #   gradient's copies (GRADIENT_COPIES)
+    returned_bytes: dict = field(default_factory=dict)   # output -> [bytes] held for the
+                                                         #   caller, whole, to the step's end
     held: list = field(default_factory=list)           # [Held]: when each table counts
     outputs: list = field(default_factory=list)        # nodes returned by the graph
     weight: dict = field(default_factory=dict)         # node -> instances it stands for
@@ -184,7 +186,7 @@ class Problem:
                     params[part] += v * share
             else:
                 transient = h.table in ("transient_bytes", "held_grad_bytes",
-                                        "loss_grad_bytes")
+                                        "loss_grad_bytes", "returned_bytes")
                 parts["transient_bytes" if transient else "activations"] += v
         parts["activations"] += sum(v for start, v in self._edge_memory(choice) if start <= at)
         return Cost(compute + comm, compute, comm, peak, params["parameter"],
@@ -231,15 +233,18 @@ class Problem:
 
     def memory_after_backward(self, choice: dict) -> float:
         """Bytes held by one device late in backward, the saved activations gone: the
-        parameters' storage and the gradients summed over ranks, with either what the first
+        parameters' storage, the outputs held for the caller and the gradients summed over
+        ranks, with either what the first
         block recomputed holds again (its backward runs last, the other blocks' gradients
         waiting for their buckets) or, at the very end, the last bucket's copy of them."""
         static = sum(h.mult * self.static_bytes[h.node][choice[h.node]] for h in self.held
                      if h.table == "static_bytes")
         recomputed = sum(h.mult * self.transient_bytes[h.node][choice[h.node]]
                          for h in self.held if h.table == "transient_bytes")
+        returned = sum(h.mult * self.returned_bytes[h.node][choice[h.node]]
+                       for h in self.held if h.table == "returned_bytes")
         synced = self._synced(choice)
-        return static + synced + max(recomputed, min(BUCKET_BYTES, synced))
+        return static + returned + synced + max(recomputed, min(BUCKET_BYTES, synced))
 
     def _synced(self, choice: dict) -> float:
         return sum(self.weight.get(n, 1) * v[choice[n]] for n, v in self.sync_bytes.items())
@@ -279,7 +284,7 @@ class Problem:
             for table in ("node_s", "static_bytes", "saved_bytes", "out_bytes"):
                 getattr(new, table)[n] = [getattr(self, table)[n][i] for i in idx]
             for table in ("transient_bytes", "held_grad_bytes", "sync_bytes",
-                          "loss_grad_bytes"):
+                          "loss_grad_bytes", "returned_bytes"):
                 if n in getattr(self, table):
                     getattr(new, table)[n] = [getattr(self, table)[n][i] for i in idx]
         for e in self.edges:
@@ -379,7 +384,7 @@ def build_problem(gm, mesh, model: CostModel, pinned: Pins, blocks=(),
         e.weight = count
         prob.edges.append(e)
     _hold_memory(prob, blocks, pos, folded.uses, facts)
-    _price_outputs(prob, folded.output, folded.returned, facts)
+    _price_outputs(prob, folded.output, folded.returned, facts, pos)
     return prob
 
 
@@ -506,7 +511,6 @@ def _hold_memory(prob: Problem, blocks, pos: dict, uses: dict, facts: Facts):
     starts = [pos[cls.instances[0].nodes[0]] for cls in blocks
               if cls.instances[0].nodes[0] in pos]
     block_start = min(starts, default=0)
-    end_of_forward = len(prob.nodes)
     for n in prob.nodes:
         w, p = prob.weight.get(n, 1), pos[n]
         prob.held.append(Held(n, "static_bytes", 0, _ALWAYS, w))
@@ -517,9 +521,7 @@ def _hold_memory(prob: Problem, blocks, pos: dict, uses: dict, facts: Facts):
             prob.held.append(Held(n, "saved_bytes", block_start, _ALWAYS, w - 1))
         readers = uses.get(n, ())
         later = max((t for t, back in readers if not back), default=-1)
-        if n in prob.outputs:
-            later = end_of_forward
-        if later > p:
+        if later > p and n not in prob.outputs:   # (an output: _price_outputs holds it)
             prob.held.append(Held(n, "out_bytes", p, later, 1))
         earlier = max((t for t, back in readers if back), default=-1)
         if earlier >= 0:
@@ -646,15 +648,23 @@ def _edge(prob: Problem, src: Node, dst: Node, slot: int, facts: Facts) -> Edge:
     return e
 
 
-def _price_outputs(prob: Problem, output: Node, returned: list, facts: Facts):
+def _price_outputs(prob: Problem, output: Node, returned: list, facts: Facts, pos: dict):
     """Outputs come back replicated: an edge from each output to the graph's output node,
     which takes one fixed strategy (replicated inputs). ``returned`` lists the problem node
-    standing for each value returned, so a folded output counts once per instance."""
+    standing for each value returned, so a folded output counts once per instance.
+
+    What comes back is held from where it is made until the step ends, backward included
+    (the caller holds it; ``pm.step`` combines every micro-batch's at the end): each
+    micro-batch's whole output, on every rank."""
     r = tuple(Replicate() for _ in range(prob.mesh.ndim))
     rid, prices = prob.layout_id(r), prob.prices
+    m = prob.model.micro_batches
     for n in prob.outputs:
         _, num_bytes, grad = facts.of(n)[:3]
         keys = prices.output_keys(prob.options[n])
         cost = prob.prices.table(num_bytes, grad, False, False)
-        prob.edges.append(Edge(n, output, 0, keys, [(rid, ())], cost,
-                               weight=returned.count(n)))
+        count = returned.count(n)
+        prob.edges.append(Edge(n, output, 0, keys, [(rid, ())], cost, weight=count))
+        whole = num_bytes * prob.model.activation_scale * count * m
+        prob.returned_bytes[n] = [whole] * len(prob.options[n])
+        prob.held.append(Held(n, "returned_bytes", pos[n], _ALWAYS, 1))

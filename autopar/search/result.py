@@ -48,10 +48,10 @@ class Cost:
     device, the larger of two points: the forward pass at its most (parameters, their
     gradients and optimizer states in their storage layouts, activations saved for backward
     and other live values, and the transient of recomputing a block in backward, of the
-    gradients held between micro-batches, or of a loss's gradient as backward enters it),
-    and late backward (the parameters' storage and
-    the buckets of the gradients summed over ranks, ``bucket_bytes``, or the first block
-    recomputed while they wait)."""
+    gradients held between micro-batches, of a loss's gradient as backward enters it, or of
+    the outputs held for the caller), and late backward (the parameters' storage, the
+    outputs held for the caller, and the buckets of the gradients summed over ranks,
+    ``bucket_bytes``, or the first block recomputed while they wait)."""
 
     total_s: float = 0.0
     compute_s: float = 0.0

@@ -433,9 +433,9 @@ def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, pairs: dict,
     most = sum(prob.weight.get(n, 1) * max(v) for n, v in prob.sync_bytes.items())
     constant[late + 1] += min(BUCKET_BYTES, most)
     for h in prob.held:
-        if h.table in ("static_bytes", "transient_bytes"):
+        if h.table in ("static_bytes", "transient_bytes", "returned_bytes"):
             per = getattr(prob, h.table)[h.node]
-            end = _ALWAYS if h.table == "static_bytes" else after + 1   # (transient: late)
+            end = after + 1 if h.table == "transient_bytes" else _ALWAYS   # (transient: late)
             hold(after, end, x.get(h.node), h.mult * (np.asarray(per) if h.node in x
                                                       else per[0]))
     for n, v in prob.sync_bytes.items():
