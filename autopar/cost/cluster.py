@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from ..errors import PlanError, closest
-from . import probe
 
 GB = 1e9
 TFLOPS = 1e12
@@ -168,7 +167,7 @@ PRESETS = {
 }
 
 # Gloo over loopback, nominal: Cluster.local() measures the real figures (cost/probe.py).
-LOCAL_LINK = LinkSpec(probe.NOMINAL_LINK_BANDWIDTH_BYTES_PER_S, probe.NOMINAL_LINK_LATENCY_S)
+LOCAL_LINK = LinkSpec(2 * GB, 50e-6)
 
 # Links a cluster file may leave out: DGX A100's (NVSwitch within, HDR InfiniBand between).
 DEFAULT_INTRA_NODE = NVLINK3
@@ -240,12 +239,15 @@ class Cluster:
         if not measure:
             node = NodeSpec(DEVICES["cpu"], world_size, LOCAL_LINK)
             return cls((node,), LOCAL_LINK, name=f"local x {world_size}")
-        m = probe.local_measurement()
+        # (imported here: `python -m autopar.cost.probe` must find the module not yet run)
+        from .probe import local_measurement
+        m = local_measurement()
         device = DeviceSpec("cpu", {"fp32": m.peak_flops / world_size},
                             m.memory_bytes / world_size,
                             m.memory_bandwidth_bytes_per_s / world_size, measured=True,
                             op_overhead_s=m.op_overhead_s)
-        link = LinkSpec(m.link_bandwidth_bytes_per_s, m.link_latency_s)
+        link = LOCAL_LINK if not m.link_ranks else \
+            LinkSpec(m.link_bandwidth_bytes_per_s, m.link_latency_s)
         return cls((NodeSpec(device, world_size, link),), link, name=f"local x {world_size}",
                    extra={"measurement": m})
 

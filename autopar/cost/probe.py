@@ -41,10 +41,6 @@ MATMUL_N = 2048            # large enough for BLAS to reach its steady rate; ~0.
 MATMUL_RUNS = 5
 COPY_BYTES = 2**27         # 128 MiB, far beyond any last-level cache
 COPY_RUNS = 5
-# Gloo over loopback, nominal: what planning assumes where the link is not measured
-# (Cluster.local(measure=False), or a probe that failed).
-NOMINAL_LINK_BANDWIDTH_BYTES_PER_S = 2e9
-NOMINAL_LINK_LATENCY_S = 50e-6
 # All-reduce sizes (bytes) timed one by one between barriers; latency and bandwidth are the
 # least-squares fit of t = 2(n-1) latency + 2(n-1)/n bytes / bandwidth over their medians,
 # so per-message costs that a one-float probe misses are part of the latency.
@@ -68,9 +64,9 @@ class Measurement:
     peak_flops: float
     memory_bandwidth_bytes_per_s: float
     memory_bytes: float
-    link_bandwidth_bytes_per_s: float
-    link_latency_s: float
-    link_ranks: int        # processes in the all-reduce probe; 0: it failed, link is nominal
+    link_bandwidth_bytes_per_s: float | None   # None where the link probe failed
+    link_latency_s: float | None
+    link_ranks: int        # processes in the all-reduce probe; 0: it failed
     num_threads: int
     op_overhead_s: float   # framework time per op (and its backward) beyond its arithmetic
     host: str
@@ -192,7 +188,7 @@ def _spawned_link() -> tuple:
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         warnings.warn(f"autopar: could not time gloo all-reduce between local processes ({e}); "
                       "planning with nominal link figures, and not caching them", stacklevel=4)
-        return NOMINAL_LINK_BANDWIDTH_BYTES_PER_S, NOMINAL_LINK_LATENCY_S, 0
+        return None, None, 0
 
 
 @contextlib.contextmanager
