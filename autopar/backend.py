@@ -22,7 +22,6 @@ made dynamic is planned again (and cached) at each new shape.
 
 from __future__ import annotations
 
-import fnmatch
 import keyword
 import re
 import time
@@ -232,8 +231,7 @@ def _plan_graph(gm, names, inputs, cluster, options):
     from autopar.passes import PIPELINE, PassContext, run_passes
     start = time.perf_counter()
     fqns = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
-    pinned = {**options.constraints, **options.storage}
-    free = [f for f in fqns if not any(fnmatch.fnmatchcase(f, p) for p in pinned)]
+    free = [f for f in fqns if not options.pinned(f)]
     options = options.replace(storage={**{f: "R" for f in free}, **options.storage})
     ctx = PassContext(cluster=cluster, options=options, example_inputs=list(inputs),
                       input_names=list(names), param_fqns=fqns)

@@ -9,6 +9,7 @@ torchtitan's ``ParallelDims`` carries the parallel degrees). A bad value is a
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -79,6 +80,18 @@ class Options:
         _check_recompute(self.recompute)
         if not isinstance(self.fold, bool):
             raise PlanError(f"fold={self.fold!r}: pass True or False")
+
+    def pins_of(self, name: str) -> tuple:
+        """(the layout ``name`` is pinned to be used in, the one it is pinned to be stored
+        in), each None where no glob names it; the last glob matching it wins."""
+        return tuple(next((layout for glob, layout in reversed(list(pins.items()))
+                           if fnmatch.fnmatchcase(name, glob)), None)
+                     for pins in (self.constraints, self.storage))
+
+    def pinned(self, name: str) -> str:
+        """What the user pinned of ``name``: "use", "storage", "use, storage" or ""."""
+        return ", ".join(kind for kind, layout in zip(("use", "storage"), self.pins_of(name))
+                         if layout is not None)
 
     def training(self, micro_batches: int | None = None) -> Training:
         """The cost model's view of a step: precision, optimizer, micro-batch count."""

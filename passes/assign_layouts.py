@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
-
 from autopar import search
 from autopar.program.graph import module_path
 from autopar.rules import tensor_inputs
@@ -44,20 +42,9 @@ def assign_layouts(gm, ctx):
     ctx.plan = Plan(mesh=mesh.as_dict(), placements=placements, inputs=inputs, nodes=nodes,
                     cost=cost, stats=ctx.stats, cluster=str(ctx.cluster), recompute=recompute,
                     micro_batches=options.micro_batches or 1, uses=_uses(gm),
-                    pinned=_pinned([*placements, *inputs], ctx))
+                    pinned={name: options.pinned(name) for name in [*placements, *inputs]
+                            if options.pinned(name)})
     return gm
-
-
-def _pinned(names: list, ctx) -> dict:
-    """Name -> what the user pinned of it: "use" (``constraints=``), "storage", or both."""
-    out = {}
-    for name in names:
-        kinds = [kind for kind, globs in (("use", ctx.options.constraints),
-                                          ("storage", ctx.options.storage))
-                 if any(fnmatch.fnmatchcase(name, g) for g in globs or {})]
-        if kinds:
-            out[name] = ", ".join(kinds)
-    return out
 
 
 def _uses(gm) -> dict:

@@ -72,7 +72,7 @@ def _traced_layers(gm, ctx, rep, base: str) -> tuple:
     if not first or not second:
         raise Unrepeatable(f"{rep.path}: its first two layers were not traced")
     a, b = _instance(base + "0", first), _instance(base + "1", second)
-    labeler = _Labeler(set(ctx.param_fqns), ctx.options.constraints, ctx.options.storage)
+    labeler = _Labeler(set(ctx.param_fqns), ctx.options)
     if labeler.structure(a) != labeler.structure(b):
         raise Unrepeatable(f"{rep.path}: layers 0 and 1 compute different programs")
     inside_b = set(b.nodes)

@@ -17,7 +17,6 @@ same nodes as boundary outputs. A Weisfeiler-Lehman hash of the block's labelled
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -70,7 +69,7 @@ def fold_repeated_blocks(gm, ctx):
     nodes = list(gm.graph.nodes)
     for node in nodes:
         node.meta.pop("autopar.block", None)
-    labeler = _Labeler(set(ctx.param_fqns), ctx.options.constraints, ctx.options.storage)
+    labeler = _Labeler(set(ctx.param_fqns), ctx.options)
     method = "module_hierarchy"
     classes = _classify(_module_blocks(nodes), labeler)
     if not any(len(c.instances) > 1 for c in classes):
@@ -162,9 +161,9 @@ def _instance(path: str, block_nodes: list) -> BlockInstance:
 class _Labeler:
     """Labels of nodes and of whole blocks, for the WL hash and the exact comparison."""
 
-    def __init__(self, param_fqns: set, constraints: dict, storage: dict | None = None):
+    def __init__(self, param_fqns: set, options):
         self.param_fqns = param_fqns
-        self.pins = (constraints, storage or {})   # glob -> layout: used in, stored in
+        self.options = options   # what the user pinned
         self._described = {}   # id(value) -> (value, its description)
 
     def describe(self, val):
@@ -178,12 +177,10 @@ class _Labeler:
     def node_label(self, node: Node) -> tuple:
         val = self.describe(node.meta.get("val"))
         if node.op == "get_attr":
-            # the layouts it is pinned to (the last matching glob wins), not which globs
-            pinned = [[str(lay) for p, lay in pins.items()
-                       if fnmatch.fnmatchcase(node.target, p)][-1:] for pins in self.pins]
+            # the layouts it is pinned to, not which globs
+            pinned = tuple(str(layout) for layout in self.options.pins_of(node.target))
             return ("get_attr", val, node.target in self.param_fqns,
-                    bool(getattr(node.meta.get("val"), "requires_grad", False)),
-                    tuple(map(tuple, pinned)))
+                    bool(getattr(node.meta.get("val"), "requires_grad", False)), pinned)
         return (node.op, node.meta.get("autopar.op"), val)
 
     def structure(self, inst: BlockInstance) -> tuple:

@@ -64,3 +64,12 @@ def test_a_replicated_pin_means_replicated_on_any_mesh():
                      constraints={"*.weight": "R"})
     assert all(layout == (autopar.Replicate(),) * 2
                for fqn, layout in p.placements.items() if fqn.endswith("weight"))
+
+
+def test_what_a_name_is_pinned_to_is_read_off_the_last_glob_naming_it():
+    o = Options(constraints={"*.weight": "R", "fc1.weight": "RS(0)"},
+                storage={"fc*.weight": "S(0)R"})
+    assert o.pins_of("fc1.weight") == ("RS(0)", "S(0)R")
+    assert o.pins_of("fc2.bias") == (None, None)
+    assert o.pinned("fc1.weight") == "use, storage"
+    assert o.pinned("out.weight") == "use" and o.pinned("fc2.bias") == ""

@@ -12,7 +12,6 @@ mesh with the least predicted step time wins.
 from __future__ import annotations
 
 import concurrent.futures
-import fnmatch
 import os
 import time
 from dataclasses import dataclass
@@ -20,13 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cost.model import CostModel, Training
-from ..errors import NoFit, PlanError, closest
+from ..errors import NoFit, PlanError
 from ..options import Options
 from ..program.graph import paused_gc
 from ..program.mesh import Mesh
-from ..program.placement import Partial, Replicate, Shard, divides, format_layout, parse_layout
+from ..program.placement import Shard
 from .pricing import Facts
-from .problem import Pins, Problem, build_problem
+from .pins import Pins, resolve_pins
+from .problem import Problem, build_problem
 from .result import Planned
 from .solver import TIME_LIMIT_S, TURNS, Dominated, Infeasible, solve
 
@@ -98,58 +98,6 @@ def _worth_refining(mesh: Mesh, reached: dict, best) -> bool:
 
 def _divisors(n: int) -> list:
     return [d for d in range(2, n) if n % d == 0]
-
-
-def resolve_constraints(constraints, fqns, shapes: dict, mesh: Mesh,
-                        kind: str = "constraint") -> dict:
-    """Glob over parameter FQNs and input names -> layout, checked and expanded per name;
-    ``kind`` names the option in messages ("constraint" or "storage")."""
-    out = {}
-    for pattern, layout in (constraints or {}).items():
-        matched = [f for f in fqns if fnmatch.fnmatchcase(f, pattern)]
-        if not matched:
-            what = "parameter" if kind == "storage" else "parameter or input"
-            raise PlanError(f"{kind} {pattern!r} matches no {what}; closest: "
-                            f"{closest(pattern.replace('*', ''), fqns)}")
-        if isinstance(layout, str):
-            layout = parse_layout(layout)
-        if not isinstance(layout, (tuple, list)) or not all(
-                isinstance(p, (Shard, Replicate, Partial)) for p in layout):
-            raise PlanError(f"{kind} {pattern!r}: {layout!r} is not a tuple of placements; "
-                            "write e.g. (Replicate(), Shard(0)) or 'RS(0)'")
-        layout = tuple(layout)
-        if layout and all(isinstance(p, Replicate) for p in layout):
-            layout = (Replicate(),) * mesh.ndim   # replicated, whatever the mesh
-        if len(layout) != mesh.ndim:
-            raise PlanError(f"{kind} {pattern!r}: layout {format_layout(layout)} has "
-                            f"{len(layout)} placements but mesh {mesh} has {mesh.ndim} axes; "
-                            "give one placement per mesh axis")
-        if any(isinstance(p, Partial) for p in layout):
-            raise PlanError(f"{kind} {pattern!r}: a parameter or input cannot be Partial; "
-                            "use Shard(dim) or Replicate()")
-        for f in matched:
-            shape = shapes[f]
-            norm = tuple(Shard(p.dim + len(shape)) if isinstance(p, Shard) and p.dim < 0 else p
-                         for p in layout)
-            if not divides(shape, norm, mesh.shape):
-                raise PlanError(f"{kind} {pattern!r}: layout {format_layout(layout)} does "
-                                f"not split {f} of shape {tuple(shape)} evenly over mesh "
-                                f"{mesh}; pick a dim whose size divides")
-            out[f] = norm
-    return out
-
-
-def resolve_pins(constraints, storage, sources: dict, mesh: Mesh) -> Pins:
-    """The user's pins on ``mesh`` as :class:`~autopar.search.problem.Pins` of ``sources`` (name ->
-    node). ``constraints`` pin the layout a parameter or an input is used in (and a
-    parameter is stored in, unless ``storage`` pins that apart; an input arrives in it);
-    ``storage`` pins only how parameters are held."""
-    shapes = {name: tuple(n.meta["val"].shape) for name, n in sources.items()}
-    params = [name for name, n in sources.items() if n.op == "get_attr"]
-    used = resolve_constraints(constraints, list(shapes), shapes, mesh)
-    held = resolve_constraints(storage, params, shapes, mesh, kind="storage")
-    stored = {sources[name]: layout for name, layout in {**used, **held}.items()}
-    return Pins(stored, {sources[name]: layout for name, layout in used.items()})
 
 
 def propagate(prob: Problem, sharded_params: bool = False) -> dict:

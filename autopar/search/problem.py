@@ -9,7 +9,6 @@ way both objectives do, so plans from either can be compared.
 from __future__ import annotations
 
 import functools
-import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,11 +16,10 @@ import torch
 from torch.fx import Node
 
 from ..cost.model import BUCKET_BYTES, CostModel
-from ..errors import PlanError
-from ..program.graph import module_path
-from ..program.placement import Partial, Replicate, Shard, divides, format_layout
-from ..rules import Strategy, shape_of
-from ..rules.traits import CARRY_LAYOUT, GRADIENT_COPIES
+from ..program.placement import Replicate
+from ..rules.traits import GRADIENT_COPIES
+from .folding import Folded, check_pinned
+from .pins import Pins, PinnedReads, source_options
 from .pricing import Facts, LayoutIds, Priced, Prices, distinct_keys
 from .result import Cost
 
@@ -313,22 +311,6 @@ class Problem:
         return sorted(picked | set(self.backward_peaks))
 
 
-_PLANNED = ("placeholder", "get_attr", "call_function", "call_method")
-@dataclass(frozen=True)
-class Pins:
-    """What the user pinned, per source node. ``stored``: the layout a parameter is held in,
-    or an input arrives in (the node takes only that layout). ``used``: the layout a
-    parameter or an input is read in (its readers take it so, with no collective between,
-    through views and casts to the op that computes with it)."""
-
-    stored: dict = field(default_factory=dict)
-    used: dict = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.stored or self.used)
-
-    def of(self, node) -> tuple:
-        return self.stored.get(node), self.used.get(node)
 _ALWAYS = 1 << 62   # the end of a held interval that lasts to the end of the forward pass
 
 
@@ -339,43 +321,38 @@ def build_problem(gm, mesh, model: CostModel, pinned: Pins, blocks=(),
     ``pinned`` (:class:`Pins`) gives parameter and input nodes the only layout they may be
     stored in, and parameters the only layout their readers may take them in. Given
     ``blocks`` (classes of structurally identical instances), the problem is folded as
-    ``folding`` says (see :func:`fold_groups` and :class:`Problem`). ``facts`` keeps what
+    ``folding`` says (see :func:`~autopar.search.folding.fold_groups` and :class:`Problem`). ``facts`` keeps what
     problems built again on the same program (and mesh, with the same ``pinned``) share.
     """
     facts = facts if facts is not None else Facts()
     key = (id(gm), tuple(id(c) for c in blocks), folding)
     folded = facts.folds.get(key)
     if folded is None:
-        folded = facts.folds[key] = _Folded(gm, blocks, folding, facts)
+        folded = facts.folds[key] = Folded(gm, blocks, folding, facts)
     pinned = pinned or Pins()
     if pinned:
-        _check_pinned(blocks, pinned, folding)
+        check_pinned(blocks, pinned, folding)
     rep, weight, nodes, pos = folded.rep, folded.weight, folded.nodes, folded.pos
     prices = facts.prices(mesh, model)
     prob = Problem(mesh, prices.model, nodes, weight=weight, rep=rep, prices=prices)
-    carried = {n: (layout, n.target) for n, layout in pinned.used.items()}
+    reads = PinnedReads(pinned)
     for n in nodes:
         if n.op in ("placeholder", "get_attr"):
             key = (n, pinned.stored.get(n))
             found = prices.strategies.get(key)
             if found is None:
-                found = prices.strategies[key] = _source_options(n, mesh, pinned.stored)
+                found = prices.strategies[key] = source_options(n, mesh, pinned.stored)
             prob.options[n] = found
             continue
-        need = tuple((slot, *carried[src]) for slot, src in enumerate(facts.of(n)[0])
-                     if src in carried)
+        ins = facts.of(n)[0]
+        need = reads.need(ins)
         key = (n, need) if need else n
         found = prices.strategies.get(key)
         if found is None:
-            found = facts.strategies(n, mesh.shape)
-            if need:
-                found = _reading_as_pinned(n, found, need)
-            prices.strategies[key] = found
+            found = prices.strategies[key] = reads.honoured(n, facts.strategies(n, mesh.shape),
+                                                            need)
         prob.options[n] = found
-        outs = {s.output for s in found}
-        if need and len(outs) == 1 and n.meta.get("autopar.op") in CARRY_LAYOUT and \
-                len(facts.of(n)[0]) == 1:
-            carried[n] = (outs.pop(), need[0][2])
+        reads.carry(n, ins, found, need)
     for n in nodes:
         _price_node(prob, n, facts)
     prob.outputs = list(dict.fromkeys(folded.returned))
@@ -386,117 +363,6 @@ def build_problem(gm, mesh, model: CostModel, pinned: Pins, blocks=(),
     _hold_memory(prob, blocks, pos, folded.uses, facts)
     _price_outputs(prob, folded.output, folded.returned, facts, pos)
     return prob
-
-
-class _Folded:
-    """What folding ``gm``'s ``blocks`` as ``folding`` says gives, whatever the mesh: the
-    nodes planned (:func:`_fold_map`), their positions, the program's edges between them
-    (:func:`_fold_edges`), what the graph returns."""
-
-    def __init__(self, gm, blocks, folding, facts: Facts):
-        self.rep, self.weight = _fold_map(blocks, Pins(), folding)
-        every = [n for n in gm.graph.nodes if n.op in _PLANNED]
-        self.nodes = [n for n in every if n not in self.rep]
-        self.pos = {n: i for i, n in enumerate(self.nodes)}
-        self.edges, self.uses = _fold_edges(self.rep, every, self.pos, facts)
-        self.output = next(n for n in gm.graph.nodes if n.op == "output")
-        self.returned = [self.rep.get(a, a) for a in self.output.all_input_nodes
-                         if a.op in _PLANNED]
-
-
-def fold_groups(instances: list, folding) -> list:
-    """Runs of consecutive instances of one class; the first of each run is planned and
-    stands for the rest of it.
-
-    ``"tied"``: one run, every instance alike. ``"ends"``: the first and last instance apart
-    (where the layers before and after meet the chain), one run between them.
-    ``("mixed", f)``: as ``"ends"`` with the middle cut in two runs after a share ``f`` of
-    it, so that some instances may take one set of strategies and the rest another (as OSDP
-    shards parameters in some layers only, to fit a memory budget).
-    """
-    if folding == "tied":
-        return [instances]
-    if len(instances) < 3:
-        return [[i] for i in instances]
-    first, middle, last = [instances[0]], instances[1:-1], [instances[-1]]
-    if folding == "ends" or len(middle) < 2:
-        return [first, middle, last]
-    k = min(max(1, round(folding[1] * len(middle))), len(middle) - 1)
-    return [first, middle[:k], middle[k:], last]
-
-
-def _fold_map(blocks, pinned, folding) -> tuple:
-    """(node of a left-out instance -> its counterpart in the instance standing for it,
-    node -> how many instances it stands for), by :func:`fold_groups`."""
-    rep, weight = {}, {}
-    for cls in blocks:
-        for run in fold_groups(cls.instances, folding):
-            stand, others = run[0], run[1:]
-            for a in stand.nodes:
-                weight[a] = len(run)
-            for inst in others:
-                for a, b in zip(stand.nodes, inst.nodes):
-                    if pinned.of(a) != pinned.of(b):
-                        raise ValueError(f"{b.name} is pinned unlike {a.name}: the blocks "
-                                         "holding them were folded together")
-                    rep[b] = a
-    return rep, weight
-
-
-def _fold_edges(rep: dict, every: list, pos: dict, facts: Facts) -> tuple:
-    """The program's edges, one per (producer, consumer, slot) of the problem's nodes, with
-    the count of program edges it stands for; and per producer the positions of its
-    readers, each with whether the read comes from a later instance of the producer's block
-    (the value made by the instance before)."""
-    found, uses = {}, {}
-    for n in every:
-        if n.op not in ("call_function", "call_method"):
-            continue
-        dst = rep.get(n, n)
-        for slot, src in enumerate(facts.of(n)[0]):
-            key = (rep.get(src, src), dst, slot)
-            found[key] = found.get(key, 0) + 1
-            uses.setdefault(key[0], set()).add((pos[dst], pos[key[0]] >= pos[dst]))
-    return found, uses
-
-
-def _check_pinned(blocks, pinned: Pins, folding):
-    """Nodes folded together must be pinned alike."""
-    _fold_map(blocks, pinned, folding)
-
-
-def _reads_as(read: tuple, pinned: tuple) -> bool:
-    """Whether reading a value pinned to ``pinned`` in layout ``read`` honours the pin: the
-    same placement on every axis, except that a replicated value may be read as a partial
-    sum (its term added on one rank of the axis, as a row-parallel linear adds its bias):
-    no collective either way."""
-    return all(r == p or isinstance(p, Replicate) and isinstance(r, Partial)
-               for r, p in zip(read, pinned))
-
-
-def _reading_as_pinned(n: Node, options: list, need: tuple) -> list:
-    """The strategies of ``n`` that read each pinned input (``need``: slot, layout, the
-    parameter's FQN) in its pinned layout (:func:`_reads_as`); none is an error naming what
-    ``n`` allows."""
-    kept = [s for s in options if all(_reads_as(s.inputs[slot], layout)
-                                      for slot, layout, _ in need)]
-    if kept:
-        return kept
-    for slot, layout, fqn in need:
-        allowed = sorted({format_layout(s.inputs[slot]) for s in options})
-        if format_layout(layout) not in allowed:
-            where = module_path(n)
-            op = n.meta.get("autopar.op", n.name)
-            raise PlanError(
-                f"{fqn} is pinned to be used as {format_layout(layout)}, but {op} "
-                f"(node {n.name}{f', in {where}' if where else ''}) can read it only as "
-                f"{', '.join(allowed) or 'nothing on this mesh'}; pin one of those in "
-                "constraints=, or pin only how it is stored with storage= and let the "
-                "planner choose how it is used")
-    raise PlanError(f"{n.meta.get('autopar.op', n.name)} (node {n.name}) has no strategy "
-                    "reading " + " and ".join(f"{fqn} as {format_layout(lay)}"
-                                              for _, lay, fqn in need) +
-                    " together; pin those parameters to layouts it can read together")
 
 
 def _hold_memory(prob: Problem, blocks, pos: dict, uses: dict, facts: Facts):
@@ -544,19 +410,6 @@ def edge_spans(prob: Problem, e: Edge, pos: dict) -> tuple:
     """When a copy saved on edge ``e`` counts, as (position, count): each instance of its
     consumer holds one, those before the last from the first block's start on."""
     return ((pos[e.dst], 1),) + (((prob.block_start, e.weight - 1),) if e.weight > 1 else ())
-
-
-def _source_options(node, mesh, pinned) -> list:
-    """Layouts an input or a parameter may take (never Partial); pinned ones take one."""
-    if node in pinned:
-        return [Strategy((), pinned[node])]
-    shape = shape_of(node)
-    per_axis = [Replicate()] + [Shard(d) for d in range(len(shape))]
-    out = []
-    for layout in itertools.product(per_axis, repeat=mesh.ndim):
-        if divides(shape, layout, mesh.shape):
-            out.append(Strategy((), tuple(layout)))
-    return out
 
 
 def _trainable(node) -> bool:
