@@ -46,9 +46,10 @@ class NoFit(PlanError):
         else:
             even = f", even with {' and '.join(self.tried)}" if self.tried else ""
             text = (f"no plan fits in {budget} per device on {self.cluster}{even}: the "
-                    f"smallest any plan needs is {smallest}. Add devices, allow sharded "
-                    "parameters (drop constraints that replicate them), lower the batch size, "
-                    "or raise memory_budget_bytes")
+                    f"smallest any plan needs is {smallest}. Add devices, store parameters "
+                    "split with storage= (a parameter pinned in constraints= is stored as it "
+                    "is used unless storage= says otherwise), lower the batch size, or raise "
+                    "memory_budget_bytes")
         return text + (f". {self.note}" if self.note else "")
 
     def having_tried(self, what: str = "", note: str = "") -> "NoFit":
