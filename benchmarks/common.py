@@ -175,14 +175,14 @@ def cached_figures() -> str | None:
 
 # -- processes -------------------------------------------------------------------------------------
 
-def run_on_processes(fn: Callable, *args):
-    """Run ``fn(*args)`` on WORLD local processes joined by a gloo process group (spawned
+def run_on_processes(fn: Callable, *args, world: int = WORLD):
+    """Run ``fn(*args)`` on ``world`` local processes joined by a gloo process group (spawned
     once: every case runs inside them); return what rank 0's call returned (JSON-able)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_process, args=(WORLD, port, tmp, fn, args), nprocs=WORLD,
+        mp.start_processes(_process, args=(world, port, tmp, fn, args), nprocs=world,
                            start_method="spawn")
         with open(os.path.join(tmp, "result.json")) as f:
             return json.load(f)

@@ -69,6 +69,8 @@ class BatchSplit:
     sliced: dict = field(default_factory=dict)        # of those, read split: node -> dim
     first: list = field(default_factory=list)         # (value, reader): R -> P
     refused: list = field(default_factory=list)       # (value, reader, why)
+    wanted: list = field(default_factory=list)        # (value, dim): batch-independent
+                                                      #   values read split on dim
 
 
 @dataclass
@@ -126,14 +128,34 @@ def _device(inputs):
 
 def split_over_batch(gm: fx.GraphModule, micro_batches: int, input_names=()) -> BatchSplit:
     """How ``gm`` (annotated at the full batch) splits into ``micro_batches`` along its batch:
-    a placement per value, from the op rules, and the moves between them."""
-    split = _batch_inputs(gm, micro_batches, list(input_names))
+    a placement per value, from the op rules, and the moves between them.
+
+    A value computed from shapes alone (a token-type or position table expanded to the
+    batch) is independent of the batch, and where an op reads it split over the batch it is
+    recomputed at a micro-batch's size instead: the analysis runs again with that value asked
+    to be split, which asks the same of its own inputs on the next run, back to where the
+    batch's size enters (an ``expand``'s broadcast dim). Rows along a broadcast dim are
+    equal, so any micro-batch's slice is every micro-batch's. Where that does not end in a
+    program without refusals, the first analysis's refusals are what the error names."""
+    hints, first = {}, None
+    for _ in range(len(gm.graph.nodes) + 1):
+        split = _analyse(gm, micro_batches, list(input_names), hints)
+        first = first or split
+        asked = {src: dim for src, dim in split.wanted if src not in hints}
+        if not split.refused or not asked:
+            break
+        hints.update(asked)
+    return split if not split.refused else first
+
+
+def _analyse(gm, micro_batches: int, input_names: list, hints: dict) -> BatchSplit:
+    split = _batch_inputs(gm, micro_batches, input_names)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             d = split.input_dims.get(node)
             split.placements[node] = R if d is None else Shard(d)
         elif node.op in ("call_function", "call_method"):
-            _place(node, split)
+            _place(node, split, hints.get(node))
             if is_replicate(split.placements[node]) and any(
                     a in split.whole or a in split.derived for a in tensor_inputs(node)):
                 split.derived.add(node)
@@ -163,8 +185,9 @@ def _batch_inputs(gm, m: int, names: list) -> BatchSplit:
     return BatchSplit(m, batch, dims)
 
 
-def _place(node: Node, split: BatchSplit) -> None:
-    """The cheapest option of ``node``'s rule for the placements its inputs arrive in."""
+def _place(node: Node, split: BatchSplit, hint: int | None = None) -> None:
+    """The cheapest option of ``node``'s rule for the placements its inputs arrive in; one
+    whose output is split on dim ``hint``, where one is asked and the rule has it."""
     if not is_tensor_like(node.meta.get("val")):
         split.placements[node] = R
         return
@@ -173,7 +196,10 @@ def _place(node: Node, split: BatchSplit) -> None:
     found = candidates(node)
     spec, columns, _ = found
     best = None
-    for (i,) in even_combos(found, (split.micro_batches,)):
+    options = [i for (i,) in even_combos(found, (split.micro_batches,))]
+    if hint is not None and any(columns[i][-1] == Shard(hint) for i in options):
+        options = [i for i in options if columns[i][-1] == Shard(hint)]
+    for i in options:
         *need, out = columns[i]
         cost = sum(_move_cost(a, h, n, split) for a, h, n in zip(ins, have, need))
         key = (cost, not is_replicate(out))   # ties: independent of the batch where it can be
@@ -223,6 +249,8 @@ def _record_move(src: Node, reader: Node, have, need, split: BatchSplit) -> None
         split.whole.setdefault(src, []).append(reader)
         split.sliced[src] = need.dim
     elif is_shard(need):
+        if is_replicate(have) and src.op in ("call_function", "call_method"):
+            split.wanted.append((src, need.dim))
         held = "does not depend on the batch" if is_replicate(have) else f"is {_what(have)}"
         split.refused.append((src, reader, f"reads {src.name} split over the batch on dim "
                               f"{need.dim}, but {src.name} {held}: a micro-batch's slice of "

@@ -291,3 +291,40 @@ def test_decoders_step_in_micro_batches_as_the_full_batch_on_one_device(name, mi
     # sum in another order) from deciding the step; the gradients are compared as they are
     worst, _ = check_steps(pm, ref, [()] * 2, inputs, adamw=dict(lr=1e-3, eps=1e-3))
     assert worst <= 1e-5
+
+
+def bert_classifier():
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0, num_labels=3,
+                                  attn_implementation="sdpa")
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    mask[3, 3:] = 0
+    return transformers.BertForSequenceClassification(cfg), {
+        "input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2, 1, 2])}
+
+
+@pytest.mark.parametrize("name, micro_batches, mesh", [
+    ("bert", 2, {"dp": 2}), ("bert-classifier", 4, {"tp": 2}),
+    ("bert-classifier", 2, {"dp": 2})])
+def test_encoders_step_in_micro_batches_as_the_full_batch_on_one_device(name, micro_batches,
+                                                                        mesh):
+    """BERT takes its token types from a buffer expanded to the batch's size inside forward,
+    a value independent of the batch but read beside it: it is recomputed at a micro-batch's
+    size (the expand asked to split its broadcast dim) rather than refused. Padded sequences,
+    a masked-LM and a classification loss: losses, gradients and parameters over 2 AdamW
+    steps equal one device."""
+    from equivalence import check_steps
+    torch.manual_seed(0)
+    model, inputs = bert_classifier() if name == "bert-classifier" else make(name)
+    ref = twin(model)
+    constraints = {"constraints": megatron("bert", mesh)} if "tp" in mesh else {}
+    pm = compile_simulated(model, inputs, mesh, micro_batches=micro_batches, **constraints)
+    assert pm.plan.micro_batches == micro_batches
+    expands = [n for n in pm.plan.nodes.values() if n["op"] == "expand"]
+    assert expands, "BERT's token types are expanded to the batch inside forward"
+    worst, _ = check_steps(pm, ref, [()] * 2, inputs, adamw=dict(lr=1e-3, eps=1e-3))
+    assert worst <= 1e-5
