@@ -328,3 +328,30 @@ def test_encoders_step_in_micro_batches_as_the_full_batch_on_one_device(name, mi
     assert expands, "BERT's token types are expanded to the batch inside forward"
     worst, _ = check_steps(pm, ref, [()] * 2, inputs, adamw=dict(lr=1e-3, eps=1e-3))
     assert worst <= 1e-5
+
+
+def test_a_training_step_gathers_only_its_loss():
+    """``pm.step`` gives back the loss alone: the logits and key-value cache a transformers
+    decoder returns beside it are not gathered whole there (``pm(...)`` still returns them
+    as one device does), and the plan prices no gather of them and holds none of them for
+    the caller."""
+    model, inputs = make("qwen2")
+    ref = twin(model)
+    pm = compile_simulated(model, inputs, {"dp": 2}, constraints={"*": "R"})
+
+    def gathers(gm):
+        """(gathers in the program, those whose value is returned)"""
+        found = [n for n in gm.graph.nodes if "all_gather" in str(n.target)]
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        return len(found), sum(n in out.all_input_nodes for n in found)
+
+    (full, for_caller), (step, returned) = gathers(pm.ranks[0]), gathers(pm._step_programs()[0])
+    assert for_caller >= 5     # the logits and each layer's keys and values, split by the batch
+    assert (step, returned) == (full - for_caller, 0)
+    out = next(n for n in pm._step_programs()[0].graph.nodes if n.op == "output")
+    assert sum(v is not None for v in out.args[0]) == 1
+    out = pm(**inputs)
+    expected = ref(**inputs)
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-6)
+    loss = pm.step(**inputs)
+    torch.testing.assert_close(loss, expected.loss.detach(), rtol=1e-5, atol=1e-6)

@@ -115,3 +115,28 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     copy = lazy_graph_module(gm, deepcopy(gm.graph), gm.__class__.__name__)
     copy.meta = dict(getattr(gm, "meta", {}))
     return copy
+
+
+def loss_index(values) -> int | None:
+    """Which of a step's outputs is its loss: the first floating-point scalar of ``values``
+    (tensors, or a graph's output nodes by their ``meta["val"]``); None where there is none.
+    ``ParallelModule.step`` runs its backward and returns it, the planner prices it as the
+    one output a training step gives back, and the other outputs are neither gathered nor
+    held for the caller there."""
+    for i, v in enumerate(values):
+        v = v.meta.get("val") if isinstance(v, Node) else v
+        if isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point():
+            return i
+    return None
+
+
+def loss_only(gm: fx.GraphModule, index: int) -> fx.GraphModule:
+    """A program computing only output ``index`` of ``gm`` (its loss): the other outputs
+    None, and what only they needed (the collectives that gather them whole) dropped.
+    Shares ``gm``'s parameters."""
+    graph = deepcopy(gm.graph)
+    out = next(n for n in graph.nodes if n.op == "output")
+    out.args = (tuple(v if k == index else None for k, v in enumerate(out.args[0])),)
+    graph.eliminate_dead_code()
+    graph.lint()
+    return fx.GraphModule(gm, graph, "RankStep")

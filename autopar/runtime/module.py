@@ -9,7 +9,8 @@ rank that fails is named by the others instead of leaving them waiting
 
 A plan of m > 1 micro-batches runs the program of one micro-batch m times per step
 (:mod:`autopar.search.microbatch`): ``step`` runs each micro-batch's forward and backward in turn,
-freeing its activations before the next, with one gradient sum per bucket per step;
+freeing its activations before the next, with one gradient sum per bucket per step, and
+runs a program of the loss alone (the other outputs are not gathered for anyone);
 calling the module runs them all and returns the full batch's outputs, whose ``backward()``
 gives the same gradients but holds every micro-batch's activations until then.
 """
@@ -24,6 +25,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from ..errors import InputError, PlanError
+from ..program.graph import loss_index, loss_only
 from ..program.mesh import Mesh
 from ..program.placement import Shard, replicated
 from ..program.redistribute import plan_steps
@@ -74,6 +76,9 @@ class ParallelModule(torch.nn.Module):
             self._coords = [coord]
             self.program = self._build(source, coord, device=_device_of(self._device_mesh))
         self._grad_sync = self._gradient_sync()
+        out = next(n for n in captured.gm.graph.nodes if n.op == "output")
+        self._loss = loss_index(list(out.args[0]))
+        self._steps = None   # the programs step() runs: the loss alone (loss_only)
 
     def _gradient_sync(self):
         """Bucketed gradient sums of the parameters whose every use sums over the same axes."""
@@ -125,17 +130,16 @@ class ParallelModule(torch.nn.Module):
         loss one device computes for the batch (detached): the model's first floating-point
         scalar output."""
         inputs = self._captured.flatten_inputs(args, kwargs)
+        i = self._loss_index()
         if self._micro is None:
-            outs = self._run(inputs)
-            loss = outs[self._loss_index(outs)]
+            loss = self._run(inputs, step=True)[i]
             loss.backward()
             return loss.detach()
         self._check_inputs(inputs, self._micro.full_shapes)
         per_micro = self._micro.program_inputs(inputs)
         parts = []
         for k, mine in enumerate(per_micro):
-            outs = self._run(mine)
-            i = self._loss_index(outs)
+            outs = self._run(mine, step=True)
             once = self._micro.outputs[i][0] == "first"  # independent of the batch
             with self._deferred_sync(not once and k < len(per_micro) - 1):
                 outs[i].backward()
@@ -149,27 +153,38 @@ class ParallelModule(torch.nn.Module):
             return self._grad_sync.deferred()
         return contextlib.nullcontext()
 
-    def _loss_index(self, outs) -> int:
+    def _loss_index(self) -> int:
         """The graph output that is the loss: the first floating-point scalar the model
-        returns."""
-        for kind, i in self._captured.output_leaves:
-            if kind == "out" and isinstance(outs[i], torch.Tensor) and outs[i].dim() == 0 \
-                    and outs[i].is_floating_point():
-                return i
-        shapes = [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)]
+        returns (:func:`~autopar.program.graph.loss_index`)."""
+        if self._loss is not None:
+            return self._loss
+        out = next(n for n in self._captured.gm.graph.nodes if n.op == "output")
+        shapes = [tuple(v.meta["val"].shape) for v in out.args[0]
+                  if isinstance(v, fx.Node) and isinstance(v.meta.get("val"), torch.Tensor)]
         raise PlanError(f"step() needs the model to return its loss, a floating-point scalar; "
                         f"its outputs have shapes {shapes}: return the loss, or call the "
                         "module and backward() yourself")
 
-    def _run(self, inputs) -> list:
-        """The program's flat outputs on program inputs (one micro-batch's, where split)."""
+    def _run(self, inputs, step: bool = False) -> list:
+        """The program's flat outputs on program inputs (one micro-batch's, where split);
+        with ``step``, the loss alone (the others None: nothing gathers them)."""
         self._check_inputs(inputs, self._program.input_shapes)
+        programs = self._step_programs() if step else (
+            list(self.ranks) if self.simulate else [self.program])
         if self.simulate:
-            return list(run_replicated(list(self.ranks), self._mesh, inputs))
+            return list(run_replicated(programs, self._mesh, inputs))
         C.set_active_mesh(self._device_mesh)
         faults.set_active(self._epoch)
         device = _device_of(self._device_mesh)
-        return list(self.program(*[x.to(device) for x in inputs]))
+        return list(programs[0](*[x.to(device) for x in inputs]))
+
+    def _step_programs(self) -> list:
+        """Per rank held here, the program of a training step: the loss alone, on the same
+        parameters (:func:`~autopar.program.graph.loss_only`)."""
+        if self._steps is None:
+            full = list(self.ranks) if self.simulate else [self.program]
+            self._steps = [loss_only(gm, self._loss_index()) for gm in full]
+        return self._steps
 
     def _check_inputs(self, inputs, planned):
         """``planned``: (name, shape, dtype[, requires grad]) per input."""

@@ -4,6 +4,9 @@ edges counted through that map."""
 
 from __future__ import annotations
 
+from torch.fx import Node
+
+from ..program.graph import loss_index
 from .pins import Pins
 from .pricing import Facts
 
@@ -23,8 +26,12 @@ class Folded:
         self.pos = {n: i for i, n in enumerate(self.nodes)}
         self.edges, self.uses = _fold_edges(self.rep, every, self.pos, facts)
         self.output = next(n for n in gm.graph.nodes if n.op == "output")
-        self.returned = [self.rep.get(a, a) for a in self.output.all_input_nodes
-                         if a.op in PLANNED]
+        # what a training step gives back: its loss where it has one (loss_index), else
+        # every output
+        outs = list(self.output.args[0])
+        loss = loss_index(outs)
+        self.returned = [self.rep.get(a, a) for a in (outs if loss is None else [outs[loss]])
+                         if isinstance(a, Node) and a.op in PLANNED]
 
 
 def fold_groups(instances: list, folding) -> list:

@@ -506,9 +506,9 @@ def _price_outputs(prob: Problem, output: Node, returned: list, facts: Facts, po
     which takes one fixed strategy (replicated inputs). ``returned`` lists the problem node
     standing for each value returned, so a folded output counts once per instance.
 
-    What comes back is held from where it is made until the step ends, backward included
-    (the caller holds it; ``pm.step`` combines every micro-batch's at the end): each
-    micro-batch's whole output, on every rank."""
+    What a training step gives back is its loss (:func:`~autopar.program.graph.loss_index`;
+    every output where it has none): held from where it is made until the step ends,
+    backward included, each micro-batch's whole, on every rank."""
     r = tuple(Replicate() for _ in range(prob.mesh.ndim))
     rid, prices = prob.layout_id(r), prob.prices
     m = prob.model.micro_batches
