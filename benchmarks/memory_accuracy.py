@@ -22,7 +22,7 @@ optimizer's states. It reports, per device (the largest over the ranks):
 - held: parameters, gradients and optimizer states before the step, against
   ``cost.parameter_bytes + gradient_bytes + optimizer_bytes``;
 - saved: what the step holds beyond them when the first backward starts (the activations
-  saved for it and values still to be read), against ``cost.activation_bytes``;
+  saved for it and values still to be read), against ``cost.saved_bytes``;
 - peak: the most alive at any point of the step, against ``cost.memory_bytes_per_device``.
 
     python benchmarks/memory_accuracy.py               # from the repository root, ~8 minutes
@@ -262,7 +262,7 @@ def measure_plan(model: Model, name: str, options: dict, cluster) -> dict:
                optimizer="SGD" if sgd else "AdamW",
                held=measured[0].item(), saved=measured[1].item(), peak=measured[2].item(),
                predicted_held=cost.parameter_bytes + cost.gradient_bytes + cost.optimizer_bytes,
-               predicted_saved=cost.activation_bytes,
+               predicted_saved=cost.saved_bytes,
                predicted_peak=cost.memory_bytes_per_device)
     return row
 

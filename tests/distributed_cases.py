@@ -184,7 +184,7 @@ def run_memory(name, opts):
         optimizer.zero_grad(set_to_none=False)
     got = measure_step(pm, optimizer, *batch)
     c = pm.plan.cost
-    return {"saved": (c.activation_bytes - got.saved) / got.saved,
+    return {"saved": (c.saved_bytes - got.saved) / got.saved,
             "peak": (c.memory_bytes_per_device - got.peak) / got.peak,
             "held": (c.parameter_bytes + c.gradient_bytes + c.optimizer_bytes - got.held)
             / got.held}

@@ -120,8 +120,9 @@ def test_the_peak_is_the_larger_of_the_forward_pass_and_late_backward():
     static = c.parameter_bytes + c.gradient_bytes + c.optimizer_bytes
     assert c.bucket_bytes >= c.gradient_bytes        # every gradient is summed over dp
     assert c.activation_bytes < c.bucket_bytes
-    # (and the 4-byte loss the caller gets back, held to the end of the step)
-    assert c.memory_bytes_per_device == static + c.bucket_bytes + 4
+    # (and what the caller holds to the end of the step: its batch, whole, and the 4-byte
+    # loss it gets back)
+    assert c.memory_bytes_per_device == static + c.bucket_bytes + x.numel() * 4 + 4
     assert "gradient-sum buckets" in p.explain()
     sharded = autopar.plan(model, Cluster.preset("dgx-a100"), example_inputs=(x,),
                            mesh={"dp": 8}, constraints={"*weight": "R", "x": "S(0)"},

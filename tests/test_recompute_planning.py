@@ -54,13 +54,16 @@ def test_ample_memory_recomputes_nothing():
     p = free_plan()
     assert list(p.recompute) == [f"layers.{i}" for i in range(6)]
     assert choices(p) == {"none"}
-    # nothing recomputed: the only transient is the loss's, as backward enters it (two
-    # copies of this rank's share of the logits' gradient)
+    # nothing recomputed: the only transients are the loss's, as backward enters it (two
+    # copies of this rank's share of the logits' gradient), and the caller's batch (tokens
+    # and labels, int64, whole)
     (loss,) = [v for v in p.nodes.values() if v["op"] == "cross_entropy"]
     split = math.prod(p.mesh[a] for a, q in zip(p.mesh, loss["inputs"][0])
                       if isinstance(q, autopar.Shard))
     logits_bytes = 8 * 1024 * 8192 * 4
-    assert p.cost.transient_bytes == pytest.approx(2 * logits_bytes / split, rel=1e-9)
+    batch_bytes = 2 * 8 * 1024 * 8
+    assert p.cost.transient_bytes == pytest.approx(2 * logits_bytes / split + batch_bytes,
+                                                   rel=1e-9)
 
 
 def test_the_peak_is_the_sum_of_its_parts():

@@ -130,8 +130,8 @@ class Problem:
                                                          #   held between micro-batches
     loss_grad_bytes: dict = field(default_factory=dict)  # a loss's input -> [bytes] of its
                                                          #   gradient's copies (GRADIENT_COPIES)
-    returned_bytes: dict = field(default_factory=dict)   # output -> [bytes] held for the
-                                                         #   caller, whole, to the step's end
+    caller_bytes: dict = field(default_factory=dict)   # input or output -> [bytes] the
+                                                       #   caller holds whole to the step's end
     held: list = field(default_factory=list)           # [Held]: when each table counts
     outputs: list = field(default_factory=list)        # nodes returned by the graph
     weight: dict = field(default_factory=dict)         # node -> instances it stands for
@@ -184,12 +184,22 @@ class Problem:
                     params[part] += v * share
             else:
                 transient = h.table in ("transient_bytes", "held_grad_bytes",
-                                        "loss_grad_bytes", "returned_bytes")
+                                        "loss_grad_bytes", "caller_bytes")
                 parts["transient_bytes" if transient else "activations"] += v
         parts["activations"] += sum(v for start, v in self._edge_memory(choice) if start <= at)
         return Cost(compute + comm, compute, comm, peak, params["parameter"],
                     params["gradient"], params["optimizer"], parts["activations"],
-                    parts["transient_bytes"], self._gradient_buckets(choice))
+                    parts["transient_bytes"], self._gradient_buckets(choice),
+                    self.saved_at_backward(choice))
+
+    def saved_at_backward(self, choice: dict) -> float:
+        """Bytes the forward pass leaves alive when backward starts, beyond the parameters'
+        storage and the gradients held between micro-batches: what is held to the end of
+        the forward pass (activations saved, the values a recomputed block starts from, the
+        caller's inputs and the loss returned) and the parameter copies saved on edges."""
+        kept = sum(h.mult * getattr(self, h.table)[h.node][choice[h.node]] for h in self.held
+                   if h.end >= _ALWAYS and h.table in ("saved_bytes", "out_bytes", "caller_bytes"))
+        return kept + sum(v for _, v in self._edge_memory(choice))
 
     def _static_parts(self, node) -> dict:
         """How a parameter's storage splits into weights, gradients, optimizer states."""
@@ -239,8 +249,8 @@ class Problem:
                      if h.table == "static_bytes")
         recomputed = sum(h.mult * self.transient_bytes[h.node][choice[h.node]]
                          for h in self.held if h.table == "transient_bytes")
-        returned = sum(h.mult * self.returned_bytes[h.node][choice[h.node]]
-                       for h in self.held if h.table == "returned_bytes")
+        returned = sum(h.mult * self.caller_bytes[h.node][choice[h.node]]
+                       for h in self.held if h.table == "caller_bytes")
         synced = self._synced(choice)
         return static + returned + synced + max(recomputed, min(BUCKET_BYTES, synced))
 
@@ -282,7 +292,7 @@ class Problem:
             for table in ("node_s", "static_bytes", "saved_bytes", "out_bytes"):
                 getattr(new, table)[n] = [getattr(self, table)[n][i] for i in idx]
             for table in ("transient_bytes", "held_grad_bytes", "sync_bytes",
-                          "loss_grad_bytes", "returned_bytes"):
+                          "loss_grad_bytes", "caller_bytes"):
                 if n in getattr(self, table):
                     getattr(new, table)[n] = [getattr(self, table)[n][i] for i in idx]
         for e in self.edges:
@@ -387,7 +397,13 @@ def _hold_memory(prob: Problem, blocks, pos: dict, uses: dict, facts: Facts):
             prob.held.append(Held(n, "saved_bytes", block_start, _ALWAYS, w - 1))
         readers = uses.get(n, ())
         later = max((t for t, back in readers if not back), default=-1)
-        if later > p and n not in prob.outputs:   # (an output: _price_outputs holds it)
+        if n.op == "placeholder":
+            # the caller's batch, whole on every rank to the step's end (every micro-batch's:
+            # each reads its rows of it); a rank's share of it is a view
+            whole = facts.of(n)[1] * prob.model.micro_batches
+            prob.caller_bytes[n] = [whole] * len(prob.options[n])
+            prob.held.append(Held(n, "caller_bytes", 0, _ALWAYS, 1))
+        elif later > p and n not in prob.outputs:   # (an output: _price_outputs holds it)
             prob.held.append(Held(n, "out_bytes", p, later, 1))
         earlier = max((t for t, back in readers if back), default=-1)
         if earlier >= 0:
@@ -519,5 +535,5 @@ def _price_outputs(prob: Problem, output: Node, returned: list, facts: Facts, po
         count = returned.count(n)
         prob.edges.append(Edge(n, output, 0, keys, [(rid, ())], cost, weight=count))
         whole = num_bytes * prob.model.activation_scale * count * m
-        prob.returned_bytes[n] = [whole] * len(prob.options[n])
-        prob.held.append(Held(n, "returned_bytes", pos[n], _ALWAYS, 1))
+        prob.caller_bytes[n] = [whole] * len(prob.options[n])
+        prob.held.append(Held(n, "caller_bytes", pos[n], _ALWAYS, 1))

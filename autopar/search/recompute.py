@@ -137,7 +137,7 @@ def _price_run(prob, facts, run: list, picked: list, transient: bool):
     first in the problem) for the choices ``picked`` for them."""
     inst, shares = run[0], _shares(picked)
     calls = [n for n in inst.nodes if n.op in ("call_function", "call_method")]
-    kept_inputs = _chain_input_bytes(prob, facts, inst, calls)
+    kept_inputs = _run_input_bytes(prob, facts, run, calls)
     last = next(c for c in reversed(picked) if c != "none")   # its backward comes first
     for n in calls:
         op = n.meta["autopar.op"]
@@ -198,7 +198,8 @@ def _saved_copies(prob, facts, run: list, picked: list):
         if e.saved_bytes:      # a parameter's copy: kept by "none" and "selective"
             kept = e.saved_bytes * (count.get("none", 0) + count.get("selective", 0)) / \
                 e.weight
-        elif count.get("selective") and floating and e.src.op != "get_attr":
+        elif count.get("selective") and floating and \
+                facts.saved.root(e.src).op not in ("get_attr", "placeholder"):
             kept = count["selective"] / e.weight * src_bytes * prob.model.activation_scale * \
                 facts.saved.share(e.src)
         else:
@@ -223,6 +224,19 @@ def _recompute_moves(prob, facts, run: list, picked: list):
             e.cost = _PlusForward(e.cost, prob.prices, count / e.weight)
 
 
+def _run_input_bytes(prob, facts, run: list, calls: list) -> dict:
+    """:func:`_chain_input_bytes` of each instance of ``run``, by the reader standing for
+    its own (in ``calls``), the mean over the run: the first instance of a chain reads the
+    model's input (held by the caller, not by a checkpoint), the others the block before."""
+    out = {}
+    for other in run:
+        same = dict(zip(other.nodes, run[0].nodes))
+        mine = [m for m in other.nodes if m.op in ("call_function", "call_method")]
+        for n, v in _chain_input_bytes(prob, facts, other, mine).items():
+            out[same[n]] = out.get(same[n], 0.0) + v / len(run)
+    return {n: v for n, v in out.items() if n in calls}
+
+
 def _chain_input_bytes(prob, facts, inst, calls) -> dict:
     """Per reader inside ``inst``: the bytes (per strategy) of the block inputs it reads
     first that a checkpoint keeps for the instance: activations (values a gradient flows
@@ -237,7 +251,7 @@ def _chain_input_bytes(prob, facts, inst, calls) -> dict:
     out = {}
     share = prob.prices.fractions()
     for src, (n, slot) in first_reader.items():
-        _, needs = prob.prices.id_arrays(prob.options[n])
+        _, needs = prob.prices.id_arrays(prob.options[prob.rep.get(n, n)])
         num_bytes = facts.of(src)[1] * prob.model.activation_scale
         out[n] = out.get(n, 0.0) + num_bytes * share[needs[:, slot]]
     return out

@@ -63,6 +63,10 @@ class Cost:
     activation_bytes: float = 0.0
     transient_bytes: float = 0.0
     bucket_bytes: float = 0.0
+    # what the forward pass leaves alive when backward starts, beyond the parameters'
+    # storage: activations saved for it, values still to be read, the loss held for the
+    # caller (of the first micro-batch; measure_step's ``saved``)
+    saved_bytes: float = 0.0
 
 
 class Planned(NamedTuple):

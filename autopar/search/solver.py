@@ -433,7 +433,7 @@ def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, pairs: dict,
     most = sum(prob.weight.get(n, 1) * max(v) for n, v in prob.sync_bytes.items())
     constant[late + 1] += min(BUCKET_BYTES, most)
     for h in prob.held:
-        if h.table in ("static_bytes", "transient_bytes", "returned_bytes"):
+        if h.table in ("static_bytes", "transient_bytes", "caller_bytes"):
             per = getattr(prob, h.table)[h.node]
             end = after + 1 if h.table == "transient_bytes" else _ALWAYS   # (transient: late)
             hold(after, end, x.get(h.node), h.mult * (np.asarray(per) if h.node in x
