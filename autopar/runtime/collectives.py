@@ -64,7 +64,12 @@ def _scatter(x, dim, axis):
 
 
 def _slice(x, dim, axis):
-    return x.chunk(_size(axis), dim)[_coord(axis)].contiguous()
+    """This rank's piece of ``x``, in storage of its own: a view would keep the whole of
+    ``x`` alive as long as the piece (a gradient kept in ``.grad``, an activation saved for
+    backward)."""
+    n = _size(axis)
+    piece = x.chunk(n, dim)[_coord(axis)]
+    return piece.clone(memory_format=torch.contiguous_format) if n > 1 else piece.contiguous()
 
 
 def _exchange(x, split_dim, cat_dim, axis):
