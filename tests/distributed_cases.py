@@ -15,6 +15,7 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "examples")]
 
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import autopar  # noqa: E402
@@ -141,6 +142,23 @@ MEMORY_PLANS = {
 }
 
 
+class Branches(torch.nn.Module):
+    """Parallel projections of one activation as repeated single-layer blocks (as gate and
+    up projections are separate modules), summed."""
+
+    def __init__(self, dim: int = 256, hidden: int = 512, n: int = 4):
+        super().__init__()
+        self.inp = torch.nn.Linear(dim, dim, bias=False)
+        self.branches = torch.nn.ModuleList(torch.nn.Linear(dim, hidden, bias=False)
+                                            for _ in range(n))
+        self.out = torch.nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x, y):
+        x = self.inp(x)
+        h = sum(torch.nn.functional.gelu(b(x)) for b in self.branches)
+        return ((self.out(h) - y) ** 2).mean()
+
+
 def memory_cases(world):
     """(case, model name, compile options) whose memory is measured against the plan."""
     for name in ("gpt", "llama"):
@@ -154,6 +172,10 @@ def memory_cases(world):
             elif "constraints" in opts:
                 opts["constraints"] = {**opts["constraints"], **SHARDED_INPUTS[name]}
             yield f"memory-{name}-{plan}-{world}", name, opts
+    # single-layer blocks that read one input, each recomputed in full: it is kept once
+    yield f"memory-branches-dp-full-recompute-{world}", "branches", dict(
+        mesh={"dp": world}, constraints={"*weight": "R", "x": "S(0)", "y": "S(0)"},
+        recompute="full")
 
 
 def memory_model(name):
@@ -161,6 +183,8 @@ def memory_model(name):
     import torch
     from models import GPT, GPTConfig, Llama, LlamaConfig, tiny_batch
     torch.manual_seed(0)
+    if name == "branches":
+        return Branches(), (torch.randn(512, 256), torch.randn(512, 256))
     if name == "gpt":
         cfg = GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128)
         return GPT(cfg), tiny_batch(cfg, 8, 64)

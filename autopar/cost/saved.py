@@ -9,6 +9,7 @@ storage several ops save is held once, so each of them holds its share of it.
 
 from __future__ import annotations
 
+import torch
 from torch.fx import Node
 
 from ..rules.traits import KEEPS_ONLY, SAVES_NOTHING, SAVES_OUTPUT, VIEWS, VIEWS_OF_CONTIGUOUS
@@ -62,9 +63,10 @@ class SavedValues:
         op = n.meta.get("autopar.op")
         if op in VIEWS:
             return True
-        if op == "getitem":   # a piece of a split, not an output of a tuple-valued op
-            ins = self._inputs_of(n)
-            return bool(ins) and ins[0].meta.get("autopar.op") in VIEWS
+        if op == "getitem":   # a piece of a split, not an output of a tuple-valued op, or
+            ins = self._inputs_of(n)   # basic indexing of a tensor (x[:, 0])
+            return bool(ins) and (ins[0].meta.get("autopar.op") in VIEWS or
+                                  _basic_index(n, ins[0]))
         if op in VIEWS_OF_CONTIGUOUS:
             ins = self._inputs_of(n)
             val = ins[0].meta.get("val") if ins else None
@@ -96,6 +98,15 @@ class SavedValues:
             if self.saves_output(u):
                 r = self.root(u)
                 self._savers[r] = self._savers.get(r, 0) + 1
+
+
+def _basic_index(n: Node, x: Node) -> bool:
+    """Whether ``n`` indexes tensor ``x`` with ints, slices, None and Ellipsis only: a view
+    of its storage, as PyTorch's basic indexing is."""
+    if not isinstance(x.meta.get("val"), torch.Tensor) or len(n.args) < 2 or n.args[0] is not x:
+        return False
+    index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in index)
 
 
 def _needs_grad(n: Node) -> bool:

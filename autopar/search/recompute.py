@@ -97,13 +97,14 @@ class Recompute:
         for table in ("node_s", "saved_bytes", "transient_bytes"):
             setattr(new, table, dict(getattr(prob, table)))
         new.edges, new.held = list(prob.edges), list(prob.held)
+        counted = set()   # block inputs a checkpoint keeps, counted once
         for cls in self.blocks:
             runs = _runs(prob, cls)
             last = _last_recomputed(runs, self.choices)
             for i, run in enumerate(runs):
                 picked = [self.choices.get(inst.path, "none") for inst in run]
                 if any(c != "none" for c in picked):
-                    _price_run(new, facts, run, picked, transient=i == last)
+                    _price_run(new, facts, run, picked, i == last, counted)
         return new
 
 
@@ -132,12 +133,12 @@ def _shares(choices: list) -> dict:
     return out
 
 
-def _price_run(prob, facts, run: list, picked: list, transient: bool):
+def _price_run(prob, facts, run: list, picked: list, transient: bool, counted: set):
     """Rewrite the tables of the nodes standing for ``run`` (instances of one block, the
     first in the problem) for the choices ``picked`` for them."""
     inst, shares = run[0], _shares(picked)
     calls = [n for n in inst.nodes if n.op in ("call_function", "call_method")]
-    kept_inputs = _run_input_bytes(prob, facts, run, calls)
+    kept_inputs = _run_input_bytes(prob, facts, run, calls, counted)
     last = next(c for c in reversed(picked) if c != "none")   # its backward comes first
     for n in calls:
         op = n.meta["autopar.op"]
@@ -224,7 +225,7 @@ def _recompute_moves(prob, facts, run: list, picked: list):
             e.cost = _PlusForward(e.cost, prob.prices, count / e.weight)
 
 
-def _run_input_bytes(prob, facts, run: list, calls: list) -> dict:
+def _run_input_bytes(prob, facts, run: list, calls: list, counted: set) -> dict:
     """:func:`_chain_input_bytes` of each instance of ``run``, by the reader standing for
     its own (in ``calls``), the mean over the run: the first instance of a chain reads the
     model's input (held by the caller, not by a checkpoint), the others the block before."""
@@ -232,22 +233,24 @@ def _run_input_bytes(prob, facts, run: list, calls: list) -> dict:
     for other in run:
         same = dict(zip(other.nodes, run[0].nodes))
         mine = [m for m in other.nodes if m.op in ("call_function", "call_method")]
-        for n, v in _chain_input_bytes(prob, facts, other, mine).items():
+        for n, v in _chain_input_bytes(prob, facts, other, mine, counted).items():
             out[same[n]] = out.get(same[n], 0.0) + v / len(run)
     return {n: v for n, v in out.items() if n in calls}
 
 
-def _chain_input_bytes(prob, facts, inst, calls) -> dict:
+def _chain_input_bytes(prob, facts, inst, calls, counted: set) -> dict:
     """Per reader inside ``inst``: the bytes (per strategy) of the block inputs it reads
-    first that a checkpoint keeps for the instance: activations (values a gradient flows
-    into, made by ops), in the layout that reader needs them."""
+    first that a checkpoint keeps for the instance (every tensor but the parameters), in
+    the layout that reader needs them; a value that ``counted`` holds (read by a block
+    before, as a padding mask or an input two single-layer blocks share) once only."""
     first_reader = {}
     inside = set(inst.nodes)
     for n in calls:
         for slot, src in enumerate(facts.of(n)[0]):
-            if src not in inside and src not in first_reader and src.op in (
-                    "call_function", "call_method") and facts.of(src)[2]:
+            if src not in inside and src not in first_reader and src not in counted and \
+                    src.op != "get_attr" and facts.of(src)[1]:
                 first_reader[src] = (n, slot)
+    counted.update(first_reader)
     out = {}
     share = prob.prices.fractions()
     for src, (n, slot) in first_reader.items():

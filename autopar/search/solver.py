@@ -561,9 +561,13 @@ def min_memory(prob, time_limit_s: float = TIME_LIMIT_S) -> float:
         if e.src in x and e.dst in x and (e.cost.forbids or e.saved_bytes):
             pairs[k] = _pair_variables(b, e, x, seconds=False)
     memory_budget(b, prob, x, 0.0, pairs, peak_col=peak)
-    res = b.relax(time_limit_s)
+    relaxed = res = b.relax(time_limit_s)
     if not b.is_integral(res) and res.status != "infeasible":
         res = b.branch(time_limit_s)
+    if res.x is None and relaxed.x is not None:
+        # no integral assignment within the time limit: the relaxation's peak, a bound no
+        # assignment goes below
+        return float(relaxed.x[peak]) * MEMORY_UNIT
     if res.x is None:
         raise PlanError("no layout assignment exists for this program on this mesh")
     return float(res.x[peak]) * MEMORY_UNIT
