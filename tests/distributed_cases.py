@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import autopar  # noqa: E402
+from autopar.runtime.memory import measure_step  # noqa: E402
 from equivalence import check_steps, check_training, twin, uneven_targets  # noqa: E402
 from spawn import join_world  # noqa: E402
 from test_e2e_simulated import SHARDED_INPUTS, make, megatron, slow_devices  # noqa: E402
@@ -197,7 +198,6 @@ def run_memory(name, opts):
     """Measured bytes of a step on this rank beside the plan's prediction: the relative
     error of the saved activations and of the peak."""
     import torch
-    from autopar.runtime.memory import measure_step
     model, batch = memory_model(name)
     pm = autopar.compile(model, autopar.Cluster.local(measure=False), example_inputs=batch,
                          **opts)
@@ -212,6 +212,51 @@ def run_memory(name, opts):
             "peak": (c.memory_bytes_per_device - got.peak) / got.peak,
             "held": (c.parameter_bytes + c.gradient_bytes + c.optimizer_bytes - got.held)
             / got.held}
+
+
+def run_loss_peak(world):
+    """A language model whose step peaks where backward enters its loss (a large
+    vocabulary): the budget is what its fastest plan needs when that point is ignored (and
+    the gradients in flight in backward).
+    The plan made for that budget, and the fastest plan (the one a model blind to the
+    point would pick), each run a step: their measured peaks beside the budget."""
+    from unittest import mock
+
+    import torch
+    import autopar.search.problem as problem
+    from models import GPT, GPTConfig, tiny_batch
+    cfg = GPTConfig(vocab_size=4096, block_size=64, n_layer=2, n_head=4, n_embd=128)
+    batch = tiny_batch(cfg, 16, 64)
+    cluster = autopar.Cluster.local(world, measure=False)
+
+    def build():
+        torch.manual_seed(0)
+        return GPT(cfg)
+
+    # data parallel, so that each rank's logits are a share of the batch's, whole over the
+    # vocabulary
+    pins = dict(mesh={"dp": world}, constraints={"*": "R", "idx": "S(0)", "targets": "S(0)"})
+    options = dict(pins, memory_budget_bytes=1e15)
+    # blind to backward: no copies of the loss's gradient, no gradients in flight
+    with mock.patch.object(problem, "GRADIENT_COPIES", {}), \
+            mock.patch.object(problem, "_gradients_in_flight",
+                              lambda prob, n, facts: [0.0] * len(prob.options[n])):
+        blind = autopar.plan(build(), cluster, example_inputs=batch, **options)
+    budget = blind.cost.memory_bytes_per_device
+    fastest = autopar.compile(build(), cluster, example_inputs=batch, **options)
+    planned = autopar.compile(build(), cluster, example_inputs=batch, **pins,
+                              memory_budget_bytes=budget)
+    out = {"budget": budget, "predicted": planned.plan.cost.memory_bytes_per_device,
+           "same_as_blind": fastest.plan.placements == blind.placements and
+           fastest.plan.micro_batches == blind.micro_batches}
+    for name, pm in (("fastest", fastest), ("planned", planned)):
+        optimizer = torch.optim.AdamW(pm.parameters(), lr=1e-3)
+        for _ in range(2):
+            pm.step(*batch)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+        out[name] = measure_step(pm, optimizer, *batch).peak
+    return out
 
 
 def run_errors(world):
@@ -249,6 +294,11 @@ def main(rank, world, port, result_dir):
         except Exception as e:  # noqa: BLE001 - reported to the test
             results[case] = {"error": f"{type(e).__name__}: {e}",
                              "trace": traceback.format_exc()[-2000:]}
+    try:
+        results["loss-peak"] = run_loss_peak(world)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        results["loss-peak"] = {"error": f"{type(e).__name__}: {e}",
+                                "trace": traceback.format_exc()[-2000:]}
     results.update({k: {"message": v} for k, v in run_errors(world).items()})
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)

@@ -77,6 +77,12 @@ class SavedValues:
             return p == 0 or not training
         return False
 
+    def indexes(self, n: Node) -> bool:
+        """Whether ``n`` is basic indexing of a tensor (``x[:, 0]``), a view of it."""
+        ins = self._inputs_of(n)
+        return n.op in _CALLS and n.meta.get("autopar.op") == "getitem" and bool(ins) and \
+            _basic_index(n, ins[0])
+
     def share(self, n: Node) -> float:
         """The share of ``n``'s storage (its root's value) one op saving ``n`` holds: one
         over the savers of any view of it (three pieces of one split, each saved, hold the

@@ -73,11 +73,15 @@ def _slice(x, dim, axis):
 
 
 def _exchange(x, split_dim, cat_dim, axis):
+    """All-to-all: this rank's pieces of ``x`` along ``split_dim`` go one to each rank, and
+    the pieces received join along ``cat_dim``. The packed send buffer is freed before the
+    pieces join, so that at most two copies of the value are alive beside ``x``."""
     n = _size(axis)
     chunks = torch.stack([c.contiguous() for c in x.chunk(n, split_dim)])
+    shape = chunks.shape
     out = _wait(funcol.all_to_all_single(chunks.reshape(n, -1), None, None, _group(axis)))
-    pieces = out.reshape(chunks.shape).unbind(0)
-    return torch.cat(pieces, cat_dim)
+    del chunks
+    return torch.cat(out.reshape(shape).unbind(0), cat_dim)
 
 
 def _identity(x, *args):

@@ -15,6 +15,7 @@ from forward; both are checked with torch 2.13.
 
 from __future__ import annotations
 
+import gc
 import weakref
 from dataclasses import dataclass
 
@@ -78,14 +79,23 @@ def measure_step(pm, optimizer, *inputs, **kwargs) -> StepMemory:
     its states, with gradients zeroed in place (``zero_grad(set_to_none=False)``): the plan's
     memory counts them held."""
     live = LiveTensors()
-    with live:
-        for p in pm.parameters():
-            live.hold(p)
-            live.hold(p.grad)
-        for state in (optimizer.state.values() if optimizer is not None else ()):
-            for v in state.values():
-                live.hold(v)
-        held = live.now
-        pm.step(*inputs, **kwargs)
+    # without the cycle collector, which frees what reference cycles hold at moments that
+    # vary from run to run: what a step holds is then the same on every run
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with live:
+            for p in pm.parameters():
+                live.hold(p)
+                live.hold(p.grad)
+            for state in (optimizer.state.values() if optimizer is not None else ()):
+                for v in state.values():
+                    live.hold(v)
+            held = live.now
+            pm.step(*inputs, **kwargs)
+    finally:
+        if enabled:
+            gc.enable()
     at_backward = live.at_backward if live.at_backward is not None else live.now
     return StepMemory(held, at_backward - held, live.peak)

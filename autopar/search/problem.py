@@ -17,7 +17,7 @@ from torch.fx import Node
 
 from ..cost.model import BUCKET_BYTES, CostModel
 from ..program.placement import Replicate
-from ..rules.traits import GRADIENT_COPIES
+from ..rules.traits import GRADIENT_COPIES, SAVES_NOTHING, VIEWS
 from .folding import Folded, check_pinned
 from .pins import Pins, PinnedReads, source_options
 from .pricing import Facts, LayoutIds, Priced, Prices, distinct_keys
@@ -130,6 +130,8 @@ class Problem:
                                                          #   held between micro-batches
     loss_grad_bytes: dict = field(default_factory=dict)  # a loss's input -> [bytes] of its
                                                          #   gradient's copies (GRADIENT_COPIES)
+    grad_bytes: dict = field(default_factory=dict)       # op -> [bytes] of the gradients
+                                                         #   alive as backward passes it
     caller_bytes: dict = field(default_factory=dict)   # input or output -> [bytes] the
                                                        #   caller holds whole to the step's end
     held: list = field(default_factory=list)           # [Held]: when each table counts
@@ -184,7 +186,7 @@ class Problem:
                     params[part] += v * share
             else:
                 transient = h.table in ("transient_bytes", "held_grad_bytes",
-                                        "loss_grad_bytes", "caller_bytes")
+                                        "loss_grad_bytes", "grad_bytes", "caller_bytes")
                 parts["transient_bytes" if transient else "activations"] += v
         parts["activations"] += sum(v for start, v in self._edge_memory(choice) if start <= at)
         return Cost(compute + comm, compute, comm, peak, params["parameter"],
@@ -292,7 +294,7 @@ class Problem:
             for table in ("node_s", "static_bytes", "saved_bytes", "out_bytes"):
                 getattr(new, table)[n] = [getattr(self, table)[n][i] for i in idx]
             for table in ("transient_bytes", "held_grad_bytes", "sync_bytes",
-                          "loss_grad_bytes", "caller_bytes"):
+                          "loss_grad_bytes", "grad_bytes", "caller_bytes"):
                 if n in getattr(self, table):
                     getattr(new, table)[n] = [getattr(self, table)[n][i] for i in idx]
         for e in self.edges:
@@ -416,10 +418,36 @@ def _hold_memory(prob: Problem, blocks, pos: dict, uses: dict, facts: Facts):
             prob.loss_grad_bytes[src] = (copies * np.asarray(prob.out_bytes[src])).tolist()
             prob.held.append(Held(src, "loss_grad_bytes", p, p + 1, 1))
             prob.backward_peaks.append(p)
+        elif n.op in ("call_function", "call_method") and facts.of(n)[2]:
+            prob.grad_bytes[n] = _gradients_in_flight(prob, n, facts)
+            prob.held.append(Held(n, "grad_bytes", p, p + 1, 1))
     prob.block_start = block_start
     for e in prob.edges:
         if e.saved_bytes:
             e.spans = edge_spans(prob, e, pos)
+
+
+def _gradients_in_flight(prob: Problem, n: Node, facts: Facts) -> list:
+    """Per strategy of ``n``, the gradients alive while backward passes it: of its output,
+    and of each input a gradient flows into (a parameter's too, until it is added into
+    ``.grad``), this rank's shares. Where ``n`` saved its inputs, they are still alive
+    there beside everything saved before it, as at the forward pass's position of ``n``
+    (which counts them). A view passes its gradient as a view; an op that saves nothing
+    (a sum, a copy) passes its output's on."""
+    op = n.meta.get("autopar.op")
+    opts = prob.options[n]
+    if op in VIEWS or not opts:
+        return [0.0] * len(opts)
+    held = np.asarray(prob.out_bytes[n], dtype=float)
+    if op in SAVES_NOTHING:
+        return held.tolist()
+    _, needs = prob.prices.id_arrays(opts)
+    share = prob.prices.fractions()
+    for slot, src in enumerate(facts.of(n)[0]):
+        if facts.of(src)[2]:
+            held = held + facts.of(src)[1] * prob.model.activation_scale * \
+                share[needs[:, slot]]
+    return held.tolist()
 
 
 def edge_spans(prob: Problem, e: Edge, pos: dict) -> tuple:
@@ -492,8 +520,14 @@ def _node_prices(prob: Problem, n: Node, facts: Facts) -> tuple:
         # parameter is the parameter
         root = kept.root(src)
         if facts.of(src)[3] and root.op != "get_attr" and kept.saves(n, slot):
-            saved = saved + facts.of(root)[1] * m.activation_scale * share[needs[:, slot]] * \
-                kept.share(src)
+            part = share[needs[:, slot]]
+            held = facts.of(root)[1] * part * kept.share(src)
+            if kept.indexes(src) and prob.mesh.size > 1:
+                # a slice read whole on every rank (x[:, 0] into a pooler) comes from a
+                # collective, a copy of its own; read split, it is a view of this rank's
+                # share of what it indexes, which stays alive whole
+                held = np.where(part < 1.0, held, facts.of(src)[1])
+            saved = saved + held * m.activation_scale
     if kept.saves_output(n):
         saved = saved + facts.of(kept.root(n))[1] / num_bytes * out * kept.share(n)
     return seconds, zeros, saved.tolist(), out.tolist()

@@ -255,7 +255,9 @@ def _chain_input_bytes(prob, facts, inst, calls, counted: set) -> dict:
     share = prob.prices.fractions()
     for src, (n, slot) in first_reader.items():
         _, needs = prob.prices.id_arrays(prob.options[prob.rep.get(n, n)])
-        num_bytes = facts.of(src)[1] * prob.model.activation_scale
+        # (a view, an expanded mask, keeps the storage it views)
+        num_bytes = min(facts.of(src)[1], facts.of(facts.saved.root(src))[1]) * \
+            prob.model.activation_scale
         out[n] = out.get(n, 0.0) + num_bytes * share[needs[:, slot]]
     return out
 
