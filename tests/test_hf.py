@@ -265,7 +265,7 @@ def mistral():
 @pytest.mark.parametrize("name, micro_batches, pad", [
     ("llama", 2, True), ("llama", 4, True), ("qwen2", 2, True), ("qwen2", 4, True),
     ("qwen2", 4, False),
-    ("mistral", 2, True)])
+    ("mistral", 2, True), ("mistral", 4, True)])
 def test_decoders_step_in_micro_batches_as_the_full_batch_on_one_device(name, micro_batches,
                                                                          pad):
     """transformers decoders run as micro-batches: their key-value cache starts from an
