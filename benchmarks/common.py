@@ -50,11 +50,12 @@ class ResidualBlock(nn.Module):
 
 
 class ResidualMLP(nn.Module):
-    """Wide residual MLP blocks and a mean squared error: a training step returns a scalar."""
+    """Wide residual MLP blocks (``block(dim, hidden)`` each) and a mean squared error: a
+    training step returns a scalar."""
 
-    def __init__(self, dim: int, hidden: int, blocks: int):
+    def __init__(self, dim: int, hidden: int, blocks: int, block=ResidualBlock):
         super().__init__()
-        self.blocks = nn.ModuleList(ResidualBlock(dim, hidden) for _ in range(blocks))
+        self.blocks = nn.ModuleList(block(dim, hidden) for _ in range(blocks))
 
     def forward(self, x, y):
         for block in self.blocks:

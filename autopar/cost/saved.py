@@ -65,12 +65,16 @@ class SavedValues:
             return True
         if op == "getitem":   # a piece of a split, not an output of a tuple-valued op, or
             ins = self._inputs_of(n)   # basic indexing of a tensor (x[:, 0])
-            return bool(ins) and (ins[0].meta.get("autopar.op") in VIEWS or
-                                  _basic_index(n, ins[0]))
+            return bool(ins) and (ins[0].meta.get("autopar.op") in VIEWS or self.indexes(n))
         if op in VIEWS_OF_CONTIGUOUS:
             ins = self._inputs_of(n)
             val = ins[0].meta.get("val") if ins else None
             return val is not None and hasattr(val, "is_contiguous") and val.is_contiguous()
+        if op in ("to", "type", "float", "type_as"):   # to the dtype it has: itself
+            ins = self._inputs_of(n)
+            before, after = (ins[0].meta.get("val") if ins else None), n.meta.get("val")
+            return isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and \
+                before.dtype == after.dtype and before.device == after.device
         if op == "dropout":   # dropout that drops nothing returns its input
             p = n.kwargs.get("p", n.args[1] if len(n.args) > 1 else 0.5)
             training = n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)

@@ -199,8 +199,7 @@ def _saved_copies(prob, facts, run: list, picked: list):
         if e.saved_bytes:      # a parameter's copy: kept by "none" and "selective"
             kept = e.saved_bytes * (count.get("none", 0) + count.get("selective", 0)) / \
                 e.weight
-        elif count.get("selective") and floating and \
-                facts.saved.root(e.src).op not in ("get_attr", "placeholder"):
+        elif count.get("selective") and floating and e.src.op != "get_attr":
             kept = count["selective"] / e.weight * src_bytes * prob.model.activation_scale * \
                 facts.saved.share(e.src)
         else:
@@ -227,8 +226,8 @@ def _recompute_moves(prob, facts, run: list, picked: list):
 
 def _run_input_bytes(prob, facts, run: list, calls: list, counted: set) -> dict:
     """:func:`_chain_input_bytes` of each instance of ``run``, by the reader standing for
-    its own (in ``calls``), the mean over the run: the first instance of a chain reads the
-    model's input (held by the caller, not by a checkpoint), the others the block before."""
+    its own (in ``calls``), the mean over the run: instances read different values (the
+    first of a chain the model's input, the others the block before), of different sizes."""
     out = {}
     for other in run:
         same = dict(zip(other.nodes, run[0].nodes))

@@ -45,13 +45,14 @@ class Use(NamedTuple):
 @dataclass(frozen=True)
 class Cost:
     """Predicted time of one training step (forward and backward) and peak memory per
-    device, the larger of two points: the forward pass at its most (parameters, their
-    gradients and optimizer states in their storage layouts, activations saved for backward
-    and other live values, and the transient of recomputing a block in backward, of the
-    gradients held between micro-batches, of a loss's gradient as backward enters it, or of
-    the outputs held for the caller), and late backward (the parameters' storage, the
-    outputs held for the caller, and the buckets of the gradients summed over ranks,
-    ``bucket_bytes``, or the first block recomputed while they wait)."""
+    device, the larger of two points: each op of the forward pass at its most (parameters,
+    their gradients and optimizer states in their storage layouts, activations saved for
+    backward and other live values, and the transient of recomputing a block in backward,
+    of the gradients held between micro-batches, of the gradients in flight as backward
+    passes that op (a loss's copies), or of what the caller holds: its batch and the loss),
+    and late backward (the parameters' storage, what the caller holds, and the buckets of
+    the gradients summed over ranks, ``bucket_bytes``, or the first block recomputed while
+    they wait)."""
 
     total_s: float = 0.0
     compute_s: float = 0.0
