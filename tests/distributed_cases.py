@@ -217,7 +217,11 @@ def run_memory(name, opts):
         pm.step(*batch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
-    got = measure_step(pm, optimizer, *batch)
+    # the least of three steps: gloo's thread lets go of a collective's buffers at moments
+    # that vary from run to run, and a buffer not yet let go reads as held
+    runs = [measure_step(pm, optimizer, *batch) for _ in range(3)]
+    got = min(runs, key=lambda r: r.saved)
+    got = type(got)(got.held, got.saved, min(r.peak for r in runs))
     c = pm.plan.cost
     return {"saved": (c.saved_bytes - got.saved) / got.saved,
             "peak": (c.memory_bytes_per_device - got.peak) / got.peak,
