@@ -54,7 +54,10 @@ def _plan(model, cluster, example_inputs, options: Options, program: bool = True
         flat = tree_leaves(inputs)
         kept = search.choose(prepared.plan_at, batch_size_of(flat), options)
         if program:
-            run_passes(kept.captured.gm, kept.ctx, [generate_rank_program])
+            for st in getattr(kept.ctx, "stages", None) or ():
+                run_passes(st.graph.gm, st.ctx, [generate_rank_program])
+            if not getattr(kept.ctx, "stages", None):
+                run_passes(kept.captured.gm, kept.ctx, [generate_rank_program])
     captured, ctx = kept
     ctx.stats["repeats"] = {r.path: r.count for r in ctx.repeats}
     ctx.stats["nodes"] = sum(1 for _ in captured.gm.graph.nodes)
@@ -116,16 +119,18 @@ class _Prepared:
         self.captured, self.ctx = captured, ctx
 
     def plan_at(self, micro_batches: int) -> _Programmed:
-        """Plan a copy of the prepared program split into ``micro_batches``."""
-        from autopar.passes import PER_COUNT, assign_layouts
+        """Plan a copy of the prepared program split into ``micro_batches``: as one program,
+        or cut into the pipeline stages the options pin."""
+        from autopar.passes import PER_COUNT, assign_layouts, plan_stages
         self.counts.append(micro_batches)
+        last = plan_stages if (self.options.pipeline_stages or 1) > 1 else assign_layouts
         try:
-            return self._plan_copy(micro_batches, PER_COUNT + [assign_layouts])
+            return self._plan_copy(micro_batches, PER_COUNT + [last])
         except Unrepeatable:
             if not self.ctx.repeats:
                 raise
             self._capture([])  # traced again, at full depth
-            return self._plan_copy(micro_batches, PER_COUNT + [assign_layouts])
+            return self._plan_copy(micro_batches, PER_COUNT + [last])
 
     def _plan_copy(self, micro_batches: int, passes) -> _Programmed:
         from autopar.passes import run_passes
@@ -162,17 +167,21 @@ def plan_micro_batches(model, cluster, example_inputs, micro_batches: int, *, pr
 def parallel_module(model, captured, ctx, simulate: bool):
     """The ParallelModule of a plan made by :func:`plan_micro_batches` (with ``program``)."""
     from .runtime.module import ParallelModule
+    from .runtime.pipeline import PipelineModule
     source = _source_tensors(model, captured)
     if any(t.device.type == "meta" for t in source.values()):
         raise PlanError("the model's parameters are on the meta device: autopar.plan() plans "
                         "it, but to run it materialize the parameters first (to_empty + init)")
+    if getattr(ctx, "stages", None):
+        return PipelineModule(captured, ctx.plan, ctx.stages, source, simulate,
+                              micro=getattr(ctx, "micro", None))
     return ParallelModule(captured, ctx.plan, ctx.program, source, simulate,
                           micro=getattr(ctx, "micro", None))
 
 
 def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, storage=None,
          level="full", memory_budget_bytes=None, precision="fp32", optimizer="adamw", fold=True,
-         recompute=None, micro_batches=None, verbose=False):
+         recompute=None, micro_batches=None, schedule=None, stages=None, verbose=False):
     """Plan ``model`` for ``cluster`` without running it; meta-device models are fine. The
     options are :func:`compile`'s.
 
@@ -185,7 +194,8 @@ def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, st
     options = Options(mesh=mesh, constraints=constraints, storage=storage, level=level,
                       memory_budget_bytes=memory_budget_bytes, precision=precision,
                       optimizer=optimizer, fold=fold, recompute=recompute,
-                      micro_batches=micro_batches, verbose=verbose)
+                      micro_batches=micro_batches, schedule=schedule, stages=stages,
+                      verbose=verbose)
     with _verbose(options.verbose):
         _, ctx = _plan(model, cluster, example_inputs, options, program=False)
     return ctx.plan
@@ -232,7 +242,7 @@ def _verbose(on: bool):
 def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, mesh=None,
             constraints=None, storage=None, level="full", memory_budget_bytes=None,
             precision="fp32", optimizer="adamw", fold=True, recompute=None, micro_batches=None,
-            verbose=False):
+            schedule=None, stages=None, verbose=False):
     """Make ``model`` a distributed program for ``cluster``: a :class:`ParallelModule`.
 
     ``model`` is an nn.Module instance or a function of tensors. Without ``example_inputs``
@@ -268,6 +278,11 @@ def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, me
         ``pm(*inputs)`` computes the full batch's outputs, every micro-batch's activations
         held until ``backward()``. A step that does not split exactly (an op needing a
         batch sum whole on a value that requires grad) is refused with a PlanError.
+    schedule: with a "pp" mesh axis (pipeline stages, outermost: ``{"pp": 2, "dp": 2}``),
+        the pipeline schedule: "gpipe", "1f1b" or "interleaved-1f1b" (``-v<k>``: k chunks
+        of layers per rank); by default 1F1B where the micro-batches are at least the stages.
+    stages: with a "pp" axis, the layers of each stage in order (``(3, 5)``); by default the
+        planner cuts where the step is fastest within each stage's memory.
     verbose: show the solver's log (as the "autopar" logger at DEBUG does); planning is
         otherwise silent.
     """
@@ -277,7 +292,8 @@ def compile(model=None, cluster=None, example_inputs=None, *, simulate=False, me
     options = Options(mesh=mesh, constraints=constraints, storage=storage, level=level,
                       memory_budget_bytes=memory_budget_bytes, precision=precision,
                       optimizer=optimizer, fold=fold, recompute=recompute,
-                      micro_batches=micro_batches, verbose=verbose)
+                      micro_batches=micro_batches, schedule=schedule, stages=stages,
+                      verbose=verbose)
     opts = dict(simulate=simulate, options=options)
     if model is None:
         if cluster is None:

@@ -19,8 +19,13 @@ from .errors import PlanError
 
 LEVELS = ("fast", "full")
 RECOMPUTE_CHOICES = ("none", "selective", "full")
-# Axis names that mean pipeline stages (torchtitan's "pp"): refused until stages are planned.
+# The mesh axis of pipeline stages, outermost (torchtitan's "pp"), and other names for it.
+PIPELINE_AXIS = "pp"
 PIPELINE_AXES = ("pp", "pipeline", "stage", "stages")
+# Pipeline schedules: GPipe (every forward, then every backward), 1F1B (one forward, one
+# backward in the steady state), interleaved 1F1B (v chunks of layers per rank, v >= 2:
+# "interleaved-1f1b" is v = 2, "interleaved-1f1b-v4" v = 4).
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,9 @@ class Options:
     fold: plan each repeated block once.
     recompute: a choice for every block, or globs over block paths -> choices.
     micro_batches: how many micro-batches the global batch runs as; None: the planner's.
+    schedule: the pipeline schedule (one of SCHEDULES); None: the planner's.
+    stages: layers per pipeline stage, in order (an uneven split, e.g. (3, 5)); None: the
+        planner's. With a "pp" mesh axis of p, p stages (p * v for interleaved 1F1B).
     verbose: show the solver's log.
     """
 
@@ -50,6 +58,8 @@ class Options:
     fold: bool = True
     recompute: object = None
     micro_batches: int | None = None
+    schedule: str | None = None
+    stages: tuple | None = None
     verbose: bool = False
 
     def __post_init__(self):
@@ -78,6 +88,15 @@ class Options:
                             "micro-batches the global batch runs as), or None to let the "
                             "planner choose")
         _check_recompute(self.recompute)
+        if self.schedule is not None:
+            schedule_chunks(self.schedule)   # checks it
+        if self.stages is not None:
+            st = self.stages
+            if isinstance(st, (str, bytes)) or not hasattr(st, "__iter__") or not list(st) or \
+                    any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in st):
+                raise PlanError(f"stages={st!r}: give the number of layers of each pipeline "
+                                "stage, in order, e.g. (3, 5)")
+            object.__setattr__(self, "stages", tuple(st))
         if not isinstance(self.fold, bool):
             raise PlanError(f"fold={self.fold!r}: pass True or False")
 
@@ -92,6 +111,20 @@ class Options:
         """What the user pinned of ``name``: "use", "storage", "use, storage" or ""."""
         return ", ".join(kind for kind, layout in zip(("use", "storage"), self.pins_of(name))
                          if layout is not None)
+
+    @property
+    def pipeline_stages(self) -> int | None:
+        """The stage count the mesh pins (its "pp" axis), None where it pins none."""
+        if self.mesh is None:
+            return None
+        return self.mesh.get(PIPELINE_AXIS, 1)
+
+    @property
+    def stage_mesh(self) -> dict | None:
+        """The mesh pinned for each stage: the mesh without its "pp" axis."""
+        if self.mesh is None:
+            return None
+        return {a: n for a, n in self.mesh.items() if a != PIPELINE_AXIS} or None
 
     def training(self, micro_batches: int | None = None) -> Training:
         """The cost model's view of a step: precision, optimizer, micro-batch count."""
@@ -121,14 +154,32 @@ def _checked_mesh(mesh) -> dict:
             raise PlanError(f"mesh={dict(mesh)!r}: axis {axis!r} of size {size!r}; give each "
                             "axis a name and a whole size >= 1")
     staged = [a for a in mesh if a.lower() in PIPELINE_AXES]
-    if staged:
-        rest = {a: s for a, s in mesh.items() if a not in staged}
-        raise PlanError(
-            f"mesh axis {staged[0]!r} in {dict(mesh)} asks for pipeline stages, which "
-            "autopar does not plan yet: every axis it plans splits the work of each op, none "
-            f"runs layers on different devices; leave it out (e.g. {rest} with a cluster of "
-            "that many devices) or let autopar choose the mesh")
+    if any(a != PIPELINE_AXIS for a in staged):
+        raise PlanError(f"mesh axis {staged[0]!r} in {dict(mesh)} asks for pipeline stages: "
+                        f"name that axis {PIPELINE_AXIS!r}")
+    if staged and next(iter(mesh)) != PIPELINE_AXIS:
+        order = {PIPELINE_AXIS: mesh[PIPELINE_AXIS],
+                 **{a: s for a, s in mesh.items() if a != PIPELINE_AXIS}}
+        raise PlanError(f"mesh={dict(mesh)}: the pipeline axis {PIPELINE_AXIS!r} is the "
+                        f"outermost, as torchtitan's meshes have it: {order}")
     return dict(mesh)
+
+
+def schedule_chunks(schedule: str) -> tuple:
+    """(schedule name, chunks of layers per rank) of a schedule string; a PlanError naming
+    the choices for anything else."""
+    import re
+    m = re.fullmatch(r"(gpipe|1f1b|interleaved-1f1b)(?:-v(\d+))?", str(schedule).lower())
+    if m is None or (m.group(2) and m.group(1) != "interleaved-1f1b"):
+        raise PlanError(f"schedule={schedule!r}: choose one of {', '.join(SCHEDULES)} "
+                        "(interleaved-1f1b-v<k> for k chunks of layers per rank)")
+    if m.group(1) != "interleaved-1f1b":
+        return m.group(1), 1
+    v = int(m.group(2) or 2)
+    if v < 2:
+        raise PlanError(f"schedule={schedule!r}: interleaved 1F1B runs at least 2 chunks of "
+                        "layers per rank; use 1f1b for one")
+    return m.group(1), v
 
 
 def _check_recompute(request):

@@ -66,6 +66,7 @@ from .expand_repeats import expand_repeats  # noqa: E402
 from .fold_repeated_blocks import fold_repeated_blocks  # noqa: E402
 from .generate_rank_program import generate_rank_program  # noqa: E402
 from .normalize_graph import normalize_graph  # noqa: E402
+from .plan_stages import plan_stages  # noqa: E402
 from .simplify_graph import simplify_graph  # noqa: E402
 from .split_micro_batches import split_micro_batches  # noqa: E402
 
@@ -79,4 +80,4 @@ PIPELINE = ANALYSIS + [assign_layouts, generate_rank_program]
 
 __all__ = ["PassContext", "PassError", "run_passes", "ANALYSIS", "PIPELINE", "normalize_graph",
            "annotate_shapes", "simplify_graph", "expand_repeats", "check_coverage", "assign_layouts",
-           "generate_rank_program"]
+           "generate_rank_program", "plan_stages"]

@@ -111,11 +111,13 @@ def count_launches(pm) -> list:
     """Make ``pm``'s bucketed gradient sync count its all-reduce launches (one per bucket)
     into the returned list's single entry; a list of 0 where it has no sync."""
     count = [0]
-    sync = pm._grad_sync
-    if sync is not None:
+    for stage in getattr(pm, "stages", None) or [pm]:   # a pipeline: every stage's
+        sync = stage._grad_sync
+        if sync is None:
+            continue
         launch = sync._launch
 
-        def counted(*args):
+        def counted(*args, launch=launch):
             count[0] += 1
             return launch(*args)
 

@@ -22,7 +22,11 @@ from autopar.options import Options
     (dict(recompute="sometimes"), "'sometimes'.*none, selective, full"),
     (dict(recompute={"layers.*": "most"}), r"recompute\['layers.\*'\] = 'most'"),
     (dict(mesh={"dp": 0}), "axis 'dp' of size 0"),
-    (dict(mesh={"pp": 2, "dp": 4}), "'pp'.*pipeline stages"),
+    (dict(mesh={"dp": 4, "pp": 2}), "'pp' is the outermost.*{'pp': 2, 'dp': 4}"),
+    (dict(mesh={"stage": 2, "dp": 4}), "'stage'.*pipeline stages: name that axis 'pp'"),
+    (dict(schedule="zb"), "schedule='zb'.*gpipe, 1f1b, interleaved-1f1b"),
+    (dict(schedule="interleaved-1f1b-v1"), "at least 2 chunks"),
+    (dict(stages=(2, 0)), r"stages=\(2, 0\)"),
     (dict(constraints=["fc1.weight"]), "constraints=\\['fc1.weight'\\]"),
     (dict(fold="yes"), "fold='yes'"),
 ])
@@ -48,9 +52,9 @@ def test_a_bad_option_stops_compile_before_the_model_is_traced(monkeypatch):
     traced = []
     monkeypatch.setattr("autopar.api.capture", lambda *a, **k: traced.append(1))
     net = torch.nn.Linear(4, 4)
-    with pytest.raises(PlanError, match="pipeline stages"):
+    with pytest.raises(PlanError, match="outermost"):
         autopar.compile(net, autopar.Cluster.local(4, measure=False),
-                        example_inputs=(torch.randn(2, 4),), mesh={"pp": 2, "dp": 2})
+                        example_inputs=(torch.randn(2, 4),), mesh={"dp": 2, "pp": 2})
     with pytest.raises(PlanError, match="micro_batches=0"):
         autopar.plan(net, autopar.Cluster.local(4, measure=False),
                      example_inputs=(torch.randn(2, 4),), micro_batches=0)

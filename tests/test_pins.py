@@ -116,9 +116,9 @@ def test_a_pin_the_op_cannot_read_names_parameter_op_layout_and_what_it_allows()
         assert part in msg, msg
 
 
-def test_a_pipeline_axis_is_refused_until_stages_are_planned():
+def test_a_pipeline_axis_on_a_model_without_layers_says_so():
     model, args, _ = make("mlp")
-    with pytest.raises(PlanError, match="pipeline stages"):
+    with pytest.raises(PlanError, match="no repeated layers to cut between"):
         autopar.plan(model, autopar.Cluster.local(4, measure=False), example_inputs=args,
                      mesh={"pp": 2, "dp": 2})
 

@@ -267,6 +267,29 @@ class Cluster:
         nodes = tuple(n for c in clusters for n in c.nodes)
         return cls(nodes, inter_node, name=name or " + ".join(c.name for c in clusters))
 
+    def node_of(self, rank: int) -> int:
+        """The index of the node holding ``rank``."""
+        for i, node in enumerate(self.nodes):
+            if rank < node.count:
+                return i
+            rank -= node.count
+        raise PlanError(f"rank {rank} is outside the cluster's {self.world_size} devices")
+
+    def part(self, ranks: range) -> "Cluster":
+        """The devices ``ranks`` (contiguous, in rank order) as a cluster of their own: the
+        part of each node they hold, the same links (a pipeline stage's devices)."""
+        nodes, start = [], 0
+        for node in self.nodes:
+            lo, hi = max(ranks.start, start), min(ranks.stop, start + node.count)
+            if lo < hi:
+                nodes.append(NodeSpec(node.device, hi - lo, node.intra_node))
+            start += node.count
+        if sum(n.count for n in nodes) != len(ranks):
+            raise PlanError(f"ranks {ranks.start}..{ranks.stop - 1} are not all in the "
+                            f"cluster of {self.world_size} devices")
+        return Cluster(tuple(nodes), self.inter_node,
+                       name=f"{self.name} [{ranks.start}..{ranks.stop - 1}]", extra=self.extra)
+
     def __add__(self, other: "Cluster") -> "Cluster":
         if not isinstance(other, Cluster):
             return NotImplemented

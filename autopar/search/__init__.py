@@ -32,6 +32,9 @@ def choose(plan_at, batch_size: int | None, options):
     it made); the count the options pin, else :func:`microbatch.choose_micro_batches`."""
     if options.micro_batches is not None:
         return plan_at(options.micro_batches)
+    if (options.pipeline_stages or 1) > 1:
+        return microbatch.choose_pipeline_micro_batches(plan_at, batch_size,
+                                                        options.pipeline_stages)
     return microbatch.choose_micro_batches(plan_at, batch_size)
 
 

@@ -56,6 +56,30 @@ def choose_micro_batches(plan_at, batch_size: int | None):
     return best
 
 
+def choose_pipeline_micro_batches(plan_at, batch_size: int | None, stages: int):
+    """The fastest plan of a pipeline of ``stages`` over the micro-batch counts worth
+    trying: the first :data:`PIPELINE_COUNTS` divisors of the batch that are at least the
+    stages (fewer leave stages idle), or the largest divisor where none is."""
+    counts = [d for d in divisors(batch_size or 1) if d >= stages][:PIPELINE_COUNTS] or \
+        [divisors(batch_size or 1)[-1]]
+    best, error = None, None
+    for m in counts:
+        try:
+            found = plan_at(m)
+        except NoFit as e:
+            error = error or e
+            continue
+        if best is None or found.plan.cost.total_s < best.plan.cost.total_s:
+            best = found
+    if best is None:
+        raise error
+    return best
+
+
+# Micro-batch counts a pipeline tries.
+PIPELINE_COUNTS = 3
+
+
 def divisors(n: int) -> list:
     """The micro-batch counts a batch of ``n`` splits into evenly, from 1."""
     return [d for d in range(1, n + 1) if n % d == 0]

@@ -97,6 +97,10 @@ class Plan:
     uses: dict = field(default_factory=dict)   # parameter FQN -> [Use]: how ops read it
     pinned: dict = field(default_factory=dict)  # parameter or input name -> what the user
                                                 #   pinned: "use", "storage", "use, storage"
+    stages: list = field(default_factory=list)  # pipeline stages, in order: per stage a dict
+                                                #   of its ranks, device, layers, mesh,
+                                                #   time_s, memory_bytes (empty: one stage)
+    schedule: str = ""                          # the pipeline schedule ("" for one stage)
 
     @property
     def world_size(self) -> int:
@@ -104,6 +108,11 @@ class Plan:
         for v in self.mesh.values():
             n *= v
         return n
+
+    @property
+    def op_mesh(self) -> dict:
+        """The mesh each op's layouts are over: the mesh without its pipeline axis."""
+        return {a: n for a, n in self.mesh.items() if a != "pp"}
 
     def to_dict(self) -> dict:
         return {
@@ -121,6 +130,8 @@ class Plan:
                           "output": format_layout(u.output), "ndim": u.ndim} for u in v]
                      for k, v in self.uses.items()},
             "pinned": dict(self.pinned),
+            "stages": [dict(st) for st in self.stages],
+            "schedule": self.schedule,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -139,7 +150,8 @@ class Plan:
             recompute=dict(d.get("recompute", {})), micro_batches=int(d.get("micro_batches", 1)),
             uses={k: [Use(u["op"], parse_layout(u["layout"]), parse_layout(u["output"]),
                           u["ndim"]) for u in v] for k, v in d.get("uses", {}).items()},
-            pinned=dict(d.get("pinned", {})))
+            pinned=dict(d.get("pinned", {})), stages=list(d.get("stages", [])),
+            schedule=d.get("schedule", ""))
 
     def fingerprint(self) -> str:
         """A hash of everything that shapes the rank programs (not timings)."""
@@ -203,6 +215,8 @@ class Plan:
                       f"communication {format_seconds(c.comm_s)}); peak memory per device "
                       f"{format_bytes(c.memory_bytes_per_device)}")
         console.print(self._memory_line())
+        if self.stages:
+            console.print(self._stage_table())
         if self.micro_batches > 1:
             console.print(f"micro-batches: {self.micro_batches} per step, gradients summed "
                           "before one optimizer step")
@@ -216,7 +230,7 @@ class Plan:
         ``"dp: replicated; tp: column-parallel"``."""
         stored, uses = self.placements[fqn], self.uses.get(fqn, ())
         parts = []
-        for i, axis in enumerate(self.mesh):
+        for i, axis in enumerate(self.op_mesh):
             roles = list(dict.fromkeys(u.role(i, stored[i]) for u in uses))
             if not roles:
                 roles = ["stored split" if isinstance(stored[i], Shard) else "replicated"]
@@ -226,7 +240,7 @@ class Plan:
     def _input_role(self, layout) -> str:
         parts = [f"{axis}: " + ("batch split" if p == Shard(0) else f"split on dim {p.dim}"
                                 if isinstance(p, Shard) else "replicated")
-                 for axis, p in zip(self.mesh, layout)]
+                 for axis, p in zip(self.op_mesh, layout)]
         return "; ".join(parts)
 
     def axis_summary(self) -> list:
@@ -234,7 +248,10 @@ class Plan:
         tensor parallel (parameters used split, by kind), sharded parameter storage, other
         splits of the work, or nothing split at all."""
         lines = []
-        for i, axis in enumerate(self.mesh):
+        if self.stages:
+            lines.append(f"  pp ({len(self.stages)}): pipeline stages, each its layers on "
+                         f"its own devices ({self.schedule})")
+        for i, axis in enumerate(self.op_mesh):
             kinds, gathered, replicated = {}, 0, 0
             for fqn, stored in self.placements.items():
                 roles = {u.role(i, stored[i]) for u in self.uses.get(fqn, ())}
@@ -266,9 +283,28 @@ class Plan:
                     f"dim {d} ({n})" for d, n in sorted(other.items())))
             if not what and not dims:
                 what.append("nothing split: every device on this axis repeats the same work")
-            lines.append(f"  {axis} ({self.mesh[axis]}): " + "; ".join(what or
+            lines.append(f"  {axis} ({self.op_mesh[axis]}): " + "; ".join(what or
                          [f"{dims['partial sums']} ops leave partial sums"]))
         return ["what runs on each mesh axis:"] + lines
+
+    def _stage_table(self):
+        from rich.table import Table
+        bubble = self.stats.get("pipeline", {}).get("bubble")
+        title = f"pipeline: {len(self.stages)} stages, schedule {self.schedule}, " \
+                f"{self.micro_batches} micro-batches"
+        if bubble is not None:
+            title += f", bubble {bubble:.0%} of the step"
+        table = Table(title=title)
+        for col in ("stage", "devices", "ranks", "layers", "mesh", "stage step", "memory",
+                    "micro-batches held"):
+            table.add_column(col)
+        for st in self.stages:
+            mesh = " x ".join(f"{k}={v}" for k, v in st["mesh"].items())
+            table.add_row(str(st["stage"]), st["device"], f"{st['ranks'][0]}..{st['ranks'][1]}",
+                          _span(st["layers"]), mesh,
+                          format_seconds(st["time_s"]), format_bytes(st["memory_bytes"]),
+                          str(st["micro_batches_held"]))
+        return table
 
     def _memory_line(self) -> str:
         c = self.cost

@@ -1,14 +1,37 @@
 """Pipeline stages as a layer of the search: how the devices and the program's layers are cut
 into stages, each planned on its own sub-mesh by the layers below.
 
-Until stages are planned, the one cut there is: a single stage holding every device and every
-layer (p = 1), planned as the whole program. A mesh axis asking for stages (``pp``) is refused
-by :class:`~autopar.options.Options`.
+The devices, in rank order, are cut into p equal groups (whole nodes, or equal parts of one);
+stage s runs a contiguous run of the program's layers on group ``order[s % p]`` (interleaved
+1F1B runs v chunks per group: p * v stages). The step time of a schedule is found by playing it
+(:func:`play`): every group runs its list of forward and backward actions in order, each when
+its input has arrived over the link between the groups, so uneven stages, groups of different
+speeds and slow links between them are priced as they run. The same play counts the
+micro-batches each stage holds at once, which its memory is priced with.
+
+The cut is an exact dynamic program (as in Alpa and AMP) over the layers' prices on each group
+(:class:`Prices`, from a plan of the whole program on that group's devices): for each bound on
+the slowest stage, the least total of stage times whose every stage fits that bound and its
+devices' memory; the step of GPipe and 1F1B is the sum plus (m - 1) times the slowest stage.
+The best cuts are then planned exactly, stage by stage, and played again.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from dataclasses import dataclass, field
 from typing import NamedTuple
+
+from ..errors import PlanError
+
+# Backward takes about twice the forward's time (two matmuls per forward matmul): how a
+# stage's step time per micro-batch splits between its forward and backward actions.
+BACKWARD_SHARE = 2 / 3
+# Cuts of the dynamic program planned exactly, best first.
+EXACT_CANDIDATES = 3
+# Orders of device groups along the pipeline tried on a mixed cluster, at most.
+MAX_ORDERS = 24
 
 
 class Stage(NamedTuple):
@@ -18,8 +41,281 @@ class Stage(NamedTuple):
     layers: str     # which of the program's layers, in words
 
 
+class Action(NamedTuple):
+    kind: str       # "F" forward, "B" backward
+    stage: int
+    micro: int
+
+
+# -- schedules ---------------------------------------------------------------------------------
+
+def schedule_orders(name: str, p: int, v: int, m: int) -> list:
+    """Per rank group (0..p-1) the actions it runs, in order, for ``m`` micro-batches over
+    p * v stages (stage s on group s % p). Raises a PlanError where the schedule cannot run."""
+    if name in ("1f1b", "interleaved-1f1b") and m < p:
+        raise PlanError(f"schedule {name!r} with {p} stages needs at least {p} micro-batches, "
+                        f"got {m}; use micro_batches >= {p}, or schedule='gpipe'")
+    if name == "gpipe":
+        return [[Action("F", r, k) for k in range(m)] + [Action("B", r, k) for k in range(m)]
+                for r in range(p)]
+    if name == "1f1b":
+        out = []
+        for r in range(p):
+            warm = min(p - r - 1, m)
+            acts = [Action("F", r, k) for k in range(warm)]
+            for k in range(m - warm):
+                acts += [Action("F", r, warm + k), Action("B", r, k)]
+            acts += [Action("B", r, k) for k in range(m - warm, m)]
+            out.append(acts)
+        return out
+    if name == "interleaved-1f1b":
+        if m % p:
+            raise PlanError(f"schedule 'interleaved-1f1b' runs micro-batches in rounds of the "
+                            f"{p} stages: micro_batches={m} is not a multiple of {p}")
+        total = m * v
+
+        def fwd(i, r):
+            chunk = (i // p) % v
+            return Action("F", chunk * p + r, (i // (p * v)) * p + i % p)
+
+        def bwd(i, r):
+            chunk = v - 1 - (i // p) % v
+            return Action("B", chunk * p + r, (i // (p * v)) * p + i % p)
+
+        out = []
+        for r in range(p):
+            warm = min((p - r - 1) * 2 + (v - 1) * p, total)
+            acts = [fwd(i, r) for i in range(warm)]
+            for i in range(total - warm):
+                acts += [fwd(warm + i, r), bwd(i, r)]
+            acts += [bwd(i, r) for i in range(total - warm, total)]
+            out.append(acts)
+        return out
+    raise PlanError(f"schedule {name!r}: choose gpipe, 1f1b or interleaved-1f1b")
+
+
+@dataclass
+class Played:
+    """A schedule played with given stage times."""
+
+    step_s: float                 # the last action's end, plus each group's fixed time
+    busy_s: list                  # per group: seconds it computes
+    in_flight: list               # per stage: most micro-batches whose activations it holds
+
+    @property
+    def bubble(self) -> float:
+        """The share of the step the average group is idle."""
+        if self.step_s <= 0:
+            return 0.0
+        return 1 - sum(self.busy_s) / (len(self.busy_s) * self.step_s)
+
+
+def play(orders: list, forward_s: list, backward_s: list, transfer_s: list,
+         fixed_s: list | None = None) -> Played:
+    """Run the actions of every group (``orders``, as :func:`schedule_orders` gives) with
+    per stage forward and backward seconds (one micro-batch) and ``transfer_s[s]`` to move
+    a micro-batch's values between stage s and s + 1 (either way); ``fixed_s`` per group
+    (gradient sums and optimizer). Raises RuntimeError where the orders deadlock."""
+    p, stages = len(orders), len(forward_s)
+    done = {}
+    free = [0.0] * p
+    nxt = [0] * p
+    held = [0] * stages
+    most = [0] * stages
+    busy = [0.0] * p
+    left = sum(len(o) for o in orders)
+    while left:
+        moved = False
+        for r in range(p):
+            while nxt[r] < len(orders[r]):
+                a = orders[r][nxt[r]]
+                s, k = a.stage, a.micro
+                if a.kind == "F":
+                    need = [("F", s - 1, k)] if s > 0 else []
+                    dur, link = forward_s[s], transfer_s[s - 1] if s > 0 else 0.0
+                else:
+                    need = [("F", s, k)] + ([("B", s + 1, k)] if s + 1 < stages else [])
+                    dur, link = backward_s[s], transfer_s[s] if s + 1 < stages else 0.0
+                if any(n not in done for n in need):
+                    break
+                ready = max([free[r]] + [done[n] + (link if n[1] != s else 0.0)
+                                         for n in need])
+                done[(a.kind, s, k)] = free[r] = ready + dur
+                busy[r] += dur
+                held[s] += 1 if a.kind == "F" else -1
+                most[s] = max(most[s], held[s])
+                nxt[r] += 1
+                left -= 1
+                moved = True
+        if not moved:
+            raise RuntimeError("pipeline schedule deadlocks: "
+                               f"{[o[n] for o, n in zip(orders, nxt) if n < len(o)]}")
+    fixed_s = fixed_s or [0.0] * p
+    return Played(max(f + x for f, x in zip(free, fixed_s)), busy, most)
+
+
+# -- prices and the cut ------------------------------------------------------------------------
+
+@dataclass
+class Prices:
+    """What each layer costs on one group of devices (one micro-batch), from a plan of the
+    whole program there: ``step_s[j]`` forward and backward seconds of layer j (the ops
+    before the first layer go with layer 0, those after the last with the last), its
+    parameters' bytes (with gradients and optimizer states), the activation bytes it saves
+    for backward, seconds of gradient sums and optimizer per step, ``boundary_bytes[j]`` the
+    values crossing a cut just before layer j; ``fixed_bytes`` the transient of a stage."""
+
+    mesh: dict
+    step_s: list
+    state_bytes: list
+    saved_bytes: list
+    fixed_s: list
+    boundary_bytes: list
+    fixed_bytes: float = 0.0
+    memory_bytes: float = 0.0      # the group's device memory (the smallest)
+    link: object = None            # within the group
+
+    def stage(self, lo: int, hi: int, in_flight: int = 1) -> tuple:
+        """(seconds per micro-batch, seconds per step, bytes per device) of layers lo..hi-1."""
+        t = sum(self.step_s[lo:hi])
+        mem = sum(self.state_bytes[lo:hi]) + in_flight * sum(self.saved_bytes[lo:hi]) + \
+            self.fixed_bytes
+        return t, sum(self.fixed_s[lo:hi]), mem
+
+
+@dataclass
+class Config:
+    """One pipeline: groups in pipeline order, the cut, schedule and micro-batches."""
+
+    p: int
+    v: int
+    schedule: str
+    micro_batches: int
+    groups: list                  # per group position: the group index (rank range order)
+    firsts: list                  # first layer of each of the p * v stages
+    predicted_s: float = math.inf
+    played: Played | None = None
+    note: str = ""
+    stage_costs: list = field(default_factory=list)
+
+    def group_of(self, stage: int) -> int:
+        return self.groups[stage % self.p]
+
+
+def link_between(cluster, a: range, b: range):
+    """The link joining two groups of ranks: within one node, its link; else the network."""
+    na, nb = {cluster.node_of(r) for r in a}, {cluster.node_of(r) for r in b}
+    if na == nb and len(na) == 1:
+        return cluster.nodes[next(iter(na))].intra_node
+    return cluster.inter_node
+
+
+def transfer_seconds(nbytes: float, link) -> float:
+    return link.latency_s + nbytes / link.bandwidth_bytes_per_s
+
+
+def cuts(prices_of, n_layers: int, stages: int, in_flight: list, budget_of,
+         cuttable: list, slowest_times=None) -> list:
+    """The best cuts of ``n_layers`` into ``stages`` stages by the objective of GPipe and
+    1F1B (sum of stage times plus (m - 1) times the slowest, ``slowest_times`` the m - 1):
+    ``prices_of(s)`` the :class:`Prices` of stage s's group, ``in_flight[s]`` the micro-batches
+    it holds, ``budget_of(s)`` its bytes per device. Returns [(objective, firsts)], best
+    first, at most :data:`EXACT_CANDIDATES`; empty where no cut fits."""
+    if stages > n_layers:
+        return []
+    L = n_layers
+    # stage time and fit of every (s, lo, hi)
+    table = {}
+    for s in range(stages):
+        pr, cap = prices_of(s), budget_of(s)
+        lo_min, lo_max = s, L - (stages - s)
+        for lo in range(lo_min, lo_max + 1):
+            if lo > 0 and not cuttable[lo]:
+                continue
+            for hi in range(lo + 1, L - (stages - s - 1) + 1):
+                if hi < L and not cuttable[hi]:
+                    continue
+                if (s == 0) != (lo == 0) or (s == stages - 1) != (hi == L):
+                    continue
+                t, _, mem = pr.stage(lo, hi, in_flight[s])
+                if mem <= cap:
+                    table[(s, lo, hi)] = t
+    if not table:
+        return []
+    bounds = sorted(set(round(t, 12) for t in table.values()))
+    if len(bounds) > 400:   # the bounds a slowest stage may take, in 0.25% steps
+        kept, last = [], -1.0
+        for b in bounds:
+            if b > last * 1.0025:
+                kept.append(b)
+                last = b
+        bounds = kept + [bounds[-1]]
+    m1 = slowest_times or 0
+    found = {}
+    for bound in bounds:
+        best = {(0, 0): (0.0, ())}
+        for s in range(stages):
+            nxt = {}
+            for (_, lo), (total, firsts) in best.items():
+                for hi in range(lo + 1, L + 1):
+                    t = table.get((s, lo, hi))
+                    if t is None or t > bound * (1 + 1e-9):
+                        continue
+                    key = (s + 1, hi)
+                    val = (total + t, firsts + (lo,))
+                    if key not in nxt or val[0] < nxt[key][0]:
+                        nxt[key] = val
+            best = nxt
+        end = best.get((stages, L))
+        if end is not None:
+            worst = max(table[(s, lo, hi)] for s, (lo, hi) in
+                        enumerate(zip(end[1], end[1][1:] + (L,))))
+            objective = end[0] + m1 * worst
+            if end[1] not in found or objective < found[end[1]]:
+                found[end[1]] = objective
+    ranked = sorted((obj, list(f)) for f, obj in found.items())
+    return ranked[:EXACT_CANDIDATES]
+
+
+def group_orders(signatures: list) -> list:
+    """Orders of groups along the pipeline worth trying: every distinct order of their kinds
+    (groups of one kind are interchangeable), at most :data:`MAX_ORDERS`; the rank order
+    first."""
+    p = len(signatures)
+    out, seen = [], set()
+    for perm in itertools.permutations(range(p)):
+        key = tuple(signatures[i] for i in perm)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(list(perm))
+        if len(out) >= MAX_ORDERS:
+            break
+    return out
+
+
 def search(cluster, plan_stage):
-    """The plan of the best cut into stages: ``plan_stage(stage)`` plans one stage with the
-    layers below (recomputation, meshes, the per-op program). One stage: every rank, every
-    layer."""
+    """The plan of one stage holding every rank and every layer (p = 1): ``plan_stage``
+    plans it with the layers below (recomputation, meshes, the per-op program). Plans with
+    more stages are made by :func:`autopar.passes.plan_stages.plan_stages`, which calls
+    this layer for each stage's program."""
     return plan_stage(Stage(range(cluster.world_size), "all"))
+
+
+def groups_of(cluster, p: int) -> list | None:
+    """The p groups of ranks a cluster cuts into: equal, each whole nodes or an equal part
+    of one node; None where it does not cut so."""
+    n = cluster.world_size
+    if p < 1 or n % p:
+        return None
+    d = n // p
+    out = []
+    for g in range(p):
+        ranks = range(g * d, (g + 1) * d)
+        nodes = sorted({cluster.node_of(r) for r in ranks})
+        if len(nodes) > 1:
+            whole = sum(cluster.nodes[i].count for i in nodes) == d
+            if not whole:
+                return None
+        out.append(ranks)
+    return out

@@ -1,0 +1,339 @@
+"""plan_stages: cut the program of one micro-batch into pipeline stages and plan each stage.
+
+Where the options pin a "pp" mesh axis of p > 1, the devices are cut into p equal groups and
+the program's layers (:func:`autopar.program.stages.find_layers`) into p stages (p * v for
+interleaved 1F1B). The layers are priced on each kind of group by a plan of the whole program
+there (memory unbounded: what each layer costs at its fastest), the search of
+:mod:`autopar.search.stages` finds the best cuts and group orders by those prices, and the best
+few are planned exactly, stage by stage, each stage's program by ``assign_layouts`` on its own
+devices, its budget less the activations of the micro-batches it holds at once. The plan kept
+is the fastest played, within memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from autopar.errors import NoFit, PlanError
+from autopar.options import schedule_chunks
+from autopar.program.graph import copy_graph_module
+from autopar.program.stages import check_split, cut, find_layers
+from autopar.search import stages as S
+from autopar.search.result import Plan
+
+from .assign_layouts import assign_layouts
+from .fold_repeated_blocks import fold_repeated_blocks
+
+# A probe's budget: no bound (what each layer costs at its fastest).
+_UNBOUNDED = 1e30
+
+
+@dataclasses.dataclass
+class StagePlanned:
+    """One planned stage: its program (``graph``: the cut), pass context (its ``plan``,
+    ``mesh``, later ``program``) and ranks."""
+
+    graph: object
+    ctx: object
+    ranks: range
+
+
+def plan_stages(gm, ctx):
+    """Plan the pinned pipeline; sets ``ctx.plan`` (with ``stages``) and ``ctx.stages``
+    (:class:`StagePlanned` per stage, in pipeline order)."""
+    options, cluster = ctx.options, ctx.cluster
+    p = options.pipeline_stages
+    m = options.micro_batches or 1
+    layers = find_layers(gm, getattr(ctx, "blocks", []))
+    if layers is None:
+        raise PlanError(f"mesh={dict(options.mesh)} asks for {p} pipeline stages, but the "
+                        "program has no repeated layers to cut between (an nn.ModuleList of "
+                        "alike blocks); plan it without the 'pp' axis")
+    name, v = schedule_chunks(options.schedule) if options.schedule else (None, 1)
+    names = [name] if name else (["1f1b"] if m >= p else ["gpipe"])
+    n_stages = p * v
+    if n_stages > len(layers):
+        raise PlanError(f"{n_stages} pipeline stages (pp={p}"
+                        f"{f', {v} chunks per rank' if v > 1 else ''}) but the program has "
+                        f"only {len(layers)} layers ({layers.paths[0]} .. {layers.paths[-1]}); "
+                        f"use pp <= {len(layers) // v}")
+    groups = S.groups_of(cluster, p)
+    if groups is None:
+        raise PlanError(f"pp={p} does not cut {cluster} into equal groups of whole nodes or "
+                        f"equal parts of a node; use a pp that divides "
+                        f"{cluster.world_size} so")
+    budget = options.memory_budget_bytes
+    parts = [cluster.part(g) for g in groups]
+    sub_mesh = options.stage_mesh
+    d = len(groups[0])
+    if sub_mesh is not None and math.prod(sub_mesh.values()) != d:
+        raise PlanError(f"mesh={dict(options.mesh)}: each of the {p} stages holds {d} "
+                        f"devices, but the axes after 'pp' hold "
+                        f"{math.prod(sub_mesh.values())}")
+    for order in names:
+        S.schedule_orders(order, p, v, m)   # refuses what cannot run
+    if options.stages is not None:
+        firsts = check_split(layers, _checked_count(options.stages, n_stages))
+        candidates = [[firsts]]
+    else:
+        candidates = None
+    prober = _Prober(gm, ctx, layers)
+    kinds = [_signature(c) for c in parts]
+    orders = S.group_orders(kinds) if options.stages is None else [list(range(p))]
+    best, errors = None, []
+    for sched in names:
+        for order in orders:
+            in_flight = _in_flight(sched, p, v, m)
+            mesh = sub_mesh or prober.mesh_for(parts[order[0]], m)
+            if candidates is None:
+                def prices_of(s, order=order):
+                    return prober.prices(parts[order[s % p]], m, mesh)
+
+                def budget_of(s, order=order):
+                    return budget or min(dv.memory_bytes for dv in parts[order[s % p]].devices())
+                ranked = S.cuts(prices_of, len(layers), n_stages, in_flight, budget_of,
+                                layers.cuttable, m - 1)
+                firsts_list = [f for _, f in ranked]
+            else:
+                firsts_list = candidates[0]
+            for firsts in firsts_list:
+                config = S.Config(p, v, sched, m, order, firsts)
+                try:
+                    made = _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget)
+                except NoFit as e:
+                    errors.append(e)
+                    continue
+                if best is None or made[0].predicted_s < best[0].predicted_s:
+                    best = made
+    if best is None:
+        if errors:
+            raise errors[0]
+        raise NoFit(budget or min(dv.memory_bytes for dv in cluster.devices()), cluster,
+                    math.inf, note=f"no cut of {len(layers)} layers into {n_stages} stages "
+                    "fits each stage's devices")
+    config, planned = best
+    ctx.stages = planned
+    ctx.plan = _pipeline_plan(ctx, config, planned, layers)
+    ctx.mesh = None
+    return gm
+
+
+def _checked_count(split, n_stages: int) -> list:
+    if len(split) != n_stages:
+        raise PlanError(f"stages={list(split)}: {len(split)} stages given, but the mesh's "
+                        f"'pp' axis and schedule make {n_stages}")
+    return list(split)
+
+
+def _in_flight(schedule: str, p: int, v: int, m: int) -> list:
+    """Per stage, the micro-batches whose activations it holds at most under ``schedule``."""
+    orders = S.schedule_orders(schedule, p, v, m)
+    n = p * v
+    played = S.play(orders, [1.0] * n, [2.0] * n, [0.0] * max(n - 1, 1))
+    return played.in_flight
+
+
+def _signature(cluster) -> tuple:
+    return tuple((n.device.name, n.count) for n in cluster.nodes)
+
+
+class _Prober:
+    """Prices of every layer on a group of devices, one plan of the whole program per
+    (kind of group, micro-batches, mesh)."""
+
+    def __init__(self, gm, ctx, layers):
+        self.gm, self.ctx, self.layers = gm, ctx, layers
+        self.cache = {}
+
+    def _plan(self, cluster, m, mesh):
+        key = (_signature(cluster), m, tuple((mesh or {}).items()))
+        if key not in self.cache:
+            gm = copy_graph_module(self.gm)
+            options = self.ctx.options.replace(mesh=mesh, micro_batches=m, stages=None,
+                                               schedule=None,
+                                               memory_budget_bytes=_UNBOUNDED,
+                                               recompute=self.ctx.options.recompute or "none")
+            ctx = dataclasses.replace(self.ctx, cluster=cluster, options=options,
+                                      stats={"seconds": self.ctx.stats.get("seconds", {})})
+            fold_repeated_blocks(gm, ctx)
+            assign_layouts(gm, ctx)
+            self.cache[key] = (gm, ctx.plan)
+        return self.cache[key]
+
+    def mesh_for(self, cluster, m) -> dict:
+        """The mesh the whole program is fastest on over ``cluster``'s devices."""
+        return dict(self._plan(cluster, m, None)[1].mesh)
+
+    def prices(self, cluster, m, mesh) -> S.Prices:
+        gm, plan = self._plan(cluster, m, mesh)
+        return _prices(gm, plan, self.layers, cluster, m, self.ctx.options)
+
+
+def _prices(gm, plan, layers, cluster, m, options) -> S.Prices:
+    L = len(layers)
+    starts = layers.starts
+    nodes = list(gm.graph.nodes)
+
+    def layer_at(i):
+        j = 0
+        while j + 1 < L and starts[j + 1] <= i:
+            j += 1
+        return j
+
+    step = [0.0] * L
+    saved = [0.0] * L
+    params = [set() for _ in range(L)]
+    for i, n in enumerate(nodes):
+        row = plan.nodes.get(n.name)
+        if row is not None:
+            j = layer_at(i)
+            step[j] += row["compute_s"] + row["comm_s"]
+            saved[j] += row["memory_bytes"]
+        if n.op in ("call_function", "call_method"):
+            for a in n.all_input_nodes:
+                if a.op == "get_attr":
+                    params[layer_at(i)].add(a.target)
+    training = options.training(m)
+    sizes = {n.target: n.meta["val"] for n in nodes if n.op == "get_attr"}
+    mesh_sizes = list(plan.mesh.values())
+    state = [0.0] * L
+    for j in range(L):
+        for t in params[j]:
+            val = sizes[t]
+            layout = plan.placements.get(t, ())
+            split = math.prod(mesh_sizes[a] for a, pl in enumerate(layout)
+                              if type(pl).__name__ == "Shard")
+            state[j] += val.numel() * training.bytes_per_parameter(
+                val.requires_grad, val.element_size()) / split
+    per_micro = sum(step)
+    fixed_total = max(plan.cost.total_s - m * per_micro, 0.0)
+    total_state = sum(state) or 1.0
+    fixed = [fixed_total * s / total_state for s in state]
+    # bytes crossing a cut just before each layer (whole values, as stages hand them on)
+    position = {n: i for i, n in enumerate(nodes)}
+    last_use = {}
+    for n in nodes:
+        if n.op in ("call_function", "call_method") and isinstance(n.meta.get("val"),
+                                                                     torch.Tensor):
+            last_use[n] = max((position[u] for u in n.users), default=position[n])
+    boundary = [0.0] * L
+    for j in range(1, L):
+        s0 = starts[j]
+        boundary[j] = sum(v.meta["val"].numel() * v.meta["val"].element_size()
+                          for v, last in last_use.items() if position[v] < s0 <= last)
+    devs = cluster.devices()
+    return S.Prices(dict(plan.mesh), step, state, saved, fixed, boundary,
+                    fixed_bytes=plan.cost.transient_bytes + plan.cost.bucket_bytes,
+                    memory_bytes=min(dv.memory_bytes for dv in devs),
+                    link=cluster.nodes[0].intra_node)
+
+
+def _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget):
+    """Plan every stage of ``config`` exactly and play its schedule."""
+    p, n = config.p, config.p * config.v
+    stage_graphs = cut(gm, layers, config.firsts, ctx.input_names)
+    in_flight = _in_flight(config.schedule, p, config.v, config.micro_batches)
+    planned, costs = [], []
+    for s, sg in enumerate(stage_graphs):
+        g = config.group_of(s)
+        part = parts[g]
+        cap = budget or min(dv.memory_bytes for dv in part.devices())
+        held = in_flight[s] if s < len(in_flight) else 1
+        sctx = _stage_plan(sg, ctx, part, mesh, cap, held)
+        planned.append(StagePlanned(sg, sctx, groups[g]))
+        costs.append(sctx.plan.cost)
+    # play the schedule with the exact stage prices
+    fwd, bwd, fixed_g = [], [], [0.0] * p
+    m = config.micro_batches
+    for s, st in enumerate(planned):
+        per_micro = sum(r["compute_s"] + r["comm_s"] for r in st.ctx.plan.nodes.values())
+        fwd.append(per_micro * (1 - S.BACKWARD_SHARE))
+        bwd.append(per_micro * S.BACKWARD_SHARE)
+        fixed_g[s % p] += max(st.ctx.plan.cost.total_s - m * per_micro, 0.0)
+    transfer = []
+    for s in range(n - 1):
+        link = S.link_between(ctx.cluster, groups[config.group_of(s)],
+                              groups[config.group_of(s + 1)])
+        nbytes = sum(t.numel() * t.element_size() for t in
+                     (ph.meta["val"] for ph in planned[s + 1].graph.gm.graph.nodes
+                      if ph.op == "placeholder" and ph.name in (planned[s].graph.outputs or ())))
+        transfer.append(S.transfer_seconds(nbytes, link))
+    orders = S.schedule_orders(config.schedule, p, config.v, m)
+    config.played = S.play(orders, fwd, bwd, transfer or [0.0], fixed_g)
+    config.predicted_s = config.played.step_s
+    config.stage_costs = costs
+    return config, planned
+
+
+def _stage_plan(sg, ctx, cluster, mesh, cap, held):
+    """Plan one stage's program on its devices: its budget less the activations of the
+    ``held - 1`` micro-batches it holds besides the one the plan counts."""
+    options = ctx.options.replace(mesh=mesh, stages=None, schedule=None)
+    reserve = 0.0
+    for _ in range(3):
+        sctx = dataclasses.replace(
+            ctx, cluster=cluster, options=options.replace(memory_budget_bytes=cap - reserve),
+            example_inputs=[ph.meta["val"] for ph in sg.gm.graph.nodes
+                            if ph.op == "placeholder"],
+            input_names=list(sg.input_names), unsupported=list(ctx.unsupported),
+            stats={"seconds": ctx.stats.get("seconds", {})})
+        if cap - reserve <= 0:
+            raise NoFit(cap, cluster, cap + reserve)
+        gm = sg.gm
+        fold_repeated_blocks(gm, sctx)
+        assign_layouts(gm, sctx)
+        cost = sctx.plan.cost
+        need = cost.memory_bytes_per_device + (held - 1) * cost.saved_bytes
+        if need <= cap * (1 + 1e-9):
+            return sctx
+        reserve = need - cost.memory_bytes_per_device + reserve
+    raise NoFit(cap, cluster, need)
+
+
+def _pipeline_plan(ctx, config, planned, layers) -> Plan:
+    """One Plan of the pipeline: every stage's layouts, its stages, the played cost."""
+    first = planned[0].ctx.plan
+    placements, inputs, nodes, recompute, uses, pinned = {}, {}, {}, {}, {}, {}
+    stages = []
+    worst = None
+    p = config.p
+    for s, st in enumerate(planned):
+        plan = st.ctx.plan
+        for k, v in plan.placements.items():
+            placements.setdefault(k, v)
+        for k, v in plan.inputs.items():
+            if k in ctx.input_names:   # not the values handed between stages
+                inputs.setdefault(k, v)
+        nodes.update(plan.nodes)
+        recompute.update(plan.recompute)
+        for k, v in plan.uses.items():
+            uses.setdefault(k, v)
+        pinned.update(plan.pinned)
+        held = config.played.in_flight[s]
+        memory = plan.cost.memory_bytes_per_device + (held - 1) * plan.cost.saved_bytes
+        stage_cost = dataclasses.replace(plan.cost, memory_bytes_per_device=memory)
+        if worst is None or memory > worst.memory_bytes_per_device:
+            worst = stage_cost
+        dev = st.ctx.cluster.devices()[0].name
+        stages.append({"stage": s, "ranks": [st.ranks.start, st.ranks.stop - 1],
+                       "device": f"{dev} x {len(st.ranks)}", "layers": list(st.graph.layers),
+                       "mesh": dict(plan.mesh), "time_s": plan.cost.total_s,
+                       "memory_bytes": memory, "micro_batches_held": held})
+    cost = dataclasses.replace(worst, total_s=config.predicted_s,
+                               compute_s=max(config.played.busy_s),
+                               comm_s=sum(c.comm_s for c in config.stage_costs))
+    stats = dict(ctx.stats)
+    stats["pipeline"] = {"bubble": config.played.bubble, "order": list(config.groups),
+                         "firsts": list(config.firsts)}
+    sub = dict(first.mesh) if math.prod(first.mesh.values()) > 1 else {}
+    return Plan(mesh={"pp": p, **sub}, placements=placements, inputs=inputs, nodes=nodes,
+                cost=cost, stats=stats, cluster=str(ctx.cluster), recompute=recompute,
+                micro_batches=config.micro_batches, uses=uses, pinned=pinned, stages=stages,
+                schedule=config.schedule if config.v == 1 else
+                f"interleaved-1f1b-v{config.v}")
+
+
+__all__ = ["plan_stages", "StagePlanned"]
