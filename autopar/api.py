@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
@@ -52,7 +53,10 @@ def _plan(model, cluster, example_inputs, options: Options, program: bool = True
         prepared = _Prepared(model, example_inputs, cluster, options)
         inputs = normalize_example_inputs(example_inputs) if example_inputs is not None else []
         flat = tree_leaves(inputs)
-        kept = search.choose(prepared.plan_at, batch_size_of(flat), options)
+        batch = batch_size_of(flat)
+        kept = search.choose(prepared.plan_at, batch, options, cluster=cluster,
+                             staged=None if options.mesh is not None or not options.fold
+                             else lambda p, bound: prepared.staged(p, batch, bound))
         if program:
             for st in getattr(kept.ctx, "stages", None) or ():
                 run_passes(st.graph.gm, st.ctx, [generate_rank_program])
@@ -132,6 +136,15 @@ class _Prepared:
             self._capture([])  # traced again, at full depth
             return self._plan_copy(micro_batches, PER_COUNT + [last])
 
+    def staged(self, stages: int, batch_size, bound=None) -> _Programmed:
+        """The best plan of the prepared program as a pipeline of ``stages`` stages; a
+        PlanError where none is predicted faster than ``bound`` seconds a step."""
+        from autopar import search
+        other = copy.copy(self)
+        other.options = self.options.replace(mesh={"pp": stages})
+        other.stage_bound = bound
+        return search.choose(other.plan_at, batch_size, other.options)
+
     def _plan_copy(self, micro_batches: int, passes) -> _Programmed:
         from autopar.passes import run_passes
         start = time.perf_counter()
@@ -146,6 +159,8 @@ class _Prepared:
                                   unsupported=list(self.ctx.unsupported),
                                   stats={"seconds": self.seconds})
         self.seconds["copy"] = self.seconds.get("copy", 0.0) + time.perf_counter() - start
+        if getattr(self, "stage_bound", None) is not None:
+            ctx.stage_bound = self.stage_bound
         run_passes(gm, ctx, passes)
         return _Programmed(captured, ctx)
 

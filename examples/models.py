@@ -1,4 +1,5 @@
-"""Small reference models written as people write them: GPT, LLaMA, BERT, an MLP.
+"""Small reference models written as people write them: GPT, LLaMA, BERT, an MLP, and a
+TransGAN-style generator whose layers are uneven.
 
 They are the model zoo of autopar's equivalence tests and the models of its examples.
 """
@@ -283,6 +284,76 @@ class Bert(nn.Module):
         pooled = torch.tanh(self.pooler(x[:, 0]))
         logits = self.classifier(pooled)
         return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+# -- TransGAN: a transformer generator whose levels differ in tokens and width -----------------
+
+@dataclass
+class TransGANConfig:
+    latent_dim: int = 16
+    base_tokens: int = 4          # tokens at the first level (a side of 2 x 2)
+    dims: tuple = (32, 16, 8)     # width per level; each next level has 4x the tokens
+    depths: tuple = (3, 2, 2)     # blocks per level
+    n_head: int = 2
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm self-attention and MLP, over every token (no mask)."""
+
+    def __init__(self, dim: int, n_head: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.n_head = n_head
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).chunk(3, dim=-1)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C)
+        x = x + self.proj(y)
+        return x + self.fc2(F.gelu(self.fc1(self.ln_2(x))))
+
+
+class TransGAN(nn.Module):
+    """TransGAN's generator (Jiang et al., 2021): a latent vector becomes a small grid of
+    tokens; each level runs its blocks, then pixel-shuffles to 4x the tokens at a quarter
+    of the width (the last keeps its width). Its layers are uneven: early levels are wide
+    and short, late ones long and narrow. Returns the loss against a target image."""
+
+    def __init__(self, cfg: TransGANConfig = TransGANConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Linear(cfg.latent_dim, cfg.base_tokens * cfg.dims[0])
+        self.levels = nn.ModuleList(
+            nn.ModuleList(EncoderBlock(d, cfg.n_head) for _ in range(n))
+            for d, n in zip(cfg.dims, cfg.depths))
+        self.widen = nn.ModuleList(nn.Linear(cfg.dims[i], 4 * cfg.dims[i + 1])
+                                   for i in range(len(cfg.dims) - 1))
+        self.to_rgb = nn.Linear(cfg.dims[-1], 3)
+
+    def forward(self, z, image):
+        x = self.embed(z).view(z.shape[0], self.cfg.base_tokens, self.cfg.dims[0])
+        for i, level in enumerate(self.levels):
+            for block in level:
+                x = block(x)
+            if i < len(self.widen):   # pixel shuffle: each token becomes four
+                B, T, _ = x.shape
+                x = self.widen[i](x).view(B, T * 4, self.cfg.dims[i + 1])
+        return F.mse_loss(self.to_rgb(x), image)
+
+
+def transgan_batch(cfg: TransGANConfig, batch=4, seed=0):
+    """Latent vectors and target images (as tokens of RGB) for :class:`TransGAN`."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = cfg.base_tokens * 4 ** (len(cfg.dims) - 1)
+    return (torch.randn(batch, cfg.latent_dim, generator=g),
+            torch.randn(batch, tokens, 3, generator=g))
 
 
 def tiny_batch(cfg, batch=4, seq=8, seed=0):

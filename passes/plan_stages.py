@@ -29,6 +29,9 @@ from .fold_repeated_blocks import fold_repeated_blocks
 
 # A probe's budget: no bound (what each layer costs at its fastest).
 _UNBOUNDED = 1e30
+# A pipeline whose estimate is slower than the plan to beat by more than this share is not
+# planned exactly (the estimate and the exact plan differ by a few percent).
+SLOWER_MARGIN = 0.10
 
 
 @dataclasses.dataclass
@@ -83,31 +86,37 @@ def plan_stages(gm, ctx):
     prober = _Prober(gm, ctx, layers)
     kinds = [_signature(c) for c in parts]
     orders = S.group_orders(kinds) if options.stages is None else [list(range(p))]
-    best, errors = None, []
+    found = []   # (estimated step, config, mesh)
     for sched in names:
         for order in orders:
-            in_flight = _in_flight(sched, p, v, m)
             mesh = sub_mesh or prober.mesh_for(parts[order[0]], m)
-            if candidates is None:
-                def prices_of(s, order=order):
-                    return prober.prices(parts[order[s % p]], m, mesh)
+            if candidates is not None:
+                found.append((0.0, S.Config(p, v, sched, m, order, candidates[0][0]), mesh))
+                continue
+            in_flight = _in_flight(sched, p, v, m)
 
-                def budget_of(s, order=order):
-                    return budget or min(dv.memory_bytes for dv in parts[order[s % p]].devices())
-                ranked = S.cuts(prices_of, len(layers), n_stages, in_flight, budget_of,
-                                layers.cuttable, m - 1)
-                firsts_list = [f for _, f in ranked]
-            else:
-                firsts_list = candidates[0]
-            for firsts in firsts_list:
+            def prices_of(s, order=order, mesh=mesh):
+                return prober.prices(parts[order[s % p]], m, mesh)
+
+            def budget_of(s, order=order):
+                return budget or min(dv.memory_bytes for dv in parts[order[s % p]].devices())
+            for _, firsts in S.cuts(prices_of, len(layers), n_stages, in_flight, budget_of,
+                                    layers.cuttable, m - 1):
                 config = S.Config(p, v, sched, m, order, firsts)
-                try:
-                    made = _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget)
-                except NoFit as e:
-                    errors.append(e)
-                    continue
-                if best is None or made[0].predicted_s < best[0].predicted_s:
-                    best = made
+                found.append((_estimate(config, prices_of, ctx.cluster, groups, len(layers)),
+                              config, mesh))
+    found.sort(key=lambda f: f[0])
+    bound = getattr(ctx, "stage_bound", math.inf)
+    if found and found[0][0] > bound * (1 + SLOWER_MARGIN):
+        raise PlanError(f"no pipeline of {n_stages} stages is predicted faster than "
+                        f"{bound:.4g} s a step (the best {found[0][0]:.4g} s)")
+    best, errors = None, []
+    for _, config, mesh in found[:S.EXACT_CANDIDATES]:
+        try:
+            best = _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget)
+            break
+        except NoFit as e:
+            errors.append(e)
     if best is None:
         if errors:
             raise errors[0]
@@ -119,6 +128,26 @@ def plan_stages(gm, ctx):
     ctx.plan = _pipeline_plan(ctx, config, planned, layers)
     ctx.mesh = None
     return gm
+
+
+def _estimate(config, prices_of, cluster, groups, n_layers: int) -> float:
+    """The step of ``config`` played with the layers' prices (before planning it exactly)."""
+    n, p = config.p * config.v, config.p
+    bounds = list(config.firsts) + [n_layers]
+    fwd, bwd, fixed, transfer = [], [], [0.0] * p, []
+    for s in range(n):
+        pr = prices_of(s)
+        t, once, _ = pr.stage(bounds[s], bounds[s + 1])
+        fwd.append(t * (1 - S.BACKWARD_SHARE))
+        bwd.append(t * S.BACKWARD_SHARE)
+        fixed[s % p] += once
+        if s + 1 < n:
+            a, b = groups[config.group_of(s)], groups[config.group_of(s + 1)]
+            transfer.append(S.transfer_seconds(pr.boundary_bytes[bounds[s + 1]],
+                                               S.link_between(cluster, a, b), len(a),
+                                               pr.link))
+    orders = S.schedule_orders(config.schedule, p, config.v, config.micro_batches)
+    return S.play(orders, fwd, bwd, transfer or [0.0], fixed).step_s
 
 
 def _checked_count(split, n_stages: int) -> list:
@@ -208,6 +237,7 @@ def _prices(gm, plan, layers, cluster, m, options) -> S.Prices:
                               if type(pl).__name__ == "Shard")
             state[j] += val.numel() * training.bytes_per_parameter(
                 val.requires_grad, val.element_size()) / split
+    step = [t / m for t in step]   # a plan's op seconds are its m micro-batches'
     per_micro = sum(step)
     fixed_total = max(plan.cost.total_s - m * per_micro, 0.0)
     total_state = sum(state) or 1.0
@@ -249,7 +279,8 @@ def _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget):
     fwd, bwd, fixed_g = [], [], [0.0] * p
     m = config.micro_batches
     for s, st in enumerate(planned):
-        per_micro = sum(r["compute_s"] + r["comm_s"] for r in st.ctx.plan.nodes.values())
+        per_micro = sum(r["compute_s"] + r["comm_s"]
+                        for r in st.ctx.plan.nodes.values()) / m   # the plan's are m's
         fwd.append(per_micro * (1 - S.BACKWARD_SHARE))
         bwd.append(per_micro * S.BACKWARD_SHARE)
         fixed_g[s % p] += max(st.ctx.plan.cost.total_s - m * per_micro, 0.0)
@@ -260,7 +291,12 @@ def _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget):
         nbytes = sum(t.numel() * t.element_size() for t in
                      (ph.meta["val"] for ph in planned[s + 1].graph.gm.graph.nodes
                       if ph.op == "placeholder" and ph.name in (planned[s].graph.outputs or ())))
-        transfer.append(S.transfer_seconds(nbytes, link))
+        nxt = parts[config.group_of(s + 1)]
+        within = min((node.intra_node for node in nxt.nodes),
+                     key=lambda lk: lk.bandwidth_bytes_per_s)
+        if len(nxt.nodes) > 1:
+            within = ctx.cluster.inter_node
+        transfer.append(S.transfer_seconds(nbytes, link, len(groups[0]), within))
     orders = S.schedule_orders(config.schedule, p, config.v, m)
     config.played = S.play(orders, fwd, bwd, transfer or [0.0], fixed_g)
     config.predicted_s = config.played.step_s

@@ -94,13 +94,57 @@ def training_cases(world):
                     adamw=dict(lr=1e-3, eps=1e-3), sums_gradients=None)
 
 
+def pipeline_cases(world):
+    """Pipelines under torchrun: stages on their own ranks, values handed in parts between
+    them, uneven splits, each schedule; 4 and 8 processes."""
+    if world == 4:
+        yield "gpt-pipeline-pp2xdp2-1f1b", "gpt-deep", dict(
+            mesh={"pp": 2, "dp": 2}, stages=(1, 3), schedule="1f1b", micro_batches=2)
+        yield "llama-pipeline-pp2xtp2-gpipe", "llama-deep", dict(
+            mesh={"pp": 2, "tp": 2}, stages=(3, 1), schedule="gpipe", micro_batches=4,
+            constraints=megatron("llama", {"tp": 2}))
+        yield "llama-pipeline-pp4-1f1b", "llama-deep", dict(
+            mesh={"pp": 4}, stages=(1, 1, 1, 1), schedule="1f1b", micro_batches=4)
+        yield "gpt-pipeline-pp2xdp2-interleaved", "gpt-deep", dict(
+            mesh={"pp": 2, "dp": 2}, stages=(1, 1, 1, 1), schedule="interleaved-1f1b",
+            micro_batches=2)
+    if world == 8:
+        yield "gpt-pipeline-pp2xdp2xtp2-1f1b", "gpt-deep", dict(
+            mesh={"pp": 2, "dp": 2, "tp": 2}, stages=(3, 1), schedule="1f1b", micro_batches=2,
+            constraints=megatron("gpt", {"dp": 2, "tp": 2}))
+
+
+def run_pipeline(name, opts):
+    """Three AdamW steps of ``pm.step`` against one device (loss, every gradient, every
+    parameter, on every rank)."""
+    model, args, _ = make_model(name)
+    ref = twin(model)
+    m = opts.get("micro_batches") or 1
+    args = (args[0], uneven_targets(args[1], m))
+    pm = autopar.compile(model, autopar.Cluster.local(measure=False), example_inputs=args,
+                         **opts)
+    assert not pm.simulate and pm.plan.stages
+    assert "stage" in pm.code
+    worst, _ = check_steps(pm, ref, [args] * 3)
+    return worst
+
+
 def hf_megatron(name, mesh):
     import test_hf  # imports transformers: only where a case needs it
     return test_hf.megatron(name, mesh)
 
 
 def make_model(name):
-    """(model, args, kwargs): the zoo of test_e2e_simulated, or test_hf's for "hf-*"."""
+    """(model, args, kwargs): the zoo of test_e2e_simulated, or test_hf's for "hf-*"; "-deep":
+    4 layers and a batch of 8."""
+    if name.endswith("-deep"):
+        from models import GPT, GPTConfig, Llama, LlamaConfig, tiny_batch
+        torch.manual_seed(0)
+        if name == "gpt-deep":
+            cfg = GPTConfig(n_layer=4)
+            return GPT(cfg), tiny_batch(cfg, batch=8), {}
+        cfg = LlamaConfig(n_layers=4)
+        return Llama(cfg), tiny_batch(cfg, batch=8), {}
     if name.startswith("hf-"):
         import test_hf
         family, padded = name[3:].removesuffix("-padded"), name.endswith("-padded")
@@ -294,9 +338,29 @@ def run_errors(world):
     return out
 
 
+def _pipelines(results, world):
+    for case, name, opts in pipeline_cases(world):
+        try:
+            results[case] = {"worst": run_pipeline(name, opts)}
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            results[case] = {"error": f"{type(e).__name__}: {e}",
+                             "trace": traceback.format_exc()[-2000:]}
+
+
+def main_pipelines(rank, world, port, result_dir):
+    """The pipeline cases alone (the world of 8 processes runs only these)."""
+    join_world(rank, world, port, result_dir, timeout_s=240)
+    results = {}
+    _pipelines(results, world)
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
 def main(rank, world, port, result_dir):
     join_world(rank, world, port, result_dir, timeout_s=120)
     results = {}
+    _pipelines(results, world)
     for case, name, opts in training_cases(world):
         try:
             results[case] = {"worst": run_training(name, opts)}

@@ -21,6 +21,34 @@ def _training_cases(world):
     return [case for case, _, _ in distributed_cases.training_cases(world)]
 
 
+def test_pipelines_match_one_device_on_every_rank(world_results):
+    """pp 2 x dp 2, pp 2 x tp 2 and pp 4 (4 processes): uneven stages, GPipe, 1F1B and
+    interleaved 1F1B, three AdamW steps of pm.step equal to one device on every rank."""
+    world, results = world_results
+    cases = [case for case, _, _ in distributed_cases.pipeline_cases(world)]
+    assert len(cases) == (4 if world == 4 else 0)
+    _check_worst(results, cases)
+
+
+@pytest.fixture(scope="module")
+def world8_results(tmp_path_factory):
+    return run_world(distributed_cases.main_pipelines, 8, tmp_path_factory, "world8")
+
+
+def test_a_pipeline_of_pp2_dp2_tp2_on_8_processes_matches_one_device(world8_results):
+    cases = [case for case, _, _ in distributed_cases.pipeline_cases(8)]
+    assert len(cases) == 1
+    _check_worst(world8_results, cases)
+
+
+def _check_worst(results, cases):
+    for rank, res in enumerate(results):
+        for case in cases:
+            r = res[case]
+            assert "error" not in r, f"rank {rank} {case}: {r.get('error')}\n{r.get('trace')}"
+            assert r["worst"] <= RTOL, f"rank {rank} {case}: worst relative error {r['worst']}"
+
+
 def test_training_matches_one_device_on_every_rank(world_results):
     world, results = world_results
     cases = _training_cases(world)

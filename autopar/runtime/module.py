@@ -47,7 +47,10 @@ def shard_tensor(full: torch.Tensor, layout, mesh: Mesh, coord) -> torch.Tensor:
 class ParallelModule(torch.nn.Module):
     """The distributed program of one planned model (see :func:`autopar.compile`)."""
 
-    def __init__(self, captured, plan, program, source, simulate: bool, micro=None):
+    def __init__(self, captured, plan, program, source, simulate: bool, micro=None,
+                 device_mesh=None):
+        """``device_mesh``: in distributed mode, the mesh of this program's ranks where it
+        is not the whole world (a pipeline stage's); the world's by default."""
         super().__init__()
         self.plan = plan
         self.simulate = simulate
@@ -70,7 +73,8 @@ class ParallelModule(torch.nn.Module):
             self._device_mesh = None
             self._epoch = None  # failures are recorded for other ranks in distributed mode
         else:
-            self._device_mesh = _init_distributed(plan, self._mesh)
+            self._device_mesh = device_mesh if device_mesh is not None else \
+                _init_distributed(plan, self._mesh)
             self._epoch = faults.current_epoch()  # its plan check's
             coord = tuple(self._device_mesh.get_coordinate())
             self._coords = [coord]

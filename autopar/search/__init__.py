@@ -26,10 +26,39 @@ from .pricing import Facts
 from .result import Planned
 
 
-def choose(plan_at, batch_size: int | None, options):
+def choose(plan_at, batch_size: int | None, options, staged=None, cluster=None):
     """The plan of the micro-batch count that steps fastest within memory: ``plan_at(m)``
     plans the program of one of m micro-batches (whatever it returns, with the ``.plan``
-    it made); the count the options pin, else :func:`microbatch.choose_micro_batches`."""
+    it made); the count the options pin, else :func:`microbatch.choose_micro_batches`.
+
+    With ``staged`` (where the options pin no mesh), pipelines are tried beside:
+    ``staged(p, bound)`` plans the step with p stages (as a mesh of ``{"pp": p}`` pins;
+    those predicted slower than ``bound`` are not planned), for the
+    stage counts :func:`stages.stage_counts` finds worth trying on ``cluster``; the
+    fastest plan within memory is kept."""
+    if staged is None:
+        return _choose_flat(plan_at, batch_size, options)
+    from ..errors import NoFit, PlanError
+    try:
+        best, error = _choose_flat(plan_at, batch_size, options), None
+    except NoFit as e:
+        best, error = None, e
+    for p in stages.stage_counts(cluster, best.plan if best is not None else None):
+        try:
+            found = staged(p, best.plan.cost.total_s if best is not None else None)
+        except NoFit as e:
+            error = error or e
+            continue
+        except PlanError:   # a program without layers to cut, or fewer layers than stages
+            continue
+        if best is None or found.plan.cost.total_s < best.plan.cost.total_s:
+            best = found
+    if best is None:
+        raise error
+    return best
+
+
+def _choose_flat(plan_at, batch_size, options):
     if options.micro_batches is not None:
         return plan_at(options.micro_batches)
     if (options.pipeline_stages or 1) > 1:

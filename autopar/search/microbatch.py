@@ -77,7 +77,7 @@ def choose_pipeline_micro_batches(plan_at, batch_size: int | None, stages: int):
 
 
 # Micro-batch counts a pipeline tries.
-PIPELINE_COUNTS = 3
+PIPELINE_COUNTS = 2
 
 
 def divisors(n: int) -> list:

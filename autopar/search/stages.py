@@ -30,6 +30,7 @@ from ..errors import PlanError
 BACKWARD_SHARE = 2 / 3
 # Cuts of the dynamic program planned exactly, best first.
 EXACT_CANDIDATES = 3
+# (the best by estimate that fits is kept; the others are planned only where it does not)
 # Orders of device groups along the pipeline tried on a mixed cluster, at most.
 MAX_ORDERS = 24
 
@@ -210,8 +211,14 @@ def link_between(cluster, a: range, b: range):
     return cluster.inter_node
 
 
-def transfer_seconds(nbytes: float, link) -> float:
-    return link.latency_s + nbytes / link.bandwidth_bytes_per_s
+def transfer_seconds(nbytes: float, link, devices: int = 1, within=None) -> float:
+    """Seconds to hand ``nbytes`` of values from one stage's ``devices`` to the next's over
+    ``link``: each device sends an equal part to its peer, and the receiving devices gather
+    the parts over their own link ``within`` (Megatron's scatter/gather of boundary values)."""
+    t = link.latency_s + nbytes / devices / link.bandwidth_bytes_per_s
+    if devices > 1 and within is not None:
+        t += within.latency_s + nbytes * (devices - 1) / devices / within.bandwidth_bytes_per_s
+    return t
 
 
 def cuts(prices_of, n_layers: int, stages: int, in_flight: list, budget_of,
@@ -300,6 +307,29 @@ def search(cluster, plan_stage):
     more stages are made by :func:`autopar.passes.plan_stages.plan_stages`, which calls
     this layer for each stage's program."""
     return plan_stage(Stage(range(cluster.world_size), "all"))
+
+
+# Stage counts a search tries beside one stage, at most.
+MAX_STAGE_COUNTS = 2
+
+
+def stage_counts(cluster, flat_plan) -> list:
+    """The stage counts worth trying beside the plan of one stage (``flat_plan``, None where
+    none fits): where the cluster has more than one node or kind of device, or where one
+    stage's plan runs out of memory, recomputes, or runs micro-batches. On one node of one
+    kind with memory to spare, splitting every op's work is what pays: stages would add a
+    bubble and the values handed between them. The counts are those that cut the devices
+    into equal groups of whole nodes or equal parts of a node, fewest stages first."""
+    kinds = {n.device.name for n in cluster.nodes}
+    binds = flat_plan is None or flat_plan.micro_batches > 1 or \
+        any(c != "none" for c in flat_plan.recompute.values())
+    if len(cluster.nodes) == 1 and len(kinds) == 1 and not binds:
+        return []
+    n = cluster.world_size
+    counts = [p for p in range(2, n + 1) if groups_of(cluster, p) is not None]
+    nodes = len(cluster.nodes)
+    counts.sort(key=lambda p: (p != nodes, p))   # a stage per node first
+    return sorted(counts[:MAX_STAGE_COUNTS])
 
 
 def groups_of(cluster, p: int) -> list | None:
