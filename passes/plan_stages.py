@@ -117,6 +117,19 @@ def plan_stages(gm, ctx):
             break
         except NoFit as e:
             errors.append(e)
+    even = _even_split(layers, n_stages)
+    if candidates is None and even is not None and \
+            (best is None or list(best[0].firsts) != even or best[0].groups != list(range(p))):
+        # the even split of rank order, planned exactly too: the plan kept is never
+        # predicted slower than it
+        config = S.Config(p, v, names[0], m, list(range(p)), even)
+        try:
+            made = _plan_config(gm, ctx, layers, config, groups, parts,
+                                sub_mesh or prober.mesh_for(parts[0], m), budget)
+            if best is None or made[0].predicted_s < best[0].predicted_s:
+                best = made
+        except NoFit as e:
+            errors.append(e)
     if best is None:
         if errors:
             raise errors[0]
@@ -148,6 +161,17 @@ def _estimate(config, prices_of, cluster, groups, n_layers: int) -> float:
                                                pr.link))
     orders = S.schedule_orders(config.schedule, p, config.v, config.micro_batches)
     return S.play(orders, fwd, bwd, transfer or [0.0], fixed).step_s
+
+
+def _even_split(layers, n_stages: int) -> list | None:
+    """The first layer of each stage when the layers are split as evenly as they go (the
+    first stages taking one more); None where the program cannot be cut there."""
+    n = len(layers)
+    sizes = [n // n_stages + (1 if s < n % n_stages else 0) for s in range(n_stages)]
+    firsts = [sum(sizes[:s]) for s in range(n_stages)]
+    if any(not layers.cuttable[j] for j in firsts[1:]):
+        return None
+    return firsts
 
 
 def _checked_count(split, n_stages: int) -> list:
@@ -357,7 +381,9 @@ def _pipeline_plan(ctx, config, planned, layers) -> Plan:
         stages.append({"stage": s, "ranks": [st.ranks.start, st.ranks.stop - 1],
                        "device": f"{dev} x {len(st.ranks)}", "layers": list(st.graph.layers),
                        "mesh": dict(plan.mesh), "time_s": plan.cost.total_s,
-                       "memory_bytes": memory, "micro_batches_held": held})
+                       "memory_bytes": memory, "micro_batches_held": held,
+                       "budget_bytes": ctx.options.memory_budget_bytes or
+                       min(dv.memory_bytes for dv in st.ctx.cluster.devices())})
     cost = dataclasses.replace(worst, total_s=config.predicted_s,
                                compute_s=max(config.played.busy_s),
                                comm_s=sum(c.comm_s for c in config.stage_costs))

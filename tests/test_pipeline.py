@@ -127,3 +127,62 @@ def test_a_pipeline_that_cannot_work_is_refused_with_what_would(kwargs, message)
     cluster = autopar.Cluster.local(4, measure=False)
     with pytest.raises(PlanError, match=message):
         autopar.plan(model, cluster, example_inputs=(tokens, targets), **kwargs)
+
+
+# -- the planner ---------------------------------------------------------------------------------
+
+def _meta_gpt(layers=6):
+    cfg = GPTConfig(n_layer=layers, n_embd=256, n_head=8, block_size=128, vocab_size=1024)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    idx = torch.zeros(8, 128, dtype=torch.long, device="meta")
+    return model, (idx, idx.clone())
+
+
+def _two_nodes(fast_tflops, slow_tflops, inter_gbps, per_node=2):
+    devices = {"Fast": {"peak_tflops": {"fp32": fast_tflops}, "memory_GB": 16,
+                        "memory_bandwidth_GBps": 900},
+               "Slow": {"peak_tflops": {"fp32": slow_tflops}, "memory_GB": 16,
+                        "memory_bandwidth_GBps": 900}}
+    return autopar.Cluster.from_dict({
+        "nodes": [{"device": "Fast", "count": per_node}, {"device": "Slow", "count": per_node}],
+        "links": {"intra_node": {"bandwidth_GBps": 100, "latency_us": 2},
+                  "inter_node": {"bandwidth_GBps": inter_gbps, "latency_us": 10}},
+        "devices": devices})
+
+
+def test_faster_devices_take_more_layers_and_the_plan_beats_the_even_split():
+    model, args = _meta_gpt()
+    cluster = _two_nodes(fast_tflops=40, slow_tflops=10, inter_gbps=25)
+    plan = autopar.plan(model, cluster, example_inputs=args, mesh={"pp": 2, "dp": 2})
+    by_device = {st["device"].split(" x ")[0]: len(st["layers"]) for st in plan.stages}
+    assert by_device["Fast"] > by_device["Slow"], plan.explain()
+    even = autopar.plan(model, cluster, example_inputs=args, mesh={"pp": 2, "dp": 2},
+                        stages=(3, 3), schedule=plan.schedule,
+                        micro_batches=plan.micro_batches)
+    assert plan.cost.total_s <= even.cost.total_s * (1 + 1e-9)
+    # the plan's own account: a stage per group of devices, their memory within each device's
+    assert sorted(tuple(st["ranks"]) for st in plan.stages) == [(0, 1), (2, 3)]
+    assert all(st["memory_bytes"] <= 16e9 for st in plan.stages)
+    assert "pipeline: 2 stages" in plan.explain()
+    again = autopar.Plan.from_json(plan.to_json())
+    assert again.stages == plan.stages and again.schedule == plan.schedule
+
+
+def test_a_slow_link_between_nodes_gets_a_stage_per_node_and_fast_links_none():
+    """GPT-2-medium-wide layers on two nodes of two devices: at 2 GB/s between the nodes a
+    stage per node (only activations cross), faster than every plan of one stage; at 400 GB/s
+    one stage over all four devices."""
+    cfg = GPTConfig(n_layer=6, n_embd=1024, n_head=16, block_size=512, vocab_size=8192)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    idx = torch.zeros(16, 512, dtype=torch.long, device="meta")
+    slow_cluster = _two_nodes(100, 100, inter_gbps=2)
+    slow = autopar.plan(model, slow_cluster, example_inputs=(idx, idx))
+    assert slow.mesh.get("pp") == 2, slow.explain()
+    assert [tuple(st["ranks"]) for st in slow.stages] == [(0, 1), (2, 3)]
+    for mesh in ({"dp": 4}, {"dp": 2, "tp": 2}, {"tp": 4}):
+        flat = autopar.plan(model, slow_cluster, example_inputs=(idx, idx), mesh=mesh)
+        assert slow.cost.total_s < flat.cost.total_s, mesh
+    fast = autopar.plan(model, _two_nodes(100, 100, inter_gbps=400), example_inputs=(idx, idx))
+    assert "pp" not in fast.mesh and not fast.stages

@@ -295,14 +295,16 @@ class Plan:
         if bubble is not None:
             title += f", bubble {bubble:.0%} of the step"
         table = Table(title=title)
-        for col in ("stage", "devices", "ranks", "layers", "mesh", "stage step", "memory",
-                    "micro-batches held"):
+        for col in ("stage", "devices", "ranks", "layers", "mesh", "stage step",
+                    "memory of budget", "micro-batches held"):
             table.add_column(col)
         for st in self.stages:
             mesh = " x ".join(f"{k}={v}" for k, v in st["mesh"].items())
             table.add_row(str(st["stage"]), st["device"], f"{st['ranks'][0]}..{st['ranks'][1]}",
                           _span(st["layers"]), mesh,
-                          format_seconds(st["time_s"]), format_bytes(st["memory_bytes"]),
+                          format_seconds(st["time_s"]),
+                          f"{format_bytes(st['memory_bytes'])} of "
+                          f"{format_bytes(st.get('budget_bytes') or 0)}",
                           str(st["micro_batches_held"]))
         return table
 
