@@ -143,7 +143,14 @@ class _Prepared:
         other = copy.copy(self)
         other.options = self.options.replace(mesh={"pp": stages})
         other.stage_bound = bound
-        return search.choose(other.plan_at, batch_size, other.options)
+
+        def plan_at(m):   # each count found tightens the bound the next must beat
+            found = other.plan_at(m)
+            total = found.plan.cost.total_s
+            other.stage_bound = total if other.stage_bound is None else \
+                min(other.stage_bound, total)
+            return found
+        return search.choose(plan_at, batch_size, other.options)
 
     def _plan_copy(self, micro_batches: int, passes) -> _Programmed:
         from autopar.passes import run_passes

@@ -58,6 +58,11 @@ class NoFit(PlanError):
                      self.tried + ((what,) if what else ()), note or self.note)
 
 
+class NotFaster(PlanError):
+    """A choice the search tried (a pipeline of some stages) is predicted slower than the
+    best plan it already has: it is not planned further."""
+
+
 class InputError(AutoparError, TypeError):
     """Inputs do not match what the module was planned for."""
 

@@ -345,7 +345,7 @@ class TransGAN(nn.Module):
             if i < len(self.widen):   # pixel shuffle: each token becomes four
                 B, T, _ = x.shape
                 x = self.widen[i](x).view(B, T * 4, self.cfg.dims[i + 1])
-        return F.mse_loss(self.to_rgb(x), image)
+        return ((self.to_rgb(x) - image) ** 2).mean()   # the mean squared error
 
 
 def transgan_batch(cfg: TransGANConfig, batch=4, seed=0):

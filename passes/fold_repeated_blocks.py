@@ -73,6 +73,11 @@ def fold_repeated_blocks(gm, ctx):
     method = "module_hierarchy"
     classes = _classify(_module_blocks(nodes), labeler)
     if not any(len(c.instances) > 1 for c in classes):
+        # lists of lists (levels of layers, as TransGAN's): the layers one level down
+        deeper = _classify(_module_blocks(nodes, depth=2), labeler)
+        if any(len(c.instances) > 1 for c in deeper):
+            classes = deeper
+    if not any(len(c.instances) > 1 for c in classes):
         method, classes = "repeated_runs", _find_runs(nodes, labeler)
     if not classes:
         method = "none"
@@ -98,11 +103,14 @@ _INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")            # layers[0], _mod
 _GETATTR = re.compile(r"getattr\(([^()]*?), *['\"]([^'\"]+)['\"]\)")  # getattr(L['self'].h, '0')
 
 
-def block_prefix(path: str) -> str:
-    """The path up to and including its first numeric component, or "" if it has none.
+def block_prefix(path: str, depth: int = 1) -> str:
+    """The path up to and including its first (``depth``-th) numeric component, or "" if it
+    has none.
 
     >>> block_prefix("h.0.attn.c_attn"), block_prefix("L['self'].layers[12].w1")
     ('h.0', 'layers.12')
+    >>> block_prefix("levels.1.2.qkv", depth=2)
+    'levels.1.2'
     """
     path = path.replace("L['self']", "")
     while "getattr(" in path:
@@ -111,16 +119,19 @@ def block_prefix(path: str) -> str:
             break
     path = _INDEX.sub(r".\1", path).replace("._modules.", ".")
     parts = [p for p in path.split(".") if p and p != "_modules"]
+    seen = 0
     for i, part in enumerate(parts):
         if part.isdigit():
-            return ".".join(parts[:i + 1])
+            seen += 1
+            if seen == depth:
+                return ".".join(parts[:i + 1])
     return ""
 
 
-def _module_blocks(nodes) -> list:
-    """Blocks named by module path, in graph order; those whose call nodes are not contiguous
-    (another block's or a top-level call in between) are left out: they are not one segment
-    of the program."""
+def _module_blocks(nodes, depth: int = 1) -> list:
+    """Blocks named by module path (up to its ``depth``-th numeric component), in graph
+    order; those whose call nodes are not contiguous (another block's or a top-level call in
+    between) are left out: they are not one segment of the program."""
     members, call_pos = {}, {}
     calls = [n for n in nodes if n.op in _CALLS]
     for pos, node in enumerate(calls):
@@ -131,7 +142,7 @@ def _module_blocks(nodes) -> list:
             path = module_path(node)
             prefix = prefixes.get(path)
             if prefix is None:
-                prefix = prefixes[path] = block_prefix(path)
+                prefix = prefixes[path] = block_prefix(path, depth)
             if prefix:
                 members.setdefault(prefix, []).append(node)
     blocks = []

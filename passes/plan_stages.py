@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from autopar.errors import NoFit, PlanError
+from autopar.errors import NoFit, NotFaster, PlanError
 from autopar.options import schedule_chunks
 from autopar.program.graph import copy_graph_module
 from autopar.program.stages import check_split, cut, find_layers
@@ -87,6 +87,7 @@ def plan_stages(gm, ctx):
     kinds = [_signature(c) for c in parts]
     orders = S.group_orders(kinds) if options.stages is None else [list(range(p))]
     found = []   # (estimated step, config, mesh)
+    even = _even_split(layers, n_stages)
     for sched in names:
         for order in orders:
             mesh = sub_mesh or prober.mesh_for(parts[order[0]], m)
@@ -100,15 +101,18 @@ def plan_stages(gm, ctx):
 
             def budget_of(s, order=order):
                 return budget or min(dv.memory_bytes for dv in parts[order[s % p]].devices())
-            for _, firsts in S.cuts(prices_of, len(layers), n_stages, in_flight, budget_of,
-                                    layers.cuttable, m - 1):
+            ranked = [f for _, f in S.cuts(prices_of, len(layers), n_stages, in_flight,
+                                            budget_of, layers.cuttable, m - 1)]
+            if order == list(range(p)) and even is not None and even not in ranked:
+                ranked.append(even)   # priced beside the best, to be compared exactly
+            for firsts in ranked:
                 config = S.Config(p, v, sched, m, order, firsts)
                 found.append((_estimate(config, prices_of, ctx.cluster, groups, len(layers)),
                               config, mesh))
     found.sort(key=lambda f: f[0])
     bound = getattr(ctx, "stage_bound", math.inf)
     if found and found[0][0] > bound * (1 + SLOWER_MARGIN):
-        raise PlanError(f"no pipeline of {n_stages} stages is predicted faster than "
+        raise NotFaster(f"no pipeline of {n_stages} stages is predicted faster than "
                         f"{bound:.4g} s a step (the best {found[0][0]:.4g} s)")
     best, errors = None, []
     for _, config, mesh in found[:S.EXACT_CANDIDATES]:
@@ -117,9 +121,9 @@ def plan_stages(gm, ctx):
             break
         except NoFit as e:
             errors.append(e)
-    even = _even_split(layers, n_stages)
     if candidates is None and even is not None and \
-            (best is None or list(best[0].firsts) != even or best[0].groups != list(range(p))):
+            (best is None or list(best[0].firsts) != even or best[0].groups != list(range(p))) \
+            and _even_estimate(found, even, p) <= found[0][0] * (1 + SLOWER_MARGIN):
         # the even split of rank order, planned exactly too: the plan kept is never
         # predicted slower than it
         config = S.Config(p, v, names[0], m, list(range(p)), even)
@@ -161,6 +165,14 @@ def _estimate(config, prices_of, cluster, groups, n_layers: int) -> float:
                                                pr.link))
     orders = S.schedule_orders(config.schedule, p, config.v, config.micro_batches)
     return S.play(orders, fwd, bwd, transfer or [0.0], fixed).step_s
+
+
+def _even_estimate(found, even, p) -> float:
+    """The estimate of the even split in rank order among those ``found`` (infinite where
+    it is not among them: it does not fit)."""
+    return next((est for est, config, _ in found
+                 if list(config.firsts) == even and config.groups == list(range(p))),
+                math.inf)
 
 
 def _even_split(layers, n_stages: int) -> list | None:
@@ -218,7 +230,10 @@ class _Prober:
 
     def mesh_for(self, cluster, m) -> dict:
         """The mesh the whole program is fastest on over ``cluster``'s devices."""
-        return dict(self._plan(cluster, m, None)[1].mesh)
+        made = self._plan(cluster, m, None)
+        mesh = dict(made[1].mesh)
+        self.cache.setdefault((_signature(cluster), m, tuple(mesh.items())), made)
+        return mesh
 
     def prices(self, cluster, m, mesh) -> S.Prices:
         gm, plan = self._plan(cluster, m, mesh)
@@ -274,15 +289,22 @@ def _prices(gm, plan, layers, cluster, m, options) -> S.Prices:
                                                                      torch.Tensor):
             last_use[n] = max((position[u] for u in n.users), default=position[n])
     boundary = [0.0] * L
+    scale = _activation_scale(options)
     for j in range(1, L):
         s0 = starts[j]
-        boundary[j] = sum(v.meta["val"].numel() * v.meta["val"].element_size()
-                          for v, last in last_use.items() if position[v] < s0 <= last)
+        boundary[j] = scale * sum(v.meta["val"].numel() * v.meta["val"].element_size()
+                                  for v, last in last_use.items() if position[v] < s0 <= last)
     devs = cluster.devices()
     return S.Prices(dict(plan.mesh), step, state, saved, fixed, boundary,
                     fixed_bytes=plan.cost.transient_bytes + plan.cost.bucket_bytes,
                     memory_bytes=min(dv.memory_bytes for dv in devs),
                     link=cluster.nodes[0].intra_node)
+
+
+def _activation_scale(options) -> float:
+    """Bytes of an activation per byte of its fp32 value under the options' precision."""
+    from autopar.cost.model import PRECISIONS
+    return PRECISIONS[options.precision]["activation_scale"]
 
 
 def _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget):
@@ -312,7 +334,7 @@ def _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget):
     for s in range(n - 1):
         link = S.link_between(ctx.cluster, groups[config.group_of(s)],
                               groups[config.group_of(s + 1)])
-        nbytes = sum(t.numel() * t.element_size() for t in
+        nbytes = _activation_scale(ctx.options) * sum(t.numel() * t.element_size() for t in
                      (ph.meta["val"] for ph in planned[s + 1].graph.gm.graph.nodes
                       if ph.op == "placeholder" and ph.name in (planned[s].graph.outputs or ())))
         nxt = parts[config.group_of(s + 1)]
@@ -387,7 +409,7 @@ def _pipeline_plan(ctx, config, planned, layers) -> Plan:
     cost = dataclasses.replace(worst, total_s=config.predicted_s,
                                compute_s=max(config.played.busy_s),
                                comm_s=sum(c.comm_s for c in config.stage_costs))
-    stats = dict(ctx.stats)
+    stats = ctx.stats
     stats["pipeline"] = {"bubble": config.played.bubble, "order": list(config.groups),
                          "firsts": list(config.firsts)}
     sub = dict(first.mesh) if math.prod(first.mesh.values()) > 1 else {}

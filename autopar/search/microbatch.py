@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import NoFit, PlanError
+from ..errors import NoFit, NotFaster, PlanError
 
 # Micro-batch counts planned past the first that fits, while each is faster than the last.
 MAX_MORE_COUNTS = 2
@@ -58,15 +58,23 @@ def choose_micro_batches(plan_at, batch_size: int | None):
 
 def choose_pipeline_micro_batches(plan_at, batch_size: int | None, stages: int):
     """The fastest plan of a pipeline of ``stages`` over the micro-batch counts worth
-    trying: the first :data:`PIPELINE_COUNTS` divisors of the batch that are at least the
-    stages (fewer leave stages idle), or the largest divisor where none is."""
-    counts = [d for d in divisors(batch_size or 1) if d >= stages][:PIPELINE_COUNTS] or \
-        [divisors(batch_size or 1)[-1]]
+    trying: the fewest at least the stages (fewer leave stages idle), the fewest at least
+    four times the stages (a bubble of at most a fifth of 1F1B's step) and one sample each
+    (the least bubble), where the batch divides so; the largest count where none is."""
+    every = divisors(batch_size or 1)
+    counts = []
+    for least in (stages, 4 * stages):
+        found = next((d for d in every if d >= least), None)
+        if found is not None and found not in counts:
+            counts.append(found)
+    if every[-1] >= stages and every[-1] not in counts:
+        counts.append(every[-1])
+    counts = counts or [every[-1]]
     best, error = None, None
     for m in counts:
         try:
             found = plan_at(m)
-        except NoFit as e:
+        except (NoFit, NotFaster) as e:
             error = error or e
             continue
         if best is None or found.plan.cost.total_s < best.plan.cost.total_s:
@@ -75,9 +83,6 @@ def choose_pipeline_micro_batches(plan_at, batch_size: int | None, stages: int):
         raise error
     return best
 
-
-# Micro-batch counts a pipeline tries.
-PIPELINE_COUNTS = 2
 
 
 def divisors(n: int) -> list:
