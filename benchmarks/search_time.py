@@ -147,7 +147,8 @@ def main(argv=None):
         mesh = "x".join(f"{k}{v}" for k, v in p.mesh.items())
         table.add_row(name, str(shape["n_layers"]), str(p.stats["nodes"]),
                       f"{sec['capture']:.2f}", f"{analysis:.2f}",
-                      f"{sec['assign_layouts']:.2f} ({len(p.stats['meshes'])})",
+                      f"{sec.get('assign_layouts', 0.0) + sec.get('plan_stages', 0.0):.2f} "
+                      f"({len(p.stats.get('meshes', ()))})",
                       f"{total:.2f}", mesh, f"{p.cost.total_s:.3f}", unfolded, gap)
         console.print(f"{name}: {total:.2f} s", style="dim")
     console.print(table)

@@ -236,8 +236,11 @@ class _Prober:
         return mesh
 
     def prices(self, cluster, m, mesh) -> S.Prices:
-        gm, plan = self._plan(cluster, m, mesh)
-        return _prices(gm, plan, self.layers, cluster, m, self.ctx.options)
+        key = ("prices", _signature(cluster), m, tuple((mesh or {}).items()))
+        if key not in self.cache:
+            gm, plan = self._plan(cluster, m, mesh)
+            self.cache[key] = _prices(gm, plan, self.layers, cluster, m, self.ctx.options)
+        return self.cache[key]
 
 
 def _prices(gm, plan, layers, cluster, m, options) -> S.Prices:

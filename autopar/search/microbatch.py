@@ -58,17 +58,15 @@ def choose_micro_batches(plan_at, batch_size: int | None):
 
 def choose_pipeline_micro_batches(plan_at, batch_size: int | None, stages: int):
     """The fastest plan of a pipeline of ``stages`` over the micro-batch counts worth
-    trying: the fewest at least the stages (fewer leave stages idle), the fewest at least
-    four times the stages (a bubble of at most a fifth of 1F1B's step) and one sample each
-    (the least bubble), where the batch divides so; the largest count where none is."""
+    trying: the fewest at least the stages (fewer leave stages idle) and the fewest at least
+    four times the stages (a bubble of at most a fifth of 1F1B's step), where the batch
+    divides so; the largest count where neither is."""
     every = divisors(batch_size or 1)
     counts = []
     for least in (stages, 4 * stages):
         found = next((d for d in every if d >= least), None)
         if found is not None and found not in counts:
             counts.append(found)
-    if every[-1] >= stages and every[-1] not in counts:
-        counts.append(every[-1])
     counts = counts or [every[-1]]
     best, error = None, None
     for m in counts:

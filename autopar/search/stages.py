@@ -310,7 +310,7 @@ def search(cluster, plan_stage):
 
 
 # Stage counts a search tries beside one stage, at most.
-MAX_STAGE_COUNTS = 2
+MAX_STAGE_COUNTS = 1
 
 
 def stage_counts(cluster, flat_plan) -> list:
@@ -319,7 +319,8 @@ def stage_counts(cluster, flat_plan) -> list:
     stage's plan runs out of memory, recomputes, or runs micro-batches. On one node of one
     kind with memory to spare, splitting every op's work is what pays: stages would add a
     bubble and the values handed between them. The counts are those that cut the devices
-    into equal groups of whole nodes or equal parts of a node, fewest stages first."""
+    into equal groups of whole nodes or equal parts of a node: a stage per node first, then
+    the fewest, :data:`MAX_STAGE_COUNTS` in all. A pinned ``pp`` plans any other count."""
     kinds = {n.device.name for n in cluster.nodes}
     binds = flat_plan is None or flat_plan.micro_batches > 1 or \
         any(c != "none" for c in flat_plan.recompute.values())
