@@ -55,6 +55,9 @@ from ..errors import PlanError
 from .problem import _ALWAYS
 
 TIME_LIMIT_S = 60.0
+# The smallest memory any assignment needs, solved only to say so in an error: past this,
+# the relaxation's bound (no assignment needs less) is what the error reports.
+MESSAGE_TIME_LIMIT_S = 10.0
 MEMORY_UNIT = float(2**30)  # bytes per unit of the memory rows
 INTEGRAL_TOLERANCE = 1e-7   # a relaxed binary this close to 0 or 1 counts as integral
 
@@ -584,7 +587,7 @@ class Infeasible(Exception):
 
     @functools.cached_property
     def min_bytes(self) -> float:
-        return min_memory(self.prob, self.time_limit_s)
+        return min_memory(self.prob, min(self.time_limit_s, MESSAGE_TIME_LIMIT_S))
 
 
 class Dominated(Exception):
