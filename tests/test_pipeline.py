@@ -186,3 +186,27 @@ def test_a_slow_link_between_nodes_gets_a_stage_per_node_and_fast_links_none():
         assert slow.cost.total_s < flat.cost.total_s, mesh
     fast = autopar.plan(model, _two_nodes(100, 100, inter_gbps=400), example_inputs=(idx, idx))
     assert "pp" not in fast.mesh and not fast.stages
+
+
+def test_a_model_one_node_cannot_hold_gets_a_stage_per_node():
+    """48 layers of width 4096 (9.7B parameters: 155 GB of weights, gradients and AdamW
+    states) on two nodes of four 40 GB devices joined by 12.5 GB/s: a stage per node holds
+    half the layers on its own devices, with no recomputation, faster than one stage."""
+    cfg = GPTConfig(n_layer=48, n_embd=4096, n_head=32, block_size=1024, vocab_size=8192)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    idx = torch.zeros(8, 1024, dtype=torch.long, device="meta")
+    cluster = autopar.Cluster.from_dict({
+        "nodes": [{"device": "A100-40GB", "count": 4}] * 2,
+        "links": {"intra_node": {"bandwidth_GBps": 300, "latency_us": 2},
+                  "inter_node": {"bandwidth_GBps": 12.5, "latency_us": 10}}})
+    plan = autopar.plan(model, cluster, example_inputs=(idx, idx))
+    assert plan.mesh.get("pp") == 2, plan.explain()
+    assert all(st["memory_bytes"] <= st["budget_bytes"] for st in plan.stages)
+    assert set(plan.recompute.values()) == {"none"}
+    for mesh in ({"dp": 2, "tp": 4}, {"dp": 8}):
+        try:
+            flat = autopar.plan(model, cluster, example_inputs=(idx, idx), mesh=mesh)
+        except autopar.NoFit:
+            continue
+        assert plan.cost.total_s < flat.cost.total_s, mesh
