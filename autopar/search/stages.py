@@ -213,11 +213,14 @@ def link_between(cluster, a: range, b: range):
 
 def transfer_seconds(nbytes: float, link, devices: int = 1, within=None) -> float:
     """Seconds to hand ``nbytes`` of values from one stage's ``devices`` to the next's over
-    ``link``: each device sends an equal part to its peer, and the receiving devices gather
-    the parts over their own link ``within`` (Megatron's scatter/gather of boundary values)."""
+    ``link``: the sending stage's program returns them whole (gathered over its link
+    ``within``), each device sends an equal part to its peer, and the receiving devices
+    gather the parts over their own link (Megatron's scatter/gather of boundary values)."""
     t = link.latency_s + nbytes / devices / link.bandwidth_bytes_per_s
     if devices > 1 and within is not None:
-        t += within.latency_s + nbytes * (devices - 1) / devices / within.bandwidth_bytes_per_s
+        gather = within.latency_s + nbytes * (devices - 1) / devices / \
+            within.bandwidth_bytes_per_s
+        t += 2 * gather
     return t
 
 
