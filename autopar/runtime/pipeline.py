@@ -176,6 +176,7 @@ class PipelineModule(torch.nn.Module):
                     last_backward[a.stage] = a.micro
         runs = {s: _StageRun() for s in self._mine}
         losses, done, sends = {}, set(), []
+        before = self._tied_gradients_now()
         nxt = [0] * len(orders)
         left = sum(len(o) for o in orders)
         while left:
@@ -200,7 +201,7 @@ class PipelineModule(torch.nn.Module):
                 raise RuntimeError("pipeline schedule deadlocked")
         for work in sends:
             work.wait()
-        self._sum_tied_gradients()
+        self._sum_tied_gradients(before)
         loss = self._total_loss(losses, how)
         return loss
 
@@ -378,14 +379,35 @@ class PipelineModule(torch.nn.Module):
             shards = [torch.zeros_like(x) if x.grad is None else x.grad for x in shards]
         return pm._gather(shards, layout)
 
-    def _sum_tied_gradients(self):
-        """Each copy of a parameter read in several stages gets the sum of their gradients."""
+    def _tied_gradients_now(self) -> dict:
+        """(stage, local name) -> a copy of each rank's gradient of each tied parameter held
+        here (None where unset): what a step's sums start from."""
+        out = {}
+        for fqn, places in self._tied.items():
+            for s, name in places:
+                if s in self._local:
+                    out[(s, name)] = [None if x.grad is None else x.grad.detach().clone()
+                                      for x in self._stage(s)._per_rank(name)]
+        return out
+
+    def _sum_tied_gradients(self, before: dict):
+        """Each copy of a parameter read in several stages gets what it held before the step
+        (the same in every copy) plus the sum of every copy's gradient from this step, so
+        that gradients accumulated over several steps stay exact."""
         for fqn, places in self._tied.items():
             mine = [(s, name) for s, name in places if s in self._local]
-            fulls = [self._whole(s, name, grad=True) for s, name in mine]
-            fulls = [g for g in fulls if g is not None]
+            fulls = []
+            for s, name in mine:
+                pm, layout = self._stage(s), self._stage(s)._program.attrs[name][1]
+                shards = pm._per_rank(name)
+                if all(x.grad is None for x in shards):
+                    continue
+                had = before.get((s, name)) or [None] * len(shards)
+                step = [torch.zeros_like(x) if x.grad is None else
+                        x.grad if h is None else x.grad - h for x, h in zip(shards, had)]
+                fulls.append(pm._gather(step, layout))
             if self.simulate:
-                if len(fulls) < 2:
+                if not fulls:
                     continue
                 total = sum(fulls[1:], fulls[0])
             else:
@@ -399,8 +421,10 @@ class PipelineModule(torch.nn.Module):
             for s, name in mine:
                 pm = self._stage(s)
                 layout = pm._program.attrs[name][1]
-                for x, coord in zip(pm._per_rank(name), pm._coords):
-                    x.grad = shard_tensor(total, layout, pm._mesh, coord).clone()
+                had = before.get((s, name)) or [None] * len(pm._coords)
+                for x, coord, h in zip(pm._per_rank(name), pm._coords, had):
+                    piece = shard_tensor(total, layout, pm._mesh, coord).clone()
+                    x.grad = piece if h is None else h + piece
 
     # -- inspection and whole tensors -----------------------------------------------------------
 
