@@ -32,6 +32,9 @@ _UNBOUNDED = 1e30
 # A pipeline whose estimate is slower than the plan to beat by more than this share is not
 # planned exactly (the estimate and the exact plan differ by a few percent).
 SLOWER_MARGIN = 0.10
+# An even split whose estimate is within this share of the best estimate is the only cut
+# planned exactly (what an uneven cut would gain is within the estimate's own error).
+EVEN_ENOUGH = 0.01
 
 
 @dataclasses.dataclass
@@ -115,17 +118,20 @@ def plan_stages(gm, ctx):
         raise NotFaster(f"no pipeline of {n_stages} stages is predicted faster than "
                         f"{bound:.4g} s a step (the best {found[0][0]:.4g} s)")
     best, errors = None, []
-    for _, config, mesh in found[:S.EXACT_CANDIDATES]:
+    even_est = _even_estimate(found, even, p) if candidates is None and even is not None \
+        else math.inf
+    # the even split of rank order is planned exactly beside the best estimate (the plan
+    # kept is never predicted slower than it), and alone where it is within EVEN_ENOUGH of
+    # the best estimate
+    close = found and even_est <= found[0][0] * (1 + EVEN_ENOUGH)
+    for _, config, mesh in ([] if close else found[:S.EXACT_CANDIDATES]):
         try:
             best = _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget)
             break
         except NoFit as e:
             errors.append(e)
-    if candidates is None and even is not None and \
-            (best is None or list(best[0].firsts) != even or best[0].groups != list(range(p))) \
-            and _even_estimate(found, even, p) <= found[0][0] * (1 + SLOWER_MARGIN):
-        # the even split of rank order, planned exactly too: the plan kept is never
-        # predicted slower than it
+    if found and even_est <= found[0][0] * (1 + SLOWER_MARGIN) and \
+            (best is None or list(best[0].firsts) != even or best[0].groups != list(range(p))):
         config = S.Config(p, v, names[0], m, list(range(p)), even)
         try:
             made = _plan_config(gm, ctx, layers, config, groups, parts,
@@ -134,6 +140,13 @@ def plan_stages(gm, ctx):
                 best = made
         except NoFit as e:
             errors.append(e)
+    if best is None and close:   # the even split did not fit: the best estimates then
+        for _, config, mesh in found[:S.EXACT_CANDIDATES]:
+            try:
+                best = _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget)
+                break
+            except NoFit as e:
+                errors.append(e)
     if best is None:
         if errors:
             raise errors[0]
