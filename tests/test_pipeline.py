@@ -235,3 +235,19 @@ def test_gradients_accumulated_over_steps_stay_exact_for_a_tied_weight():
                                      first._program.attrs[name_first][1]),
                        last._gather([x.grad for x in last._per_rank(name_last)],
                                     last._program.attrs[name_last][1]))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_transformers_decoder_pipelined_equals_one_device(family):
+    """Dynamo-captured transformers decoders with padded sequences: their rotary tables and
+    attention mask, built before the first layer, are handed on to every stage."""
+    import test_hf
+    model, kwargs = test_hf.make(family)
+    kwargs = test_hf.padded(kwargs)
+    ref = twin(model)
+    pm = autopar.compile(model, autopar.Cluster.local(4, measure=False), example_inputs=kwargs,
+                         simulate=True, mesh={"pp": 2, "dp": 2}, micro_batches=2)
+    assert [len(st["layers"]) for st in pm.plan.stages] == [1, 1]
+    worst, _ = check_steps(pm, ref, [()] * STEPS, kwargs=kwargs,
+                           adamw=dict(lr=1e-3, eps=1e-3))
+    assert worst <= 1e-5
