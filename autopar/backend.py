@@ -87,6 +87,11 @@ class Backend:
             raise PlanError(f"simulate={simulate!r}: pass True (every rank in this process) "
                             "or False (one process per rank)")
         self.cluster, self.simulate, self.options = cluster, simulate, Options(**options)
+        if (self.options.pipeline_stages or 1) > 1:
+            raise PlanError(f"mesh={dict(self.options.mesh)}: the torch.compile backend plans "
+                            "each graph Dynamo hands it as one stage (Dynamo may break the "
+                            "model into several graphs); for pipeline stages compile the "
+                            "model with autopar.compile(model, cluster, mesh=...)")
         self.graphs = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> "CompiledGraph":

@@ -251,3 +251,8 @@ def test_a_transformers_decoder_pipelined_equals_one_device(family):
     worst, _ = check_steps(pm, ref, [()] * STEPS, kwargs=kwargs,
                            adamw=dict(lr=1e-3, eps=1e-3))
     assert worst <= 1e-5
+
+
+def test_the_torch_compile_backend_refuses_pipeline_stages_saying_where_they_run():
+    with pytest.raises(PlanError, match="autopar.compile"):
+        autopar.backend(autopar.Cluster.local(4, measure=False), mesh={"pp": 2, "dp": 2})
