@@ -103,7 +103,7 @@ def plan_stages(gm, ctx):
                 return prober.prices(parts[order[s % p]], m, mesh)
 
             def budget_of(s, order=order):
-                return budget or min(dv.memory_bytes for dv in parts[order[s % p]].devices())
+                return _capacity(parts[order[s % p]], budget)
             ranked = [f for _, f in S.cuts(prices_of, len(layers), n_stages, in_flight,
                                             budget_of, layers.cuttable, m - 1)]
             if order == list(range(p)) and even is not None and even not in ranked:
@@ -150,7 +150,7 @@ def plan_stages(gm, ctx):
     if best is None:
         if errors:
             raise errors[0]
-        raise NoFit(budget or min(dv.memory_bytes for dv in cluster.devices()), cluster,
+        raise NoFit(_capacity(cluster, budget), cluster,
                     math.inf, note=f"no cut of {len(layers)} layers into {n_stages} stages "
                     "fits each stage's devices")
     config, planned = best
@@ -310,11 +310,14 @@ def _prices(gm, plan, layers, cluster, m, options) -> S.Prices:
         s0 = starts[j]
         boundary[j] = scale * sum(v.meta["val"].numel() * v.meta["val"].element_size()
                                   for v, last in last_use.items() if position[v] < s0 <= last)
-    devs = cluster.devices()
     return S.Prices(dict(plan.mesh), step, state, saved, fixed, boundary,
                     fixed_bytes=plan.cost.transient_bytes + plan.cost.bucket_bytes,
-                    memory_bytes=min(dv.memory_bytes for dv in devs),
                     link=cluster.nodes[0].intra_node)
+
+
+def _capacity(cluster, budget) -> float:
+    """Bytes per device a stage on ``cluster`` may hold: the budget, else its devices'."""
+    return budget or min(dv.memory_bytes for dv in cluster.devices())
 
 
 def _activation_scale(options) -> float:
@@ -332,7 +335,7 @@ def _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget):
     for s, sg in enumerate(stage_graphs):
         g = config.group_of(s)
         part = parts[g]
-        cap = budget or min(dv.memory_bytes for dv in part.devices())
+        cap = _capacity(part, budget)
         held = in_flight[s] if s < len(in_flight) else 1
         sctx = _stage_plan(sg, ctx, part, mesh, cap, held)
         planned.append(StagePlanned(sg, sctx, groups[g]))
@@ -420,8 +423,7 @@ def _pipeline_plan(ctx, config, planned, layers) -> Plan:
                        "device": f"{dev} x {len(st.ranks)}", "layers": list(st.graph.layers),
                        "mesh": dict(plan.mesh), "time_s": plan.cost.total_s,
                        "memory_bytes": memory, "micro_batches_held": held,
-                       "budget_bytes": ctx.options.memory_budget_bytes or
-                       min(dv.memory_bytes for dv in st.ctx.cluster.devices())})
+                       "budget_bytes": _capacity(st.ctx.cluster, ctx.options.memory_budget_bytes)})
     cost = dataclasses.replace(worst, total_s=config.predicted_s,
                                compute_s=max(config.played.busy_s),
                                comm_s=sum(c.comm_s for c in config.stage_costs))

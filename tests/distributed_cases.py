@@ -338,13 +338,17 @@ def run_errors(world):
     return out
 
 
+def _reported(fn, *args) -> dict:
+    """What ``fn(*args)`` returns, or the error it raised, for the test to report."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+
+
 def _pipelines(results, world):
     for case, name, opts in pipeline_cases(world):
-        try:
-            results[case] = {"worst": run_pipeline(name, opts)}
-        except Exception as e:  # noqa: BLE001 - reported to the test
-            results[case] = {"error": f"{type(e).__name__}: {e}",
-                             "trace": traceback.format_exc()[-2000:]}
+        results[case] = _reported(lambda: {"worst": run_pipeline(name, opts)})
 
 
 def main_pipelines(rank, world, port, result_dir):
@@ -362,22 +366,10 @@ def main(rank, world, port, result_dir):
     results = {}
     _pipelines(results, world)
     for case, name, opts in training_cases(world):
-        try:
-            results[case] = {"worst": run_training(name, opts)}
-        except Exception as e:  # noqa: BLE001 - reported to the test
-            results[case] = {"error": f"{type(e).__name__}: {e}",
-                             "trace": traceback.format_exc()[-2000:]}
+        results[case] = _reported(lambda: {"worst": run_training(name, opts)})
     for case, name, opts in memory_cases(world):
-        try:
-            results[case] = run_memory(name, opts)
-        except Exception as e:  # noqa: BLE001 - reported to the test
-            results[case] = {"error": f"{type(e).__name__}: {e}",
-                             "trace": traceback.format_exc()[-2000:]}
-    try:
-        results["loss-peak"] = run_loss_peak(world)
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        results["loss-peak"] = {"error": f"{type(e).__name__}: {e}",
-                                "trace": traceback.format_exc()[-2000:]}
+        results[case] = _reported(run_memory, name, opts)
+    results["loss-peak"] = _reported(run_loss_peak, world)
     results.update({k: {"message": v} for k, v in run_errors(world).items()})
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)

@@ -43,19 +43,11 @@ def choose(plan_at, batch_size: int | None, options, staged=None, cluster=None):
         best, error = _choose_flat(plan_at, batch_size, options), None
     except NoFit as e:
         best, error = None, e
-    for p in stages.stage_counts(cluster, best.plan if best is not None else None):
-        try:
-            found = staged(p, best.plan.cost.total_s if best is not None else None)
-        except NoFit as e:
-            error = error or e
-            continue
-        except PlanError:   # a program without layers to cut, or fewer layers than stages
-            continue
-        if best is None or found.plan.cost.total_s < best.plan.cost.total_s:
-            best = found
-    if best is None:
-        raise error
-    return best
+    return microbatch.fastest(
+        [lambda best, p=p: staged(p, best.plan.cost.total_s if best is not None else None)
+         for p in stages.stage_counts(cluster, best.plan if best is not None else None)],
+        best, error, skip=(NoFit,),
+        ignore=(PlanError,))   # a program without layers to cut, or fewer than stages
 
 
 def _choose_flat(plan_at, batch_size, options):

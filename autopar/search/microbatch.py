@@ -68,19 +68,27 @@ def choose_pipeline_micro_batches(plan_at, batch_size: int | None, stages: int):
         if found is not None and found not in counts:
             counts.append(found)
     counts = counts or [every[-1]]
-    best, error = None, None
-    for m in counts:
+    return fastest([lambda best, m=m: plan_at(m) for m in counts], skip=(NoFit, NotFaster))
+
+
+def fastest(attempts, best=None, error=None, skip=(NoFit,), ignore=()):
+    """The fastest within memory of ``best`` and what each of ``attempts`` makes (called
+    with the best so far): one raising an error of ``skip`` is passed over and its error
+    kept, the first such raised where nothing is found; one raising ``ignore`` is passed
+    over. Shared by the layers that try several choices side by side."""
+    for attempt in attempts:
         try:
-            found = plan_at(m)
-        except (NoFit, NotFaster) as e:
+            found = attempt(best)
+        except skip as e:
             error = error or e
+            continue
+        except ignore:
             continue
         if best is None or found.plan.cost.total_s < best.plan.cost.total_s:
             best = found
     if best is None:
         raise error
     return best
-
 
 
 def divisors(n: int) -> list:

@@ -28,9 +28,8 @@ from ..errors import PlanError
 # Backward takes about twice the forward's time (two matmuls per forward matmul): how a
 # stage's step time per micro-batch splits between its forward and backward actions.
 BACKWARD_SHARE = 2 / 3
-# Cuts of the dynamic program planned exactly, best first.
+# Cuts planned exactly, best estimate first, until one fits.
 EXACT_CANDIDATES = 3
-# (the best by estimate that fits is kept; the others are planned only where it does not)
 # Orders of device groups along the pipeline tried on a mixed cluster, at most.
 MAX_ORDERS = 24
 
@@ -173,7 +172,6 @@ class Prices:
     fixed_s: list
     boundary_bytes: list
     fixed_bytes: float = 0.0
-    memory_bytes: float = 0.0      # the group's device memory (the smallest)
     link: object = None            # within the group
 
     def stage(self, lo: int, hi: int, in_flight: int = 1) -> tuple:
@@ -196,7 +194,6 @@ class Config:
     firsts: list                  # first layer of each of the p * v stages
     predicted_s: float = math.inf
     played: Played | None = None
-    note: str = ""
     stage_costs: list = field(default_factory=list)
 
     def group_of(self, stage: int) -> int:
