@@ -47,6 +47,44 @@ def assign_layouts(gm, ctx):
     return gm
 
 
+def carry_plan(source_gm, source_ctx, gm, ctx) -> bool:
+    """Give ``gm`` the plan ``source_ctx`` holds of ``source_gm``, the same program under
+    other names (:func:`~passes.fold_repeated_blocks.program_key` equal): node by node in
+    graph order, its blocks (``ctx.blocks``, found by folding each) instance by instance.
+    Sets ``ctx.mesh`` and ``ctx.plan`` as :func:`assign_layouts` would; False (and nothing
+    set) where the blocks found in the two differ."""
+    mine, theirs = getattr(ctx, "blocks", []), getattr(source_ctx, "blocks", [])
+    if [len(c.instances) for c in mine] != [len(c.instances) for c in theirs]:
+        return False
+    paths = {a.path: b.path for c, d in zip(theirs, mine)
+             for a, b in zip(c.instances, d.instances)}
+    planned = ("placeholder", "get_attr", "call_function", "call_method")
+    pairs = list(zip((n for n in source_gm.graph.nodes if n.op in planned),
+                     (n for n in gm.graph.nodes if n.op in planned)))
+    for a, b in pairs:
+        for key in ("autopar.strategy", "autopar.layout"):
+            if key in a.meta:
+                b.meta[key] = a.meta[key]
+    plan = source_ctx.plan
+    targets = {a.target: b.target for a, b in pairs if a.op == "get_attr"}
+    inputs = dict(zip(source_ctx.input_names, ctx.input_names))
+    nodes = {b.name: {**plan.nodes[a.name], "module": module_path(b)}
+             for a, b in pairs if a.name in plan.nodes}
+    placements = {targets[k]: v for k, v in plan.placements.items()}
+    options = ctx.options
+    ctx.mesh = source_ctx.mesh
+    ctx.plan = Plan(mesh=dict(plan.mesh), placements=placements,
+                    inputs={inputs[k]: v for k, v in plan.inputs.items()}, nodes=nodes,
+                    cost=plan.cost, stats=ctx.stats, cluster=str(ctx.cluster),
+                    recompute={paths.get(k, k): v for k, v in plan.recompute.items()},
+                    micro_batches=plan.micro_batches,
+                    uses={targets[k]: list(v) for k, v in plan.uses.items()},
+                    pinned={name: options.pinned(name)
+                            for name in [*placements, *inputs.values()]
+                            if options.pinned(name)})
+    return True
+
+
 def _uses(gm) -> dict:
     """Per parameter FQN, how its readers take it: one :class:`~autopar.search.result.Use` per
     distinct (op, layout read, the op's output layout), following views and casts to the

@@ -103,6 +103,24 @@ _INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")            # layers[0], _mod
 _GETATTR = re.compile(r"getattr\(([^()]*?), *['\"]([^'\"]+)['\"]\)")  # getattr(L['self'].h, '0')
 
 
+def program_key(gm, ctx) -> tuple:
+    """Everything planning ``gm`` looks at, as one hashable value (the labels and arguments
+    two blocks are compared by, over the whole program, with what the user pinned of its
+    inputs): programs of equal keys are one program under other names (the same nodes in the
+    same order) and plan alike."""
+    labeler = _Labeler(set(ctx.param_fqns), ctx.options)
+    nodes = list(gm.graph.nodes)
+    index = {n: _Ref(("n", j)) for j, n in enumerate(nodes)}
+    names = iter(ctx.input_names)
+    out = []
+    for n in nodes:
+        label = labeler.node_label(n)
+        if n.op == "placeholder":
+            label += tuple(str(layout) for layout in ctx.options.pins_of(next(names, n.name)))
+        out.append((label, _canon(n.args, index), _canon(n.kwargs, index)))
+    return tuple(out)
+
+
 def block_prefix(path: str, depth: int = 1) -> str:
     """The path up to and including its first (``depth``-th) numeric component, or "" if it
     has none.

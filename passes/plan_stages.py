@@ -24,8 +24,10 @@ from autopar.program.stages import check_split, cut, find_layers
 from autopar.search import stages as S
 from autopar.search.result import Plan
 
-from .assign_layouts import assign_layouts
-from .fold_repeated_blocks import fold_repeated_blocks
+from autopar.search.recompute import block_paths, resolve_recompute
+
+from .assign_layouts import assign_layouts, carry_plan
+from .fold_repeated_blocks import fold_repeated_blocks, program_key
 
 # A probe's budget: no bound (what each layer costs at its fastest).
 _UNBOUNDED = 1e30
@@ -87,6 +89,7 @@ def plan_stages(gm, ctx):
     else:
         candidates = None
     prober = _Prober(gm, ctx, layers)
+    plans = _StagePlans()
     kinds = [_signature(c) for c in parts]
     orders = S.group_orders(kinds) if options.stages is None else [list(range(p))]
     found = []   # (estimated step, config, mesh)
@@ -126,7 +129,7 @@ def plan_stages(gm, ctx):
     close = found and even_est <= found[0][0] * (1 + EVEN_ENOUGH)
     for _, config, mesh in ([] if close else found[:S.EXACT_CANDIDATES]):
         try:
-            best = _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget)
+            best = _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget, plans)
             break
         except NoFit as e:
             errors.append(e)
@@ -135,7 +138,7 @@ def plan_stages(gm, ctx):
         config = S.Config(p, v, names[0], m, list(range(p)), even)
         try:
             made = _plan_config(gm, ctx, layers, config, groups, parts,
-                                sub_mesh or prober.mesh_for(parts[0], m), budget)
+                                sub_mesh or prober.mesh_for(parts[0], m), budget, plans)
             if best is None or made[0].predicted_s < best[0].predicted_s:
                 best = made
         except NoFit as e:
@@ -143,7 +146,7 @@ def plan_stages(gm, ctx):
     if best is None and close:   # the even split did not fit: the best estimates then
         for _, config, mesh in found[:S.EXACT_CANDIDATES]:
             try:
-                best = _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget)
+                best = _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget, plans)
                 break
             except NoFit as e:
                 errors.append(e)
@@ -156,6 +159,7 @@ def plan_stages(gm, ctx):
     config, planned = best
     ctx.stages = planned
     ctx.plan = _pipeline_plan(ctx, config, planned, layers)
+    ctx.stats["pipeline"]["stage_plans"] = {"solved": plans.solved, "carried": plans.carried}
     ctx.mesh = None
     return gm
 
@@ -326,7 +330,7 @@ def _activation_scale(options) -> float:
     return PRECISIONS[options.precision]["activation_scale"]
 
 
-def _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget):
+def _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget, plans):
     """Plan every stage of ``config`` exactly and play its schedule."""
     p, n = config.p, config.p * config.v
     stage_graphs = cut(gm, layers, config.firsts, ctx.input_names)
@@ -337,7 +341,7 @@ def _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget):
         part = parts[g]
         cap = _capacity(part, budget)
         held = in_flight[s] if s < len(in_flight) else 1
-        sctx = _stage_plan(sg, ctx, part, mesh, cap, held)
+        sctx = _stage_plan(sg, ctx, part, mesh, cap, held, plans)
         planned.append(StagePlanned(sg, sctx, groups[g]))
         costs.append(sctx.plan.cost)
     # play the schedule with the exact stage prices
@@ -369,9 +373,10 @@ def _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget):
     return config, planned
 
 
-def _stage_plan(sg, ctx, cluster, mesh, cap, held):
+def _stage_plan(sg, ctx, cluster, mesh, cap, held, plans):
     """Plan one stage's program on its devices: its budget less the activations of the
-    ``held - 1`` micro-batches it holds besides the one the plan counts."""
+    ``held - 1`` micro-batches it holds besides the one the plan counts. ``plans``: the
+    :class:`_StagePlans` of the stages planned before."""
     options = ctx.options.replace(mesh=mesh, stages=None, schedule=None)
     reserve = 0.0
     for _ in range(3):
@@ -385,13 +390,38 @@ def _stage_plan(sg, ctx, cluster, mesh, cap, held):
             raise NoFit(cap, cluster, cap + reserve)
         gm = sg.gm
         fold_repeated_blocks(gm, sctx)
-        assign_layouts(gm, sctx)
+        plans.plan(gm, sctx)
         cost = sctx.plan.cost
         need = cost.memory_bytes_per_device + (held - 1) * cost.saved_bytes
         if need <= cap * (1 + 1e-9):
             return sctx
         reserve = need - cost.memory_bytes_per_device + reserve
     raise NoFit(cap, cluster, need)
+
+
+class _StagePlans:
+    """Stage programs planned so far, by all their plans depend on: a stage that is another's
+    program under other names (the middle stages of a pipeline, alike layers of other
+    indices), on the same kind of devices, mesh and budget, takes its plan (the same exact
+    problem; :func:`~passes.assign_layouts.carry_plan`)."""
+
+    def __init__(self):
+        self.done = {}
+        self.solved = self.carried = 0
+
+    def plan(self, gm, ctx):
+        blocks = getattr(ctx, "blocks", [])
+        recompute = resolve_recompute(ctx.options.recompute, block_paths(blocks))
+        key = (program_key(gm, ctx), _signature(ctx.cluster),
+               tuple((ctx.options.mesh or {}).items()), ctx.options.memory_budget_bytes,
+               tuple(recompute.get(path) for path in block_paths(blocks)))
+        known = self.done.get(key)
+        if known is not None and carry_plan(*known, gm, ctx):
+            self.carried += 1
+            return
+        assign_layouts(gm, ctx)
+        self.solved += 1
+        self.done[key] = (gm, ctx)
 
 
 def _pipeline_plan(ctx, config, planned, layers) -> Plan:

@@ -256,3 +256,25 @@ def test_a_transformers_decoder_pipelined_equals_one_device(family):
 def test_the_torch_compile_backend_refuses_pipeline_stages_saying_where_they_run():
     with pytest.raises(PlanError, match="autopar.compile"):
         autopar.backend(autopar.Cluster.local(4, measure=False), mesh={"pp": 2, "dp": 2})
+
+
+def test_alike_middle_stages_are_solved_once_and_run_as_their_own():
+    """Four stages of 1, 2, 2 and 1 layers: the two middle stages are one program under other
+    names (layers 1-2 and 3-4), so the second takes the first's plan, node for node, under
+    its own names, and the pipeline still steps as one device does."""
+    model, cfg = make("llama", 6)
+    ref = twin(model)
+    data = batches("llama", cfg, 4)
+    pm = autopar.compile(model, autopar.Cluster.local(8, measure=False),
+                         example_inputs=data[0][0], simulate=True, mesh={"pp": 4, "dp": 2},
+                         stages=(1, 2, 2, 1), schedule="1f1b", micro_batches=4)
+    assert pm.plan.stats["pipeline"]["stage_plans"] == {"solved": 3, "carried": 1}
+    second, third = pm.plan.stages[1], pm.plan.stages[2]
+    assert second["layers"] == ["layers.1", "layers.2"] and \
+        third["layers"] == ["layers.3", "layers.4"]
+    rows = [[(r["op"], r["inputs"], r["output"], r["module"].split(".", 2)[-1])
+             for name, r in pm.plan.nodes.items() if r["module"].startswith(prefix)]
+            for prefix in ("layers.1.", "layers.3.")]
+    assert rows[0] and rows[0] == rows[1]
+    worst, _ = check_steps(pm, ref, [a for a, _ in data])
+    assert worst <= 1e-5

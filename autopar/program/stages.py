@@ -109,33 +109,31 @@ def check_split(layers: Layers, split) -> list:
 def cut(gm: fx.GraphModule, layers: Layers, firsts: list, input_names: list) -> list:
     """The stage programs of ``gm`` when stage s starts at layer ``firsts[s]``."""
     nodes = layers.nodes
-    position = {n: i for i, n in enumerate(nodes)}
     bounds = [0] + [layers.starts[j] for j in firsts[1:]] + [len(nodes)]
     placeholders = [n for n in nodes if n.op == "placeholder"]
     out_node = nodes[-1]
     assert out_node.op == "output"
 
-    def stage_of(n) -> int:
-        i = position[n]
-        return next(s for s in range(len(firsts)) if bounds[s] <= i < bounds[s + 1])
-
+    p = len(firsts)
+    stage = {n: s for s in range(p) for n in nodes[bounds[s]:bounds[s + 1]]}
     calls = [n for n in nodes if n.op in _CALLS]
     # the values each stage reads from earlier stages (or the output reads)
     last_read = {}
     for n in calls:
-        s = stage_of(n)
+        s = stage[n]
         for a in n.all_input_nodes:
-            if a.op in _CALLS and stage_of(a) < s:
+            if a.op in _CALLS and stage[a] < s:
                 last_read[a] = max(last_read.get(a, 0), s)
-    p = len(firsts)
     for a in out_node.all_input_nodes:
-        if a.op in _CALLS and stage_of(a) < p - 1:
+        if a.op in _CALLS and stage[a] < p - 1:
             last_read[a] = p - 1
+    crossing = [a for a in calls if a in last_read]
     stages = []
     for s in range(p):
-        received = [a for a in calls if a in last_read and stage_of(a) < s <= last_read[a]]
-        handed = [a for a in calls if a in last_read and stage_of(a) <= s < last_read[a]]
-        mine = [n for n in calls if stage_of(n) == s]
+        received = [a for a in crossing if stage[a] < s <= last_read[a]]
+        handed = [a for a in crossing if stage[a] <= s < last_read[a]]
+        mine = nodes[bounds[s]:bounds[s + 1]]
+        mine = [n for n in mine if n.op in _CALLS]
         g = fx.Graph()
         env, inputs, names, params = {}, [], [], []
         reads = {a for n in mine for a in n.all_input_nodes}
