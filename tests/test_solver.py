@@ -179,6 +179,42 @@ def test_peak_memory_sweep_equals_the_largest_checkpoint():
         assert prob.peak_memory(choice) == pytest.approx(every, rel=1e-12)
 
 
+def test_the_memory_floor_is_below_every_assignment_and_refuses_a_budget_under_it(
+        monkeypatch):
+    """memory_budget's floor (per checkpoint, each term's least over its strategies) is
+    below the peak of every assignment, the least of them included (min_memory); a budget
+    under it is refused as Infeasible before any solve."""
+    from autopar.program.capture import capture
+    from autopar.cost.model import CostModel
+    from autopar.program.mesh import Mesh
+    from autopar.passes import ANALYSIS, PassContext, run_passes
+    from autopar.search import solver
+    from autopar.search.problem import build_problem
+    model, x = meta_net(256, 1024, 2), batch(64, 256)
+    captured = capture(model, x)
+    ctx = PassContext(example_inputs=captured.example_inputs, input_names=captured.input_names)
+    run_passes(captured.gm, ctx, ANALYSIS)
+    mesh = Mesh(("dp", "tp"), (2, 2))
+    prob = build_problem(captured.gm, mesh, CostModel(Cluster.preset("dgx-a100"), mesh), {})
+    b = solver._Builder()
+    xs = solver.strategy_variables(b, prob)
+    pairs = {}
+    solver.edge_marginals(b, prob, xs, pairs)
+    floor = solver.memory_budget(b, prob, xs, 1e12, pairs).max()
+    least = solver.min_memory(prob)
+    assert 0 < floor <= least * (1 + 1e-9)
+    for k in range(4):
+        choice = {n: (i * 7 + k) % len(prob.options[n]) for i, n in enumerate(prob.nodes)}
+        assert floor <= prob.peak_memory(choice) * (1 + 1e-9)
+    solver.solve(prob, least * 1.01)   # above the least any assignment needs: a plan
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("HiGHS ran")
+    monkeypatch.setattr(solver, "_run", no_solve)
+    with pytest.raises(solver.Infeasible):   # refused without running HiGHS
+        solver.solve(prob, floor * 0.99)
+
+
 @pytest.mark.parametrize("width, rows", [(4096, 64), (512, 4096)])
 def test_meshes_dropped_at_their_bound_lose_nothing(width, rows):
     """The search stops a mesh's program at its relaxation's bound once a better plan is in

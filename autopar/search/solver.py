@@ -385,9 +385,15 @@ def _pair_variables(b: _Builder, e, x: dict, seconds: bool = True) -> tuple:
 
 def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, pairs: dict,
                   peak_col: int | None = None):
-    """Memory after each checkpoint stays within the budget (or below ``peak_col``)."""
+    """Memory after each checkpoint stays within the budget (or below ``peak_col``).
+
+    Returns, per row, bytes no assignment (integral or not) goes below: the rows' constant
+    plus, for every term, the least it takes over its strategies (or edge pairs), each a
+    set of columns summing to one. Above the budget anywhere, nothing fits (no solve
+    needed to know it)."""
     points = np.array(prob.checkpoints())
     constant = np.zeros(len(points))
+    floor = np.zeros(len(points))     # the least of each term, added up
     rows, cols, vals = [], [], []
 
     def hold(start, end, columns, v):
@@ -399,6 +405,7 @@ def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, pairs: dict,
         if columns is None:
             constant[first:last] += v
             return
+        floor[first:last] += np.min(v)
         nz = np.nonzero(v)[0]
         span = np.arange(first, last)
         rows.append(np.repeat(span, len(nz)))
@@ -433,6 +440,7 @@ def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, pairs: dict,
     late = len(points)
     after = len(prob.nodes)   # positions past every node: rows late and late + 1
     points, constant = np.append(points, [after, after + 1]), np.append(constant, [0.0, 0.0])
+    floor = np.append(floor, [0.0, 0.0])
     most = sum(prob.weight.get(n, 1) * max(v) for n, v in prob.sync_bytes.items())
     constant[late + 1] += min(BUCKET_BYTES, most)
     for h in prob.held:
@@ -454,6 +462,7 @@ def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, pairs: dict,
     else:
         hi = (budget_bytes - constant) / MEMORY_UNIT
     b.rows(len(points), _join(rows, int), _join(cols, int), _join(vals, float), -np.inf, hi)
+    return constant + floor
 
 
 def fixed_choices(prob) -> dict:
@@ -493,7 +502,9 @@ def solve(prob, budget_bytes: float, time_limit_s: float = TIME_LIMIT_S,
     pairs = {}
     constant = edge_marginals(b, prob, x, pairs)
     constant += sum(prob.weight.get(n, 1) * prob.node_s[n][0] for n in prob.nodes if n not in x)
-    memory_budget(b, prob, x, budget_bytes, pairs)
+    least = memory_budget(b, prob, x, budget_bytes, pairs)
+    if least.max() > budget_bytes * (1 + 1e-9):
+        raise Infeasible(prob, time_limit_s)
     if hint is not None:
         res = b.branch(time_limit_s, _hinted(prob, x, hint, b.n_cols), whole=False)
         if res.x is not None:
