@@ -215,6 +215,34 @@ def test_the_memory_floor_is_below_every_assignment_and_refuses_a_budget_under_i
         solver.solve(prob, floor * 0.99)
 
 
+def test_a_saved_copy_read_alone_equals_its_entry_of_the_whole_table():
+    """Evaluating an assignment reads each edge's saved bytes one entry at a time
+    (Edge.saved_at); the solver's memory rows read the whole table (saved_matrix)."""
+    from autopar.program.capture import capture
+    from autopar.cost.model import CostModel
+    from autopar.program.mesh import Mesh
+    from autopar.passes import ANALYSIS, PassContext, run_passes
+    from autopar.search.problem import build_problem
+    model, x = meta_net(256, 1024, 2), batch(64, 256)
+    captured = capture(model, x)
+    ctx = PassContext(example_inputs=captured.example_inputs, input_names=captured.input_names)
+    run_passes(captured.gm, ctx, ANALYSIS)
+    mesh = Mesh(("dp", "tp"), (2, 2))
+    prob = build_problem(captured.gm, mesh, CostModel(Cluster.preset("dgx-a100"), mesh), {})
+    saved = [e for e in prob.edges if e.saved_bytes]
+    assert saved
+    nonzero = 0
+    for e in saved:
+        alone = [[e.saved_at(prob.prices, s, d) for d in range(len(e.dst_keys))]
+                 for s in range(len(e.src_keys))]
+        _, src_of, _, dst_of = e.distinct
+        table = e.saved_matrix(prob.prices)
+        assert alone == [[table[src_of[s], dst_of[d]] for d in range(len(e.dst_keys))]
+                         for s in range(len(e.src_keys))]
+        nonzero += sum(v > 0 for row in alone for v in row)
+    assert nonzero
+
+
 @pytest.mark.parametrize("width, rows", [(4096, 64), (512, 4096)])
 def test_meshes_dropped_at_their_bound_lose_nothing(width, rows):
     """The search stops a mesh's program at its relaxation's bound once a better plan is in

@@ -76,6 +76,18 @@ class Edge:
                 self.saved_bytes * prices.fractions()[need][None, :] * moved
         return found
 
+    def saved_at(self, prices: Prices, src_choice: int, dst_choice: int) -> float:
+        """One entry of :meth:`saved_matrix`, for the ends' strategies (without making the
+        whole matrix: an assignment evaluated reads one entry of each edge)."""
+        src, src_of, dst, dst_of = self.distinct
+        found = self.__dict__.get("_saved")
+        if found is not None:
+            return float(found[src_of[src_choice], dst_of[dst_choice]])
+        need = dst[dst_of[dst_choice]][0]
+        if not prices.communicated(src[src_of[src_choice]], need):
+            return 0.0
+        return float(self.saved_bytes * prices.fractions()[need])
+
     def matrix(self) -> np.ndarray:
         """:meth:`seconds` for every (src strategy, dst strategy)."""
         _, src_of, _, dst_of = self.distinct
@@ -271,8 +283,7 @@ class Problem:
         for e in self.edges:
             if not e.saved_bytes:
                 continue
-            _, src_of, _, dst_of = e.distinct
-            v = e.saved_matrix(self.prices)[src_of[choice[e.src]], dst_of[choice.get(e.dst, 0)]]
+            v = e.saved_at(self.prices, choice[e.src], choice.get(e.dst, 0))
             if v:
                 for start, mult in e.spans:
                     yield start, mult * v

@@ -407,7 +407,17 @@ def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, pairs: dict,
             return
         floor[first:last] += np.min(v)
         nz = np.nonzero(v)[0]
+        if not len(nz):
+            return
         span = np.arange(first, last)
+        if len(nz) > 1 and len(span) > 1:
+            # a term over many strategies held at many checkpoints: one column for its
+            # bytes (in GiB, as the rows), defined once, read at each checkpoint; the rows
+            # stay sparse (a saved edge's pairs times the checkpoints it spans, otherwise)
+            total = b.var(0.0, False, upper=np.inf)
+            b.rows(1, np.zeros(len(nz) + 1, dtype=int), np.append(columns[nz], total),
+                   np.append(v[nz] / MEMORY_UNIT, -1.0), 0.0, 0.0)
+            columns, v, nz = np.array([total]), np.array([MEMORY_UNIT]), np.array([0])
         rows.append(np.repeat(span, len(nz)))
         cols.append(np.tile(columns[nz], len(span)))
         vals.append(np.tile(v[nz], len(span)))
@@ -421,17 +431,17 @@ def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, pairs: dict,
     for k, e in enumerate(prob.edges):
         if not e.saved_bytes:
             continue
-        m = e.saved_matrix(prob.prices)
-        _, src_of, _, dst_of = e.distinct
         if k in pairs:
             columns, i, j = pairs[k]
-            per = m[i, j]
-        elif e.src in x:
-            columns, per = x[e.src], m[src_of, dst_of[0]]
+            per = e.saved_matrix(prob.prices)[i, j]
+        elif e.src in x:   # (the entries read only: the whole matrix may be large)
+            columns = x[e.src]
+            per = np.array([e.saved_at(prob.prices, s, 0) for s in range(len(columns))])
         elif e.dst in x:
-            columns, per = x[e.dst], m[src_of[0], dst_of]
+            columns = x[e.dst]
+            per = np.array([e.saved_at(prob.prices, 0, d) for d in range(len(columns))])
         else:
-            columns, per = None, m[src_of[0], dst_of[0]]
+            columns, per = None, e.saved_at(prob.prices, 0, 0)
         for start, mult in e.spans:
             hold(start, _ALWAYS, columns, mult * per)
     # late in backward (Problem.memory_after_backward), two points: the first block
