@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
+
 from ..errors import PlanError
 
 # Backward takes about twice the forward's time (two matmuls per forward matmul): how a
@@ -258,28 +260,35 @@ def cuts(prices_of, n_layers: int, stages: int, in_flight: list, budget_of,
                 last = b
         bounds = kept + [bounds[-1]]
     m1 = slowest_times or 0
+    times = np.full((stages, L + 1, L + 1), np.inf)   # [s, lo, hi]
+    for (s, lo, hi), t in table.items():
+        times[s, lo, hi] = t
+    every = np.arange(L + 1)
     found = {}
     for bound in bounds:
-        best = {(0, 0): (0.0, ())}
+        allowed = np.where(times <= bound * (1 + 1e-9), times, np.inf)
+        # per stage, per end: the least sum of stage times so far and the start it came from
+        # (the first such start where several tie)
+        total = np.full(L + 1, np.inf)
+        total[0] = 0.0
+        back = []
         for s in range(stages):
-            nxt = {}
-            for (_, lo), (total, firsts) in best.items():
-                for hi in range(lo + 1, L + 1):
-                    t = table.get((s, lo, hi))
-                    if t is None or t > bound * (1 + 1e-9):
-                        continue
-                    key = (s + 1, hi)
-                    val = (total + t, firsts + (lo,))
-                    if key not in nxt or val[0] < nxt[key][0]:
-                        nxt[key] = val
-            best = nxt
-        end = best.get((stages, L))
-        if end is not None:
-            worst = max(table[(s, lo, hi)] for s, (lo, hi) in
-                        enumerate(zip(end[1], end[1][1:] + (L,))))
-            objective = end[0] + m1 * worst
-            if end[1] not in found or objective < found[end[1]]:
-                found[end[1]] = objective
+            sums = total[:, None] + allowed[s]
+            came = np.argmin(sums, axis=0)
+            total = sums[came, every]
+            back.append(came)
+        if not np.isfinite(total[L]):
+            continue
+        firsts, hi = [], L
+        for s in reversed(range(stages)):
+            hi = int(back[s][hi])
+            firsts.append(hi)
+        firsts = tuple(reversed(firsts))
+        worst = max(table[(s, lo, hi)] for s, (lo, hi) in
+                    enumerate(zip(firsts, firsts[1:] + (L,))))
+        objective = float(total[L]) + m1 * worst
+        if firsts not in found or objective < found[firsts]:
+            found[firsts] = objective
     ranked = sorted((obj, list(f)) for f, obj in found.items())
     return ranked[:EXACT_CANDIDATES]
 
