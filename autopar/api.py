@@ -56,7 +56,8 @@ def _plan(model, cluster, example_inputs, options: Options, program: bool = True
         batch = batch_size_of(flat)
         kept = search.choose(prepared.plan_at, batch, options, cluster=cluster,
                              staged=None if options.mesh is not None or not options.fold
-                             else lambda p, bound: prepared.staged(p, batch, bound))
+                             else lambda p, bound: prepared.staged(p, batch, bound),
+                             layers=_layer_count)
         if program:
             for st in getattr(kept.ctx, "stages", None) or ():
                 run_passes(st.graph.gm, st.ctx, [generate_rank_program])
@@ -71,6 +72,13 @@ def _plan(model, cluster, example_inputs, options: Options, program: bool = True
     ctx.stats["fallback_ops"] = sorted({u[0] for u in ctx.unsupported})
     ctx.stats["seconds"]["total"] = time.perf_counter() - start
     return captured, ctx
+
+
+def _layer_count(found) -> int:
+    """The layers of the program ``found`` (a :class:`_Programmed`) planned: the most
+    pipeline stages it may be cut into."""
+    from .program.stages import count_layers
+    return count_layers(found.captured.gm, getattr(found.ctx, "blocks", []))
 
 
 class _Programmed(NamedTuple):

@@ -278,3 +278,24 @@ def test_alike_middle_stages_are_solved_once_and_run_as_their_own():
     assert rows[0] and rows[0] == rows[1]
     worst, _ = check_steps(pm, ref, [a for a, _ in data])
     assert worst <= 1e-5
+
+
+def test_stage_counts_and_group_orders_scale_to_thousands_of_devices():
+    """16,384 devices (2048 nodes of 8): the stage count tried is whole nodes per stage and no
+    more stages than layers; 64 groups of one kind have one order, a mixed pipeline its
+    distinct orders of kinds, rank order first."""
+    cluster = autopar.Cluster.preset("dgx-h100", nodes=2048)
+    counts = S.stage_counts(cluster, None, most=126)
+    assert counts == [64]
+    groups = S.groups_of(cluster, 64)
+    assert all(len(g) == 256 and g.start % 8 == 0 for g in groups)
+    assert S.stage_counts(cluster, None, most=0) == []
+    assert S.group_orders(["H100"] * 64) == [list(range(64))]
+    orders = S.group_orders(["V100", "T4", "V100"])
+    assert orders == [[0, 1, 2], [0, 2, 1], [1, 0, 2]]
+    mixed = autopar.Cluster.from_dict({
+        "nodes": [{"device": "A100-40GB", "count": 4}, {"device": "A100-40GB", "count": 2}],
+        "links": {"intra_node": {"bandwidth_GBps": 300, "latency_us": 2},
+                  "inter_node": {"bandwidth_GBps": 12.5, "latency_us": 10}}})
+    assert S.groups_of(mixed, 2) is None   # the second group would hold part of node 0
+    assert S.groups_of(mixed, 3) == [range(0, 2), range(2, 4), range(4, 6)]

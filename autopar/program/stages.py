@@ -55,6 +55,22 @@ def find_layers(gm: fx.GraphModule, blocks) -> Layers | None:
     None where there are fewer than two (nothing to cut between)."""
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
+    kept = _layer_spans(position, blocks)
+    if len(kept) < 2:
+        return None
+    cuttable = [False] + [_crossing_ok(nodes, position, kept[j][0]) for j in range(1, len(kept))]
+    return Layers([p for _, _, p in kept], [lo for lo, _, _ in kept], cuttable, nodes)
+
+
+def count_layers(gm: fx.GraphModule, blocks) -> int:
+    """How many layers :func:`find_layers` finds (0 where fewer than two), without asking
+    where the program may be cut: the most stages it could be cut into."""
+    kept = _layer_spans({n: i for i, n in enumerate(gm.graph.nodes)}, blocks)
+    return len(kept) if len(kept) >= 2 else 0
+
+
+def _layer_spans(position: dict, blocks) -> list:
+    """(first position, last position, module path) of every layer, in graph order."""
     spans = []
     for cls in blocks or []:
         if len(cls.instances) < 2:
@@ -70,10 +86,7 @@ def find_layers(gm: fx.GraphModule, blocks) -> Layers | None:
         if kept and lo <= kept[-1][1]:
             continue
         kept.append((lo, hi, path))
-    if len(kept) < 2:
-        return None
-    cuttable = [False] + [_crossing_ok(nodes, position, kept[j][0]) for j in range(1, len(kept))]
-    return Layers([p for _, _, p in kept], [lo for lo, _, _ in kept], cuttable, nodes)
+    return kept
 
 
 def _crossing_ok(nodes, position, start: int) -> bool:

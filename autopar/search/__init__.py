@@ -26,7 +26,8 @@ from .pricing import Facts
 from .result import Planned
 
 
-def choose(plan_at, batch_size: int | None, options, staged=None, cluster=None):
+def choose(plan_at, batch_size: int | None, options, staged=None, cluster=None,
+           layers=None):
     """The plan of the micro-batch count that steps fastest within memory: ``plan_at(m)``
     plans the program of one of m micro-batches (whatever it returns, with the ``.plan``
     it made); the count the options pin, else :func:`microbatch.choose_micro_batches`.
@@ -34,8 +35,9 @@ def choose(plan_at, batch_size: int | None, options, staged=None, cluster=None):
     With ``staged`` (where the options pin no mesh), pipelines are tried beside:
     ``staged(p, bound)`` plans the step with p stages (as a mesh of ``{"pp": p}`` pins;
     those predicted slower than ``bound`` are not planned), for the
-    stage counts :func:`stages.stage_counts` finds worth trying on ``cluster``; the
-    fastest plan within memory is kept."""
+    stage counts :func:`stages.stage_counts` finds worth trying on ``cluster`` (no more
+    than ``layers(found)``, the layers of the program a plan of one stage planned, where
+    given); the fastest plan within memory is kept."""
     if staged is None:
         return _choose_flat(plan_at, batch_size, options)
     from ..errors import NoFit, PlanError
@@ -45,7 +47,8 @@ def choose(plan_at, batch_size: int | None, options, staged=None, cluster=None):
         best, error = None, e
     return microbatch.fastest(
         [lambda best, p=p: staged(p, best.plan.cost.total_s if best is not None else None)
-         for p in stages.stage_counts(cluster, best.plan if best is not None else None)],
+         for p in stages.stage_counts(cluster, best.plan if best is not None else None,
+                                      layers(best) if layers and best is not None else None)],
         best, error, skip=(NoFit,),
         ignore=(PlanError,))   # a program without layers to cut, or fewer than stages
 

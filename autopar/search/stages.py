@@ -18,6 +18,7 @@ The best cuts are then planned exactly, stage by stage, and played again.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -295,18 +296,34 @@ def cuts(prices_of, n_layers: int, stages: int, in_flight: list, budget_of,
 
 def group_orders(signatures: list) -> list:
     """Orders of groups along the pipeline worth trying: every distinct order of their kinds
-    (groups of one kind are interchangeable), at most :data:`MAX_ORDERS`; the rank order
-    first."""
+    (groups of one kind are interchangeable, taken in rank order), at most
+    :data:`MAX_ORDERS`; the rank order first, then in the order of the first permutation of
+    the groups giving each."""
     p = len(signatures)
-    out, seen = [], set()
-    for perm in itertools.permutations(range(p)):
-        key = tuple(signatures[i] for i in perm)
-        if key in seen:
+    by_kind = {}
+    for i, kind in enumerate(signatures):
+        by_kind.setdefault(kind, []).append(i)
+    taken = dict.fromkeys(by_kind, 0)
+
+    def candidates() -> list:   # (the next group of each kind left, its kind)
+        return sorted((groups[taken[k]], k) for k, groups in by_kind.items()
+                      if taken[k] < len(groups))
+    # depth first over the positions along the pipeline, without recursion (p may be large)
+    out, order, stack = [], [], [candidates()]
+    while stack and len(out) < MAX_ORDERS:
+        if not stack[-1]:
+            stack.pop()
+            if order:
+                taken[signatures[order.pop()]] -= 1
             continue
-        seen.add(key)
-        out.append(list(perm))
-        if len(out) >= MAX_ORDERS:
-            break
+        i, kind = stack[-1].pop(0)
+        order.append(i)
+        taken[kind] += 1
+        if len(order) == p:
+            out.append(list(order))
+            taken[signatures[order.pop()]] -= 1
+        else:
+            stack.append(candidates())
     return out
 
 
@@ -322,23 +339,30 @@ def search(cluster, plan_stage):
 MAX_STAGE_COUNTS = 1
 
 
-def stage_counts(cluster, flat_plan) -> list:
+def stage_counts(cluster, flat_plan, most: int | None = None) -> list:
     """The stage counts worth trying beside the plan of one stage (``flat_plan``, None where
     none fits): where the cluster has more than one node or kind of device, or where one
     stage's plan runs out of memory, recomputes, or runs micro-batches. On one node of one
     kind with memory to spare, splitting every op's work is what pays: stages would add a
     bubble and the values handed between them. The counts are those that cut the devices
-    into equal groups of whole nodes or equal parts of a node: a stage per node first, then
-    the fewest, :data:`MAX_STAGE_COUNTS` in all. A pinned ``pp`` plans any other count."""
+    into equal groups of whole nodes or equal parts of a node, at most ``most`` (the
+    program's layers, where known): a stage per node first, else the most stages of whole
+    nodes each, then the fewest, :data:`MAX_STAGE_COUNTS` in all. A pinned ``pp`` plans any
+    other count."""
     kinds = {n.device.name for n in cluster.nodes}
     binds = flat_plan is None or flat_plan.micro_batches > 1 or \
         any(c != "none" for c in flat_plan.recompute.values())
     if len(cluster.nodes) == 1 and len(kinds) == 1 and not binds:
         return []
     n = cluster.world_size
-    counts = [p for p in range(2, n + 1) if groups_of(cluster, p) is not None]
+    top = n if most is None else min(n, most)
+    counts = [p for p in range(2, top + 1) if n % p == 0 and groups_of(cluster, p) is not None]
     nodes = len(cluster.nodes)
-    counts.sort(key=lambda p: (p != nodes, p))   # a stage per node first
+    edges = set(_node_starts(cluster))
+
+    def whole(p) -> bool:   # every group whole nodes
+        return all(g * (n // p) in edges for g in range(p + 1))
+    counts.sort(key=lambda p: (p != nodes, not whole(p), -p if whole(p) else p))
     return sorted(counts[:MAX_STAGE_COUNTS])
 
 
@@ -349,13 +373,18 @@ def groups_of(cluster, p: int) -> list | None:
     if p < 1 or n % p:
         return None
     d = n // p
+    starts = _node_starts(cluster)
+    edges = set(starts)
     out = []
     for g in range(p):
-        ranks = range(g * d, (g + 1) * d)
-        nodes = sorted({cluster.node_of(r) for r in ranks})
-        if len(nodes) > 1:
-            whole = sum(cluster.nodes[i].count for i in nodes) == d
-            if not whole:
-                return None
-        out.append(ranks)
+        lo, hi = g * d, (g + 1) * d
+        node = bisect.bisect_right(starts, lo) - 1
+        if hi > starts[node + 1] and not (lo in edges and hi in edges):
+            return None   # across nodes, but not whole ones
+        out.append(range(lo, hi))
     return out
+
+
+def _node_starts(cluster) -> list:
+    """The first rank of every node, and the world size after them."""
+    return list(itertools.accumulate((node.count for node in cluster.nodes), initial=0))
