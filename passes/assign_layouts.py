@@ -6,6 +6,7 @@ from autopar import search
 from autopar.program.graph import module_path
 from autopar.rules import tensor_inputs
 from autopar.rules.traits import CARRY_LAYOUT
+from autopar.search.folding import PLANNED
 from autopar.search.result import Plan, Use
 
 
@@ -42,8 +43,7 @@ def assign_layouts(gm, ctx):
     ctx.plan = Plan(mesh=mesh.as_dict(), placements=placements, inputs=inputs, nodes=nodes,
                     cost=cost, stats=ctx.stats, cluster=str(ctx.cluster), recompute=recompute,
                     micro_batches=options.micro_batches or 1, uses=_uses(gm),
-                    pinned={name: options.pinned(name) for name in [*placements, *inputs]
-                            if options.pinned(name)})
+                    pinned=_pinned(options, [*placements, *inputs]))
     return gm
 
 
@@ -58,9 +58,8 @@ def carry_plan(source_gm, source_ctx, gm, ctx) -> bool:
         return False
     paths = {a.path: b.path for c, d in zip(theirs, mine)
              for a, b in zip(c.instances, d.instances)}
-    planned = ("placeholder", "get_attr", "call_function", "call_method")
-    pairs = list(zip((n for n in source_gm.graph.nodes if n.op in planned),
-                     (n for n in gm.graph.nodes if n.op in planned)))
+    pairs = list(zip((n for n in source_gm.graph.nodes if n.op in PLANNED),
+                     (n for n in gm.graph.nodes if n.op in PLANNED)))
     for a, b in pairs:
         for key in ("autopar.strategy", "autopar.layout"):
             if key in a.meta:
@@ -71,7 +70,6 @@ def carry_plan(source_gm, source_ctx, gm, ctx) -> bool:
     nodes = {b.name: {**plan.nodes[a.name], "module": module_path(b)}
              for a, b in pairs if a.name in plan.nodes}
     placements = {targets[k]: v for k, v in plan.placements.items()}
-    options = ctx.options
     ctx.mesh = source_ctx.mesh
     ctx.plan = Plan(mesh=dict(plan.mesh), placements=placements,
                     inputs={inputs[k]: v for k, v in plan.inputs.items()}, nodes=nodes,
@@ -79,10 +77,13 @@ def carry_plan(source_gm, source_ctx, gm, ctx) -> bool:
                     recompute={paths.get(k, k): v for k, v in plan.recompute.items()},
                     micro_batches=plan.micro_batches,
                     uses={targets[k]: list(v) for k, v in plan.uses.items()},
-                    pinned={name: options.pinned(name)
-                            for name in [*placements, *inputs.values()]
-                            if options.pinned(name)})
+                    pinned=_pinned(ctx.options, [*placements, *inputs.values()]))
     return True
+
+
+def _pinned(options, names) -> dict:
+    """What the user pinned of each of ``names`` (parameters and inputs), where anything."""
+    return {name: options.pinned(name) for name in names if options.pinned(name)}
 
 
 def _uses(gm) -> dict:

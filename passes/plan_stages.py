@@ -22,9 +22,8 @@ from autopar.options import schedule_chunks
 from autopar.program.graph import copy_graph_module
 from autopar.program.stages import check_split, cut, find_layers
 from autopar.search import stages as S
-from autopar.search.result import Plan
-
 from autopar.search.recompute import block_paths, resolve_recompute
+from autopar.search.result import Plan
 
 from .assign_layouts import assign_layouts, carry_plan
 from .fold_repeated_blocks import fold_repeated_blocks, program_key
@@ -410,6 +409,7 @@ class _StagePlans:
         self.solved = self.carried = 0
 
     def plan(self, gm, ctx):
+        """Set ``ctx.plan`` of stage program ``gm`` (folded), carried or solved."""
         blocks = getattr(ctx, "blocks", [])
         recompute = resolve_recompute(ctx.options.recompute, block_paths(blocks))
         key = (program_key(gm, ctx), _signature(ctx.cluster),

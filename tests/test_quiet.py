@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import autopar
 from autopar.search.meshes import _LazyProgress
-from autopar.search.solver import solver_log_enabled
+from autopar.search.highs import solver_log_enabled
 
 
 class Net(nn.Module):

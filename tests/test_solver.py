@@ -160,18 +160,22 @@ def test_planning_prints_nothing_off_a_terminal(capfd):
     assert out == "" and "planning" not in err
 
 
-def test_peak_memory_sweep_equals_the_largest_checkpoint():
+def _mlp_problem():
+    """The per-op problem of two residual MLP blocks (width 256, batch 64) on a 2 x 2 mesh."""
     from autopar.program.capture import capture
     from autopar.cost.model import CostModel
     from autopar.program.mesh import Mesh
     from autopar.passes import ANALYSIS, PassContext, run_passes
     from autopar.search.problem import build_problem
-    model, x = meta_net(256, 1024, 2), batch(64, 256)
-    captured = capture(model, x)
+    captured = capture(meta_net(256, 1024, 2), batch(64, 256))
     ctx = PassContext(example_inputs=captured.example_inputs, input_names=captured.input_names)
     run_passes(captured.gm, ctx, ANALYSIS)
     mesh = Mesh(("dp", "tp"), (2, 2))
-    prob = build_problem(captured.gm, mesh, CostModel(Cluster.preset("dgx-a100"), mesh), {})
+    return build_problem(captured.gm, mesh, CostModel(Cluster.preset("dgx-a100"), mesh), {})
+
+
+def test_peak_memory_sweep_equals_the_largest_checkpoint():
+    prob = _mlp_problem()
     for k in range(4):   # a few different assignments, chosen deterministically
         choice = {n: (i * 7 + k) % len(prob.options[n]) for i, n in enumerate(prob.nodes)}
         every = max(max(prob.memory_at(choice, t) for t in range(len(prob.nodes))),
@@ -184,18 +188,8 @@ def test_the_memory_floor_is_below_every_assignment_and_refuses_a_budget_under_i
     """memory_budget's floor (per checkpoint, each term's least over its strategies) is
     below the peak of every assignment, the least of them included (min_memory); a budget
     under it is refused as Infeasible before any solve."""
-    from autopar.program.capture import capture
-    from autopar.cost.model import CostModel
-    from autopar.program.mesh import Mesh
-    from autopar.passes import ANALYSIS, PassContext, run_passes
     from autopar.search import solver
-    from autopar.search.problem import build_problem
-    model, x = meta_net(256, 1024, 2), batch(64, 256)
-    captured = capture(model, x)
-    ctx = PassContext(example_inputs=captured.example_inputs, input_names=captured.input_names)
-    run_passes(captured.gm, ctx, ANALYSIS)
-    mesh = Mesh(("dp", "tp"), (2, 2))
-    prob = build_problem(captured.gm, mesh, CostModel(Cluster.preset("dgx-a100"), mesh), {})
+    prob = _mlp_problem()
     b = solver._Builder()
     xs = solver.strategy_variables(b, prob)
     pairs = {}
@@ -210,7 +204,7 @@ def test_the_memory_floor_is_below_every_assignment_and_refuses_a_budget_under_i
 
     def no_solve(*args, **kwargs):
         raise AssertionError("HiGHS ran")
-    monkeypatch.setattr(solver, "_run", no_solve)
+    monkeypatch.setattr(solver, "run", no_solve)
     with pytest.raises(solver.Infeasible):   # refused without running HiGHS
         solver.solve(prob, floor * 0.99)
 
@@ -218,17 +212,7 @@ def test_the_memory_floor_is_below_every_assignment_and_refuses_a_budget_under_i
 def test_a_saved_copy_read_alone_equals_its_entry_of_the_whole_table():
     """Evaluating an assignment reads each edge's saved bytes one entry at a time
     (Edge.saved_at); the solver's memory rows read the whole table (saved_matrix)."""
-    from autopar.program.capture import capture
-    from autopar.cost.model import CostModel
-    from autopar.program.mesh import Mesh
-    from autopar.passes import ANALYSIS, PassContext, run_passes
-    from autopar.search.problem import build_problem
-    model, x = meta_net(256, 1024, 2), batch(64, 256)
-    captured = capture(model, x)
-    ctx = PassContext(example_inputs=captured.example_inputs, input_names=captured.input_names)
-    run_passes(captured.gm, ctx, ANALYSIS)
-    mesh = Mesh(("dp", "tp"), (2, 2))
-    prob = build_problem(captured.gm, mesh, CostModel(Cluster.preset("dgx-a100"), mesh), {})
+    prob = _mlp_problem()
     saved = [e for e in prob.edges if e.saved_bytes]
     assert saved
     nonzero = 0

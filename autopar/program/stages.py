@@ -145,8 +145,7 @@ def cut(gm: fx.GraphModule, layers: Layers, firsts: list, input_names: list) -> 
     for s in range(p):
         received = [a for a in crossing if stage[a] < s <= last_read[a]]
         handed = [a for a in crossing if stage[a] <= s < last_read[a]]
-        mine = nodes[bounds[s]:bounds[s + 1]]
-        mine = [n for n in mine if n.op in _CALLS]
+        mine = [n for n in nodes[bounds[s]:bounds[s + 1]] if n.op in _CALLS]
         g = fx.Graph()
         env, inputs, names, params = {}, [], [], []
         reads = {a for n in mine for a in n.all_input_nodes}

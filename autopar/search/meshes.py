@@ -28,7 +28,8 @@ from .pricing import Facts
 from .pins import Pins, resolve_pins
 from .problem import Problem, build_problem
 from .result import Planned
-from .solver import TIME_LIMIT_S, TURNS, Dominated, Infeasible, solve
+from .highs import TURNS
+from .solver import TIME_LIMIT_S, Dominated, Infeasible, solve
 
 AXIS_NAMES = {1: ("dp",), 2: ("dp", "tp"), 3: ("dp", "sp", "tp")}
 # Past this many (producer layout, consumer need) pairs the exact program keeps, per node,
