@@ -16,8 +16,8 @@ import torch
 
 from ._torch import tree_leaves
 from .cost.cluster import Cluster
-from .errors import CaptureError, InputError, PlanError
-from .options import Options
+from .errors import CaptureError, InputError, NotFaster, PlanError
+from .options import Options, schedule_chunks
 from .program.capture import capture, normalize_example_inputs
 from .program.graph import copy_graph_module, fetch_attr, paused_gc
 from .program.repeats import Unrepeatable, containers, cut_to_two, repeated_lists
@@ -56,7 +56,8 @@ def _plan(model, cluster, example_inputs, options: Options, program: bool = True
         batch = batch_size_of(flat)
         kept = search.choose(prepared.plan_at, batch, options, cluster=cluster,
                              staged=None if options.mesh is not None or not options.fold
-                             else lambda p, bound: prepared.staged(p, batch, bound),
+                             else lambda p, bound, flat: prepared.staged(p, batch, bound,
+                                                                         flat),
                              layers=_layer_count)
         if program:
             for st in getattr(kept.ctx, "stages", None) or ():
@@ -69,9 +70,40 @@ def _plan(model, cluster, example_inputs, options: Options, program: bool = True
     ctx.stats["capture_method"] = captured.method
     ctx.stats["captures"] = prepared.captures
     ctx.stats["micro_batch_counts_tried"] = prepared.counts
+    if prepared.floors:
+        ctx.stats["pipeline_floor_s"] = dict(prepared.floors)
     ctx.stats["fallback_ops"] = sorted({u[0] for u in ctx.unsupported})
     ctx.stats["seconds"]["total"] = time.perf_counter() - start
     return captured, ctx
+
+
+def _pipeline_floor(flat, cluster, stages: int, batch_size, options) -> float | None:
+    """The least step time of any pipeline of ``stages`` that the search would plan
+    (:func:`autopar.search.stages.pipeline_floor` at the most micro-batches it tries), the
+    work priced on the program of ``flat``, the plan of one stage (None without one). None
+    where the bound does not hold: a schedule of several chunks per group, or ``flat`` run
+    in more micro-batches than a pipeline may be (ops on whole parameters, such as casts,
+    run once per micro-batch). ``options``: the user's, as the pipeline is planned with."""
+    from .cost.model import Training, work_floor_s
+    from .search.microbatch import pipeline_counts
+    from .search.stages import pipeline_floor
+    if flat is None:
+        return None
+    if options.schedule is not None and schedule_chunks(options.schedule)[1] > 1:
+        return None
+    counts = [options.micro_batches] if options.micro_batches is not None else \
+        pipeline_counts(batch_size, stages)
+    if flat.plan.micro_batches > min(counts):
+        return None
+    ops = []
+    for n in flat.captured.gm.graph.nodes:
+        strategy = n.meta.get("autopar.strategy")
+        if n.op in ("call_function", "call_method") and strategy is not None and \
+                strategy.spec is not None:
+            ops.append((n.meta["autopar.op"], strategy.spec.flops, strategy.spec.num_bytes))
+    training = Training(options.precision, options.optimizer, flat.plan.micro_batches)
+    work, dispatch = work_floor_s(ops, cluster, training)
+    return pipeline_floor(work, cluster.world_size, stages, max(counts), dispatch)
 
 
 def _layer_count(found) -> int:
@@ -103,6 +135,7 @@ class _Prepared:
         self.cluster, self.options = cluster, options
         self.seconds = {}      # shared by every count's context: the whole call's time
         self.captures, self.counts = 0, []
+        self.floors = {}       # stage count -> the least step a pipeline of it can take
         start = time.perf_counter()
         repeats = repeated_lists(model) if options.fold else []
         self.seconds["capture"] = time.perf_counter() - start
@@ -144,10 +177,20 @@ class _Prepared:
             self._capture([])  # traced again, at full depth
             return self._plan_copy(micro_batches, PER_COUNT + [last])
 
-    def staged(self, stages: int, batch_size, bound=None) -> _Programmed:
+    def staged(self, stages: int, batch_size, bound=None, flat=None) -> _Programmed:
         """The best plan of the prepared program as a pipeline of ``stages`` stages; a
-        PlanError where none is predicted faster than ``bound`` seconds a step."""
+        PlanError where none is predicted faster than ``bound`` seconds a step. Not planned
+        at all (NotFaster) where no pipeline of ``stages`` can be, whatever its cuts and
+        stage plans: :func:`_pipeline_floor` of ``flat`` (the plan of one stage) not below
+        ``bound``."""
         from autopar import search
+        floor = _pipeline_floor(flat, self.cluster, stages, batch_size, self.options)
+        if floor is not None and bound is not None:
+            self.floors[stages] = floor
+            if floor >= bound:
+                raise NotFaster(f"no pipeline of {stages} stages can step faster than "
+                                f"{floor:.4g} s (its bubble with the work spread evenly), "
+                                f"not below the best plan's {bound:.4g} s")
         other = copy.copy(self)
         other.options = self.options.replace(mesh={"pp": stages})
         other.stage_bound = bound

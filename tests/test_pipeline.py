@@ -5,6 +5,7 @@ errors for stage requests that cannot work."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -181,10 +182,12 @@ def test_a_slow_link_between_nodes_gets_a_stage_per_node_and_fast_links_none():
     slow = autopar.plan(model, slow_cluster, example_inputs=(idx, idx))
     assert slow.mesh.get("pp") == 2, slow.explain()
     assert [tuple(st["ranks"]) for st in slow.stages] == [(0, 1), (2, 3)]
+    assert slow.stats["pipeline_floor_s"][2] <= slow.cost.total_s
     for mesh in ({"dp": 4}, {"dp": 2, "tp": 2}, {"tp": 4}):
         flat = autopar.plan(model, slow_cluster, example_inputs=(idx, idx), mesh=mesh)
         assert slow.cost.total_s < flat.cost.total_s, mesh
-    fast = autopar.plan(model, _two_nodes(100, 100, inter_gbps=400), example_inputs=(idx, idx))
+    fast = autopar.plan(model, _two_nodes(100, 100, inter_gbps=400, per_node=1),
+                        example_inputs=(idx, idx))
     assert "pp" not in fast.mesh and not fast.stages
 
 
@@ -299,3 +302,68 @@ def test_stage_counts_and_group_orders_scale_to_thousands_of_devices():
                   "inter_node": {"bandwidth_GBps": 12.5, "latency_us": 10}}})
     assert S.groups_of(mixed, 2) is None   # the second group would hold part of node 0
     assert S.groups_of(mixed, 3) == [range(0, 2), range(2, 4), range(4, 6)]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_no_pipeline_steps_faster_than_its_floor(schedule):
+    """Uneven stages of random forward and backward times, random transfers and fixed
+    times, played: never faster than the floor of the work they hold (a micro-batch's stage
+    time on d devices, summed, times m and d), and the floor of equal stages over many
+    micro-batches is within (p - 1) / m of the played step (it admits uneven stages)."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        p = int(rng.integers(1, 7))
+        m = int(rng.integers(p if schedule == "1f1b" else 1, 17))
+        d = int(rng.integers(1, 5))
+        f = rng.uniform(0.01, 1.0, p) * rng.choice([1.0, 10.0], p)
+        b = f * rng.uniform(1.0, 3.0, p)
+        transfer = (rng.uniform(0, 0.2, max(p - 1, 1)) * rng.integers(0, 2)).tolist()
+        fixed = rng.uniform(0, 0.5, p).tolist()
+        played = S.play(S.schedule_orders(schedule, p, 1, m), f.tolist(), b.tolist(),
+                        transfer, fixed)
+        work = m * d * float((f + b).sum())
+        assert played.step_s >= S.pipeline_floor(work, p * d, p, m) * (1 - 1e-12)
+    p, m = 4, 64
+    played = S.play(S.schedule_orders(schedule, p, 1, m), [1.0] * p, [2.0] * p, [0.0] * p)
+    floor = S.pipeline_floor(m * 3.0 * p, p, p, m)
+    assert floor <= played.step_s <= floor * (1 + (p - 1) / m)
+
+
+def test_a_plan_computes_at_least_the_work_floor():
+    """However a plan splits the program's ops, its devices together compute for at least
+    the work floor (each op whole at the fastest rates) and launch every op on every device
+    once a micro-batch: the per-device compute of the plan on each mesh, times the devices,
+    on a mixed cluster and in bf16 over two micro-batches."""
+    from autopar.api import plan_micro_batches
+    from autopar.cost.model import Training, work_floor_s
+    model, args = _meta_gpt(4)
+    for cluster, precision, m in ((_two_nodes(40, 10, 25), "fp32", 1),
+                                  (autopar.Cluster.preset("dgx-h100", nodes=1), "bf16-mixed",
+                                   2)):
+        for mesh in ({"dp": cluster.world_size}, {"dp": 2, "tp": cluster.world_size // 2},
+                     {"tp": cluster.world_size}):
+            captured, ctx = plan_micro_batches(model, cluster, args, m, program=False,
+                                               mesh=mesh, precision=precision)
+            ops = [(n.meta["autopar.op"], n.meta["autopar.strategy"].spec.flops,
+                    n.meta["autopar.strategy"].spec.num_bytes)
+                   for n in captured.gm.graph.nodes
+                   if n.op in ("call_function", "call_method")]
+            work, dispatch = work_floor_s(ops, cluster, Training(precision, "adamw", m))
+            assert 0 < work and 0 < dispatch
+            assert work + dispatch * m * cluster.world_size <= \
+                ctx.plan.cost.compute_s * cluster.world_size * (1 + 1e-12), mesh
+
+
+def test_pipelines_that_cannot_beat_the_plan_of_one_stage_are_not_planned():
+    """Two devices on two nodes joined by a fast link, long sequences, a batch of two: the
+    floor of a pipeline of a stage per node (its bubble at the most micro-batches the search
+    tries, two, with the work spread evenly) is above the plan of one stage, so no stage is
+    planned. (Over a slow link the floor is below the pipeline kept: the test above.)"""
+    cfg = GPTConfig(n_layer=6, n_embd=1024, n_head=16, block_size=4096, vocab_size=8192)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    idx = torch.zeros(2, 4096, dtype=torch.long, device="meta")
+    fast = autopar.plan(model, _two_nodes(100, 100, inter_gbps=400, per_node=1),
+                        example_inputs=(idx, idx))
+    assert fast.stats["pipeline_floor_s"][2] >= fast.cost.total_s
+    assert "pipeline" not in fast.stats and "pp" not in fast.mesh

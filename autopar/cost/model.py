@@ -96,6 +96,35 @@ class Training:
                 "optimizer": 4.0 * OPTIMIZERS[self.optimizer] / total}
 
 
+def work_floor_s(ops, cluster, training: Training) -> tuple:
+    """What ``ops`` ((op, FLOPs, bytes) of one micro-batch's program, whole) cost in any
+    plan on ``cluster``, at least: (device-seconds of compute over the step, seconds of
+    dispatch per micro-batch on each device).
+
+    The first is each op's forward and backward at the fastest rates any device of the
+    cluster reaches, times the micro-batches in ``training``: a split op's shares add up to
+    the whole op (:meth:`CostModel.compute_s` divides its work), a replicated one does it on
+    every rank, collectives only add; however a plan spreads the step, its devices together
+    spend at least this computing. The second is the least launch overhead of a device
+    times the ops that run a kernel: every rank runs each op of its program (a pipeline
+    stage, each op of its stage) once per micro-batch."""
+    dtype = PRECISIONS[training.precision]["dtype"]
+    devices = cluster.devices()
+    peak = max(d.flops_for(dtype) * _efficiency(d, MATMUL_EFFICIENCY) for d in devices)
+    bandwidth = max(d.memory_bandwidth_bytes_per_s * _efficiency(d, MEMORY_EFFICIENCY)
+                    for d in devices)
+    overhead = min(getattr(d, "op_overhead_s", None) or KERNEL_LAUNCH_S for d in devices)
+    scale = PRECISIONS[training.precision]["activation_scale"]
+    total, kernels = 0.0, 0
+    for op, flops, num_bytes in ops:
+        if op in NO_KERNEL or (flops == 0 and num_bytes == 0):
+            continue
+        factor = BACKWARD_FACTOR_CONTRACTION if op in CONTRACTIONS else BACKWARD_FACTOR_OTHER
+        total += max(flops / peak, num_bytes * scale / bandwidth) * (1 + factor)
+        kernels += 1
+    return total * training.micro_batches, kernels * overhead
+
+
 def axis_links(cluster, mesh) -> list:
     """The slowest link each mesh axis's groups cross (inter-node if any group spans nodes,
     else the slowest intra-node link among the nodes it touches)."""

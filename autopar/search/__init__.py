@@ -33,8 +33,9 @@ def choose(plan_at, batch_size: int | None, options, staged=None, cluster=None,
     it made); the count the options pin, else :func:`microbatch.choose_micro_batches`.
 
     With ``staged`` (where the options pin no mesh), pipelines are tried beside:
-    ``staged(p, bound)`` plans the step with p stages (as a mesh of ``{"pp": p}`` pins;
-    those predicted slower than ``bound`` are not planned), for the
+    ``staged(p, bound, flat)`` plans the step with p stages (as a mesh of ``{"pp": p}``
+    pins; those predicted slower than ``bound`` are not planned; ``flat``: the plan of one
+    stage, None where none fits), for the
     stage counts :func:`stages.stage_counts` finds worth trying on ``cluster`` (no more
     than ``layers(found)``, the layers of the program a plan of one stage planned, where
     given); the fastest plan within memory is kept."""
@@ -46,7 +47,8 @@ def choose(plan_at, batch_size: int | None, options, staged=None, cluster=None,
     except NoFit as e:
         best, error = None, e
     return microbatch.fastest(
-        [lambda best, p=p: staged(p, best.plan.cost.total_s if best is not None else None)
+        [lambda found, p=p: staged(p, found.plan.cost.total_s if found is not None else None,
+                                   best)
          for p in stages.stage_counts(cluster, best.plan if best is not None else None,
                                       layers(best) if layers and best is not None else None)],
         best, error, skip=(NoFit,),

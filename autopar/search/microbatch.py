@@ -60,15 +60,20 @@ def choose_pipeline_micro_batches(plan_at, batch_size: int | None, stages: int):
     """The fastest plan of a pipeline of ``stages`` over the micro-batch counts worth
     trying: the fewest at least the stages (fewer leave stages idle) and the fewest at least
     four times the stages (a bubble of at most a fifth of 1F1B's step), where the batch
-    divides so; the largest count where neither is."""
+    divides so; the largest count where neither is (:func:`pipeline_counts`)."""
+    return fastest([lambda best, m=m: plan_at(m) for m in pipeline_counts(batch_size, stages)],
+                   skip=(NoFit, NotFaster))
+
+
+def pipeline_counts(batch_size: int | None, stages: int) -> list:
+    """The micro-batch counts :func:`choose_pipeline_micro_batches` tries for ``stages``."""
     every = divisors(batch_size or 1)
     counts = []
     for least in (stages, 4 * stages):
         found = next((d for d in every if d >= least), None)
         if found is not None and found not in counts:
             counts.append(found)
-    counts = counts or [every[-1]]
-    return fastest([lambda best, m=m: plan_at(m) for m in counts], skip=(NoFit, NotFaster))
+    return counts or [every[-1]]
 
 
 def fastest(attempts, best=None, error=None, skip=(NoFit,), ignore=()):

@@ -335,6 +335,26 @@ def search(cluster, plan_stage):
     return plan_stage(Stage(range(cluster.world_size), "all"))
 
 
+def pipeline_floor(work_s: float, world: int, p: int, m: int, dispatch_s: float = 0.0) -> float:
+    """The least step any pipeline of ``p`` stages (one chunk per group of ``world / p``
+    devices, as GPipe and 1F1B run) takes over ``m`` micro-batches, where its devices
+    together compute for at least ``work_s`` device-seconds and each op costs a device that
+    runs it its launch, ``dispatch_s`` for all of them (:func:`~autopar.cost.model.work_floor_s`).
+
+    Stage s takes t_s a micro-batch (forward and backward) on its d = world / p devices:
+    at least its share of the work over d plus its ops' launches, which add up over the
+    stages to T = work_s / (m d) + dispatch_s. It cannot start the first forward before the
+    stages ahead of it have passed it on, nor end before its last backward has gone back
+    through them, and in between runs m of its own: step >= sum(t_r, r < s) + m t_s for
+    every s. The most those bounds admit in a step of B has every one equal, t_s = B (1 -
+    1/m)^s / m, adding up to B (1 - (1 - 1/m)^p): so B >= T / (1 - (1 - 1/m)^p). Uneven
+    stages, transfers, the optimizer step and memory only add."""
+    if m < 1 or p < 1:
+        return 0.0
+    per_stage = work_s / m / (world / p) + dispatch_s
+    return per_stage / (1 - (1 - 1 / m) ** p)
+
+
 # Stage counts a search tries beside one stage, at most.
 MAX_STAGE_COUNTS = 1
 
