@@ -17,8 +17,8 @@ class PlanError(AutoparError, ValueError):
 
 
 class NoFit(PlanError):
-    """No plan fits ``budget_bytes`` per device on ``cluster``; ``smallest_bytes`` is the
-    least any plan tried needs, ``tried`` what the search did beyond one micro-batch without
+    """No plan fits ``budget_bytes`` per device on ``cluster``; ``smallest_bytes`` is what
+    every plan tried needs at least (the least one needs, where proven in time), ``tried`` what the search did beyond one micro-batch without
     recomputation ("every block recomputed in full", ...).
 
     ``smallest_bytes`` may be given as a function: it takes a program of its own per mesh to
@@ -45,8 +45,8 @@ class NoFit(PlanError):
                     "level='full' (the exact program keeps to the budget)")
         else:
             even = f", even with {' and '.join(self.tried)}" if self.tried else ""
-            text = (f"no plan fits in {budget} per device on {self.cluster}{even}: the "
-                    f"smallest any plan needs is {smallest}. Add devices, store parameters "
+            text = (f"no plan fits in {budget} per device on {self.cluster}{even}: "
+                    f"every plan needs at least {smallest}. Add devices, store parameters "
                     "split with storage= (a parameter pinned in constraints= is stored as it "
                     "is used unless storage= says otherwise), lower the batch size, or raise "
                     "memory_budget_bytes")

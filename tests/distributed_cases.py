@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -340,10 +341,12 @@ def run_errors(world):
 
 def _reported(fn, *args) -> dict:
     """What ``fn(*args)`` returns, or the error it raised, for the test to report."""
+    start = time.perf_counter()
     try:
-        return fn(*args)
+        out = fn(*args)
     except Exception as e:  # noqa: BLE001 - reported to the test
-        return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        out = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+    return {**out, "seconds": time.perf_counter() - start}
 
 
 def _pipelines(results, world):

@@ -229,8 +229,8 @@ def test_no_plan_even_with_micro_batches_of_one_sample_names_the_smallest():
     model, example = meta_llama(**WIDE)
     budget = 0.05 * wide_free_plan().cost.memory_bytes_per_device
     with pytest.raises(autopar.NoFit, match=r"even with every block recomputed in full and "
-                                            r"micro-batches of one sample \(16 a step\): the "
-                                            r"smallest any plan needs is [\d.]+ MiB\. Add "
+                                            r"micro-batches of one sample \(16 a step\): "
+                                            r"every plan needs at least [\d.]+ MiB\. Add "
                                             r"devices") as e:
         plan(model, example, mesh=DP, memory_budget_bytes=budget)
     assert e.value.smallest_bytes > budget

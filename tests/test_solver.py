@@ -88,7 +88,7 @@ def test_memory_budget_forces_sharded_parameters():
 
 
 def test_infeasible_budget_names_the_smallest_memory_any_plan_needs():
-    with pytest.raises(PlanError, match=r"smallest any plan needs is [\d.]+ MiB.*Add devices"):
+    with pytest.raises(PlanError, match=r"every plan needs at least [\d.]+ MiB.*Add devices"):
         autopar.plan(meta_net(1024, 4096, 4), Cluster.preset("dgx-a100"),
                      example_inputs=batch(1024, 1024), memory_budget_bytes=1e6)
 

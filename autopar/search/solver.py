@@ -54,7 +54,7 @@ from .problem import _ALWAYS
 TIME_LIMIT_S = 60.0
 # The smallest memory any assignment needs, solved only to say so in an error: past this,
 # the relaxation's bound (no assignment needs less) is what the error reports.
-MESSAGE_TIME_LIMIT_S = 10.0
+MESSAGE_TIME_LIMIT_S = 2.0
 MEMORY_UNIT = float(2**30)  # bytes per unit of the memory rows
 INTEGRAL_TOLERANCE = 1e-7   # a relaxed binary this close to 0 or 1 counts as integral
 
@@ -428,9 +428,9 @@ def min_memory(prob, time_limit_s: float = TIME_LIMIT_S) -> float:
     relaxed = res = b.relax(time_limit_s)
     if not b.is_integral(res) and res.status != "infeasible":
         res = b.branch(time_limit_s)
-    if res.x is None and relaxed.x is not None:
-        # no integral assignment within the time limit: the relaxation's peak, a bound no
-        # assignment goes below
+    if res.status != "optimal" and relaxed.x is not None:
+        # not proven the least within the time limit: the relaxation's peak, a bound no
+        # assignment goes below (an assignment found by then may need more than the least)
         return float(relaxed.x[peak]) * MEMORY_UNIT
     if res.x is None:
         raise PlanError("no layout assignment exists for this program on this mesh")
