@@ -29,20 +29,24 @@ STEPS = ("sgd", "adamw", "adamw")
 
 
 def training_cases(world):
-    meshes = {f"{world}": {"tp": world}}
-    if world == 4:
-        meshes["2x2"] = {"dp": 2, "tp": 2}
+    """On 2 ranks every kind of plan; on 4 those whose groups differ there (two axes, four
+    heads split, four shards) and those on two axes below."""
+    meshes = {f"{world}": {"tp": world}} if world == 2 else {"2x2": {"dp": 2, "tp": 2}}
     for name in ("gpt", "llama"):
         for mesh_id, axes in meshes.items():
             yield f"{name}-default-{mesh_id}", name, dict(mesh=axes)
             yield f"{name}-megatron-{mesh_id}", name, dict(mesh=axes,
                                                          constraints=megatron(name, axes))
+        if world == 4 and name == "llama":
+            yield f"{name}-megatron-4", name, dict(mesh={"tp": 4},
+                                                   constraints=megatron(name, {"tp": 4}))
         if name != "gpt":
             continue
         # data parallel: gradient sums bucketed after backward
-        yield f"{name}-dataparallel-{world}", name, dict(
-            mesh={"dp": world}, cluster=slow_devices(world), expect="summed over dp",
-            constraints={"*": "R", **SHARDED_INPUTS[name]})
+        if world == 2:
+            yield f"{name}-dataparallel-{world}", name, dict(
+                mesh={"dp": world}, cluster=slow_devices(world), expect="summed over dp",
+                constraints={"*": "R", **SHARDED_INPUTS[name]})
         # parameters stored sharded, gathered for use, gradients reduce-scattered back
         yield f"{name}-sharded-{world}", name, dict(
             mesh={"dp": world}, cluster=slow_devices(world), expect="gather_shards",
@@ -57,13 +61,14 @@ def training_cases(world):
             mesh=micro_mesh, cluster=slow_devices(world), micro_batches=2, use_step=True,
             constraints={**held, **inputs})
     # activation recomputation: every block under torch.utils.checkpoint, its collectives
-    # run again in backward (full) or kept (selective)
-    yield f"gpt-recompute-full-{world}", "gpt", dict(
-        mesh={"tp": world}, cluster=slow_devices(world), recompute="full",
-        expect="autopar_runtime_checkpoint_h_1(")
-    yield f"llama-recompute-selective-{world}", "llama", dict(
-        mesh={"tp": world}, cluster=slow_devices(world), recompute="selective",
-        expect="autopar_runtime_checkpoint_layers_1(")
+    # run again in backward (full) or kept (selective); on 4 ranks with micro-batches below
+    if world == 2:
+        yield f"gpt-recompute-full-{world}", "gpt", dict(
+            mesh={"tp": world}, cluster=slow_devices(world), recompute="full",
+            expect="autopar_runtime_checkpoint_h_1(")
+        yield f"llama-recompute-selective-{world}", "llama", dict(
+            mesh={"tp": world}, cluster=slow_devices(world), recompute="selective",
+            expect="autopar_runtime_checkpoint_layers_1(")
     # both: recomputed blocks in each of 2 micro-batches, one gradient all-reduce per bucket
     for name, choice, block in (("gpt", "full", "h_1"), ("llama", "selective", "layers_1")):
         held = megatron(name, micro_mesh) if "tp" in micro_mesh else {"*": "R"}

@@ -250,6 +250,7 @@ def two_processes(tmp_path_factory):
     return run_world(_worker, 2, tmp_path_factory, "backend-world2")
 
 
+@pytest.mark.processes
 def test_two_processes_train_like_one_device(two_processes):
     cases = [f"backend-{c}" for c in BACKEND_CASES] + ["backend-by-name"]
     for rank, results in enumerate(two_processes):
@@ -259,6 +260,7 @@ def test_two_processes_train_like_one_device(two_processes):
             assert r["value"] <= RTOL, f"rank {rank} {case}: worst relative error {r['value']}"
 
 
+@pytest.mark.processes
 def test_two_processes_parallel_module_compiles_whole_under_inductor(two_processes):
     # the rank program, collectives included, is one graph for inductor: no graph break
     for rank, results in enumerate(two_processes):
@@ -269,6 +271,7 @@ def test_two_processes_parallel_module_compiles_whole_under_inductor(two_process
         assert graphs >= 1 and breaks == 0, f"rank {rank}: {graphs} graphs, {breaks} breaks"
 
 
+@pytest.mark.processes
 def test_two_processes_misuse_is_a_clear_error(two_processes):
     for results in two_processes:
         msg = results["world-mismatch"].get("error", "no error")

@@ -269,6 +269,7 @@ def _rank_main(rank, world, port, out_dir):
         json.dump(result, f)
 
 
+@pytest.mark.processes
 def test_ranks_of_a_process_group_share_one_measurement(monkeypatch, tmp_path):
     """Rank 0 measures (the all-reduce over the group itself) and broadcasts; the second call
     loads rank 0's cache; every rank gets the same figures."""

@@ -17,6 +17,7 @@ SCRIPTS = sorted(p for p in (ROOT / "examples").glob("*.py")
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_example_runs(script):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "examples"))

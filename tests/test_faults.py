@@ -24,6 +24,9 @@ from models import MLP
 from spawn import free_port, join_world
 from test_e2e_simulated import slow_devices
 
+# spawns worlds of processes: runs after the rest, alone (README)
+pytestmark = pytest.mark.processes
+
 TIMEOUT_S = 15      # the process group's timeout in these worlds
 SURVIVOR_S = 60     # what a surviving rank may take to stop, at most
 WORLD_LIMIT_S = 150  # a world still running after this has hung: killed, the test fails

@@ -9,7 +9,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 MAX_OVERHEAD_S = 0.5
+
 HEAVY = ("torch._dynamo", "torch.distributed.tensor", "scipy", "highspy", "rich", "networkx",
          "sympy", "transformers")
 
@@ -22,6 +25,7 @@ def run_python(code: str, cwd=None) -> str:
     return done.stdout
 
 
+@pytest.mark.processes   # it times itself
 def test_import_costs_at_most_half_a_second_more_than_torch():
     timed = """
         import time
