@@ -197,6 +197,8 @@ def test_the_memory_floor_is_below_every_assignment_and_refuses_a_budget_under_i
     floor = solver.memory_budget(b, prob, xs, 1e12, pairs).max()
     least = solver.min_memory(prob)
     assert 0 < floor <= least * (1 + 1e-9)
+    # found without the program (edges at their least pair, allowed or not): no higher
+    assert 0 < solver.memory_floor(prob) <= floor * (1 + 1e-12)
     for k in range(4):
         choice = {n: (i * 7 + k) % len(prob.options[n]) for i, n in enumerate(prob.nodes)}
         assert floor <= prob.peak_memory(choice) * (1 + 1e-9)
@@ -207,6 +209,21 @@ def test_the_memory_floor_is_below_every_assignment_and_refuses_a_budget_under_i
     monkeypatch.setattr(solver, "run", no_solve)
     with pytest.raises(solver.Infeasible):   # refused without running HiGHS
         solver.solve(prob, floor * 0.99)
+
+
+def test_a_mesh_no_plan_fits_is_refused_before_any_search(monkeypatch):
+    """Under the memory floor of a mesh's problem, planning on it builds no solver program
+    and runs no greedy plan: the plan call says nothing fits."""
+    from autopar.search import meshes
+
+    def searched(*args, **kwargs):
+        raise AssertionError("searched a mesh where nothing fits")
+    monkeypatch.setattr(meshes, "solve", searched)
+    monkeypatch.setattr(meshes, "propagate", searched)
+    with pytest.raises(autopar.NoFit):
+        autopar.plan(meta_net(256, 1024, 2), Cluster.preset("dgx-a100"),
+                     example_inputs=batch(64, 256), memory_budget_bytes=2**16, micro_batches=1,
+                     mesh={"dp": 2, "tp": 4})
 
 
 def test_a_saved_copy_read_alone_equals_its_entry_of_the_whole_table():

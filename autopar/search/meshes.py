@@ -29,7 +29,7 @@ from .pins import Pins, resolve_pins
 from .problem import Problem, build_problem
 from .result import Planned
 from .highs import TURNS
-from .solver import TIME_LIMIT_S, Dominated, Infeasible, solve
+from .solver import TIME_LIMIT_S, Dominated, Infeasible, memory_floor, solve
 
 AXIS_NAMES = {1: ("dp",), 2: ("dp", "tp"), 3: ("dp", "sp", "tp")}
 # Past this many (producer layout, consumer need) pairs the exact program keeps, per node,
@@ -160,6 +160,8 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
     prob = build_problem(gm, mesh, model, pinned, blocks, folding, facts)
     if recompute:
         prob = recompute.apply(prob, facts)
+    if memory_floor(prob) > budget * (1 + 1e-9):
+        raise Infeasible(prob)   # no assignment fits: nothing to search for
     built = time.perf_counter()
     found, objective, greedy, shares, support = [], None, [], (), None
     pairs = prob.pair_count() if level == "full" else 0

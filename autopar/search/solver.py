@@ -223,14 +223,24 @@ def _pair_variables(b: _Builder, e, x: dict, seconds: bool = True) -> tuple:
     return pairs, i, j
 
 
-def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, pairs: dict,
+def memory_floor(prob) -> float:
+    """Bytes no assignment of ``prob`` goes below at its peak: :func:`memory_budget`'s
+    floor, without building the program (the copy an edge between two free nodes saves at
+    its least, none). Above the budget, nothing fits: the program need not be built, nor
+    any plan searched for."""
+    x = {n: np.arange(len(prob.options[n])) for n in prob.nodes
+         if len(prob.options[n]) > 1}
+    return float(memory_budget(None, prob, x, np.inf, {}).max())
+
+
+def memory_budget(b: _Builder | None, prob, x: dict, budget_bytes: float, pairs: dict,
                   peak_col: int | None = None):
     """Memory after each checkpoint stays within the budget (or below ``peak_col``).
 
     Returns, per row, bytes no assignment (integral or not) goes below: the rows' constant
     plus, for every term, the least it takes over its strategies (or edge pairs), each a
     set of columns summing to one. Above the budget anywhere, nothing fits (no solve
-    needed to know it)."""
+    needed to know it). Without ``b`` only that is found (:func:`memory_floor`)."""
     points = np.array(prob.checkpoints())
     constant = np.zeros(len(points))
     floor = np.zeros(len(points))     # the least of each term, added up
@@ -246,6 +256,8 @@ def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, pairs: dict,
             constant[first:last] += v
             return
         floor[first:last] += np.min(v)
+        if b is None:
+            return
         nz = np.nonzero(v)[0]
         if not len(nz):
             return
@@ -274,6 +286,8 @@ def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, pairs: dict,
         if k in pairs:
             columns, i, j = pairs[k]
             per = e.saved_matrix(prob.prices)[i, j]
+        elif b is None and e.src in x and e.dst in x:
+            continue   # (at its least, none: the consumer takes the value as it is made)
         elif e.src in x:   # (the entries read only: the whole matrix may be large)
             columns = x[e.src]
             per = np.array([e.saved_at(prob.prices, s, 0) for s in range(len(columns))])
@@ -302,6 +316,8 @@ def memory_budget(b: _Builder, prob, x: dict, budget_bytes: float, pairs: dict,
     for n, v in prob.sync_bytes.items():
         w = prob.weight.get(n, 1)
         hold(after, _ALWAYS, x.get(n), w * (np.asarray(v) if n in x else v[0]))
+    if b is None:
+        return constant + floor
     # in GiB: HiGHS's branch and bound misjudges feasibility with coefficients in bytes
     vals = [v / MEMORY_UNIT for v in vals]
     if peak_col is not None:   # (the peak in GiB too)
