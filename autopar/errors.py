@@ -18,8 +18,9 @@ class PlanError(AutoparError, ValueError):
 
 class NoFit(PlanError):
     """No plan fits ``budget_bytes`` per device on ``cluster``; ``smallest_bytes`` is what
-    every plan tried needs at least (the least one needs, where proven in time), ``tried`` what the search did beyond one micro-batch without
-    recomputation ("every block recomputed in full", ...).
+    every plan tried needs at least (the least one needs, where proven in time), ``tried``
+    what the search did beyond one micro-batch without recomputation ("every block
+    recomputed in full", ...).
 
     ``smallest_bytes`` may be given as a function: it takes a program of its own per mesh to
     find, and a search that goes on to other choices (more recomputation, more micro-batches)

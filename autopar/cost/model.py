@@ -119,10 +119,18 @@ def work_floor_s(ops, cluster, training: Training) -> tuple:
     for op, flops, num_bytes in ops:
         if op in NO_KERNEL or (flops == 0 and num_bytes == 0):
             continue
-        factor = BACKWARD_FACTOR_CONTRACTION if op in CONTRACTIONS else BACKWARD_FACTOR_OTHER
-        total += max(flops / peak, num_bytes * scale / bandwidth) * (1 + factor)
+        total += roofline_s(op, flops, num_bytes, peak, bandwidth, scale)
         kernels += 1
     return total * training.micro_batches, kernels * overhead
+
+
+def roofline_s(op: str, flops, num_bytes, peak_flops: float, bandwidth: float,
+               activation_scale: float):
+    """Forward plus backward seconds of ``flops`` and ``num_bytes`` (of the fp32 values) of
+    one op on a device of those rates, launch aside: the slower of compute and memory."""
+    fwd = np.maximum(flops / peak_flops, num_bytes * activation_scale / bandwidth)
+    factor = BACKWARD_FACTOR_CONTRACTION if op in CONTRACTIONS else BACKWARD_FACTOR_OTHER
+    return fwd * (1 + factor)
 
 
 def axis_links(cluster, mesh) -> list:
@@ -183,10 +191,9 @@ class CostModel:
             return 0.0
         if split is None:
             split = self.work_split(in_layouts, out_layout)
-        fwd = np.maximum(flops / split / self.peak_flops,   # (split may be an array)
-                         num_bytes * self.activation_scale / split / self.memory_bandwidth)
-        factor = BACKWARD_FACTOR_CONTRACTION if op in CONTRACTIONS else BACKWARD_FACTOR_OTHER
-        return (fwd * (1 + factor) + self.op_overhead_s) * self.micro_batches
+        work = roofline_s(op, flops / split, num_bytes / split, self.peak_flops,   # (split
+                          self.memory_bandwidth, self.activation_scale)      # may be an array)
+        return (work + self.op_overhead_s) * self.micro_batches
 
     def optimizer_s(self, num_bytes_local: float, trainable: bool, element_size: int) -> float:
         """The optimizer step over one parameter's local shard: streaming its state."""
