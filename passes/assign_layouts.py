@@ -17,8 +17,10 @@ def assign_layouts(gm, ctx):
     ``"autopar.layout"``; sets ``ctx.mesh`` and ``ctx.plan``.
     """
     options = ctx.options
-    mesh, prob, choice, cost, recompute = search.plan_program(
-        gm, ctx.cluster, options, ctx.stats, ctx.input_names, getattr(ctx, "blocks", []))
+    planned = search.plan_program(gm, ctx.cluster, options, ctx.stats, ctx.input_names,
+                                  getattr(ctx, "blocks", []))
+    mesh, prob, choice, cost, recompute = planned[:5]
+    ctx.stats["optimality"] = planned.optimality.report(cost.total_s)
     ctx.mesh = mesh
     comm = _comm_per_node(gm, prob, choice)
     placements, inputs, nodes = {}, {}, {}

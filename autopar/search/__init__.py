@@ -84,3 +84,20 @@ def plan_program(gm, cluster, options, stats: dict, input_names=(), blocks=()) -
         return recompute.choose_recompute(plan_with, blocks, pins, budget)
 
     return stages.search(cluster, plan_stage)
+
+
+def reprice(gm, mesh, cluster, training, blocks=(), choices=None):
+    """The :class:`~autopar.search.result.Cost` of the strategies ``gm``'s nodes hold (their
+    ``"autopar.strategy"``), priced node by node on the whole program on ``mesh``: every
+    instance of a repeated block on its own, none standing for another, with the recompute
+    ``choices`` (block path -> choice, over ``blocks``) applied per instance. A plan's
+    reported price is the price of the program that runs: this prices that program as a
+    search of it unfolded would, to check that folding priced it the same."""
+    from ..cost.model import CostModel
+    from .problem import build_problem
+    facts = Facts()
+    prob = build_problem(gm, mesh, CostModel(cluster, mesh, training), None, (), "ends", facts)
+    if choices:
+        prob = recompute.Recompute(choices, blocks).apply(prob, facts)
+    return prob.evaluate({n: prob.options[n].index(n.meta["autopar.strategy"])
+                          for n in prob.nodes})

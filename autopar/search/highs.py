@@ -31,11 +31,15 @@ class Program:
 class Solution:
     """What HiGHS returned: ``status`` "optimal", "infeasible", "bound" (the dual objective
     passed the bound asked for), "limit" (time) or "other"; ``x`` where it has a feasible
-    point; ``fun`` its objective (at "bound", the dual objective reached)."""
+    point; ``fun`` its objective (at "bound", the dual objective reached); ``bound`` what
+    HiGHS proved no point is below: an integer program's dual bound, a relaxation's optimum
+    (None where it proved nothing)."""
 
     status: str
     x: np.ndarray | None
     fun: float | None
+    bound: float | None = None
+    restricted: bool = False   # solved with some columns held at 0 (the bound is theirs)
 
 
 _COLUMNWISE, _MINIMIZE = int(highspy.MatrixFormat.kColwise), int(highspy.ObjSense.kMinimize)
@@ -54,7 +58,8 @@ def run(lp: Program, time_limit_s: float, presolve: bool, objective_bound: float
     n_cols, n_rows = len(lp.cost), len(lp.row_lower)
     if n_cols == 0:  # rows without entries: feasible if 0 is within every row's bounds
         ok = np.all(lp.row_lower <= 0) and np.all(lp.row_upper >= 0)
-        return Solution("optimal" if ok else "infeasible", np.zeros(0) if ok else None, 0.0)
+        return Solution("optimal" if ok else "infeasible", np.zeros(0) if ok else None, 0.0,
+                        0.0 if ok else None)
     h = _highs()
     h.setOptionValue("threads", 1)
     h.setOptionValue("time_limit", float(time_limit_s))
@@ -69,9 +74,15 @@ def run(lp: Program, time_limit_s: float, presolve: bool, objective_bound: float
         h.run()
     info = h.getInfo()
     feasible = info.primal_solution_status == _FEASIBLE
-    return Solution(_STATUS.get(h.getModelStatus(), "other"),
-                    np.array(h.getSolution().col_value) if feasible else None,
-                    float(info.objective_function_value))
+    status = _STATUS.get(h.getModelStatus(), "other")
+    if integrality is not None:
+        bound = float(info.mip_dual_bound)
+        bound = bound if np.isfinite(bound) else None
+    else:
+        bound = float(info.objective_function_value) if status in ("optimal", "bound") \
+            else None
+    return Solution(status, np.array(h.getSolution().col_value) if feasible else None,
+                    float(info.objective_function_value), bound)
 
 
 _FEASIBLE = 2   # HiGHS's kSolutionStatusFeasible

@@ -12,6 +12,7 @@ mesh with the least predicted step time wins.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -27,9 +28,10 @@ from ..program.placement import Shard
 from .pricing import Facts
 from .pins import Pins, resolve_pins
 from .problem import Problem, build_problem
-from .result import Planned
+from .result import GREEDY, HINTED, PRUNED, Optimality, Planned
 from .highs import TURNS
-from .solver import TIME_LIMIT_S, Dominated, Infeasible, memory_floor, solve
+from .solver import (TIME_LIMIT_S, Dominated, Infeasible, memory_floor, relaxation_bound,
+                     solve)
 
 AXIS_NAMES = {1: ("dp",), 2: ("dp", "tp"), 3: ("dp", "sp", "tp")}
 # Past this many (producer layout, consumer need) pairs the exact program keeps, per node,
@@ -46,6 +48,9 @@ THREE_AXIS_MARGIN = 0.10
 # Seconds HiGHS may take per program with the ends apart or mixed (a safety net: where memory
 # binds it solves a program restricted to the relaxation's support, in well under a second).
 REFINE_TIME_LIMIT_S = 5.0
+# The most a plan refined without its own relaxation spends on solving that relaxation
+# after the search, for the bound plan.stats reports (none is reported past it).
+BOUND_TIME_LIMIT_S = 5.0
 # Where memory binds, the relaxation of the chosen mesh's folded program gives some instances
 # of a block one strategy and the rest another; the mesh is then planned again with the
 # middle instances cut in two runs at (up to this many of) the shares it names, each one
@@ -151,9 +156,9 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
                  blocks=(), cutoff: float = float("inf"), folding="ends",
                  time_limit_s: float = TIME_LIMIT_S, facts: Facts | None = None,
                  hint=None, recompute=None) -> tuple:
-    """(problem, choice, cost, relaxation support or None) of the best assignment on
-    ``mesh``; raises Infeasible, or Dominated when the exact program proves no plan here
-    beats ``cutoff`` seconds. ``hint``: see :func:`solve`."""
+    """(problem, choice, cost, relaxation support or None, :class:`Optimality`) of the best
+    assignment on ``mesh``; raises Infeasible, or Dominated when the exact program proves no
+    plan here beats ``cutoff`` seconds. ``hint``: see :func:`solve`."""
     start = time.perf_counter()
     model = CostModel(cluster, mesh, training)
     facts = facts if facts is not None else Facts()
@@ -164,6 +169,7 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
         raise Infeasible(prob)   # no assignment fits: nothing to search for
     built = time.perf_counter()
     found, objective, greedy, shares, support = [], None, [], (), None
+    bound, restricted = None, () if level == "full" else (GREEDY,)
     pairs = prob.pair_count() if level == "full" else 0
     if level == "fast" or pairs > MAX_EXACT_PAIRS:  # the answer, or seeds of a pruned program
         for sharded in (False, True):
@@ -177,12 +183,16 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
         if pairs > MAX_EXACT_PAIRS:
             seeds = sorted(found, key=lambda f: f[0])
             exact, back = _pruned(prob, [f[1] for f in seeds] + greedy)
+            restricted += (PRUNED,)
         try:
             best_found = min((f[0] for f in found), default=float("inf"))
             solved = solve(exact, budget, time_limit_s, cutoff=min(cutoff, best_found),
                            hint=hint)
             choice, objective = solved.choice, solved.objective
             shares, support = solved.shares, solved.support
+            restricted += solved.restricted
+            if back is None:   # a pruned program's bound is its own, not the whole one's
+                bound = solved.bound
             if back is not None:
                 choice = {n: back[n][i] for n, i in choice.items()}
             cost = prob.evaluate(choice)
@@ -200,6 +210,7 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
                 "exact_objective_s": None, "lower_bound_s": e.bound}
             if not found or min(f[0] for f in found) > cutoff:
                 raise
+            restricted += (GREEDY,)
     if not found:
         raise Infeasible(prob)
     found.sort(key=lambda f: f[0])
@@ -210,8 +221,9 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
         "problem_nodes": len(prob.nodes), "folding": folding,
         "build_s": built - start, "solve_s": time.perf_counter() - built,
         "predicted_step_s": cost.total_s, "exact_objective_s": objective,
-        "split_shares": shares, "hinted": hint is not None}
-    return prob, choice, cost, support
+        "split_shares": shares, "hinted": hint is not None, "bound_s": bound,
+        "restricted": list(restricted)}
+    return prob, choice, cost, support, Optimality(bound, restricted)
 
 
 def _pruned(prob: Problem, seeds: list) -> tuple:
@@ -345,7 +357,15 @@ def _choose_plan(gm, cluster, options, training, budget, stats, input_names, blo
         infeasible = search.infeasible
         raise NoFit(budget, cluster, lambda: min(Infeasible(o.prob).min_bytes for o in infeasible),
                     options.level)
-    return Planned(best.mesh, best.prob, best.choice, best.cost)
+    optimality = best.optimality
+    if optimality.bound_s is None and HINTED in optimality.restricted:
+        # refined on the tied plan's strategies, its own relaxation never solved: solve it
+        # now, for this plan only, to say how far the plan may be from its program's best
+        with contextlib.suppress(Infeasible):
+            optimality = Optimality(relaxation_bound(best.prob, budget, BOUND_TIME_LIMIT_S),
+                                    optimality.restricted)
+    return Planned(best.mesh, best.prob, best.choice, best.cost,
+                   optimality=optimality.folded(best.folding, blocks))
 
 
 @dataclass
@@ -375,6 +395,7 @@ class _Outcome:
     prob: Problem | None = None
     shares: tuple = ()        # where memory binds, the relaxation's (see solve())
     support: dict | None = None
+    optimality: Optimality | None = None
 
     def hint(self):
         """Where memory binds, the strategies this plan's relaxation used, for the programs
@@ -428,7 +449,7 @@ class _Search:
     def plan(self, job: _Job, stats: dict) -> _Outcome:
         out = _Outcome(job.mesh, job.pinned, job.folding, "plan")
         try:
-            out.prob, out.choice, out.cost, out.support = plan_on_mesh(
+            out.prob, out.choice, out.cost, out.support, out.optimality = plan_on_mesh(
                 self.gm, job.mesh, self.cluster, self.training, job.pinned, self.budget,
                 self.level, stats, self.blocks, cutoff=job.cutoff, folding=job.folding,
                 time_limit_s=job.time_limit_s, facts=self.facts, hint=job.hint,

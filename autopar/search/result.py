@@ -70,16 +70,80 @@ class Cost:
     saved_bytes: float = 0.0
 
 
+# The steps that may leave a plan short of the best assignment of its program, as
+# ``plan.stats["optimality"]["restricted"]`` names them.
+SUPPORT = "branched only on the strategies the relaxation used"
+HINTED = "branched only on the strategies the tied plan's relaxation used"
+TIME_LIMITED = "stopped at the solver's time limit"
+PRUNED = "strategies pruned to those scoring best near a greedy plan"
+GREEDY = "greedy, in graph order (level 'fast')"
+FOLDED = {"tied": "every instance of a repeated block planned alike",
+          "ends": "the middle instances of a repeated block planned alike",
+          "mixed": "the middle instances of a repeated block planned alike, in two runs"}
+# a plan within this share of its bound is proven optimal (HiGHS's own gap is 1e-4)
+PROVEN_GAP = 1e-4
+
+
+@dataclass(frozen=True)
+class Optimality:
+    """How far a plan may be from the best assignment of the program it was planned in:
+    ``bound_s``, seconds no assignment of it steps below (the solver's bound: the
+    relaxation's optimum, or branch and bound's dual bound; None where nothing was
+    proved), and ``restricted``, the steps that may have kept the search from the best
+    (empty where the solver proved it)."""
+
+    bound_s: float | None = None
+    restricted: tuple = ()
+
+    def folded(self, folding, blocks) -> "Optimality":
+        """With the restriction folding ``blocks`` as ``folding`` says puts on the plan."""
+        kind = folding[0] if isinstance(folding, tuple) else folding
+        tied = 2 if kind == "tied" else 3
+        if not any(len(c.instances) >= tied for c in blocks):
+            return self
+        return Optimality(self.bound_s, (FOLDED[kind], *self.restricted))
+
+    def report(self, total_s: float) -> dict:
+        """What ``plan.stats["optimality"]`` says of a plan stepping in ``total_s``: the
+        bound, the gap (the share of the plan's step it may be above the best), whether
+        that is proven within PROVEN_GAP, and the steps restricting the search."""
+        gap = None if self.bound_s is None else max(0.0, (total_s - self.bound_s) / total_s)
+        folding = [r for r in self.restricted if r in FOLDED.values()]
+        return {"plan_s": total_s, "bound_s": self.bound_s, "gap": gap,
+                "proven": gap is not None and gap <= PROVEN_GAP,
+                "restricted": list(self.restricted),
+                "scope": "the plan's mesh, recompute choices and micro-batch count" +
+                         (f"; {folding[0]}, as the bound is" if folding else "")}
+
+
+def optimality_line(o: dict) -> str:
+    """``plan.stats["optimality"]`` in words."""
+    if o["proven"]:
+        head = "optimal for its program (the solver's bound proves it)"
+    elif o["gap"] is not None:
+        head = (f"within {o['gap']:.2%} of the best of its program (the solver's bound, "
+                f"{format_seconds(o['bound_s'])})")
+    else:
+        head = "not bounded: how far from the best of its program it may be is unknown"
+    rest = [r for r in o["restricted"] if r not in FOLDED.values()]
+    folded = [r for r in o["restricted"] if r in FOLDED.values()]
+    return (f"optimality: {head}" + (f"; search: {'; '.join(rest)}" if rest and not
+                                     o["proven"] else "") +
+            (f"; the program: {folded[0]}" if folded else ""))
+
+
 class Planned(NamedTuple):
     """What a layer of the search hands up: the mesh, the per-op problem on it, the chosen
-    strategy index of each of its nodes, the cost, and the recompute choice of each block
-    (empty below the recomputation layer)."""
+    strategy index of each of its nodes, the cost, the recompute choice of each block
+    (empty below the recomputation layer), and how far the per-op plan may be from the
+    best of its program (:class:`Optimality`)."""
 
     mesh: object
     problem: object
     choice: dict
     cost: Cost
     recompute: dict = {}
+    optimality: Optimality = Optimality()
 
 
 @dataclass
@@ -223,6 +287,8 @@ class Plan:
         if self.recompute:
             console.print("recompute: " + "; ".join(
                 f"{_span(paths)} {choice}" for choice, paths in _runs_of(self.recompute)))
+        if "optimality" in self.stats:
+            console.print(optimality_line(self.stats["optimality"]))
         return buf.getvalue()
 
     def role(self, fqn: str) -> str:

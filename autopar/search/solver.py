@@ -50,6 +50,7 @@ from ..cost.model import BUCKET_BYTES
 from ..errors import PlanError
 from .highs import Program, Solution, run
 from .problem import _ALWAYS
+from .result import HINTED, SUPPORT, TIME_LIMITED
 
 TIME_LIMIT_S = 60.0
 # The smallest memory any assignment needs, solved only to say so in an error: past this,
@@ -160,6 +161,7 @@ class _Builder:
             upper = np.where((integrality == 1) & (support <= INTEGRAL_TOLERANCE), 0.0,
                              lp.upper)
             res = run(lp, time_limit_s, presolve=True, integrality=integrality, upper=upper)
+            res.restricted = bool(np.any(upper != lp.upper))
             if res.x is not None or not whole:
                 return res
         return run(lp, time_limit_s, presolve=True, integrality=integrality)
@@ -348,6 +350,10 @@ class Solved:
     objective: float
     shares: tuple = ()
     support: dict | None = None
+    # seconds no assignment of the program is below (None: nothing proved), and the steps
+    # that made the plan not the proven optimum (its search restricted; empty where exact)
+    bound: float | None = None
+    restricted: tuple = ()
 
 
 def solve(prob, budget_bytes: float, time_limit_s: float = TIME_LIMIT_S,
@@ -362,6 +368,41 @@ def solve(prob, budget_bytes: float, time_limit_s: float = TIME_LIMIT_S,
     (node -> the strategies it may use, or None) stands in for that support without
     solving the relaxation (a refinement of a program whose relaxation is known); the
     relaxation is solved after all where no plan uses only those."""
+    b, x, constant = _step_program(prob, budget_bytes, time_limit_s)
+    if hint is not None:
+        res = b.branch(time_limit_s, _hinted(prob, x, hint, b.n_cols), whole=False)
+        if res.x is not None:
+            return Solved(_choice(prob, x, res), float(res.fun) + constant,
+                          restricted=(HINTED,))
+    try:
+        relaxed = b.relax(time_limit_s, cutoff - constant)
+    except Dominated as e:
+        raise Dominated(e.bound + constant) from None
+    if relaxed.status == "infeasible":  # the relaxation is infeasible: so is the program
+        raise Infeasible(prob, time_limit_s)
+    res, shares, support, steps = relaxed, (), None, ()
+    if not b.is_integral(relaxed):
+        if relaxed.x is not None:
+            shares = split_shares(prob, x, relaxed.x)
+            support = {n: {prob.options[n][i] for i in np.nonzero(
+                relaxed.x[cols] > INTEGRAL_TOLERANCE)[0]} for n, cols in x.items()}
+        res = b.branch(time_limit_s, support=relaxed.x)
+        steps = (SUPPORT,) if res.restricted else ()
+        if res.status != "optimal":
+            steps += (TIME_LIMITED,)
+    if res.x is None:
+        raise Infeasible(prob, time_limit_s)
+    bounds = [v for v in (relaxed.bound, None if res.restricted else res.bound)
+              if v is not None]
+    bound = max(bounds) + constant if bounds else None
+    return Solved(_choice(prob, x, res), float(res.fun) + constant, shares, support,
+                  bound, steps)
+
+
+def _step_program(prob, budget_bytes: float, time_limit_s: float) -> tuple:
+    """(builder, strategy columns per node, constant seconds) of the program :func:`solve`
+    solves: each node's strategy, the edges' pairs, the memory budget. Raises
+    :class:`Infeasible` where the budget is below what every assignment holds somewhere."""
     b = _Builder()
     x = strategy_variables(b, prob)
     one_strategy_per_node(b, prob, x)
@@ -371,26 +412,15 @@ def solve(prob, budget_bytes: float, time_limit_s: float = TIME_LIMIT_S,
     least = memory_budget(b, prob, x, budget_bytes, pairs)
     if least.max() > budget_bytes * (1 + 1e-9):
         raise Infeasible(prob, time_limit_s)
-    if hint is not None:
-        res = b.branch(time_limit_s, _hinted(prob, x, hint, b.n_cols), whole=False)
-        if res.x is not None:
-            return Solved(_choice(prob, x, res), float(res.fun) + constant)
-    try:
-        res = b.relax(time_limit_s, cutoff - constant)
-    except Dominated as e:
-        raise Dominated(e.bound + constant) from None
-    if res.status == "infeasible":  # the relaxation is infeasible: so is the program
-        raise Infeasible(prob, time_limit_s)
-    shares, support = (), None
-    if not b.is_integral(res):
-        if res.x is not None:
-            shares = split_shares(prob, x, res.x)
-            support = {n: {prob.options[n][i] for i in np.nonzero(
-                res.x[cols] > INTEGRAL_TOLERANCE)[0]} for n, cols in x.items()}
-        res = b.branch(time_limit_s, support=res.x)
-    if res.x is None:
-        raise Infeasible(prob, time_limit_s)
-    return Solved(_choice(prob, x, res), float(res.fun) + constant, shares, support)
+    return b, x, constant
+
+
+def relaxation_bound(prob, budget_bytes: float, time_limit_s: float) -> float | None:
+    """Seconds no assignment of ``prob`` within ``budget_bytes`` steps below: its
+    relaxation's optimum, or None where that is not found within ``time_limit_s``."""
+    b, _, constant = _step_program(prob, budget_bytes, time_limit_s)
+    relaxed = b.relax(time_limit_s)
+    return None if relaxed.bound is None else relaxed.bound + constant
 
 
 def _choice(prob, x: dict, res: Solution) -> dict:
