@@ -3,10 +3,12 @@ and cache (measured once per test session in a temporary cache folder)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -230,10 +232,21 @@ def test_local_measures_once_then_loads_the_cache(monkeypatch, tmp_path):
     assert m.link_bandwidth_bytes_per_s > 1e8 and 0 < m.link_latency_s < 1e-2
     assert m.link_ranks == 2 and m.memory_bytes > 1e8
     assert two.devices()[0].measured and not Cluster.local(2, measure=False).devices()[0].measured
-    # each of n processes gets 1/n of the machine; the link is the measured one
-    assert two.devices()[0].flops_for("fp32") == pytest.approx(m.peak_flops / 2)
+    # each of n processes gets 1/n of the machine, and no more than its threads reach; the
+    # link is the measured one
+    threads = lambda n: max(1, m.cpu_count // n)  # noqa: E731
+    assert two.devices()[0].flops_for("fp32") == pytest.approx(
+        min(m.peak_flops / 2, m.thread_flops * threads(2)))
     assert four.devices()[0].memory_bandwidth_bytes_per_s == pytest.approx(
-        m.memory_bandwidth_bytes_per_s / 4)
+        min(m.memory_bandwidth_bytes_per_s / 4, m.thread_copy_bytes_per_s * threads(4)))
+    # rates against size, measured on one thread: shares of the largest size's rate
+    for curve in (m.matmul_curve, m.copy_curve):
+        assert len(curve) >= 5 and curve[-1][1] == 1.0
+        assert all(a[0] < b[0] for a, b in zip(curve, curve[1:]))
+    assert m.matmul_curve[0][1] < 1 and two.devices()[0].matmul_curve == m.matmul_curve
+    assert m.call_overhead_s is not None and m.call_overhead_s >= 0
+    assert two.nodes[0].intra_node.call_overhead_s == m.call_overhead_s
+    assert 0 <= m.age_s < 600 and "old (measured again past 7 days" in four.describe()
     assert four.inter_node.latency_s == m.link_latency_s == two.nodes[0].intra_node.latency_s
     assert "measured on" in four.describe() and "cached in" in four.describe()
     again = Cluster.from_dict(json.loads(json.dumps(two.to_dict())))
@@ -248,11 +261,17 @@ def test_stale_or_broken_cache_files_are_ignored(monkeypatch, tmp_path):
         f.write("{not json")
     assert probe.load_cached() is None
     m = probe.Measurement(1e9, 1e9, 1e9, 1e9, 1e-5, 2, 1, 2e-5, "another-host",
-                          probe.usable_cpus(), torch.__version__, 1.0)
+                          probe.usable_cpus(), torch.__version__, 1.0,
+                          measured_at=time.time() - 3600)
     probe.save(m)
     assert probe.load_cached() is None  # measured on another host
-    probe.save(m.__class__(**{**m.__dict__, "host": socket.gethostname()}))
+    here = dataclasses.replace(m, host=socket.gethostname())
+    probe.save(here)
     assert probe.load_cached().peak_flops == 1e9
+    assert 3500 < probe.load_cached().age_s < 3700
+    # older than MAX_AGE_S: measured again rather than trusted
+    probe.save(dataclasses.replace(here, measured_at=time.time() - probe.MAX_AGE_S - 60))
+    assert probe.load_cached() is None
 
 
 def _rank_main(rank, world, port, out_dir):

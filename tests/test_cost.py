@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from autopar import Cluster, Partial, PlanError, Replicate, Shard
-from autopar.cost.model import (BACKWARD_FACTOR_CONTRACTION, KERNEL_LAUNCH_S, MATMUL_EFFICIENCY,
-                          MEMORY_EFFICIENCY, CostModel, Training, axis_links)
+from autopar.cost.model import (BACKWARD_FACTOR_CONTRACTION, BUCKET_BYTES, KERNEL_LAUNCH_S,
+                                MATMUL_EFFICIENCY, MEMORY_EFFICIENCY, CostModel, Training,
+                                axis_links)
 from autopar.program.mesh import Mesh
 
 R, P, S0, S1 = Replicate(), Partial(), Shard(0), Shard(1)
@@ -157,3 +158,145 @@ def test_edge_prices_agree_pair_by_pair_and_by_blocks_in_any_order():
         block, alone = priced(pairs_first)
         assert all(block[i, j] == v for (i, j), v in alone.items())
     assert (priced(True)[0] == priced(False)[0]).all()
+
+
+# -- calibration: a device's and a link's own figures ------------------------------------------
+
+def _calibrated(device=None, link=None, count=2):
+    """A local cluster whose device and link take the given calibrated fields."""
+    from dataclasses import replace
+    nominal = Cluster.local(count, measure=False)
+    node = nominal.nodes[0]
+    dev = replace(node.device, **(device or {}))
+    lnk = replace(node.intra_node, **(link or {}))
+    return replace(nominal, nodes=(replace(node, device=dev, intra_node=lnk),), inter_node=lnk)
+
+
+def test_a_cluster_files_efficiencies_replace_the_defaults():
+    c = _calibrated({"matmul_efficiency": 0.5, "memory_efficiency": 0.25})
+    m = CostModel(c, Mesh(("dp",), (2,)))
+    dev = c.devices()[0]
+    assert m.peak_flops == pytest.approx(dev.flops_for("fp32") * 0.5)
+    assert m.memory_bandwidth == pytest.approx(dev.memory_bandwidth_bytes_per_s * 0.25)
+
+
+def test_rates_against_size_are_read_off_the_curves():
+    """A matmul of a size whose curve point says 10% of the peak is priced at 10% of it;
+    between points the share is interpolated on log size, held past the ends; a copy that
+    fits in a cache (share 3) is priced three times faster; ops that are not contractions
+    take no matmul share."""
+    curves = {"matmul_curve": ((1e6, 0.1), (1e10, 1.0)), "copy_curve": ((1e4, 3.0), (1e9, 1.0))}
+    m = CostModel(_calibrated(curves), Mesh(("dp",), (2,)))
+    flat = CostModel(_calibrated(), Mesh(("dp",), (2,)))
+    launch = flat.op_overhead_s
+    work = lambda cm, op, f, b: cm.compute_s(op, f, b, [(R,)], (R,)) - launch  # noqa: E731
+    assert work(m, "matmul", 1e6, 1.0) == pytest.approx(10 * work(flat, "matmul", 1e6, 1.0))
+    assert work(m, "matmul", 1e4, 1.0) == pytest.approx(10 * work(flat, "matmul", 1e4, 1.0))
+    assert work(m, "matmul", 1e12, 1.0) == pytest.approx(work(flat, "matmul", 1e12, 1.0))
+    # halfway in log size between the points: halfway in share
+    assert work(m, "matmul", 1e8, 1.0) == pytest.approx(work(flat, "matmul", 1e8, 1.0) / 0.55)
+    assert work(m, "gelu", 1.0, 1e4) == pytest.approx(work(flat, "gelu", 1.0, 1e4) / 3)
+    assert work(m, "gelu", 1.0, 1e10) == pytest.approx(work(flat, "gelu", 1.0, 1e10))
+
+
+def test_a_links_call_overhead_is_paid_once_per_collective_call():
+    m = CostModel(_calibrated(link={"call_overhead_s": 1e-3}), Mesh(("dp",), (2,)))
+    flat = CostModel(_calibrated(), Mesh(("dp",), (2,)))
+    for kind in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all"):
+        assert m.collective_s(kind, 0, 4 * MB) == pytest.approx(
+            flat.collective_s(kind, 0, 4 * MB) + 1e-3)
+    # a gradient summed in a bucket with others pays its share of the bucket's call
+    share = MB / BUCKET_BYTES
+    assert m.grad_sum_s(MB, (R,), 0, fused=False, bucketed=True) == pytest.approx(
+        flat.grad_sum_s(MB, (R,), 0, fused=False, bucketed=True) + share * 1e-3)
+    assert m.collective_s("all_reduce", 0, 0.0) > 0 and m.collective_s("identity", 0, MB) == 0
+
+
+@pytest.fixture
+def fake_probe(monkeypatch, tmp_path):
+    """Cluster.local() reads a measurement of this machine from a cache written here, with
+    the figures a test gives: no probe runs."""
+    import dataclasses
+    import socket
+    import time
+
+    import torch
+
+    from autopar.cost import probe
+    monkeypatch.setenv("AUTOPAR_CACHE_DIR", str(tmp_path))
+    base = probe.Measurement(
+        peak_flops=2e11, memory_bandwidth_bytes_per_s=4e10, memory_bytes=1.6e10,
+        link_bandwidth_bytes_per_s=1e9, link_latency_s=1e-4, link_ranks=2, num_threads=2,
+        op_overhead_s=1e-5, host=socket.gethostname(), cpu_count=probe.usable_cpus(),
+        torch_version=torch.__version__, probe_s=1.0, measured_at=time.time())
+
+    def write(**figures):
+        probe.save(dataclasses.replace(base, **figures))
+        before = probe.measurements_taken
+        cluster = Cluster.local(2)
+        assert probe.measurements_taken == before   # read from the cache: nothing measured
+        return cluster
+    return write
+
+
+def test_overheads_the_probe_measures_show_up_in_the_plans_prices(fake_probe):
+    """The same plan (its mesh and layouts pinned) priced with a probe that measured no call
+    overhead and one that measured 2 ms per call: the communication grows by 2 ms per call
+    the plan makes; an op overhead 1 ms larger grows compute by 1 ms per op that runs."""
+    import torch
+    import torch.nn as nn
+
+    import autopar
+
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(64, 256), nn.Linear(256, 64)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x).relu()).pow(2).mean()
+
+    x = torch.randn(32, 64)
+    pins = dict(mesh={"tp": 2}, constraints={"fc1.weight": "S(0)", "fc1.bias": "S(0)",
+                                             "fc2.weight": "S(1)", "fc2.bias": "R", "x": "R"})
+
+    def plan(cluster):
+        return autopar.plan(Mlp(), cluster, example_inputs=(x,), **pins)
+
+    quiet = plan(fake_probe(call_overhead_s=0.0))
+    busy = plan(fake_probe(call_overhead_s=2e-3))
+    assert [v["output"] for v in busy.nodes.values()] == \
+        [v["output"] for v in quiet.nodes.values()]
+    calls = (busy.cost.comm_s - quiet.cost.comm_s) / 2e-3
+    assert calls >= 1 and calls == pytest.approx(round(calls), abs=1e-6)
+    slow_ops = plan(fake_probe(call_overhead_s=0.0, op_overhead_s=1e-5 + 1e-3))
+    ops = (slow_ops.cost.compute_s - quiet.cost.compute_s) / 1e-3
+    assert ops >= 4 and ops == pytest.approx(round(ops), abs=1e-6)
+    # what the probe found shows in the cluster's description
+    assert "2e+03 us per collective call" in fake_probe(call_overhead_s=2e-3).describe()
+
+
+def test_cluster_files_take_calibrated_figures_and_refuse_bad_ones():
+    d = {"nodes": [{"device": "Acc", "count": 2,
+                    "intra_node": {"bandwidth_GBps": 100, "latency_us": 3,
+                                   "call_overhead_us": 40}}],
+         "devices": {"Acc": {"peak_tflops": {"fp32": 50}, "memory_GB": 40,
+                             "memory_bandwidth_GBps": 2000, "matmul_efficiency": 0.6,
+                             "memory_efficiency": 0.9, "op_overhead_us": 7,
+                             "matmul_curve": [[1e6, 0.2], [1e9, 0.9]]}}}
+    c = Cluster.from_dict(d)
+    dev, link = c.devices()[0], c.nodes[0].intra_node
+    assert dev.matmul_efficiency == 0.6 and dev.memory_efficiency == 0.9
+    assert dev.op_overhead_s == pytest.approx(7e-6)
+    assert dev.matmul_curve == ((1e6, 0.2), (1e9, 0.9)) and dev.copy_curve == ()
+    assert link.call_overhead_s == pytest.approx(40e-6)
+    assert Cluster.from_dict(c.to_dict()) == c
+    bad = [({"matmul_efficiency": 0}, "devices.Acc.matmul_efficiency=0"),
+           ({"op_overhead_us": -1}, "devices.Acc.op_overhead_us=-1 must be a number >= 0"),
+           ({"matmul_curve": [[1e9, 0.5], [1e6, 0.2]]}, "sizes must ascend"),
+           ({"copy_curve": [[1e6]]}, r"copy_curve\[0\]=\[1000000.0\]: a point is \[size, share\]"),
+           ({"matmul_curve": "fast"}, "give a list of points")]
+    for extra, message in bad:
+        spec = {**d["devices"]["Acc"], **extra}
+        with pytest.raises(PlanError, match=message):
+            Cluster.from_dict({**d, "devices": {"Acc": spec}})

@@ -49,6 +49,17 @@ class DeviceSpec:
     # Framework and launch time per op (forward and backward) where it was measured; the
     # cost model's KERNEL_LAUNCH_S otherwise.
     op_overhead_s: float | None = None
+    # Shares of the peaks a device sustains, where known (a cluster file's, or measured):
+    # None takes the cost model's MATMUL_EFFICIENCY and MEMORY_EFFICIENCY for datasheet
+    # peaks, 1 for measured ones.
+    matmul_efficiency: float | None = None
+    memory_efficiency: float | None = None
+    # Rates against size, measured: ((FLOPs of one matmul, share of the peak it sustains),
+    # ...) and ((bytes a copy moves, share of the memory bandwidth), ...), sizes ascending;
+    # between and beyond them the share is interpolated on log size (held at the ends).
+    # Empty: the same share at every size.
+    matmul_curve: tuple = ()
+    copy_curve: tuple = ()
 
     def __post_init__(self):
         if not self.peak_flops.get("fp32", 0) > 0:
@@ -78,10 +89,13 @@ def _dtype_name(dtype) -> str:
 
 @dataclass(frozen=True)
 class LinkSpec:
-    """A link class: per-device bandwidth in one direction, and latency."""
+    """A link class: per-device bandwidth in one direction, latency per message, and the
+    fixed time a program spends on each collective call over it beyond its messages
+    (issuing it, waiting for it, the ranks meeting at it), where measured."""
 
     bandwidth_bytes_per_s: float
     latency_s: float
+    call_overhead_s: float = 0.0
 
 
 def _tf(fp32, tf32=None, fp16=None, bf16=None) -> dict:
@@ -242,12 +256,16 @@ class Cluster:
         # (imported here: `python -m autopar.cost.probe` must find the module not yet run)
         from .probe import local_measurement
         m = local_measurement()
-        device = DeviceSpec("cpu", {"fp32": m.peak_flops / world_size},
+        device = DeviceSpec("cpu", {"fp32": _process_rate(m.peak_flops, m.thread_flops,
+                                                          world_size, m.cpu_count)},
                             m.memory_bytes / world_size,
-                            m.memory_bandwidth_bytes_per_s / world_size, measured=True,
-                            op_overhead_s=m.op_overhead_s)
+                            _process_rate(m.memory_bandwidth_bytes_per_s,
+                                          m.thread_copy_bytes_per_s, world_size, m.cpu_count),
+                            measured=True,
+                            op_overhead_s=m.op_overhead_s, matmul_curve=m.matmul_curve,
+                            copy_curve=m.copy_curve)
         link = LOCAL_LINK if not m.link_ranks else \
-            LinkSpec(m.link_bandwidth_bytes_per_s, m.link_latency_s)
+            LinkSpec(m.link_bandwidth_bytes_per_s, m.link_latency_s, m.call_overhead_s or 0.0)
         return cls((NodeSpec(device, world_size, link),), link, name=f"local x {world_size}",
                    extra={"measurement": m})
 
@@ -312,6 +330,14 @@ class Cluster:
 
         A node's ``intra_node`` overrides ``links.intra_node``; links left out default to
         DGX A100's (NVSwitch 300 GB/s within a node, 25 GB/s InfiniBand between).
+
+        Calibrated figures, where known, go beside the datasheet ones: a device may give
+        ``matmul_efficiency`` and ``memory_efficiency`` (the shares of its peaks it
+        sustains, in place of the cost model's MATMUL_EFFICIENCY and MEMORY_EFFICIENCY),
+        ``op_overhead_us`` (per op, forward and backward), and ``matmul_curve`` /
+        ``copy_curve`` (``[[FLOPs or bytes, share], ...]``, the share sustained at each
+        size); a link may give ``call_overhead_us`` (per collective call, beyond its
+        messages).
         """
         if not isinstance(d, Mapping) or "nodes" not in d:
             raise PlanError("a cluster description needs a 'nodes' list, e.g. "
@@ -344,7 +370,7 @@ class Cluster:
                     "peak_tflops": {k: _tidy(v / TFLOPS) for k, v in dev.peak_flops.items()},
                     "memory_GB": _tidy(dev.memory_bytes / GB),
                     "memory_bandwidth_GBps": _tidy(dev.memory_bandwidth_bytes_per_s / GB),
-                    **({"measured": True} if dev.measured else {})}
+                    **({"measured": True} if dev.measured else {}), **_calibration(dev)}
         out = {"name": self.name,
                "nodes": [{"device": n.device.name, "count": n.count,
                           "intra_node": _link_dict(n.intra_node)} for n in self.nodes],
@@ -385,16 +411,36 @@ class Cluster:
             lines.append(f"  between nodes: {_link_line(self.inter_node)}")
         m = self.extra.get("measurement")
         if m is not None:
+            from .probe import MAX_AGE_S
             lines.append(f"  measured on {m.host} ({m.cpu_count} CPUs, torch {m.torch_version}, "
                          f"{m.num_threads} threads) in {m.probe_s:.1f} s: matmul "
                          f"{_si(m.peak_flops, 'FLOP/s')}, copy "
                          f"{_si(m.memory_bandwidth_bytes_per_s, 'B/s')} for the whole machine, "
                          f"each of {self.world_size} processes taking an equal share; "
-                         f"all-reduce over {m.link_ranks} processes; {m.source}")
+                         f"all-reduce over {m.link_ranks} processes; {m.source}, "
+                         f"{_age(m.age_s)} old (measured again past {_age(MAX_AGE_S)}; "
+                         "python -m autopar.cost.probe --refresh measures now)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return f"{self.name} ({self.world_size} devices)"
+
+
+def _process_rate(machine: float, one_thread: float | None, processes: int,
+                  cpus: int) -> float:
+    """What each of ``processes`` sustains of a ``machine`` rate: its equal share, and no
+    more than its threads reach (the CPUs shared out, ``one_thread`` each)."""
+    share = machine / processes
+    if one_thread is None:
+        return share
+    return min(share, one_thread * max(1, cpus // processes))
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def _local_world_size(world_size) -> int:
@@ -470,7 +516,7 @@ def _device(name: str, spec) -> DeviceSpec:
         raise PlanError(f"{where}={spec!r}: give peak_tflops, memory_GB and "
                         "memory_bandwidth_GBps, e.g. {'peak_tflops': {'fp32': 60, 'bf16': 500}, "
                         "'memory_GB': 96, 'memory_bandwidth_GBps': 4000}")
-    _check_keys(spec, (*keys, "measured"), where)
+    _check_keys(spec, (*keys, "measured", *_CALIBRATION), where)
     measured = spec.get("measured", False)
     if not isinstance(measured, bool):
         raise PlanError(f"{where}.measured={measured!r} must be true or false")
@@ -483,9 +529,55 @@ def _device(name: str, spec) -> DeviceSpec:
         raise PlanError(f"{where}.peak_tflops={dict(tflops)!r} lacks 'fp32', the figure every "
                         "other dtype falls back to")
     peak = {k: _positive(v, f"{where}.peak_tflops.{k}") * TFLOPS for k, v in tflops.items()}
+    calibrated = {}
+    for key in ("matmul_efficiency", "memory_efficiency"):
+        if key in spec:
+            calibrated[key] = _positive(spec[key], f"{where}.{key}")
+    if "op_overhead_us" in spec:
+        calibrated["op_overhead_s"] = _non_negative(spec["op_overhead_us"],
+                                                    f"{where}.op_overhead_us") / 1e6
+    for key in ("matmul_curve", "copy_curve"):
+        if key in spec:
+            calibrated[key] = _curve(spec[key], f"{where}.{key}")
     return DeviceSpec(name, peak, _positive(spec["memory_GB"], f"{where}.memory_GB") * GB,
                       _positive(spec["memory_bandwidth_GBps"],
-                                f"{where}.memory_bandwidth_GBps") * GB, measured)
+                                f"{where}.memory_bandwidth_GBps") * GB, measured, **calibrated)
+
+
+_CALIBRATION = ("matmul_efficiency", "memory_efficiency", "op_overhead_us", "matmul_curve",
+                "copy_curve")
+
+
+def _calibration(dev: DeviceSpec) -> dict:
+    """A device's calibrated figures as a cluster file writes them (those it has)."""
+    out = {k: _tidy(getattr(dev, k)) for k in ("matmul_efficiency", "memory_efficiency")
+           if getattr(dev, k) is not None}
+    if dev.op_overhead_s is not None:
+        out["op_overhead_us"] = _tidy(dev.op_overhead_s * 1e6)
+    for k in ("matmul_curve", "copy_curve"):
+        if getattr(dev, k):
+            out[k] = [[_tidy(size), _tidy(share)] for size, share in getattr(dev, k)]
+    return out
+
+
+def _non_negative(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise PlanError(f"{where}={value!r} must be a number >= 0")
+    return float(value)
+
+
+def _curve(value, where: str) -> tuple:
+    example = "[[1e6, 0.4], [1e9, 0.9]] (size, share of the peak sustained at it)"
+    if not isinstance(value, (list, tuple)) or not value:
+        raise PlanError(f"{where}={value!r}: give a list of points, e.g. {example}")
+    points = []
+    for i, p in enumerate(value):
+        if not isinstance(p, (list, tuple)) or len(p) != 2:
+            raise PlanError(f"{where}[{i}]={p!r}: a point is [size, share], e.g. {example}")
+        points.append((_positive(p[0], f"{where}[{i}][0]"), _positive(p[1], f"{where}[{i}][1]")))
+    if any(a[0] >= b[0] for a, b in zip(points, points[1:])):
+        raise PlanError(f"{where}: sizes must ascend, got {[p[0] for p in points]}")
+    return tuple(points)
 
 
 def _link(d, where: str, default: LinkSpec) -> LinkSpec:
@@ -494,18 +586,22 @@ def _link(d, where: str, default: LinkSpec) -> LinkSpec:
     example = "{'bandwidth_GBps': 300, 'latency_us': 2}"
     if not isinstance(d, Mapping) or "bandwidth_GBps" not in d:
         raise PlanError(f"{where}={d!r}: write a link as {example}")
-    _check_keys(d, ("bandwidth_GBps", "latency_us"), where)
+    _check_keys(d, ("bandwidth_GBps", "latency_us", "call_overhead_us"), where)
     latency = d.get("latency_us", 0)
     if isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0:
         raise PlanError(f"{where}.latency_us={latency!r} must be a number >= 0; "
                         f"write a link as {example}")
+    call = _non_negative(d.get("call_overhead_us", 0), f"{where}.call_overhead_us")
     return LinkSpec(_positive(d["bandwidth_GBps"], f"{where}.bandwidth_GBps") * GB,
-                    latency / 1e6)
+                    latency / 1e6, call / 1e6)
 
 
 def _link_dict(link: LinkSpec) -> dict:
-    return {"bandwidth_GBps": _tidy(link.bandwidth_bytes_per_s / GB),
-            "latency_us": _tidy(link.latency_s * 1e6)}
+    out = {"bandwidth_GBps": _tidy(link.bandwidth_bytes_per_s / GB),
+           "latency_us": _tidy(link.latency_s * 1e6)}
+    if link.call_overhead_s:
+        out["call_overhead_us"] = _tidy(link.call_overhead_s * 1e6)
+    return out
 
 
 def _tidy(x: float) -> float:
@@ -528,5 +624,7 @@ def _device_line(d: DeviceSpec) -> str:
 
 
 def _link_line(link: LinkSpec) -> str:
+    call = f", {link.call_overhead_s * 1e6:.3g} us per collective call" \
+        if link.call_overhead_s else ""
     return f"{_si(link.bandwidth_bytes_per_s, 'B/s')} per device each way, " \
-           f"{link.latency_s * 1e6:.3g} us latency"
+           f"{link.latency_s * 1e6:.3g} us latency{call}"

@@ -2,10 +2,14 @@
 
 Compute is a roofline per op, forward and backward, on the slowest device of the mesh (a
 synchronous step waits for it): ``max(FLOPs / (peak x MATMUL_EFFICIENCY), bytes / (memory
-bandwidth x MEMORY_EFFICIENCY)) + KERNEL_LAUNCH_S``. Communication is alpha-beta per mesh
-axis, priced on the slowest link the axis's groups cross: a ring all-reduce of ``b`` bytes on
-``n`` ranks takes ``2(n-1)/n b / bandwidth + 2(n-1) latency``, all-gather and reduce-scatter
-half that, all-to-all ``(n-1)/n b / bandwidth + (n-1) latency``. Every forward collective has
+bandwidth x MEMORY_EFFICIENCY)) + KERNEL_LAUNCH_S``. A device's own figures replace the
+defaults where it has them: efficiencies from a cluster file, the launch time measured, and
+measured rates against size (a small matmul sustains less of the peak; a copy that fits in
+a cache goes faster than memory), read off its curves at the op's FLOPs and bytes.
+Communication is alpha-beta per mesh axis, priced on the slowest link the axis's groups
+cross: a ring all-reduce of ``b`` bytes on ``n`` ranks takes ``2(n-1)/n b / bandwidth +
+2(n-1) latency``, all-gather and reduce-scatter half that, all-to-all ``(n-1)/n b /
+bandwidth + (n-1) latency``; each call also costs the link's measured call overhead. Every forward collective has
 its backward mirror from the redistribution table, and gradient sums are all-reduces (or
 reduce-scatters, where a gathered parameter's gradient goes back to its shards).
 
@@ -110,9 +114,11 @@ def work_floor_s(ops, cluster, training: Training) -> tuple:
     stage, each op of its stage) once per micro-batch."""
     dtype = PRECISIONS[training.precision]["dtype"]
     devices = cluster.devices()
-    peak = max(d.flops_for(dtype) * _efficiency(d, MATMUL_EFFICIENCY) for d in devices)
-    bandwidth = max(d.memory_bandwidth_bytes_per_s * _efficiency(d, MEMORY_EFFICIENCY)
-                    for d in devices)
+    # the fastest any device computes at any size: its curves' best share, where it has them
+    peak = max(d.flops_for(dtype) * _matmul_efficiency(d) * _best_share(d.matmul_curve)
+               for d in devices)
+    bandwidth = max(d.memory_bandwidth_bytes_per_s * _memory_efficiency(d) *
+                    _best_share(d.copy_curve) for d in devices)
     overhead = min(getattr(d, "op_overhead_s", None) or KERNEL_LAUNCH_S for d in devices)
     scale = PRECISIONS[training.precision]["activation_scale"]
     total, kernels = 0.0, 0
@@ -125,10 +131,18 @@ def work_floor_s(ops, cluster, training: Training) -> tuple:
 
 
 def roofline_s(op: str, flops, num_bytes, peak_flops: float, bandwidth: float,
-               activation_scale: float):
+               activation_scale: float, curves: tuple = (None, None)):
     """Forward plus backward seconds of ``flops`` and ``num_bytes`` (of the fp32 values) of
-    one op on a device of those rates, launch aside: the slower of compute and memory."""
-    fwd = np.maximum(flops / peak_flops, num_bytes * activation_scale / bandwidth)
+    one op on a device of those rates, launch aside: the slower of compute and memory. With
+    ``curves`` (:func:`size_curve` of the device's matmul and copy curves), the rates are
+    those it sustains at the op's size."""
+    moved = num_bytes * activation_scale
+    matmul, copy = curves
+    if matmul is not None and op in CONTRACTIONS:
+        peak_flops = peak_flops * _share(matmul, flops)
+    if copy is not None:
+        bandwidth = bandwidth * _share(copy, moved)
+    fwd = np.maximum(flops / peak_flops, moved / bandwidth)
     factor = BACKWARD_FACTOR_CONTRACTION if op in CONTRACTIONS else BACKWARD_FACTOR_OTHER
     return fwd * (1 + factor)
 
@@ -160,10 +174,12 @@ class CostModel:
         self.links = axis_links(cluster, mesh)
         dtype = PRECISIONS[training.precision]["dtype"]
         devices = cluster.devices()
-        self.peak_flops = min(d.flops_for(dtype) * _efficiency(d, MATMUL_EFFICIENCY)
-                              for d in devices)
-        self.memory_bandwidth = min(d.memory_bandwidth_bytes_per_s *
-                                    _efficiency(d, MEMORY_EFFICIENCY) for d in devices)
+        self.peak_flops = min(d.flops_for(dtype) * _matmul_efficiency(d) for d in devices)
+        self.memory_bandwidth = min(d.memory_bandwidth_bytes_per_s * _memory_efficiency(d)
+                                    for d in devices)
+        # the rates against size of the slowest device (its curves, where measured)
+        slowest = min(devices, key=lambda d: d.flops_for(dtype) * _matmul_efficiency(d))
+        self.curves = (size_curve(slowest.matmul_curve), size_curve(slowest.copy_curve))
         self.memory_bytes = min(d.memory_bytes for d in devices)
         self.op_overhead_s = max(getattr(d, "op_overhead_s", None) or KERNEL_LAUNCH_S
                                  for d in devices)
@@ -192,7 +208,8 @@ class CostModel:
         if split is None:
             split = self.work_split(in_layouts, out_layout)
         work = roofline_s(op, flops / split, num_bytes / split, self.peak_flops,   # (split
-                          self.memory_bandwidth, self.activation_scale)      # may be an array)
+                          self.memory_bandwidth, self.activation_scale,      # may be an array)
+                          self.curves)
         return (work + self.op_overhead_s) * self.micro_batches
 
     def optimizer_s(self, num_bytes_local: float, trainable: bool, element_size: int) -> float:
@@ -214,11 +231,12 @@ class CostModel:
             return 0.0
         link = self.links[axis]
         bw, lat = link.bandwidth_bytes_per_s, link.latency_s * latency_share
+        call = getattr(link, "call_overhead_s", 0.0) * latency_share
         ring = (n - 1) / n
         if kind == "all_reduce":
-            return 2 * ring * num_bytes_full / bw + 2 * (n - 1) * lat
+            return 2 * ring * num_bytes_full / bw + 2 * (n - 1) * lat + call
         if kind in ("all_gather", "reduce_scatter", "all_to_all"):
-            return ring * num_bytes_full / bw + (n - 1) * lat
+            return ring * num_bytes_full / bw + (n - 1) * lat + call
         raise ValueError(f"unknown collective {kind}")
 
     def redistribute_s(self, num_bytes: float, src, dst, grad: bool = True) -> float:
@@ -329,5 +347,38 @@ def _local(num_bytes, layout, mesh, except_axis) -> float:
     return num_bytes / split
 
 
-def _efficiency(device, default: float) -> float:
+def _efficiency(device, own, default: float) -> float:
+    if own is not None:
+        return own
     return MEASURED_EFFICIENCY if getattr(device, "measured", False) else default
+
+
+def _matmul_efficiency(device) -> float:
+    """The share of its peak FLOP/s a device sustains on a large matmul: its own figure
+    (a cluster file's), else 1 for measured rates, else MATMUL_EFFICIENCY."""
+    return _efficiency(device, getattr(device, "matmul_efficiency", None), MATMUL_EFFICIENCY)
+
+
+def _memory_efficiency(device) -> float:
+    return _efficiency(device, getattr(device, "memory_efficiency", None), MEMORY_EFFICIENCY)
+
+
+def size_curve(points) -> tuple | None:
+    """A device's rate curve (((size, share), ...), sizes ascending) as arrays of log size
+    and share, for :func:`_share`; None for none."""
+    if not points:
+        return None
+    sizes, shares = zip(*points)
+    return np.log(np.asarray(sizes, dtype=float)), np.asarray(shares, dtype=float)
+
+
+def _share(curve: tuple, size):
+    """The share of the rate sustained at ``size`` (a number or an array): interpolated on
+    log size between the curve's points, held at its ends."""
+    log_sizes, shares = curve
+    return np.interp(np.log(np.maximum(size, 1.0)), log_sizes, shares)
+
+
+def _best_share(points) -> float:
+    """The most of its rate a device reaches at any size (1 without a curve)."""
+    return max((share for _, share in points), default=1.0)

@@ -1,18 +1,29 @@
 """Measure this machine for ``Cluster.local()``, and cache what was measured.
 
-Three figures, each the best of a few runs so that a passing hiccup does not count:
+What the cost model needs of this machine, each the best of a few runs so that a passing
+hiccup does not count:
 
 - compute: fp32 ``torch.mm`` of two MATMUL_N x MATMUL_N matrices, 2 N^3 FLOPs, on all usable
   CPUs (the machine's figure; ``Cluster.local(n)`` gives each of n processes a 1/n share);
 - memory bandwidth: copying a COPY_BYTES tensor, counted as read plus write (STREAM's "copy");
+- rates against size, on one thread as each process of a local world runs: the share of
+  the MATMUL_N rate smaller matmuls sustain (MATMUL_SIZES), and of the COPY_BYTES rate
+  smaller copies reach (COPY_SIZES: those that fit in a cache go faster), the device's
+  matmul and copy curves;
+- the framework's time per op, forward and backward, beyond its arithmetic;
 - link: gloo all-reduce between local processes, either two processes started for the purpose
   or, inside an initialized process group, the group's own ranks. Latency is a tiny all-reduce's
   time over 2(n-1), the ring's message count; bandwidth is the NCCL-tests "bus bandwidth",
-  bytes x 2(n-1)/n / time, so both read directly as the alpha and beta of the cost model.
+  bytes x 2(n-1)/n / time, so both read directly as the alpha and beta of the cost model;
+- the fixed cost of a collective call inside a program: a loop of small matmuls with a tiny
+  all-reduce after each, against the same loop without, less the all-reduce's messages. It
+  is what a call costs beyond its messages: issuing and waiting for it, and the ranks
+  meeting at it (a rank that ran late makes the others wait; on a busy machine, often).
 
 Results are cached as JSON in ``$AUTOPAR_CACHE_DIR`` or ``~/.cache/autopar/``, one file per
-host name, CPU count and torch version. ``python -m autopar.cost.probe`` prints this machine's
-figures (``--refresh`` measures again).
+host name, CPU count and torch version, and measured again once older than MAX_AGE_S (a
+shared machine's speed drifts). ``python -m autopar.cost.probe`` prints this machine's
+figures and their age (``--refresh`` measures again).
 
 This module imports only torch and the standard library: it is also the script that each
 probe process runs (``probe.py --worker RANK WORLD PORT``), started with subprocess
@@ -39,8 +50,15 @@ import torch.distributed as dist
 
 MATMUL_N = 2048            # large enough for BLAS to reach its steady rate; ~0.1 s on 2 cores
 MATMUL_RUNS = 5
+MATMUL_SIZES = (32, 64, 128, 256, 512, 1024)   # smaller square matmuls, for the curve
 COPY_BYTES = 2**27         # 128 MiB, far beyond any last-level cache
 COPY_RUNS = 5
+COPY_SIZES = (2**14, 2**16, 2**18, 2**20, 2**22, 2**24)   # smaller copies, for the curve
+CURVE_SECONDS = 0.02       # each point of a curve times at least this much work per run
+CALL_LOOP = 200            # matmuls in the call-overhead loop, a tiny all-reduce after each
+CALL_MATMUL_N = 128
+CALL_RUNS = 5
+MAX_AGE_S = 7 * 24 * 3600  # cached figures older than a week are measured again
 # All-reduce sizes (bytes) timed one by one between barriers; latency and bandwidth are the
 # least-squares fit of t = 2(n-1) latency + 2(n-1)/n bytes / bandwidth over their medians,
 # so per-message costs that a one-float probe misses are part of the latency.
@@ -52,7 +70,7 @@ PROBE_TIMEOUT_S = 120      # a stuck probe process is killed after this
 NOMINAL_MEMORY_BYTES = 16e9   # when the OS will not say how much memory there is
 
 # Set when the cache file's format changes, so that older files are measured again.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 measurements_taken = 0     # probes run by this process: tests check that the cache is used
 
@@ -73,7 +91,20 @@ class Measurement:
     cpu_count: int
     torch_version: str
     probe_s: float
+    # ((FLOPs, share of peak_flops), ...) and ((bytes, share of the memory bandwidth), ...)
+    matmul_curve: tuple = ()
+    copy_curve: tuple = ()
+    call_overhead_s: float | None = None   # per collective call, beyond its messages
+    measured_at: float = 0.0               # time.time() when measured
+    # what one thread sustains on the largest matmul and copy (a process of one thread
+    # gets no more, whatever its share of the machine)
+    thread_flops: float | None = None
+    thread_copy_bytes_per_s: float | None = None
     source: str = "measured now"
+
+    @property
+    def age_s(self) -> float:
+        return max(0.0, time.time() - self.measured_at)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -86,6 +117,8 @@ class Measurement:
         if d.pop("version", None) != CACHE_VERSION:
             raise ValueError("cache file from another autopar version")
         d["source"] = source
+        d["matmul_curve"] = tuple(tuple(p) for p in d.get("matmul_curve", ()))
+        d["copy_curve"] = tuple(tuple(p) for p in d.get("copy_curve", ()))
         return cls(**d)
 
 
@@ -113,7 +146,9 @@ def load_cached(path: str | None = None) -> Measurement | None:
     except (OSError, ValueError, TypeError):
         return None
     here = (socket.gethostname(), usable_cpus(), torch.__version__)
-    return m if (m.host, m.cpu_count, m.torch_version) == here else None
+    if (m.host, m.cpu_count, m.torch_version) != here or m.age_s > MAX_AGE_S:
+        return None
+    return m
 
 
 def save(m: Measurement, path: str | None = None) -> None:
@@ -155,7 +190,7 @@ def _shared_measurement(refresh: bool) -> Measurement:
     link = None  # a group of one has no link to time: measure() then starts probe processes
     if dist.get_world_size() > 1:
         group = None if "gloo" in str(dist.get_backend()) else dist.new_group(backend="gloo")
-        link = time_allreduce(group)  # every rank takes part; rank 0's timing is kept
+        link = time_link(group)  # every rank takes part; rank 0's timing is kept
     box = [measure(link) if rank == 0 else None]
     if rank == 0 and box[0].link_ranks:
         save(box[0])
@@ -164,8 +199,8 @@ def _shared_measurement(refresh: bool) -> Measurement:
 
 
 def measure(link: tuple | None = None) -> Measurement:
-    """Measure now: compute and memory here, and the all-reduce ``link`` figures
-    (bandwidth, latency, ranks) given, or else from two probe processes started for it."""
+    """Measure now: compute and memory here, and the ``link`` figures (all-reduce bandwidth,
+    latency, ranks, call overhead) given, or else from two probe processes started for it."""
     global measurements_taken
     measurements_taken += 1
     start = time.perf_counter()
@@ -174,12 +209,18 @@ def measure(link: tuple | None = None) -> Measurement:
         memory_bandwidth = _copy_bandwidth()
         threads = torch.get_num_threads()
         op_overhead = _op_overhead_s()
+    with _threads(1):   # as each process of a local world runs (torchrun sets one thread)
+        thread_flops, matmul_curve = _curve(_matmul_rate, MATMUL_SIZES + (MATMUL_N,),
+                                            lambda n: 2.0 * n**3)
+        thread_copy, copy_curve = _curve(_copy_rate, COPY_SIZES + (COPY_BYTES,),
+                                         lambda b: 2.0 * b)
     if link is None:
         link = _spawned_link()
-    bandwidth, latency, ranks = link
+    bandwidth, latency, ranks, call_overhead = link
     return Measurement(peak_flops, memory_bandwidth, _memory_bytes(), bandwidth, latency, ranks,
                        threads, op_overhead, socket.gethostname(), usable_cpus(),
-                       torch.__version__, time.perf_counter() - start)
+                       torch.__version__, time.perf_counter() - start, matmul_curve,
+                       copy_curve, call_overhead, time.time(), thread_flops, thread_copy)
 
 
 def _spawned_link() -> tuple:
@@ -188,7 +229,7 @@ def _spawned_link() -> tuple:
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         warnings.warn(f"autopar: could not time gloo all-reduce between local processes ({e}); "
                       "planning with nominal link figures, and not caching them", stacklevel=4)
-        return None, None, 0
+        return None, None, 0, None
 
 
 @contextlib.contextmanager
@@ -223,6 +264,42 @@ def _copy_bandwidth() -> float:
     return 2 * COPY_BYTES / _best_s(lambda: dst.copy_(src), COPY_RUNS)
 
 
+def _curve(rate, sizes, work) -> tuple:
+    """(the rate at the last size, ((work at each size, its rate as a share of that), ...))."""
+    rates = [rate(size) for size in sizes]
+    return rates[-1], tuple((work(size), r / rates[-1]) for size, r in zip(sizes, rates))
+
+
+def _repeats(seconds_each: float) -> int:
+    return max(1, int(CURVE_SECONDS / max(seconds_each, 1e-9)))
+
+
+def _matmul_rate(n: int) -> float:
+    """FLOP/s of an n x n matmul, timed over enough repeats to take CURVE_SECONDS."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    once = _best_s(lambda: torch.mm(a, b, out=out), 1)
+    k = _repeats(once)
+
+    def run():
+        for _ in range(k):
+            torch.mm(a, b, out=out)
+    return 2 * n**3 * k / _best_s(run, 3)
+
+
+def _copy_rate(num_bytes: int) -> float:
+    """Bytes/s (read plus write) of copying ``num_bytes``, repeated as :func:`_matmul_rate`."""
+    src = torch.ones(max(1, num_bytes // 4))
+    dst = torch.empty_like(src)
+    once = _best_s(lambda: dst.copy_(src), 1)
+    k = _repeats(once)
+
+    def run():
+        for _ in range(k):
+            dst.copy_(src)
+    return 2 * num_bytes * k / _best_s(run, 3)
+
+
 def _op_overhead_s() -> float:
     """Seconds per tiny op, forward and backward, with autograd recording: what every op
     costs here before its arithmetic."""
@@ -248,6 +325,39 @@ def _memory_bytes() -> float:
             with open(limit_file) as f:
                 total = min(total, int(f.read().strip()))  # "max" (no limit) fails int()
     return float(total)
+
+
+def time_link(group=None) -> tuple:
+    """(bus bandwidth bytes/s, latency s, ranks, call overhead s) over ``group``: the
+    all-reduce figures of :func:`time_allreduce` and the fixed cost of a collective call
+    inside a program (:func:`time_call_overhead`); every rank of the group calls it."""
+    bandwidth, latency, n = time_allreduce(group)
+    return bandwidth, latency, n, time_call_overhead(latency, group)
+
+
+def time_call_overhead(latency_s: float, group=None) -> float:
+    """Seconds a tiny collective call adds to a program beyond its messages (2(n-1) of
+    ``latency_s``): CALL_LOOP matmuls with a tiny all-reduce after each, against the same
+    matmuls alone; the least over CALL_RUNS of each, taken in turns."""
+    n = dist.get_world_size(group)
+    a = torch.randn(CALL_MATMUL_N, CALL_MATMUL_N)
+    tiny = torch.zeros(1)
+
+    def loop(call: bool):
+        for _ in range(CALL_LOOP):
+            torch.mm(a, a)
+            if call:
+                dist.all_reduce(tiny, group=group)
+
+    alone, called = [], []
+    for _ in range(CALL_RUNS):
+        for out, call in ((alone, False), (called, True)):
+            dist.barrier(group=group)
+            start = time.perf_counter()
+            loop(call)
+            out.append(time.perf_counter() - start)
+    per_call = (min(called) - min(alone)) / CALL_LOOP
+    return max(0.0, per_call - 2 * (n - 1) * latency_s)
 
 
 def time_allreduce(group=None) -> tuple:
@@ -316,7 +426,7 @@ def spawn_allreduce_probe(nprocs: int = PROBE_PROCESSES) -> tuple:
         if p.returncode:
             raise RuntimeError(f"an all-reduce probe process failed: {err.strip()[-800:]}")
     d = json.loads(outs[0][0].strip().splitlines()[-1])
-    return d["bandwidth_bytes_per_s"], d["latency_s"], d["ranks"]
+    return d["bandwidth_bytes_per_s"], d["latency_s"], d["ranks"], d["call_overhead_s"]
 
 
 # Runs this file as a script without putting autopar/ first on sys.path, where its modules
@@ -335,12 +445,12 @@ def _worker(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        bandwidth, latency, ranks = time_allreduce()
+        bandwidth, latency, ranks, call_overhead = time_link()
     finally:
         dist.destroy_process_group()
     if rank == 0:
         print(json.dumps({"bandwidth_bytes_per_s": bandwidth, "latency_s": latency,
-                          "ranks": ranks}))
+                          "ranks": ranks, "call_overhead_s": call_overhead}))
 
 
 def main(argv=None) -> None:
