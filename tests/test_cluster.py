@@ -246,6 +246,7 @@ def test_local_measures_once_then_loads_the_cache(monkeypatch, tmp_path):
     assert m.matmul_curve[0][1] < 1 and two.devices()[0].matmul_curve == m.matmul_curve
     assert m.call_overhead_s is not None and m.call_overhead_s >= 0
     assert two.nodes[0].intra_node.call_overhead_s == m.call_overhead_s
+    assert 0 <= m.overlap <= 1 and two.nodes[0].intra_node.overlap == m.overlap
     assert 0 <= m.age_s < 600 and "old (measured again past 7 days" in four.describe()
     assert four.inter_node.latency_s == m.link_latency_s == two.nodes[0].intra_node.latency_s
     assert "measured on" in four.describe() and "cached in" in four.describe()

@@ -212,6 +212,19 @@ def test_a_links_call_overhead_is_paid_once_per_collective_call():
     assert m.collective_s("all_reduce", 0, 0.0) > 0 and m.collective_s("identity", 0, MB) == 0
 
 
+def test_bucketed_gradient_sums_pay_what_the_link_does_not_hide():
+    """A link that hides 75% of what runs beside backward: a parameter's bucketed gradient
+    sum costs a quarter; a sum inside the program (not bucketed) or fused into a
+    reduce-scatter runs when its value is needed, and costs in full."""
+    m = CostModel(_calibrated(link={"overlap": 0.75}), Mesh(("dp",), (2,)))
+    flat = CostModel(_calibrated(), Mesh(("dp",), (2,)))
+    assert m.grad_sum_s(64 * MB, (R,), 0, fused=False, bucketed=True) == pytest.approx(
+        0.25 * flat.grad_sum_s(64 * MB, (R,), 0, fused=False, bucketed=True))
+    for fused, bucketed in ((False, False), (True, True), (True, False)):
+        assert m.grad_sum_s(64 * MB, (R,), 0, fused=fused, bucketed=bucketed) == \
+            pytest.approx(flat.grad_sum_s(64 * MB, (R,), 0, fused=fused, bucketed=bucketed))
+
+
 @pytest.fixture
 def fake_probe(monkeypatch, tmp_path):
     """Cluster.local() reads a measurement of this machine from a cache written here, with
@@ -279,7 +292,7 @@ def test_overheads_the_probe_measures_show_up_in_the_plans_prices(fake_probe):
 def test_cluster_files_take_calibrated_figures_and_refuse_bad_ones():
     d = {"nodes": [{"device": "Acc", "count": 2,
                     "intra_node": {"bandwidth_GBps": 100, "latency_us": 3,
-                                   "call_overhead_us": 40}}],
+                                   "call_overhead_us": 40, "overlap": 0.5}}],
          "devices": {"Acc": {"peak_tflops": {"fp32": 50}, "memory_GB": 40,
                              "memory_bandwidth_GBps": 2000, "matmul_efficiency": 0.6,
                              "memory_efficiency": 0.9, "op_overhead_us": 7,
@@ -289,7 +302,7 @@ def test_cluster_files_take_calibrated_figures_and_refuse_bad_ones():
     assert dev.matmul_efficiency == 0.6 and dev.memory_efficiency == 0.9
     assert dev.op_overhead_s == pytest.approx(7e-6)
     assert dev.matmul_curve == ((1e6, 0.2), (1e9, 0.9)) and dev.copy_curve == ()
-    assert link.call_overhead_s == pytest.approx(40e-6)
+    assert link.call_overhead_s == pytest.approx(40e-6) and link.overlap == 0.5
     assert Cluster.from_dict(c.to_dict()) == c
     bad = [({"matmul_efficiency": 0}, "devices.Acc.matmul_efficiency=0"),
            ({"op_overhead_us": -1}, "devices.Acc.op_overhead_us=-1 must be a number >= 0"),
@@ -300,3 +313,7 @@ def test_cluster_files_take_calibrated_figures_and_refuse_bad_ones():
         spec = {**d["devices"]["Acc"], **extra}
         with pytest.raises(PlanError, match=message):
             Cluster.from_dict({**d, "devices": {"Acc": spec}})
+    node = d["nodes"][0]
+    with pytest.raises(PlanError, match=r"nodes\[0\].intra_node.overlap=1.5: a share"):
+        Cluster.from_dict({**d, "nodes": [{**node, "intra_node": {
+            **node["intra_node"], "overlap": 1.5}}]})

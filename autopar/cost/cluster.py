@@ -96,6 +96,10 @@ class LinkSpec:
     bandwidth_bytes_per_s: float
     latency_s: float
     call_overhead_s: float = 0.0
+    # The share of a collective the runtime overlaps with computing (bucketed gradient sums
+    # during backward) that the backend really hides, where measured or declared; 0 prices
+    # them as if they ran alone.
+    overlap: float = 0.0
 
 
 def _tf(fp32, tf32=None, fp16=None, bf16=None) -> dict:
@@ -265,7 +269,8 @@ class Cluster:
                             op_overhead_s=m.op_overhead_s, matmul_curve=m.matmul_curve,
                             copy_curve=m.copy_curve)
         link = LOCAL_LINK if not m.link_ranks else \
-            LinkSpec(m.link_bandwidth_bytes_per_s, m.link_latency_s, m.call_overhead_s or 0.0)
+            LinkSpec(m.link_bandwidth_bytes_per_s, m.link_latency_s, m.call_overhead_s or 0.0,
+                     m.overlap or 0.0)
         return cls((NodeSpec(device, world_size, link),), link, name=f"local x {world_size}",
                    extra={"measurement": m})
 
@@ -337,7 +342,8 @@ class Cluster:
         ``op_overhead_us`` (per op, forward and backward), and ``matmul_curve`` /
         ``copy_curve`` (``[[FLOPs or bytes, share], ...]``, the share sustained at each
         size); a link may give ``call_overhead_us`` (per collective call, beyond its
-        messages).
+        messages) and ``overlap`` (the share of the gradient sums run during backward that
+        the backend hides, 0 to 1).
         """
         if not isinstance(d, Mapping) or "nodes" not in d:
             raise PlanError("a cluster description needs a 'nodes' list, e.g. "
@@ -586,14 +592,18 @@ def _link(d, where: str, default: LinkSpec) -> LinkSpec:
     example = "{'bandwidth_GBps': 300, 'latency_us': 2}"
     if not isinstance(d, Mapping) or "bandwidth_GBps" not in d:
         raise PlanError(f"{where}={d!r}: write a link as {example}")
-    _check_keys(d, ("bandwidth_GBps", "latency_us", "call_overhead_us"), where)
+    _check_keys(d, ("bandwidth_GBps", "latency_us", "call_overhead_us", "overlap"), where)
     latency = d.get("latency_us", 0)
     if isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0:
         raise PlanError(f"{where}.latency_us={latency!r} must be a number >= 0; "
                         f"write a link as {example}")
     call = _non_negative(d.get("call_overhead_us", 0), f"{where}.call_overhead_us")
+    overlap = _non_negative(d.get("overlap", 0), f"{where}.overlap")
+    if overlap > 1:
+        raise PlanError(f"{where}.overlap={overlap!r}: a share of the collective's time, "
+                        "from 0 (nothing hidden) to 1 (all of it)")
     return LinkSpec(_positive(d["bandwidth_GBps"], f"{where}.bandwidth_GBps") * GB,
-                    latency / 1e6, call / 1e6)
+                    latency / 1e6, call / 1e6, overlap)
 
 
 def _link_dict(link: LinkSpec) -> dict:
@@ -601,6 +611,8 @@ def _link_dict(link: LinkSpec) -> dict:
            "latency_us": _tidy(link.latency_s * 1e6)}
     if link.call_overhead_s:
         out["call_overhead_us"] = _tidy(link.call_overhead_s * 1e6)
+    if link.overlap:
+        out["overlap"] = _tidy(link.overlap)
     return out
 
 
@@ -626,5 +638,6 @@ def _device_line(d: DeviceSpec) -> str:
 def _link_line(link: LinkSpec) -> str:
     call = f", {link.call_overhead_s * 1e6:.3g} us per collective call" \
         if link.call_overhead_s else ""
+    call += f", {link.overlap:.0%} of gradient sums hidden by backward" if link.overlap else ""
     return f"{_si(link.bandwidth_bytes_per_s, 'B/s')} per device each way, " \
            f"{link.latency_s * 1e6:.3g} us latency{call}"

@@ -9,7 +9,9 @@ a cache goes faster than memory), read off its curves at the op's FLOPs and byte
 Communication is alpha-beta per mesh axis, priced on the slowest link the axis's groups
 cross: a ring all-reduce of ``b`` bytes on ``n`` ranks takes ``2(n-1)/n b / bandwidth +
 2(n-1) latency``, all-gather and reduce-scatter half that, all-to-all ``(n-1)/n b /
-bandwidth + (n-1) latency``; each call also costs the link's measured call overhead. Every forward collective has
+bandwidth + (n-1) latency``; each call also costs the link's measured call overhead.
+Parameter gradients summed in buckets while backward runs pay what the link does not hide
+of them (its ``overlap``, measured or declared; 0 by default). Every forward collective has
 its backward mirror from the redistribution table, and gradient sums are all-reduces (or
 reduce-scatters, where a gathered parameter's gradient goes back to its shards).
 
@@ -290,8 +292,10 @@ class CostModel:
         once = bucketed and not fused   # after the last micro-batch's backward
         share = min(1.0, full / BUCKET_BYTES) if once else 1.0
         runs = 1 if once else self.micro_batches
-        return runs * self.collective_s("reduce_scatter" if fused else "all_reduce", axis,
-                                        full, share)
+        seconds = runs * self.collective_s("reduce_scatter" if fused else "all_reduce", axis,
+                                           full, share)
+        # bucketed sums run during backward: the share of them the link hides is not paid
+        return seconds * (1 - self.links[axis].overlap) if once else seconds
 
 
 _PROBE_BYTES = float(1 << 30)

@@ -15,6 +15,8 @@ hiccup does not count:
   or, inside an initialized process group, the group's own ranks. Latency is a tiny all-reduce's
   time over 2(n-1), the ring's message count; bandwidth is the NCCL-tests "bus bandwidth",
   bytes x 2(n-1)/n / time, so both read directly as the alpha and beta of the cost model;
+- overlap: the share of an asynchronous all-reduce that computing at the same time hides
+  (bucketed gradient sums run during backward);
 - the fixed cost of a collective call inside a program: a loop of small matmuls with a tiny
   all-reduce after each, against the same loop without, less the all-reduce's messages. It
   is what a call costs beyond its messages: issuing and waiting for it, and the ranks
@@ -58,6 +60,10 @@ CURVE_SECONDS = 0.02       # each point of a curve times at least this much work
 CALL_LOOP = 200            # matmuls in the call-overhead loop, a tiny all-reduce after each
 CALL_MATMUL_N = 128
 CALL_RUNS = 5
+OVERLAP_BYTES = 2**22      # the all-reduce of the overlap probe: a gradient bucket's size
+OVERLAP_MATMUL_N = 256
+OVERLAP_MATMULS = 40
+OVERLAP_RUNS = 5
 MAX_AGE_S = 7 * 24 * 3600  # cached figures older than a week are measured again
 # All-reduce sizes (bytes) timed one by one between barriers; latency and bandwidth are the
 # least-squares fit of t = 2(n-1) latency + 2(n-1)/n bytes / bandwidth over their medians,
@@ -95,6 +101,7 @@ class Measurement:
     matmul_curve: tuple = ()
     copy_curve: tuple = ()
     call_overhead_s: float | None = None   # per collective call, beyond its messages
+    overlap: float | None = None           # share of an all-reduce computing hides
     measured_at: float = 0.0               # time.time() when measured
     # what one thread sustains on the largest matmul and copy (a process of one thread
     # gets no more, whatever its share of the machine)
@@ -216,11 +223,12 @@ def measure(link: tuple | None = None) -> Measurement:
                                          lambda b: 2.0 * b)
     if link is None:
         link = _spawned_link()
-    bandwidth, latency, ranks, call_overhead = link
+    bandwidth, latency, ranks, call_overhead, overlap = link
     return Measurement(peak_flops, memory_bandwidth, _memory_bytes(), bandwidth, latency, ranks,
                        threads, op_overhead, socket.gethostname(), usable_cpus(),
                        torch.__version__, time.perf_counter() - start, matmul_curve,
-                       copy_curve, call_overhead, time.time(), thread_flops, thread_copy)
+                       copy_curve, call_overhead, overlap, time.time(), thread_flops,
+                       thread_copy)
 
 
 def _spawned_link() -> tuple:
@@ -229,7 +237,7 @@ def _spawned_link() -> tuple:
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         warnings.warn(f"autopar: could not time gloo all-reduce between local processes ({e}); "
                       "planning with nominal link figures, and not caching them", stacklevel=4)
-        return None, None, 0, None
+        return None, None, 0, None, None
 
 
 @contextlib.contextmanager
@@ -328,11 +336,45 @@ def _memory_bytes() -> float:
 
 
 def time_link(group=None) -> tuple:
-    """(bus bandwidth bytes/s, latency s, ranks, call overhead s) over ``group``: the
-    all-reduce figures of :func:`time_allreduce` and the fixed cost of a collective call
-    inside a program (:func:`time_call_overhead`); every rank of the group calls it."""
+    """(bus bandwidth bytes/s, latency s, ranks, call overhead s, overlap) over ``group``:
+    the all-reduce figures of :func:`time_allreduce`, the fixed cost of a collective call
+    inside a program (:func:`time_call_overhead`) and the share of an all-reduce that
+    computing at the same time hides (:func:`time_overlap`); every rank of the group calls
+    it."""
     bandwidth, latency, n = time_allreduce(group)
-    return bandwidth, latency, n, time_call_overhead(latency, group)
+    return bandwidth, latency, n, time_call_overhead(latency, group), time_overlap(group)
+
+
+def time_overlap(group=None) -> float:
+    """The share of an asynchronous all-reduce (OVERLAP_BYTES) that matmuls run meanwhile
+    hide, as bucketed gradient sums run during backward: (compute alone + all-reduce alone
+    - both at once) / the shorter of the two, each the least of OVERLAP_RUNS, in [0, 1]
+    (0 where running both at once is no faster than one after the other: the cores that
+    compute are also those that move the bytes)."""
+    a = torch.randn(OVERLAP_MATMUL_N, OVERLAP_MATMUL_N)
+    big = torch.zeros(OVERLAP_BYTES // 4)
+
+    def compute():
+        for _ in range(OVERLAP_MATMULS):
+            torch.mm(a, a)
+
+    def reduce():
+        dist.all_reduce(big, group=group)
+
+    def both():
+        work = dist.all_reduce(big, group=group, async_op=True)
+        compute()
+        work.wait()
+
+    best = {}
+    for _ in range(OVERLAP_RUNS):
+        for name, fn in (("compute", compute), ("reduce", reduce), ("both", both)):
+            dist.barrier(group=group)
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    hidden = best["compute"] + best["reduce"] - best["both"]
+    return float(min(1.0, max(0.0, hidden / min(best["compute"], best["reduce"]))))
 
 
 def time_call_overhead(latency_s: float, group=None) -> float:
@@ -426,7 +468,8 @@ def spawn_allreduce_probe(nprocs: int = PROBE_PROCESSES) -> tuple:
         if p.returncode:
             raise RuntimeError(f"an all-reduce probe process failed: {err.strip()[-800:]}")
     d = json.loads(outs[0][0].strip().splitlines()[-1])
-    return d["bandwidth_bytes_per_s"], d["latency_s"], d["ranks"], d["call_overhead_s"]
+    return (d["bandwidth_bytes_per_s"], d["latency_s"], d["ranks"], d["call_overhead_s"],
+            d["overlap"])
 
 
 # Runs this file as a script without putting autopar/ first on sys.path, where its modules
@@ -445,12 +488,13 @@ def _worker(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        bandwidth, latency, ranks, call_overhead = time_link()
+        bandwidth, latency, ranks, call_overhead, overlap = time_link()
     finally:
         dist.destroy_process_group()
     if rank == 0:
         print(json.dumps({"bandwidth_bytes_per_s": bandwidth, "latency_s": latency,
-                          "ranks": ranks, "call_overhead_s": call_overhead}))
+                          "ranks": ranks, "call_overhead_s": call_overhead,
+                          "overlap": overlap}))
 
 
 def main(argv=None) -> None:
