@@ -302,13 +302,17 @@ def short_error(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def parse_args(argv, doc: str):
-    """The benchmarks' one option: plan with cached figures instead of measuring afresh."""
+def parse_args(argv, doc: str, worlds: tuple = ()):
+    """The benchmarks' options: plan with cached figures instead of measuring afresh; with
+    ``worlds`` (the default world sizes), which world sizes to run."""
     import argparse
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--cached", action="store_true",
                         help="plan with the figures Cluster.local() cached earlier instead of "
                              "measuring this machine afresh")
+    if worlds:
+        parser.add_argument("--worlds", type=int, nargs="+", default=list(worlds),
+                            help=f"numbers of gloo processes to run on (default: {worlds})")
     return parser.parse_args(argv)
 
 
@@ -321,13 +325,13 @@ def time_rows(rows: dict, steps: dict, rounds: int, per_round: int) -> list:
     return list(rows.values())
 
 
-def run_planned_here(console, fn, cached: bool):
-    """Run ``fn`` on the benchmark's processes with Cluster.local() figures measured afresh
-    (or, with ``cached``, those cached earlier), after printing them."""
+def run_planned_here(console, fn, cached: bool, world: int = WORLD, *args):
+    """Run ``fn(*args)`` on ``world`` processes with Cluster.local() figures measured
+    afresh (or, with ``cached``, those cached earlier), after printing them."""
     import autopar
     before = cached_figures()
     with fresh_local_figures(enabled=not cached):
-        console.print(autopar.Cluster.local(WORLD).describe())
+        console.print(autopar.Cluster.local(world).describe())
         if before is not None and not cached:
             console.print(f"  (cached by an earlier run, not used: {before})")
-        return run_on_processes(fn)
+        return run_on_processes(fn, *args, world=world)

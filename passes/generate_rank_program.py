@@ -34,7 +34,7 @@ def generate_rank_program(gm, ctx):
     """
     mesh = ctx.mesh
     g = fx.Graph()
-    emit = _Emitter(g, mesh.names)
+    emit = _Emitter(g, mesh.names, mesh.shape)
     emit.deferred = deferred_gradient_sums(gm)
     choices = recompute_choices(ctx)
     env, attrs, input_shapes, grad_sync = {}, {}, [], {}
@@ -49,8 +49,10 @@ def generate_rank_program(gm, ctx):
         elif node.op == "get_attr":
             name = _attr_name(node.target, attrs)
             attrs[name] = (node.target, node.meta["autopar.layout"])
-            if node in emit.deferred:
-                grad_sync[name] = tuple(mesh.names[a] for a in emit.deferred[node])
+            summed = tuple(mesh.names[a] for a in emit.deferred.get(node, ())
+                           if mesh.shape[a] > 1)   # over one rank a sum is the value
+            if summed:
+                grad_sync[name] = summed
             a = g.get_attr(name)
             emit.layouts[a.name] = node.meta["autopar.layout"]
             env[node] = a
@@ -204,7 +206,8 @@ def _emit_op(node, env, emit, mesh):
         else:
             v = emit.convert(env[src], have, need)
         for axis in axes:
-            v = emit.call(grad_sum, (v, mesh.names[axis]), need)
+            if mesh.shape[axis] > 1:   # over one rank a sum is the value
+                v = emit.call(grad_sum, (v, mesh.names[axis]), need)
         local[src] = v
     args = tree_map(lambda a: local.get(a, env.get(a)) if isinstance(a, Node) else a, node.args)
     kwargs = tree_map(lambda a: local.get(a, env.get(a)) if isinstance(a, Node) else a,
@@ -226,9 +229,10 @@ def _emit_op(node, env, emit, mesh):
 
 
 class _Emitter:
-    def __init__(self, graph, axis_names):
+    def __init__(self, graph, axis_names, axis_sizes):
         self.graph = graph
         self.axis_names = axis_names
+        self.axis_sizes = axis_sizes
         self.layouts = {}
         self.deferred = {}
         self.block = None   # (class id, index, path, choice) of the recomputed block emitted
@@ -264,6 +268,8 @@ class _Emitter:
                 fn = gather_shards
             cur[step.axis] = dst[step.axis] if step.kind not in ("all_gather", "all_reduce") \
                 else Replicate()
+            if self.axis_sizes[step.axis] == 1:
+                continue   # on one rank every layout holds the whole value: nothing moves
             out = self.call(fn, (out, *extra), tuple(cur))
         self._cache[key] = out
         return out
