@@ -224,9 +224,18 @@ def test_local_measures_once_then_loads_the_cache(monkeypatch, tmp_path):
     two = Cluster.local(2)
     assert probe.measurements_taken == before + 1
     assert os.path.exists(probe.cache_path()) and str(tmp_path) in probe.cache_path()
+    links = probe.link_probes_taken
     four = Cluster.local(4)
     assert probe.measurements_taken == before + 1  # loaded, not measured again
+    # ... but the link timed again over 4 processes, as a world of 4 runs, and cached
+    assert probe.link_probes_taken == links + 1
     m = four.extra["measurement"]
+    bandwidth, latency, call, overlap, ranks = m.link_for(4)
+    assert ranks == 4 and four.nodes[0].intra_node.latency_s == latency
+    assert four.nodes[0].intra_node.bandwidth_bytes_per_s == bandwidth
+    assert "all-reduce over 4 processes" in four.describe()
+    assert Cluster.local(4).nodes[0].intra_node.latency_s == latency
+    assert probe.link_probes_taken == links + 1   # the second time from the cache
     assert m.source.startswith("cached in")
     assert m.peak_flops > 1e9 and m.memory_bandwidth_bytes_per_s > 1e8  # > 1 GFLOP/s, 100 MB/s
     assert m.link_bandwidth_bytes_per_s > 1e8 and 0 < m.link_latency_s < 1e-2
@@ -248,7 +257,8 @@ def test_local_measures_once_then_loads_the_cache(monkeypatch, tmp_path):
     assert two.nodes[0].intra_node.call_overhead_s == m.call_overhead_s
     assert 0 <= m.overlap <= 1 and two.nodes[0].intra_node.overlap == m.overlap
     assert 0 <= m.age_s < 600 and "old (measured again past 7 days" in four.describe()
-    assert four.inter_node.latency_s == m.link_latency_s == two.nodes[0].intra_node.latency_s
+    assert m.link_for(2)[-1] == 2 == m.link_ranks
+    assert two.inter_node.latency_s == m.link_latency_s == two.nodes[0].intra_node.latency_s
     assert "measured on" in four.describe() and "cached in" in four.describe()
     again = Cluster.from_dict(json.loads(json.dumps(two.to_dict())))
     assert again.devices()[0].measured and again.nodes[0].intra_node.latency_s == pytest.approx(

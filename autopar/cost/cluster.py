@@ -259,7 +259,8 @@ class Cluster:
             return cls((node,), LOCAL_LINK, name=f"local x {world_size}")
         # (imported here: `python -m autopar.cost.probe` must find the module not yet run)
         from .probe import local_measurement
-        m = local_measurement()
+        m = local_measurement(ranks=world_size)
+        bandwidth, latency, call_overhead, overlap, ranks = m.link_for(world_size)
         device = DeviceSpec("cpu", {"fp32": _process_rate(m.peak_flops, m.thread_flops,
                                                           world_size, m.cpu_count)},
                             m.memory_bytes / world_size,
@@ -268,9 +269,8 @@ class Cluster:
                             measured=True,
                             op_overhead_s=m.op_overhead_s, matmul_curve=m.matmul_curve,
                             copy_curve=m.copy_curve)
-        link = LOCAL_LINK if not m.link_ranks else \
-            LinkSpec(m.link_bandwidth_bytes_per_s, m.link_latency_s, m.call_overhead_s or 0.0,
-                     m.overlap or 0.0)
+        link = LOCAL_LINK if not ranks else \
+            LinkSpec(bandwidth, latency, call_overhead or 0.0, overlap or 0.0)
         return cls((NodeSpec(device, world_size, link),), link, name=f"local x {world_size}",
                    extra={"measurement": m})
 
@@ -423,7 +423,8 @@ class Cluster:
                          f"{_si(m.peak_flops, 'FLOP/s')}, copy "
                          f"{_si(m.memory_bandwidth_bytes_per_s, 'B/s')} for the whole machine, "
                          f"each of {self.world_size} processes taking an equal share; "
-                         f"all-reduce over {m.link_ranks} processes; {m.source}, "
+                         f"all-reduce over {m.link_for(self.world_size)[-1]} processes; "
+                         f"{m.source}, "
                          f"{_age(m.age_s)} old (measured again past {_age(MAX_AGE_S)}; "
                          "python -m autopar.cost.probe --refresh measures now)")
         return "\n".join(lines)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -65,6 +66,7 @@ OVERLAP_MATMUL_N = 256
 OVERLAP_MATMULS = 40
 OVERLAP_RUNS = 5
 MAX_AGE_S = 7 * 24 * 3600  # cached figures older than a week are measured again
+MAX_LINK_RANKS = 16        # worlds up to this size get the link timed over their own count
 # All-reduce sizes (bytes) timed one by one between barriers; latency and bandwidth are the
 # least-squares fit of t = 2(n-1) latency + 2(n-1)/n bytes / bandwidth over their medians,
 # so per-message costs that a one-float probe misses are part of the latency.
@@ -79,6 +81,7 @@ NOMINAL_MEMORY_BYTES = 16e9   # when the OS will not say how much memory there i
 CACHE_VERSION = 3
 
 measurements_taken = 0     # probes run by this process: tests check that the cache is used
+link_probes_taken = 0      # worlds of probe processes started by this process
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,19 @@ class Measurement:
     # gets no more, whatever its share of the machine)
     thread_flops: float | None = None
     thread_copy_bytes_per_s: float | None = None
+    # the link timed over other numbers of processes: (ranks, bandwidth, latency, call
+    # overhead, overlap) each (a local world of more processes than cores runs its
+    # collectives slower than two processes do)
+    links: tuple = ()
+
+    def link_for(self, ranks: int) -> tuple:
+        """(bandwidth, latency, call overhead, overlap, ranks timed) of the link as timed
+        over ``ranks`` processes where it was, else over the probe's own."""
+        for r, *figures in self.links:
+            if r == ranks:
+                return (*figures, r)
+        return (self.link_bandwidth_bytes_per_s, self.link_latency_s, self.call_overhead_s,
+                self.overlap, self.link_ranks)
     source: str = "measured now"
 
     @property
@@ -126,6 +142,7 @@ class Measurement:
         d["source"] = source
         d["matmul_curve"] = tuple(tuple(p) for p in d.get("matmul_curve", ()))
         d["copy_curve"] = tuple(tuple(p) for p in d.get("copy_curve", ()))
+        d["links"] = tuple(tuple(p) for p in d.get("links", ()))
         return cls(**d)
 
 
@@ -172,11 +189,13 @@ def save(m: Measurement, path: str | None = None) -> None:
                       stacklevel=3)
 
 
-def local_measurement(refresh: bool = False) -> Measurement:
-    """This machine's figures: from the cache, else measured now and cached.
+def local_measurement(refresh: bool = False, ranks: int | None = None) -> Measurement:
+    """This machine's figures: from the cache, else measured now and cached. With
+    ``ranks``, the link is also timed over that many processes (once; cached with the
+    rest), for a world of that size: see :meth:`Measurement.link_for`.
 
     Inside an initialized process group this is collective: rank 0 loads or measures and
-    broadcasts, so every rank gets the same figures.
+    broadcasts, so every rank gets the same figures; the link is timed over the group.
     """
     if dist.is_available() and dist.is_initialized():
         return _shared_measurement(refresh)
@@ -185,6 +204,18 @@ def local_measurement(refresh: bool = False) -> Measurement:
         m = measure()
         if m.link_ranks:  # a failed link probe is tried again next time
             save(m)
+    if ranks is not None and m.link_ranks and m.link_for(ranks)[-1] != ranks and \
+            2 <= ranks <= MAX_LINK_RANKS:
+        try:
+            bandwidth, latency, timed, call, overlap = spawn_allreduce_probe(ranks)
+        except (RuntimeError, OSError, ValueError, KeyError) as e:
+            warnings.warn(f"autopar: could not time gloo all-reduce over {ranks} local "
+                          f"processes ({e}); planning with the figures of {m.link_ranks}",
+                          stacklevel=3)
+            return m
+        m = dataclasses.replace(m, links=m.links + ((timed, bandwidth, latency, call,
+                                                     overlap),))
+        save(m)
     return m
 
 
@@ -443,6 +474,8 @@ def _timed(fn) -> float:
 
 def spawn_allreduce_probe(nprocs: int = PROBE_PROCESSES) -> tuple:
     """Start ``nprocs`` processes on a free loopback port and time gloo all-reduce among them."""
+    global link_probes_taken
+    link_probes_taken += 1
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"  # the probe moves bytes; threads would only compete
