@@ -230,7 +230,7 @@ def test_local_measures_once_then_loads_the_cache(monkeypatch, tmp_path):
     # ... but the link timed again over 4 processes, as a world of 4 runs, and cached
     assert probe.link_probes_taken == links + 1
     m = four.extra["measurement"]
-    bandwidth, latency, call, overlap, ranks = m.link_for(4)
+    bandwidth, latency, call, overlap, flops, copy, ranks = m.link_for(4)
     assert ranks == 4 and four.nodes[0].intra_node.latency_s == latency
     assert four.nodes[0].intra_node.bandwidth_bytes_per_s == bandwidth
     assert "all-reduce over 4 processes" in four.describe()
@@ -241,13 +241,19 @@ def test_local_measures_once_then_loads_the_cache(monkeypatch, tmp_path):
     assert m.link_bandwidth_bytes_per_s > 1e8 and 0 < m.link_latency_s < 1e-2
     assert m.link_ranks == 2 and m.memory_bytes > 1e8
     assert two.devices()[0].measured and not Cluster.local(2, measure=False).devices()[0].measured
-    # each of n processes gets 1/n of the machine, and no more than its threads reach; the
-    # link is the measured one
+    # each of n processes computes at what it sustained while all n of the probe's did,
+    # a fraction of the machine's; the link is the measured one
+    for c, n in ((two, 2), (four, 4)):
+        flops, copy = m.link_for(n)[4:6]
+        assert c.devices()[0].flops_for("fp32") == flops
+        assert c.devices()[0].memory_bandwidth_bytes_per_s == copy
+        assert 1e9 < flops < m.peak_flops and 1e8 < copy < 2 * m.memory_bandwidth_bytes_per_s
+    # without those (a probe of another world size), 1/n of the machine and no more than
+    # its threads reach
     threads = lambda n: max(1, m.cpu_count // n)  # noqa: E731
-    assert two.devices()[0].flops_for("fp32") == pytest.approx(
+    from autopar.cost.cluster import _process_rate
+    assert _process_rate(m.peak_flops, m.thread_flops, 2, m.cpu_count) == pytest.approx(
         min(m.peak_flops / 2, m.thread_flops * threads(2)))
-    assert four.devices()[0].memory_bandwidth_bytes_per_s == pytest.approx(
-        min(m.memory_bandwidth_bytes_per_s / 4, m.thread_copy_bytes_per_s * threads(4)))
     # rates against size, measured on one thread: shares of the largest size's rate
     for curve in (m.matmul_curve, m.copy_curve):
         assert len(curve) >= 5 and curve[-1][1] == 1.0

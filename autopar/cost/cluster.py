@@ -243,8 +243,10 @@ class Cluster:
         initialized, else to the ``WORLD_SIZE`` environment variable set by torchrun.
 
         With ``measure=True`` the figures are this machine's: fp32 matmul FLOP/s and memory
-        bandwidth (each process gets a 1/world_size share of them and of the memory), and the
-        bandwidth and latency of a gloo all-reduce between local processes. They are measured
+        bandwidth as each of ``world_size`` processes sustains them while all compute at
+        once (else a 1/world_size share of the machine's), a 1/world_size share of the
+        memory, and the bandwidth and latency of a gloo all-reduce between that many local
+        processes. They are measured
         once (a few seconds) and cached as JSON under ``$AUTOPAR_CACHE_DIR`` or
         ``~/.cache/autopar/``, keyed by host name, CPU count and torch version; delete the file
         or run ``python -m autopar.cost.probe --refresh`` to measure again. Inside an initialized
@@ -260,12 +262,12 @@ class Cluster:
         # (imported here: `python -m autopar.cost.probe` must find the module not yet run)
         from .probe import local_measurement
         m = local_measurement(ranks=world_size)
-        bandwidth, latency, call_overhead, overlap, ranks = m.link_for(world_size)
-        device = DeviceSpec("cpu", {"fp32": _process_rate(m.peak_flops, m.thread_flops,
-                                                          world_size, m.cpu_count)},
-                            m.memory_bytes / world_size,
-                            _process_rate(m.memory_bandwidth_bytes_per_s,
-                                          m.thread_copy_bytes_per_s, world_size, m.cpu_count),
+        bandwidth, latency, call_overhead, overlap, flops, copy, ranks = m.link_for(world_size)
+        if ranks != world_size or flops is None:   # not timed with this many at once
+            flops = _process_rate(m.peak_flops, m.thread_flops, world_size, m.cpu_count)
+            copy = _process_rate(m.memory_bandwidth_bytes_per_s, m.thread_copy_bytes_per_s,
+                                 world_size, m.cpu_count)
+        device = DeviceSpec("cpu", {"fp32": flops}, m.memory_bytes / world_size, copy,
                             measured=True,
                             op_overhead_s=m.op_overhead_s, matmul_curve=m.matmul_curve,
                             copy_curve=m.copy_curve)

@@ -15,6 +15,8 @@ hiccup does not count:
   or, inside an initialized process group, the group's own ranks. Latency is a tiny all-reduce's
   time over 2(n-1), the ring's message count; bandwidth is the NCCL-tests "bus bandwidth",
   bytes x 2(n-1)/n / time, so both read directly as the alpha and beta of the cost model;
+- what each process of a local world sustains while all of them compute at once (matmul and
+  copy, one thread each): the cores and the memory are shared;
 - overlap: the share of an asynchronous all-reduce that computing at the same time hides
   (bucketed gradient sums run during backward);
 - the fixed cost of a collective call inside a program: a loop of small matmuls with a tiny
@@ -64,9 +66,12 @@ CALL_RUNS = 5
 OVERLAP_BYTES = 2**22      # the all-reduce of the overlap probe: a gradient bucket's size
 OVERLAP_MATMUL_N = 256
 OVERLAP_MATMULS = 40
-OVERLAP_RUNS = 5
+OVERLAP_RUNS = 9
 MAX_AGE_S = 7 * 24 * 3600  # cached figures older than a week are measured again
 MAX_LINK_RANKS = 16        # worlds up to this size get the link timed over their own count
+WORLD_MATMUL_N = 1024      # the rates every process of a world sustains at once
+WORLD_COPY_BYTES = 2**26
+WORLD_RUNS = 9
 # All-reduce sizes (bytes) timed one by one between barriers; latency and bandwidth are the
 # least-squares fit of t = 2(n-1) latency + 2(n-1)/n bytes / bandwidth over their medians,
 # so per-message costs that a one-float probe misses are part of the latency.
@@ -78,7 +83,7 @@ PROBE_TIMEOUT_S = 120      # a stuck probe process is killed after this
 NOMINAL_MEMORY_BYTES = 16e9   # when the OS will not say how much memory there is
 
 # Set when the cache file's format changes, so that older files are measured again.
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 measurements_taken = 0     # probes run by this process: tests check that the cache is used
 link_probes_taken = 0      # worlds of probe processes started by this process
@@ -110,19 +115,24 @@ class Measurement:
     # gets no more, whatever its share of the machine)
     thread_flops: float | None = None
     thread_copy_bytes_per_s: float | None = None
-    # the link timed over other numbers of processes: (ranks, bandwidth, latency, call
-    # overhead, overlap) each (a local world of more processes than cores runs its
-    # collectives slower than two processes do)
+    # what each of the link probe's processes sustained while all of them computed at once
+    # (one thread each): matmul FLOP/s and copy bytes/s
+    world_flops: float | None = None
+    world_copy_bytes_per_s: float | None = None
+    # the same over other numbers of processes: (ranks, bandwidth, latency, call overhead,
+    # overlap, world FLOP/s, world copy bytes/s) each (a local world of more processes than
+    # cores computes and runs its collectives slower than two processes do)
     links: tuple = ()
 
     def link_for(self, ranks: int) -> tuple:
-        """(bandwidth, latency, call overhead, overlap, ranks timed) of the link as timed
-        over ``ranks`` processes where it was, else over the probe's own."""
+        """(bandwidth, latency, call overhead, overlap, world FLOP/s, world copy bytes/s,
+        ranks timed) as timed over ``ranks`` processes where they were, else over the
+        probe's own."""
         for r, *figures in self.links:
             if r == ranks:
                 return (*figures, r)
         return (self.link_bandwidth_bytes_per_s, self.link_latency_s, self.call_overhead_s,
-                self.overlap, self.link_ranks)
+                self.overlap, self.world_flops, self.world_copy_bytes_per_s, self.link_ranks)
     source: str = "measured now"
 
     @property
@@ -207,14 +217,13 @@ def local_measurement(refresh: bool = False, ranks: int | None = None) -> Measur
     if ranks is not None and m.link_ranks and m.link_for(ranks)[-1] != ranks and \
             2 <= ranks <= MAX_LINK_RANKS:
         try:
-            bandwidth, latency, timed, call, overlap = spawn_allreduce_probe(ranks)
+            bandwidth, latency, timed, *rest = spawn_allreduce_probe(ranks)
         except (RuntimeError, OSError, ValueError, KeyError) as e:
             warnings.warn(f"autopar: could not time gloo all-reduce over {ranks} local "
                           f"processes ({e}); planning with the figures of {m.link_ranks}",
                           stacklevel=3)
             return m
-        m = dataclasses.replace(m, links=m.links + ((timed, bandwidth, latency, call,
-                                                     overlap),))
+        m = dataclasses.replace(m, links=m.links + ((timed, bandwidth, latency, *rest),))
         save(m)
     return m
 
@@ -254,12 +263,12 @@ def measure(link: tuple | None = None) -> Measurement:
                                          lambda b: 2.0 * b)
     if link is None:
         link = _spawned_link()
-    bandwidth, latency, ranks, call_overhead, overlap = link
+    bandwidth, latency, ranks, call_overhead, overlap, world_flops, world_copy = link
     return Measurement(peak_flops, memory_bandwidth, _memory_bytes(), bandwidth, latency, ranks,
                        threads, op_overhead, socket.gethostname(), usable_cpus(),
                        torch.__version__, time.perf_counter() - start, matmul_curve,
                        copy_curve, call_overhead, overlap, time.time(), thread_flops,
-                       thread_copy)
+                       thread_copy, world_flops, world_copy)
 
 
 def _spawned_link() -> tuple:
@@ -268,7 +277,7 @@ def _spawned_link() -> tuple:
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         warnings.warn(f"autopar: could not time gloo all-reduce between local processes ({e}); "
                       "planning with nominal link figures, and not caching them", stacklevel=4)
-        return None, None, 0, None, None
+        return None, None, 0, None, None, None, None
 
 
 @contextlib.contextmanager
@@ -367,19 +376,46 @@ def _memory_bytes() -> float:
 
 
 def time_link(group=None) -> tuple:
-    """(bus bandwidth bytes/s, latency s, ranks, call overhead s, overlap) over ``group``:
-    the all-reduce figures of :func:`time_allreduce`, the fixed cost of a collective call
-    inside a program (:func:`time_call_overhead`) and the share of an all-reduce that
-    computing at the same time hides (:func:`time_overlap`); every rank of the group calls
-    it."""
+    """(bus bandwidth bytes/s, latency s, ranks, call overhead s, overlap, FLOP/s, copy
+    bytes/s) over ``group``: the all-reduce figures of :func:`time_allreduce`, the fixed
+    cost of a collective call inside a program (:func:`time_call_overhead`), the share of an
+    all-reduce that computing at the same time hides (:func:`time_overlap`), and what each
+    rank sustains while all compute at once (:func:`time_world_rates`); every rank of the
+    group calls it."""
     bandwidth, latency, n = time_allreduce(group)
-    return bandwidth, latency, n, time_call_overhead(latency, group), time_overlap(group)
+    return (bandwidth, latency, n, time_call_overhead(latency, group), time_overlap(group),
+            *time_world_rates(group))
+
+
+def time_world_rates(group=None) -> tuple:
+    """(matmul FLOP/s, copy bytes/s) the slowest rank of ``group`` sustains while every rank
+    runs the same at once, each the median of WORLD_RUNS between barriers: what a process of
+    a local world computes at during a step, its cores and memory shared with the others."""
+    a, b = torch.randn(WORLD_MATMUL_N, WORLD_MATMUL_N), torch.randn(WORLD_MATMUL_N,
+                                                                    WORLD_MATMUL_N)
+    src = torch.ones(WORLD_COPY_BYTES // 4)
+    dst = torch.empty_like(src)
+    rates = []
+    for work, fn in ((2 * WORLD_MATMUL_N**3, lambda: torch.mm(a, b)),
+                     (2 * WORLD_COPY_BYTES, lambda: dst.copy_(src))):
+        fn()
+        runs = []
+        for _ in range(WORLD_RUNS):
+            dist.barrier(group=group)
+            start = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - start)
+        rates.append(work / sorted(runs)[len(runs) // 2])
+    slowest = torch.tensor(rates, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MIN, group=group)
+    return float(slowest[0]), float(slowest[1])
 
 
 def time_overlap(group=None) -> float:
     """The share of an asynchronous all-reduce (OVERLAP_BYTES) that matmuls run meanwhile
     hide, as bucketed gradient sums run during backward: (compute alone + all-reduce alone
-    - both at once) / the shorter of the two, each the least of OVERLAP_RUNS, in [0, 1]
+    - both at once) / the shorter of the two, the median of OVERLAP_RUNS, the least over
+    the ranks, in [0, 1]
     (0 where running both at once is no faster than one after the other: the cores that
     compute are also those that move the bytes)."""
     a = torch.randn(OVERLAP_MATMUL_N, OVERLAP_MATMUL_N)
@@ -397,15 +433,19 @@ def time_overlap(group=None) -> float:
         compute()
         work.wait()
 
-    best = {}
-    for _ in range(OVERLAP_RUNS):
+    shares = []
+    for _ in range(OVERLAP_RUNS):   # each run times the three in turn; the median share
+        t = {}
         for name, fn in (("compute", compute), ("reduce", reduce), ("both", both)):
             dist.barrier(group=group)
             start = time.perf_counter()
             fn()
-            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
-    hidden = best["compute"] + best["reduce"] - best["both"]
-    return float(min(1.0, max(0.0, hidden / min(best["compute"], best["reduce"]))))
+            t[name] = time.perf_counter() - start
+        hidden = t["compute"] + t["reduce"] - t["both"]
+        shares.append(hidden / min(t["compute"], t["reduce"]))
+    share = torch.tensor(sorted(shares)[len(shares) // 2], dtype=torch.float64)
+    dist.all_reduce(share, op=dist.ReduceOp.MIN, group=group)   # what every rank sees
+    return float(min(1.0, max(0.0, share.item())))
 
 
 def time_call_overhead(latency_s: float, group=None) -> float:
@@ -502,7 +542,7 @@ def spawn_allreduce_probe(nprocs: int = PROBE_PROCESSES) -> tuple:
             raise RuntimeError(f"an all-reduce probe process failed: {err.strip()[-800:]}")
     d = json.loads(outs[0][0].strip().splitlines()[-1])
     return (d["bandwidth_bytes_per_s"], d["latency_s"], d["ranks"], d["call_overhead_s"],
-            d["overlap"])
+            d["overlap"], d["flops"], d["copy_bytes_per_s"])
 
 
 # Runs this file as a script without putting autopar/ first on sys.path, where its modules
@@ -521,13 +561,13 @@ def _worker(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        bandwidth, latency, ranks, call_overhead, overlap = time_link()
+        bandwidth, latency, ranks, call_overhead, overlap, flops, copy = time_link()
     finally:
         dist.destroy_process_group()
     if rank == 0:
         print(json.dumps({"bandwidth_bytes_per_s": bandwidth, "latency_s": latency,
                           "ranks": ranks, "call_overhead_s": call_overhead,
-                          "overlap": overlap}))
+                          "overlap": overlap, "flops": flops, "copy_bytes_per_s": copy}))
 
 
 def main(argv=None) -> None:
