@@ -245,15 +245,17 @@ class Cluster:
         With ``measure=True`` the figures are this machine's: fp32 matmul FLOP/s and memory
         bandwidth as each of ``world_size`` processes sustains them while all compute at
         once (else a 1/world_size share of the machine's), a 1/world_size share of the
-        memory, and the bandwidth and latency of a gloo all-reduce between that many local
-        processes. They are measured
-        once (a few seconds) and cached as JSON under ``$AUTOPAR_CACHE_DIR`` or
-        ``~/.cache/autopar/``, keyed by host name, CPU count and torch version; delete the file
-        or run ``python -m autopar.cost.probe --refresh`` to measure again. Inside an initialized
-        process group every rank must call this together: rank 0 loads or measures (the
-        all-reduce over the existing group) and broadcasts, so all ranks plan with the same
-        figures. ``measure=False`` gives fixed nominal figures without probing (the same on
-        every machine: what tests that want reproducible plans should use).
+        memory, the bandwidth and latency of a gloo all-reduce between that many local
+        processes and what a collective call costs beyond them, rates against size, and the
+        framework's time per op (see :mod:`autopar.cost.probe`). They are measured once (a
+        few seconds; a world size not seen before times its link again) and cached as JSON
+        under ``$AUTOPAR_CACHE_DIR`` or ``~/.cache/autopar/``, keyed by host name, CPU count
+        and torch version, for a week; delete the file or run ``python -m autopar.cost.probe
+        --refresh`` to measure again. Inside an initialized process group every rank must
+        call this together: rank 0 loads or measures (the all-reduce over the existing
+        group) and broadcasts, so all ranks plan with the same figures. ``measure=False``
+        gives fixed nominal figures without probing (the same on every machine: what tests
+        that want reproducible plans should use).
         """
         world_size = _local_world_size(world_size)
         if not measure:

@@ -4,7 +4,8 @@ What the cost model needs of this machine, each the best of a few runs so that a
 hiccup does not count:
 
 - compute: fp32 ``torch.mm`` of two MATMUL_N x MATMUL_N matrices, 2 N^3 FLOPs, on all usable
-  CPUs (the machine's figure; ``Cluster.local(n)`` gives each of n processes a 1/n share);
+  CPUs (the machine's figure; where the rates of a world of n were not timed below,
+  ``Cluster.local(n)`` gives each of n processes a 1/n share);
 - memory bandwidth: copying a COPY_BYTES tensor, counted as read plus write (STREAM's "copy");
 - rates against size, on one thread as each process of a local world runs: the share of
   the MATMUL_N rate smaller matmuls sustain (MATMUL_SIZES), and of the COPY_BYTES rate

@@ -191,9 +191,9 @@ def plan_on_mesh(gm, mesh, cluster, training, pinned, budget, level, stats,
             choice, objective = solved.choice, solved.objective
             shares, support = solved.shares, solved.support
             restricted += solved.restricted
-            if back is None:   # a pruned program's bound is its own, not the whole one's
+            if back is None:
                 bound = solved.bound
-            if back is not None:
+            else:   # (a pruned program's bound is its own, not the whole one's)
                 choice = {n: back[n][i] for n, i in choice.items()}
             cost = prob.evaluate(choice)
             if cost.memory_bytes_per_device <= budget * (1 + 1e-9):
