@@ -1,7 +1,9 @@
 """autopar's automatic plan against hand-written PyTorch parallelism, same models, same run.
 
-On 2 local gloo processes (spawned once; one thread each) it trains each model of
-``common.WORKLOADS`` (a wide residual MLP, the GPT and the LLaMA of examples/models.py) four ways:
+On 2 local gloo processes (spawned once; one thread each) it trains six models whose best
+strategy differs four ways: those of ``common.WORKLOADS`` (a wide residual MLP, the GPT and the
+LLaMA of examples/models.py), a very wide MLP on a tiny batch (weights dwarf activations), a
+narrow MLP on a large batch (the reverse) and a deeper, narrower GPT on more tokens:
 
 - autopar: ``autopar.compile(model, Cluster.local(2), example_inputs=batch)``, no mesh and no
   constraints: the plan it chooses;
@@ -17,7 +19,7 @@ then the four take turns, a few timed steps each round (forward, backward, AdamW
 step between barriers), and the table gives the median step and its ratio to the fastest. A
 baseline that fails on CPU/gloo in this torch version is a row with its error, not dropped.
 
-    python benchmarks/runtime_vs_torch.py             # from the repository root, ~1 minute
+    python benchmarks/runtime_vs_torch.py             # from the repository root, ~2 minutes
     python benchmarks/runtime_vs_torch.py --cached    # plan with Cluster.local()'s cached figures
 """
 
@@ -36,14 +38,41 @@ from rich.console import Console
 from rich.table import Table
 
 import autopar
-from common import (WORKLOADS, WORLD, build, collectives, layouts, parse_args, relative_error,
-                    run_planned_here, short_error, time_rows, train_step)
+from common import (SEED, WORKLOADS, WORLD, ResidualMLP, Workload, build, collectives, layouts,
+                    parse_args, relative_error, run_planned_here, short_error, time_rows,
+                    train_step)
 
 WARMUP_STEPS = 3       # the first of them is the loss check
 ROUNDS = 4             # the contenders take turns: STEPS_PER_ROUND steps each, ROUNDS times over
 STEPS_PER_ROUND = 3
 LEARNING_RATE = 1e-4
 LOSS_RTOL = 1e-5       # fp32, as autopar's own equivalence tests
+
+
+def _mlp(dim: int, hidden: int, blocks: int, batch: int) -> Workload:
+    def make_batch():
+        g = torch.Generator().manual_seed(SEED)
+        return torch.randn(batch, dim, generator=g), torch.randn(batch, dim, generator=g)
+    return Workload(f"mlp {blocks}x{dim}x{hidden}, batch {batch}",
+                    lambda: ResidualMLP(dim, hidden, blocks), make_batch,
+                    megatron={"blocks.*.fc1.*": 0, "blocks.*.fc2.weight": 1},
+                    mlp_layers={"blocks.*.fc1": "colwise", "blocks.*.fc2": "rowwise"},
+                    blocks_attr="blocks")
+
+
+def _deep_gpt() -> Workload:
+    from models import GPT, GPTConfig, tiny_batch
+    cfg = GPTConfig(vocab_size=512, block_size=128, n_layer=4, n_head=4, n_embd=128)
+    return Workload("gpt 4x128, 16x128 tokens", lambda: GPT(cfg),
+                    lambda: tiny_batch(cfg, 16, 128), megatron={},
+                    mlp_layers={"h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"},
+                    blocks_attr="h")
+
+
+MODELS = [*WORKLOADS,
+          _mlp(2048, 8192, 1, 8),       # 34M parameters, 8 rows: splitting the weights pays
+          _mlp(256, 1024, 4, 4096),     # 2M parameters, 4096 rows: splitting the batch pays
+          _deep_gpt()]
 
 
 @dataclass
@@ -162,7 +191,7 @@ def compare_all() -> list:
     from torch.distributed.device_mesh import init_device_mesh
     cluster = autopar.Cluster.local(WORLD)
     mesh = init_device_mesh("cpu", (WORLD,))
-    return [row for workload in WORKLOADS for row in compare_workload(workload, cluster, mesh)]
+    return [row for workload in MODELS for row in compare_workload(workload, cluster, mesh)]
 
 
 # -- reporting (in the parent) ---------------------------------------------------------------------
@@ -212,7 +241,29 @@ def main(argv=None):
     console = Console(width=200)
     rows = run_planned_here(console, compare_all, args.cached)
     console.print(results_table(rows))
+    for line in summary(rows):
+        console.print(line)
     console.print(f"torch {torch.__version__}; finished in {time.perf_counter() - start:.0f} s")
+
+
+def summary(rows) -> list:
+    """Per model, autopar's step over the fastest hand-written one, with the spread of both:
+    where their ranges overlap, noise may decide the order."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        group = [r for r in rows if r["model"] == model and "measured_s" in r]
+        ours = next((r for r in group if r["implementation"].startswith("autopar")), None)
+        theirs = [r for r in group if r is not ours]
+        if ours is None or not theirs:
+            continue
+        best = min(theirs, key=lambda r: r["measured_s"])
+        overlap = ours["fastest_s"] <= best["slowest_s"] and best["fastest_s"] <= ours["slowest_s"]
+        out.append(f"{model}: autopar {ours['measured_s'] / best['measured_s']:.2f}x the fastest "
+                   f"hand-written ({best['implementation']}); ranges "
+                   f"{ms(ours['fastest_s'])}-{ms(ours['slowest_s'])} and "
+                   f"{ms(best['fastest_s'])}-{ms(best['slowest_s'])} ms"
+                   + (" overlap" if overlap else " apart"))
+    return out
 
 
 if __name__ == "__main__":
