@@ -230,7 +230,9 @@ def test_local_measures_once_then_loads_the_cache(monkeypatch, tmp_path):
     # ... but the link timed again over 4 processes, as a world of 4 runs, and cached
     assert probe.link_probes_taken == links + 1
     m = four.extra["measurement"]
-    bandwidth, latency, call, overlap, flops, copy, ranks = m.link_for(4)
+    bandwidth, latency, call, overlap, flops, copy, p2p_bw, p2p_latency, ranks = m.link_for(4)
+    assert p2p_bw > 1e7 and 0 < p2p_latency < 1e-2
+    assert four.nodes[0].intra_node.p2p_bandwidth_bytes_per_s == p2p_bw
     assert ranks == 4 and four.nodes[0].intra_node.latency_s == latency
     assert four.nodes[0].intra_node.bandwidth_bytes_per_s == bandwidth
     assert "all-reduce over 4 processes" in four.describe()
@@ -245,6 +247,7 @@ def test_local_measures_once_then_loads_the_cache(monkeypatch, tmp_path):
     # a fraction of the machine's; the link is the measured one
     for c, n in ((two, 2), (four, 4)):
         flops, copy = m.link_for(n)[4:6]
+        assert m.link_for(n)[-1] == n
         assert c.devices()[0].flops_for("fp32") == flops
         assert c.devices()[0].memory_bandwidth_bytes_per_s == copy
         assert 1e9 < flops < m.peak_flops and 1e8 < copy < 2 * m.memory_bandwidth_bytes_per_s

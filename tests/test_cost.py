@@ -292,7 +292,8 @@ def test_overheads_the_probe_measures_show_up_in_the_plans_prices(fake_probe):
 def test_cluster_files_take_calibrated_figures_and_refuse_bad_ones():
     d = {"nodes": [{"device": "Acc", "count": 2,
                     "intra_node": {"bandwidth_GBps": 100, "latency_us": 3,
-                                   "call_overhead_us": 40, "overlap": 0.5}}],
+                                   "call_overhead_us": 40, "overlap": 0.5,
+                                   "p2p_bandwidth_GBps": 20, "p2p_latency_us": 9}}],
          "devices": {"Acc": {"peak_tflops": {"fp32": 50}, "memory_GB": 40,
                              "memory_bandwidth_GBps": 2000, "matmul_efficiency": 0.6,
                              "memory_efficiency": 0.9, "op_overhead_us": 7,
@@ -303,6 +304,13 @@ def test_cluster_files_take_calibrated_figures_and_refuse_bad_ones():
     assert dev.op_overhead_s == pytest.approx(7e-6)
     assert dev.matmul_curve == ((1e6, 0.2), (1e9, 0.9)) and dev.copy_curve == ()
     assert link.call_overhead_s == pytest.approx(40e-6) and link.overlap == 0.5
+    assert link.p2p_bandwidth_bytes_per_s == 20e9 and link.p2p_latency_s == pytest.approx(9e-6)
+    # a pipeline's hand-off between stages goes point to point: priced with those figures
+    from autopar.search.stages import transfer_seconds
+    assert transfer_seconds(1e6, link) == pytest.approx(9e-6 + 1e6 / 20e9)
+    plain = Cluster.preset("dgx-a100").nodes[0].intra_node
+    assert transfer_seconds(1e6, plain) == pytest.approx(
+        plain.latency_s + 1e6 / plain.bandwidth_bytes_per_s)
     assert Cluster.from_dict(c.to_dict()) == c
     bad = [({"matmul_efficiency": 0}, "devices.Acc.matmul_efficiency=0"),
            ({"op_overhead_us": -1}, "devices.Acc.op_overhead_us=-1 must be a number >= 0"),

@@ -96,6 +96,10 @@ class LinkSpec:
     bandwidth_bytes_per_s: float
     latency_s: float
     call_overhead_s: float = 0.0
+    # A point-to-point transfer over it (a pipeline's hand-off between stages), where
+    # measured; None takes the bandwidth and latency above.
+    p2p_bandwidth_bytes_per_s: float | None = None
+    p2p_latency_s: float | None = None
     # The share of a collective the runtime overlaps with computing (bucketed gradient sums
     # during backward) that the backend really hides, where measured or declared; 0 prices
     # them as if they ran alone.
@@ -264,7 +268,8 @@ class Cluster:
         # (imported here: `python -m autopar.cost.probe` must find the module not yet run)
         from .probe import local_measurement
         m = local_measurement(ranks=world_size)
-        bandwidth, latency, call_overhead, overlap, flops, copy, ranks = m.link_for(world_size)
+        bandwidth, latency, call_overhead, overlap, flops, copy, p2p_bandwidth, p2p_latency, \
+            ranks = m.link_for(world_size)
         if ranks != world_size or flops is None:   # not timed with this many at once
             flops = _process_rate(m.peak_flops, m.thread_flops, world_size, m.cpu_count)
             copy = _process_rate(m.memory_bandwidth_bytes_per_s, m.thread_copy_bytes_per_s,
@@ -274,7 +279,9 @@ class Cluster:
                             op_overhead_s=m.op_overhead_s, matmul_curve=m.matmul_curve,
                             copy_curve=m.copy_curve)
         link = LOCAL_LINK if not ranks else \
-            LinkSpec(bandwidth, latency, call_overhead or 0.0, overlap or 0.0)
+            LinkSpec(bandwidth, latency, call_overhead_s=call_overhead or 0.0,
+                     p2p_bandwidth_bytes_per_s=p2p_bandwidth, p2p_latency_s=p2p_latency,
+                     overlap=overlap or 0.0)
         return cls((NodeSpec(device, world_size, link),), link, name=f"local x {world_size}",
                    extra={"measurement": m})
 
@@ -346,8 +353,9 @@ class Cluster:
         ``op_overhead_us`` (per op, forward and backward), and ``matmul_curve`` /
         ``copy_curve`` (``[[FLOPs or bytes, share], ...]``, the share sustained at each
         size); a link may give ``call_overhead_us`` (per collective call, beyond its
-        messages) and ``overlap`` (the share of the gradient sums run during backward that
-        the backend hides, 0 to 1).
+        messages), ``overlap`` (the share of the gradient sums run during backward that
+        the backend hides, 0 to 1), and ``p2p_bandwidth_GBps`` / ``p2p_latency_us`` (a
+        point-to-point transfer, as pipeline stages hand values on).
         """
         if not isinstance(d, Mapping) or "nodes" not in d:
             raise PlanError("a cluster description needs a 'nodes' list, e.g. "
@@ -597,7 +605,8 @@ def _link(d, where: str, default: LinkSpec) -> LinkSpec:
     example = "{'bandwidth_GBps': 300, 'latency_us': 2}"
     if not isinstance(d, Mapping) or "bandwidth_GBps" not in d:
         raise PlanError(f"{where}={d!r}: write a link as {example}")
-    _check_keys(d, ("bandwidth_GBps", "latency_us", "call_overhead_us", "overlap"), where)
+    _check_keys(d, ("bandwidth_GBps", "latency_us", "call_overhead_us", "overlap",
+                    "p2p_bandwidth_GBps", "p2p_latency_us"), where)
     latency = d.get("latency_us", 0)
     if isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0:
         raise PlanError(f"{where}.latency_us={latency!r} must be a number >= 0; "
@@ -607,8 +616,14 @@ def _link(d, where: str, default: LinkSpec) -> LinkSpec:
     if overlap > 1:
         raise PlanError(f"{where}.overlap={overlap!r}: a share of the collective's time, "
                         "from 0 (nothing hidden) to 1 (all of it)")
+    p2p = {}
+    if "p2p_bandwidth_GBps" in d:
+        p2p["p2p_bandwidth_bytes_per_s"] = _positive(d["p2p_bandwidth_GBps"],
+                                                     f"{where}.p2p_bandwidth_GBps") * GB
+    if "p2p_latency_us" in d:
+        p2p["p2p_latency_s"] = _non_negative(d["p2p_latency_us"], f"{where}.p2p_latency_us") / 1e6
     return LinkSpec(_positive(d["bandwidth_GBps"], f"{where}.bandwidth_GBps") * GB,
-                    latency / 1e6, call / 1e6, overlap)
+                    latency / 1e6, call_overhead_s=call / 1e6, overlap=overlap, **p2p)
 
 
 def _link_dict(link: LinkSpec) -> dict:
@@ -618,6 +633,10 @@ def _link_dict(link: LinkSpec) -> dict:
         out["call_overhead_us"] = _tidy(link.call_overhead_s * 1e6)
     if link.overlap:
         out["overlap"] = _tidy(link.overlap)
+    if link.p2p_bandwidth_bytes_per_s is not None:
+        out["p2p_bandwidth_GBps"] = _tidy(link.p2p_bandwidth_bytes_per_s / GB)
+    if link.p2p_latency_s is not None:
+        out["p2p_latency_us"] = _tidy(link.p2p_latency_s * 1e6)
     return out
 
 
@@ -644,5 +663,9 @@ def _link_line(link: LinkSpec) -> str:
     call = f", {link.call_overhead_s * 1e6:.3g} us per collective call" \
         if link.call_overhead_s else ""
     call += f", {link.overlap:.0%} of gradient sums hidden by backward" if link.overlap else ""
+    if link.p2p_bandwidth_bytes_per_s is not None:
+        call += f"; point to point {_si(link.p2p_bandwidth_bytes_per_s, 'B/s')}"
+        if link.p2p_latency_s is not None:
+            call += f", {link.p2p_latency_s * 1e6:.3g} us"
     return f"{_si(link.bandwidth_bytes_per_s, 'B/s')} per device each way, " \
            f"{link.latency_s * 1e6:.3g} us latency{call}"

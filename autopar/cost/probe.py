@@ -18,6 +18,7 @@ hiccup does not count:
   bytes x 2(n-1)/n / time, so both read directly as the alpha and beta of the cost model;
 - what each process of a local world sustains while all of them compute at once (matmul and
   copy, one thread each): the cores and the memory are shared;
+- point to point: a ping-pong between two processes, as pipeline stages hand values on;
 - overlap: the share of an asynchronous all-reduce that computing at the same time hides
   (bucketed gradient sums run during backward);
 - the fixed cost of a collective call inside a program: a loop of small matmuls with a tiny
@@ -73,6 +74,8 @@ MAX_LINK_RANKS = 16        # worlds up to this size get the link timed over thei
 WORLD_MATMUL_N = 1024      # the rates every process of a world sustains at once
 WORLD_COPY_BYTES = 2**26
 WORLD_RUNS = 9
+P2P_BYTES = (4, 2**16, 2**20, 2**22)   # point-to-point sizes, sent and sent back
+P2P_RUNS = 7
 # All-reduce sizes (bytes) timed one by one between barriers; latency and bandwidth are the
 # least-squares fit of t = 2(n-1) latency + 2(n-1)/n bytes / bandwidth over their medians,
 # so per-message costs that a one-float probe misses are part of the latency.
@@ -84,7 +87,7 @@ PROBE_TIMEOUT_S = 120      # a stuck probe process is killed after this
 NOMINAL_MEMORY_BYTES = 16e9   # when the OS will not say how much memory there is
 
 # Set when the cache file's format changes, so that older files are measured again.
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 
 measurements_taken = 0     # probes run by this process: tests check that the cache is used
 link_probes_taken = 0      # worlds of probe processes started by this process
@@ -120,20 +123,24 @@ class Measurement:
     # (one thread each): matmul FLOP/s and copy bytes/s
     world_flops: float | None = None
     world_copy_bytes_per_s: float | None = None
+    # a point-to-point transfer between two of the probe's processes
+    p2p_bandwidth_bytes_per_s: float | None = None
+    p2p_latency_s: float | None = None
     # the same over other numbers of processes: (ranks, bandwidth, latency, call overhead,
-    # overlap, world FLOP/s, world copy bytes/s) each (a local world of more processes than
+    # overlap, world FLOP/s, world copy bytes/s, p2p bandwidth, p2p latency) each (a local world of more processes than
     # cores computes and runs its collectives slower than two processes do)
     links: tuple = ()
 
     def link_for(self, ranks: int) -> tuple:
         """(bandwidth, latency, call overhead, overlap, world FLOP/s, world copy bytes/s,
-        ranks timed) as timed over ``ranks`` processes where they were, else over the
-        probe's own."""
+        p2p bandwidth, p2p latency, ranks timed) as timed over ``ranks`` processes where they
+        were, else over the probe's own."""
         for r, *figures in self.links:
             if r == ranks:
                 return (*figures, r)
         return (self.link_bandwidth_bytes_per_s, self.link_latency_s, self.call_overhead_s,
-                self.overlap, self.world_flops, self.world_copy_bytes_per_s, self.link_ranks)
+                self.overlap, self.world_flops, self.world_copy_bytes_per_s,
+                self.p2p_bandwidth_bytes_per_s, self.p2p_latency_s, self.link_ranks)
     source: str = "measured now"
 
     @property
@@ -264,12 +271,13 @@ def measure(link: tuple | None = None) -> Measurement:
                                          lambda b: 2.0 * b)
     if link is None:
         link = _spawned_link()
-    bandwidth, latency, ranks, call_overhead, overlap, world_flops, world_copy = link
+    bandwidth, latency, ranks, call_overhead, overlap, world_flops, world_copy, p2p_bw, \
+        p2p_latency = link
     return Measurement(peak_flops, memory_bandwidth, _memory_bytes(), bandwidth, latency, ranks,
                        threads, op_overhead, socket.gethostname(), usable_cpus(),
                        torch.__version__, time.perf_counter() - start, matmul_curve,
                        copy_curve, call_overhead, overlap, time.time(), thread_flops,
-                       thread_copy, world_flops, world_copy)
+                       thread_copy, world_flops, world_copy, p2p_bw, p2p_latency)
 
 
 def _spawned_link() -> tuple:
@@ -278,7 +286,7 @@ def _spawned_link() -> tuple:
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         warnings.warn(f"autopar: could not time gloo all-reduce between local processes ({e}); "
                       "planning with nominal link figures, and not caching them", stacklevel=4)
-        return None, None, 0, None, None, None, None
+        return None, None, 0, None, None, None, None, None, None
 
 
 @contextlib.contextmanager
@@ -378,14 +386,48 @@ def _memory_bytes() -> float:
 
 def time_link(group=None) -> tuple:
     """(bus bandwidth bytes/s, latency s, ranks, call overhead s, overlap, FLOP/s, copy
-    bytes/s) over ``group``: the all-reduce figures of :func:`time_allreduce`, the fixed
-    cost of a collective call inside a program (:func:`time_call_overhead`), the share of an
-    all-reduce that computing at the same time hides (:func:`time_overlap`), and what each
-    rank sustains while all compute at once (:func:`time_world_rates`); every rank of the
-    group calls it."""
+    bytes/s, p2p bandwidth bytes/s, p2p latency s) over ``group``: the all-reduce figures of
+    :func:`time_allreduce`, the fixed cost of a collective call inside a program
+    (:func:`time_call_overhead`), the share of an all-reduce that computing at the same time
+    hides (:func:`time_overlap`), what each rank sustains while all compute at once
+    (:func:`time_world_rates`) and a point-to-point transfer (:func:`time_p2p`); every rank
+    of the group calls it."""
     bandwidth, latency, n = time_allreduce(group)
     return (bandwidth, latency, n, time_call_overhead(latency, group), time_overlap(group),
-            *time_world_rates(group))
+            *time_world_rates(group), *time_p2p(group))
+
+
+def time_p2p(group=None) -> tuple:
+    """(bandwidth bytes/s, latency s) of a point-to-point transfer (a pipeline's hand-off
+    between stages) between the group's first two ranks: half a ping-pong's median time over
+    P2P_BYTES, fitted as latency + bytes / bandwidth; the other ranks wait."""
+    import numpy as np
+    ranks = dist.get_process_group_ranks(group) if group is not None else \
+        list(range(dist.get_world_size()))
+    me = dist.get_rank()
+    times = []
+    for num_bytes in P2P_BYTES:
+        t = torch.zeros(max(1, num_bytes // 4))
+        runs = []
+        for _ in range(P2P_RUNS + 1):      # the first is a warm-up
+            dist.barrier(group=group)
+            start = time.perf_counter()
+            if me == ranks[0]:
+                dist.send(t, ranks[1], group=group)
+                dist.recv(t, ranks[1], group=group)
+            elif me == ranks[1]:
+                dist.recv(t, ranks[0], group=group)
+                dist.send(t, ranks[0], group=group)
+            runs.append((time.perf_counter() - start) / 2)
+        times.append(sorted(runs[1:])[len(runs) // 2])
+    a = np.array([[1.0, b] for b in P2P_BYTES])
+    (latency, inv_bw), *_ = np.linalg.lstsq(a, np.array(times), rcond=None)
+    latency = max(float(latency), min(times) / 4)
+    if inv_bw <= 0:
+        inv_bw = max(times) / max(P2P_BYTES)
+    fitted = torch.tensor([1 / inv_bw, latency], dtype=torch.float64)
+    dist.broadcast(fitted, src=ranks[0], group=group)   # the sender's timing, for every rank
+    return float(fitted[0]), float(fitted[1])
 
 
 def time_world_rates(group=None) -> tuple:
@@ -543,7 +585,8 @@ def spawn_allreduce_probe(nprocs: int = PROBE_PROCESSES) -> tuple:
             raise RuntimeError(f"an all-reduce probe process failed: {err.strip()[-800:]}")
     d = json.loads(outs[0][0].strip().splitlines()[-1])
     return (d["bandwidth_bytes_per_s"], d["latency_s"], d["ranks"], d["call_overhead_s"],
-            d["overlap"], d["flops"], d["copy_bytes_per_s"])
+            d["overlap"], d["flops"], d["copy_bytes_per_s"], d["p2p_bandwidth_bytes_per_s"],
+            d["p2p_latency_s"])
 
 
 # Runs this file as a script without putting autopar/ first on sys.path, where its modules
@@ -562,13 +605,15 @@ def _worker(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        bandwidth, latency, ranks, call_overhead, overlap, flops, copy = time_link()
+        bandwidth, latency, ranks, call_overhead, overlap, flops, copy, p2p_bw, p2p_latency = \
+            time_link()
     finally:
         dist.destroy_process_group()
     if rank == 0:
         print(json.dumps({"bandwidth_bytes_per_s": bandwidth, "latency_s": latency,
                           "ranks": ranks, "call_overhead_s": call_overhead,
-                          "overlap": overlap, "flops": flops, "copy_bytes_per_s": copy}))
+                          "overlap": overlap, "flops": flops, "copy_bytes_per_s": copy,
+                          "p2p_bandwidth_bytes_per_s": p2p_bw, "p2p_latency_s": p2p_latency}))
 
 
 def main(argv=None) -> None:

@@ -216,12 +216,23 @@ def transfer_seconds(nbytes: float, link, devices: int = 1, within=None) -> floa
     ``link``: the sending stage's program returns them whole (gathered over its link
     ``within``), each device sends an equal part to its peer, and the receiving devices
     gather the parts over their own link (Megatron's scatter/gather of boundary values)."""
-    t = link.latency_s + nbytes / devices / link.bandwidth_bytes_per_s
+    t = _p2p_latency(link) + nbytes / devices / _p2p_bandwidth(link)
     if devices > 1 and within is not None:
         gather = within.latency_s + nbytes * (devices - 1) / devices / \
             within.bandwidth_bytes_per_s
         t += 2 * gather
     return t
+
+
+def _p2p_latency(link) -> float:
+    """A point-to-point transfer's latency over ``link``: its own where measured."""
+    own = getattr(link, "p2p_latency_s", None)
+    return link.latency_s if own is None else own
+
+
+def _p2p_bandwidth(link) -> float:
+    own = getattr(link, "p2p_bandwidth_bytes_per_s", None)
+    return link.bandwidth_bytes_per_s if own is None else own
 
 
 def cuts(prices_of, n_layers: int, stages: int, in_flight: list, budget_of,
