@@ -169,9 +169,11 @@ def cached_figures() -> str | None:
     m = load_cached()
     if m is None:
         return None
+    link = m.link_for(2)
     return (f"matmul {m.peak_flops / 1e9:.0f} GFLOP/s, copy "
-            f"{m.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s, all-reduce "
-            f"{m.link_bandwidth_bytes_per_s / 1e9:.2f} GB/s, {m.link_latency_s * 1e6:.0f} us")
+            f"{m.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s" +
+            ("" if link is None else f", all-reduce {link.bandwidth_bytes_per_s / 1e9:.2f} "
+                                     f"GB/s, {link.latency_s * 1e6:.0f} us"))
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -214,6 +216,15 @@ def train_step(model: nn.Module, optimizer, batch: tuple) -> torch.Tensor:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def step_module(pm, optimizer, batch) -> torch.Tensor:
+    """A training step of a ParallelModule: ``pm.step`` on the batch (a tuple of positional
+    inputs or a dict of keyword ones), then the optimizer step; returns the loss."""
+    loss = pm.step(**batch) if isinstance(batch, dict) else pm.step(*batch)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def time_steps(step: Callable[[], object], repeat: int) -> list:

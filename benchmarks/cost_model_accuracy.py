@@ -51,8 +51,8 @@ from scipy.stats import linregress, spearmanr
 
 import autopar
 from common import (SEED, WORKLOADS, Workload, barrier_s, build, collective_calls, collectives,
-                    layouts, parse_args, run_planned_here, short_error, sustained_rates,
-                    time_rows)
+                    layouts, parse_args, run_planned_here, short_error, step_module,
+                    sustained_rates, time_rows)
 
 WORLDS = (2, 4)
 WARMUP_STEPS = 3
@@ -131,13 +131,6 @@ def forced_plans(workload, model, batch, world: int) -> dict:
 
 # -- measuring (inside each process) ---------------------------------------------------------------
 
-def _step(pm, optimizer, batch):
-    loss = pm.step(**batch) if isinstance(batch, dict) else pm.step(*batch)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
-
-
 def prepare(workload, name, options, cluster) -> tuple:
     """(table row, step function or None): the plan compiled, its prediction, and warm-up
     steps taken; a plan that fails says why in its row."""
@@ -152,10 +145,10 @@ def prepare(workload, name, options, cluster) -> tuple:
     row["warnings"] = sorted({str(w.message).split(";")[0] for w in caught})
     cost = pm.plan.cost
     row.update(mesh=" x ".join(f"{k}={v}" for k, v in pm.plan.mesh.items()),
-               layouts=layouts(pm.plan), collectives=_collectives(pm),
+               layouts=layouts(pm.plan), collectives=collectives(pm.code),
                predicted_s=cost.total_s, compute_s=cost.compute_s, comm_s=cost.comm_s)
     optimizer = torch.optim.AdamW(pm.parameters(), lr=LEARNING_RATE)
-    step = lambda: _step(pm, optimizer, batch)  # noqa: E731
+    step = lambda: step_module(pm, optimizer, batch)  # noqa: E731
     try:
         for _ in range(WARMUP_STEPS - 1):
             step()
@@ -163,13 +156,6 @@ def prepare(workload, name, options, cluster) -> tuple:
     except Exception as e:  # noqa: BLE001
         return {**row, "error": short_error(e)}, None
     return row, step
-
-
-def _collectives(pm) -> str:
-    try:
-        return collectives(pm.code)
-    except Exception:  # noqa: BLE001 - a pipelined module's stages hold the code
-        return "(per stage)"
 
 
 def measure_workload(workload, cluster, world: int) -> list:

@@ -453,7 +453,10 @@ def _pipeline_plan(ctx, config, planned, layers) -> Plan:
                        "device": f"{dev} x {len(st.ranks)}", "layers": list(st.graph.layers),
                        "mesh": dict(plan.mesh), "time_s": plan.cost.total_s,
                        "memory_bytes": memory, "micro_batches_held": held,
-                       "budget_bytes": _capacity(st.ctx.cluster, ctx.options.memory_budget_bytes)})
+                       "budget_bytes": _capacity(st.ctx.cluster, ctx.options.memory_budget_bytes),
+                       # how far the stage's own per-op plan may be from its program's best
+                       # (the cuts and the schedule are searched, not bounded)
+                       "optimality": plan.stats.get("optimality")})
     cost = dataclasses.replace(worst, total_s=config.predicted_s,
                                compute_s=max(config.played.busy_s),
                                comm_s=sum(c.comm_s for c in config.stage_costs))

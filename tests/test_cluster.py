@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from autopar import Cluster, PlanError
-from autopar.cost import probe
+from autopar.cost import link_probe, probe
 from autopar.cost.cluster import DEVICES, LOCAL_LINK, PRESETS, DeviceSpec, NodeSpec
 from autopar.program.mesh import Mesh
 from autopar.cost.model import axis_links
@@ -230,27 +230,31 @@ def test_local_measures_once_then_loads_the_cache(monkeypatch, tmp_path):
     # ... but the link timed again over 4 processes, as a world of 4 runs, and cached
     assert probe.link_probes_taken == links + 1
     m = four.extra["measurement"]
-    bandwidth, latency, call, overlap, flops, copy, p2p_bw, p2p_latency, ranks = m.link_for(4)
-    assert p2p_bw > 1e7 and 0 < p2p_latency < 1e-2
-    assert four.nodes[0].intra_node.p2p_bandwidth_bytes_per_s == p2p_bw
-    assert ranks == 4 and four.nodes[0].intra_node.latency_s == latency
-    assert four.nodes[0].intra_node.bandwidth_bytes_per_s == bandwidth
-    assert "all-reduce over 4 processes" in four.describe()
-    assert Cluster.local(4).nodes[0].intra_node.latency_s == latency
+    assert [t.ranks for t in m.links] == [2, 4]
+    assert Cluster.local(4).nodes[0].intra_node == four.nodes[0].intra_node
     assert probe.link_probes_taken == links + 1   # the second time from the cache
     assert m.source.startswith("cached in")
     assert m.peak_flops > 1e9 and m.memory_bandwidth_bytes_per_s > 1e8  # > 1 GFLOP/s, 100 MB/s
-    assert m.link_bandwidth_bytes_per_s > 1e8 and 0 < m.link_latency_s < 1e-2
-    assert m.link_ranks == 2 and m.memory_bytes > 1e8
+    assert m.memory_bytes > 1e8
     assert two.devices()[0].measured and not Cluster.local(2, measure=False).devices()[0].measured
-    # each of n processes computes at what it sustained while all n of the probe's did,
-    # a fraction of the machine's; the link is the measured one
     for c, n in ((two, 2), (four, 4)):
-        flops, copy = m.link_for(n)[4:6]
-        assert m.link_for(n)[-1] == n
-        assert c.devices()[0].flops_for("fp32") == flops
-        assert c.devices()[0].memory_bandwidth_bytes_per_s == copy
-        assert 1e9 < flops < m.peak_flops and 1e8 < copy < 2 * m.memory_bandwidth_bytes_per_s
+        t, link = m.link_for(n), c.nodes[0].intra_node
+        assert t.ranks == n and c.inter_node == link
+        # the link is the one timed over n processes, every figure of it
+        assert t.bandwidth_bytes_per_s > 1e8 and 0 < t.latency_s < 1e-2
+        assert t.p2p_bandwidth_bytes_per_s > 1e7 and 0 < t.p2p_latency_s < 1e-2
+        assert t.call_overhead_s >= 0 and 0 <= t.overlap <= 1
+        assert (link.bandwidth_bytes_per_s, link.latency_s, link.call_overhead_s,
+                link.overlap, link.p2p_bandwidth_bytes_per_s, link.p2p_latency_s) == (
+            t.bandwidth_bytes_per_s, t.latency_s, t.call_overhead_s, t.overlap,
+            t.p2p_bandwidth_bytes_per_s, t.p2p_latency_s)
+        # each of n processes computes at what it sustained while all n of them did, a
+        # fraction of the machine's
+        assert c.devices()[0].flops_for("fp32") == t.flops
+        assert c.devices()[0].memory_bandwidth_bytes_per_s == t.copy_bytes_per_s
+        assert 1e9 < t.flops < m.peak_flops
+        assert 1e8 < t.copy_bytes_per_s < 2 * m.memory_bandwidth_bytes_per_s
+        assert f"the link timed over {n} processes" in c.describe()
     # without those (a probe of another world size), 1/n of the machine and no more than
     # its threads reach
     threads = lambda n: max(1, m.cpu_count // n)  # noqa: E731
@@ -262,16 +266,11 @@ def test_local_measures_once_then_loads_the_cache(monkeypatch, tmp_path):
         assert len(curve) >= 5 and curve[-1][1] == 1.0
         assert all(a[0] < b[0] for a, b in zip(curve, curve[1:]))
     assert m.matmul_curve[0][1] < 1 and two.devices()[0].matmul_curve == m.matmul_curve
-    assert m.call_overhead_s is not None and m.call_overhead_s >= 0
-    assert two.nodes[0].intra_node.call_overhead_s == m.call_overhead_s
-    assert 0 <= m.overlap <= 1 and two.nodes[0].intra_node.overlap == m.overlap
     assert 0 <= m.age_s < 600 and "old (measured again past 7 days" in four.describe()
-    assert m.link_for(2)[-1] == 2 == m.link_ranks
-    assert two.inter_node.latency_s == m.link_latency_s == two.nodes[0].intra_node.latency_s
     assert "measured on" in four.describe() and "cached in" in four.describe()
     again = Cluster.from_dict(json.loads(json.dumps(two.to_dict())))
     assert again.devices()[0].measured and again.nodes[0].intra_node.latency_s == pytest.approx(
-        m.link_latency_s, rel=1e-9)
+        m.link_for(2).latency_s, rel=1e-9)
 
 
 def test_stale_or_broken_cache_files_are_ignored(monkeypatch, tmp_path):
@@ -280,9 +279,8 @@ def test_stale_or_broken_cache_files_are_ignored(monkeypatch, tmp_path):
     with open(path, "w") as f:
         f.write("{not json")
     assert probe.load_cached() is None
-    m = probe.Measurement(1e9, 1e9, 1e9, 1e9, 1e-5, 2, 1, 2e-5, "another-host",
-                          probe.usable_cpus(), torch.__version__, 1.0,
-                          measured_at=time.time() - 3600)
+    m = probe.Measurement(1e9, 1e9, 1e9, 1, 2e-5, "another-host", probe.usable_cpus(),
+                          torch.__version__, 1.0, measured_at=time.time() - 3600)
     probe.save(m)
     assert probe.load_cached() is None  # measured on another host
     here = dataclasses.replace(m, host=socket.gethostname())
@@ -302,7 +300,7 @@ def _rank_main(rank, world, port, out_dir):
     finally:
         dist.destroy_process_group()
     result = {"first": first.to_dict(), "second": second.to_dict(),
-              "ranks": first.extra["measurement"].link_ranks,
+              "ranks": first.extra["measurement"].link_for(2).ranks,
               "measured": probe.measurements_taken}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -328,6 +326,6 @@ def test_alpha_beta_fit_recovers_latency_and_bandwidth():
     sizes = [4, 4096, 2**16, 2**20, 2**22]
     n, latency, bandwidth = 2, 150e-6, 1.5e9
     times = [2 * (n - 1) * latency + 2 * (n - 1) / n * b / bandwidth for b in sizes]
-    got_latency, got_bandwidth = probe.fit_alpha_beta(sizes, times, n)
+    got_latency, got_bandwidth = link_probe.fit_alpha_beta(sizes, times, n)
     assert got_latency == pytest.approx(latency, rel=1e-6)
     assert got_bandwidth == pytest.approx(bandwidth, rel=1e-6)

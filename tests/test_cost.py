@@ -236,15 +236,19 @@ def fake_probe(monkeypatch, tmp_path):
     import torch
 
     from autopar.cost import probe
+    from autopar.cost.link_probe import LinkTiming
     monkeypatch.setenv("AUTOPAR_CACHE_DIR", str(tmp_path))
     base = probe.Measurement(
-        peak_flops=2e11, memory_bandwidth_bytes_per_s=4e10, memory_bytes=1.6e10,
-        link_bandwidth_bytes_per_s=1e9, link_latency_s=1e-4, link_ranks=2, num_threads=2,
+        peak_flops=2e11, memory_bandwidth_bytes_per_s=4e10, memory_bytes=1.6e10, num_threads=2,
         op_overhead_s=1e-5, host=socket.gethostname(), cpu_count=probe.usable_cpus(),
         torch_version=torch.__version__, probe_s=1.0, measured_at=time.time())
+    link = LinkTiming(ranks=2, bandwidth_bytes_per_s=1e9, latency_s=1e-4, call_overhead_s=0.0,
+                      overlap=0.0, flops=1e11, copy_bytes_per_s=2e10,
+                      p2p_bandwidth_bytes_per_s=1e9, p2p_latency_s=1e-4)
 
-    def write(**figures):
-        probe.save(dataclasses.replace(base, **figures))
+    def write(call_overhead_s=0.0, **figures):
+        probe.save(dataclasses.replace(base, links=(dataclasses.replace(
+            link, call_overhead_s=call_overhead_s),), **figures))
         before = probe.measurements_taken
         cluster = Cluster.local(2)
         assert probe.measurements_taken == before   # read from the cache: nothing measured

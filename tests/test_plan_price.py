@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 
+import autopar
 from autopar import Cluster
 from autopar.api import _plan
 from autopar.options import Options
@@ -146,3 +147,18 @@ def test_the_solver_bound_is_below_the_true_optimum_and_a_restricted_search_says
     assert solved.bound >= solver.relaxation_bound(prob, budget, 60) * (1 - 1e-9)
     assert SUPPORT in solved.restricted
     assert prob.evaluate(solved.choice).total_s == pytest.approx(solved.objective, rel=1e-9)
+
+
+def test_a_pipelined_plan_says_how_far_each_stage_may_be_from_its_best():
+    config = LlamaConfig(vocab_size=512, dim=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                         hidden_dim=768, max_seq_len=128)
+    with torch.device("meta"):
+        model = Llama(config)
+    tokens = torch.zeros(8, 128, dtype=torch.long, device="meta")
+    plan = autopar.plan(model, Cluster.local(4, measure=False), example_inputs=(tokens, tokens),
+                        mesh={"pp": 2, "dp": 2}, schedule="1f1b", micro_batches=4)
+    assert len(plan.stages) == 2
+    for stage in plan.stages:
+        o = stage["optimality"]
+        assert o["plan_s"] == pytest.approx(stage["time_s"], rel=1e-12)
+        assert o["bound_s"] is None or o["bound_s"] <= o["plan_s"] * (1 + EXACT)

@@ -233,7 +233,7 @@ class CostModel:
             return 0.0
         link = self.links[axis]
         bw, lat = link.bandwidth_bytes_per_s, link.latency_s * latency_share
-        call = getattr(link, "call_overhead_s", 0.0) * latency_share
+        call = link.call_overhead_s * latency_share
         ring = (n - 1) / n
         if kind == "all_reduce":
             return 2 * ring * num_bytes_full / bw + 2 * (n - 1) * lat + call
@@ -360,11 +360,11 @@ def _efficiency(device, own, default: float) -> float:
 def _matmul_efficiency(device) -> float:
     """The share of its peak FLOP/s a device sustains on a large matmul: its own figure
     (a cluster file's), else 1 for measured rates, else MATMUL_EFFICIENCY."""
-    return _efficiency(device, getattr(device, "matmul_efficiency", None), MATMUL_EFFICIENCY)
+    return _efficiency(device, device.matmul_efficiency, MATMUL_EFFICIENCY)
 
 
 def _memory_efficiency(device) -> float:
-    return _efficiency(device, getattr(device, "memory_efficiency", None), MEMORY_EFFICIENCY)
+    return _efficiency(device, device.memory_efficiency, MEMORY_EFFICIENCY)
 
 
 def size_curve(points) -> tuple | None:

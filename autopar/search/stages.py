@@ -213,26 +213,18 @@ def link_between(cluster, a: range, b: range):
 
 def transfer_seconds(nbytes: float, link, devices: int = 1, within=None) -> float:
     """Seconds to hand ``nbytes`` of values from one stage's ``devices`` to the next's over
-    ``link``: the sending stage's program returns them whole (gathered over its link
+    ``link`` (point to point, at its p2p figures where it has them): the sending stage's program returns them whole (gathered over its link
     ``within``), each device sends an equal part to its peer, and the receiving devices
     gather the parts over their own link (Megatron's scatter/gather of boundary values)."""
-    t = _p2p_latency(link) + nbytes / devices / _p2p_bandwidth(link)
+    latency = link.latency_s if link.p2p_latency_s is None else link.p2p_latency_s
+    bandwidth = link.bandwidth_bytes_per_s if link.p2p_bandwidth_bytes_per_s is None else \
+        link.p2p_bandwidth_bytes_per_s
+    t = latency + nbytes / devices / bandwidth
     if devices > 1 and within is not None:
         gather = within.latency_s + nbytes * (devices - 1) / devices / \
             within.bandwidth_bytes_per_s
         t += 2 * gather
     return t
-
-
-def _p2p_latency(link) -> float:
-    """A point-to-point transfer's latency over ``link``: its own where measured."""
-    own = getattr(link, "p2p_latency_s", None)
-    return link.latency_s if own is None else own
-
-
-def _p2p_bandwidth(link) -> float:
-    own = getattr(link, "p2p_bandwidth_bytes_per_s", None)
-    return link.bandwidth_bytes_per_s if own is None else own
 
 
 def cuts(prices_of, n_layers: int, stages: int, in_flight: list, budget_of,
