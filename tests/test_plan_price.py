@@ -127,8 +127,8 @@ def _llama_problem(layers: int):
     return build_problem(captured.gm, mesh, CostModel(Cluster.preset("dgx-a100"), mesh), {})
 
 
-@pytest.mark.parametrize("share", [0.8, 0.86])
-def test_the_solver_bound_is_below_the_true_optimum_and_a_restricted_search_says_so(share):
+def test_the_solver_bound_is_below_the_true_optimum_and_a_restricted_search_says_so(
+        share=0.8):
     """Where memory binds (the relaxation fractional), solve's bound is at most the optimum
     HiGHS's branch and bound proves on the whole program, and its plan at least that; at
     80% of the unconstrained plan's memory the plan branched on the relaxation's support
