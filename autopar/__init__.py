@@ -27,7 +27,8 @@ if "torch._dynamo" in sys.modules:
 # name -> its module, imported when the name is first read (PEP 562)
 _LAZY = {"compile": "api", "plan": "api", "examine": "api", "Examination": "api",
          "Plan": "search.result", "Cost": "search.result", "ParallelModule": "runtime.module",
-         "Shard": "program.placement", "Replicate": "program.placement",
+         "Shard": "program.placement", "StridedShard": "program.placement",
+         "Replicate": "program.placement",
          "Partial": "program.placement",
          "format_layout": "program.placement", "parse_layout": "program.placement"}
 
@@ -53,6 +54,7 @@ def __dir__():
 
 
 __all__ = ["compile", "plan", "examine", "backend", "Examination", "Cluster", "DeviceSpec",
-           "LinkSpec", "Plan", "Cost", "ParallelModule", "Shard", "Replicate", "Partial",
+           "LinkSpec", "Plan", "Cost", "ParallelModule", "Shard", "StridedShard", "Replicate",
+           "Partial",
            "format_layout", "parse_layout", "AutoparError", "PlanError", "NoFit", "InputError",
            "CaptureError", "RankFailed", "PlanMismatch"]

@@ -65,6 +65,7 @@ from .check_coverage import check_coverage  # noqa: E402
 from .expand_repeats import expand_repeats  # noqa: E402
 from .fold_repeated_blocks import fold_repeated_blocks  # noqa: E402
 from .generate_rank_program import generate_rank_program  # noqa: E402
+from .mark_segments import mark_segments  # noqa: E402
 from .normalize_graph import normalize_graph  # noqa: E402
 from .plan_stages import plan_stages  # noqa: E402
 from .simplify_graph import simplify_graph  # noqa: E402
@@ -74,10 +75,12 @@ from .split_micro_batches import split_micro_batches  # noqa: E402
 PREPARE = [normalize_graph, annotate_shapes, simplify_graph]
 # ... then on a copy per micro-batch count: the split right after simplify_graph (sizes are
 # constants from then on), the blocks folded at the micro-batch's shapes.
-PER_COUNT = [split_micro_batches, expand_repeats, check_coverage, fold_repeated_blocks]
+PER_COUNT = [split_micro_batches, expand_repeats, mark_segments, check_coverage,
+             fold_repeated_blocks]
 ANALYSIS = PREPARE + PER_COUNT
 PIPELINE = ANALYSIS + [assign_layouts, generate_rank_program]
 
 __all__ = ["PassContext", "PassError", "run_passes", "ANALYSIS", "PIPELINE", "normalize_graph",
-           "annotate_shapes", "simplify_graph", "expand_repeats", "check_coverage", "assign_layouts",
+           "annotate_shapes", "simplify_graph", "expand_repeats", "mark_segments", "check_coverage",
+           "assign_layouts",
            "generate_rank_program", "plan_stages"]

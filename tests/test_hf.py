@@ -25,7 +25,7 @@ import torch
 import transformers
 
 import autopar
-from autopar import Replicate, Shard
+from autopar import Replicate, Shard, StridedShard
 from equivalence import check_training, twin
 from test_e2e_simulated import slow_devices
 
@@ -111,22 +111,51 @@ def vit():
                                                          "labels": torch.tensor([0, 1, 2, 1])}
 
 
-FAMILIES = {"gpt2": gpt2, "llama": llama, "bert": bert, "mixtral": mixtral, "t5": t5,
+def phi3():
+    """Fused query, key and value (unequal: 8 query heads, 4 key-value heads) and a fused
+    gate and up projection."""
+    cfg = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=8,
+                                  num_key_value_heads=4, max_position_embeddings=16,
+                                  pad_token_id=0, attn_implementation="sdpa")
+    ids = _ids()
+    return transformers.Phi3ForCausalLM(cfg), {"input_ids": ids, "labels": ids}
+
+
+def gpt_neox():
+    cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=16, attn_implementation="sdpa")
+    ids = _ids()
+    return transformers.GPTNeoXForCausalLM(cfg), {"input_ids": ids, "labels": ids}
+
+
+FAMILIES = {"gpt2": gpt2, "phi3": phi3, "gpt_neox": gpt_neox, "llama": llama, "bert": bert, "mixtral": mixtral, "t5": t5,
             "vit": vit, "qwen2": qwen2}
 
 _ATTENTION = {"*.self_attn.[qkv]_proj.weight": 0, "*.self_attn.o_proj.weight": 1}
 # Megatron: column-parallel (split output features), then row-parallel (split input
 # features). GPT-2's Conv1D stores weights as (in, out); Mixtral's experts stack one weight
 # per expert, (experts, out, in), and each expert's linear is split the same way.
+# Fused projections are split strided (each rank holds its piece of every one of the query,
+# key and value, or gate and up, columns): S(dim)*segments. GPT-NeoX interleaves its fused
+# columns head by head, so a plain split keeps whole heads together.
+QKV = StridedShard(1, (1, 1, 1))
 MEGATRON = {
-    "gpt2": {"*.attn.c_attn.weight": 1, "*.attn.c_attn.bias": 0, "*.attn.c_proj.weight": 0,
+    "gpt2": {"*.attn.c_attn.weight": QKV, "*.attn.c_attn.bias": StridedShard(0, (1, 1, 1)),
+             "*.attn.c_proj.weight": 0,
              "*.mlp.c_fc.weight": 1, "*.mlp.c_fc.bias": 0, "*.mlp.c_proj.weight": 0},
     "llama": {**_ATTENTION, "*.mlp.gate_proj.weight": 0, "*.mlp.up_proj.weight": 0,
               "*.mlp.down_proj.weight": 1},
     "bert": {"*.attention.self.*": 0, "*.attention.output.dense.weight": 1,
              "*.intermediate.dense.*": 0, "*.layer.*.output.dense.weight": 1},
     "mixtral": {**_ATTENTION, "*.experts.gate_up_proj": 1, "*.experts.down_proj": 2},
+    "phi3": {"*.qkv_proj.weight": StridedShard(0, (2, 1, 1)), "*.o_proj.weight": 1,
+             "*.gate_up_proj.weight": StridedShard(0, (1, 1)), "*.down_proj.weight": 1},
+    "gpt_neox": {"*.query_key_value.*": 0, "*.attention.dense.weight": 1,
+                 "*.dense_h_to_4h.*": 0, "*.dense_4h_to_h.weight": 1},
 }
+GATHERS = {"all_gather", "gather_shards", "strided_gather"}
 
 MESHES = {"4": {"tp": 4}, "2x2": {"dp": 2, "tp": 2}}
 
@@ -140,7 +169,16 @@ def make(name):
 def megatron(name, mesh) -> dict:
     """Tensor parallel on the last mesh axis, replicated on any other."""
     rest = (Replicate(),) * (len(mesh) - 1)
-    return {glob: rest + (Shard(dim),) for glob, dim in MEGATRON[name].items()}
+    return {glob: rest + (Shard(p) if isinstance(p, int) else p,)
+            for glob, p in MEGATRON[name].items()}
+
+
+def gathered_parameters(pm) -> set:
+    """The FQNs of parameters that rank 0's program gathers before use."""
+    gm = pm.ranks[0]
+    fqn = {local: f for local, (f, _) in pm._program.attrs.items()}
+    return {fqn[n.target] for n in gm.graph.nodes if n.op == "get_attr" and n.target in fqn
+            and any(getattr(u.target, "__name__", "") in GATHERS for u in n.users)}
 
 
 def compile_simulated(model, inputs, mesh, **options):
@@ -168,7 +206,7 @@ def check_family(name, pm, model, ref, inputs):
 
 @pytest.mark.parametrize("mesh", list(MESHES))
 @pytest.mark.parametrize("plan", ["auto", "megatron"])
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "mixtral"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "mixtral", "phi3", "gpt_neox"])
 def test_family_matches_one_device_with_every_heavy_op_split(name, plan, mesh):
     model, inputs = make(name)
     ref = twin(model)
@@ -178,9 +216,12 @@ def test_family_matches_one_device_with_every_heavy_op_split(name, plan, mesh):
         options["level"] = "fast"
     pm = compile_simulated(model, inputs, axes, **options)
     if plan == "megatron":
+        gathered = gathered_parameters(pm)
         for glob, layout in megatron(name, axes).items():
             pinned = [fqn for fqn in pm.plan.placements if fnmatch.fnmatchcase(fqn, glob)]
             assert pinned and all(pm.plan.placements[fqn] == layout for fqn in pinned), glob
+            # Megatron: each pinned weight computes where it is stored, fused ones too
+            assert gathered.isdisjoint(pinned), (glob, gathered)
     check_family(name, pm, model, ref, inputs)
 
 

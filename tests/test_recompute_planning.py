@@ -251,8 +251,9 @@ def test_the_peak_where_backward_enters_the_loss_binds_the_plan(monkeypatch):
     monkeypatch.setattr(problem, "GRADIENT_COPIES", {})
     blind = plan(model, example, mesh=DP, memory_budget_bytes=ample)
     monkeypatch.undo()
-    # the same fastest assignment, priced without and with the loss's point
-    assert blind.placements == free.placements and blind.cost.total_s == free.cost.total_s
+    # equally fast assignments (where several tie, either may come first), priced without
+    # and with the loss's point
+    assert blind.cost.total_s == pytest.approx(free.cost.total_s, rel=1e-12)
     budget = blind.cost.memory_bytes_per_device
     assert free.cost.memory_bytes_per_device > budget * 1.05
     p = plan(model, example, mesh=DP, memory_budget_bytes=budget)

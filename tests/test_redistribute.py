@@ -9,13 +9,16 @@ import pytest
 import torch
 
 from autopar.program.mesh import Mesh
-from autopar.program.placement import Partial, Replicate, Shard, divides, format_layout
+from autopar.program.placement import (Partial, Replicate, Shard, StridedShard, divides,
+                                       format_layout)
 from autopar.program.redistribute import plan_steps
 from autopar.runtime.collectives import step_call
 from autopar.runtime.module import shard_tensor
 from autopar.runtime.simulate import run_collective
 
 PLACEMENTS = [Replicate(), Partial(), Shard(0), Shard(1)]
+# strided shards: equal segments on dim 1, unequal ones (2 and 6 rows) on dim 0
+STRIDED = [StridedShard(1, (1, 1)), StridedShard(0, (1, 3))]
 SHAPE = (8, 8)
 
 
@@ -56,7 +59,20 @@ def cases():
                                                       f"{format_layout(dst)}")
 
 
-@pytest.mark.parametrize("mesh,src,dst", list(cases()))
+def strided_cases():
+    """Every move into or out of a layout holding a strided shard, on (2,), (4,), (2, 2)."""
+    for shape in [(2,), (4,), (2, 2)]:
+        mesh = Mesh(tuple(f"a{i}" for i in range(len(shape))), shape)
+        layouts = [l for l in itertools.product(PLACEMENTS + STRIDED, repeat=len(shape))
+                   if divides(SHAPE, l, shape)]
+        for src in layouts:
+            for dst in layouts:
+                if any(p in STRIDED for p in src + dst) and src != dst:
+                    yield pytest.param(mesh, src, dst, id=f"{shape}-{format_layout(src)}->"
+                                                          f"{format_layout(dst)}")
+
+
+@pytest.mark.parametrize("mesh,src,dst", list(cases()) + list(strided_cases()))
 def test_redistribute_moves_value_exactly(mesh, src, dst):
     torch.manual_seed(0)
     full = torch.randn(SHAPE)

@@ -101,6 +101,24 @@ def _split_pair(x):
     return a, b
 
 
+def _fused_qkv(x, w, b):
+    """GPT-2's fused projection: one linear, cut into three equal pieces."""
+    q, k, v = F.linear(x, w, b).split(8, dim=-1)
+    return q, k, v
+
+
+def _fused_slices(x, w):
+    """Phi-3's: one linear, sliced into unequal pieces (16 query, 8 key and 8 value columns)."""
+    y = F.linear(x, w)
+    return y[..., :16], y[..., 16:24], y[..., 24:]
+
+
+def _fused_chunk(c, a, b):
+    """A fused gate and up projection (addmm, a view, then two chunks)."""
+    gate, up = torch.addmm(c, a, b).view(2, 4, 16).chunk(2, dim=-1)
+    return gate * up
+
+
 # matrix ops
 case("linear_2d", lambda x, w: F.linear(x, w), "linear", x=T(4, 8), w=T(12, 8))
 case("linear_2d_bias", lambda x, w, b: F.linear(x, w, b), "linear", x=T(4, 8), w=T(12, 8),
@@ -323,6 +341,10 @@ case("expand_bool", lambda x: (x > 0).expand(4, 8, 12), "expand", x=T(4, 1, 12))
 case("repeat_interleave", lambda x: x.repeat_interleave(2, dim=1), "repeat_interleave",
      x=T(4, 8))
 case("split", _split_pair, "split getitem", x=T(4, 8, 12))
+# fused projections: the strided shards of their outputs and weights
+case("fused_qkv_split", _fused_qkv, "linear split", x=T(4, 8), w=T(24, 8), b=T(24))
+case("fused_qkv_slices", _fused_slices, "linear getitem", x=T(2, 4, 8), w=T(32, 8))
+case("fused_gate_up_chunk", _fused_chunk, "addmm view chunk", c=T(16), a=T(8, 8), b=T(8, 16))
 case("chunk", lambda x: torch.chunk(x, 2, -1)[1], "chunk getitem", x=T(4, 8, 12))
 case("unbind", lambda x: x.unbind(1)[2], "unbind getitem", x=T(4, 4, 8))
 case("cat", lambda x, y: torch.cat([x, y], dim=1), "cat", x=T(4, 8, 12), y=T(4, 4, 12))
@@ -505,6 +527,17 @@ def _strategy_id(s: Strategy) -> str:
     return ",".join(format_layout(lay) for lay in s.inputs) + "->" + format_layout(s.output)
 
 
+def _reachable(node, mesh_shape) -> list:
+    """The node's strategies, less those reading a tuple in a layout its producer never
+    makes (per axis each placement is one the producer makes, but not every combination
+    is: a strided shard's pieces come out split on one axis only)."""
+    made = {src: {s.output for s in strategies(src, mesh_shape)}
+            for src in tensor_inputs(node) if _is_tuple(src)}
+    return [s for s in strategies(node, mesh_shape)
+            if all(need in made[src] for src, need in zip(tensor_inputs(node), s.inputs)
+                   if src in made)]
+
+
 def _collect():
     params, ids = [], []
     for name, case_ in CASES.items():
@@ -516,7 +549,7 @@ def _collect():
         assert all(rule_for(op) for op in found), f"case {name}: an op has no rule"
         for node in nodes:
             for mesh_shape in MESH_SHAPES:
-                for s in strategies(node, mesh_shape):
+                for s in _reachable(node, mesh_shape):
                     params.append((name, node.name, mesh_shape, s))
                     ids.append(f"{name}:{node.name}:{_mesh_id(mesh_shape)}:{_strategy_id(s)}")
     return params, ids

@@ -13,6 +13,11 @@ Per mesh axis (the design's table):
 A dim split over several axes is split outer axis first (as DTensor does), so gathers run
 innermost axis first and an axis is only unsharded after every inner axis splitting the same
 dim has been.
+
+A strided shard (:class:`~autopar.program.placement.StridedShard`) is a plain shard of its
+value reordered so each rank's pieces are contiguous: its steps are the plain ones with the
+segments named (a gather reorders after, a slice takes the piece of every segment, a
+reduce-scatter reorders before). No other axis splits its dim.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .placement import Partial, is_partial, is_shard
+from .placement import Partial, StridedShard, is_partial, is_shard, is_strided
 
 _SUM = Partial()
 
@@ -33,6 +38,7 @@ class Step:
     axis: int
     dim: int = -1    # the tensor dim gathered, sliced or scattered
     dim2: int = -1   # all_to_all: the dim split before the exchange (becomes sharded)
+    segments: tuple = ()   # a strided shard's segments (all_gather, shard, reduce_scatter)
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,6 +50,18 @@ def plan_steps(src: tuple, dst: tuple) -> tuple:
 
 
 REPLICATED, _PARTIAL = -1, -2
+# A strided shard's code: STRIDED * (1 + the id of its segments) + its dim (so >= 0, as a
+# shard's); dims stay below STRIDED.
+STRIDED = 1 << 12
+_SEGMENTS: dict = {}   # segments -> id
+_SEGMENTS_BY_ID: list = []
+
+
+def strided_of(code: int) -> StridedShard | None:
+    """The strided shard a layout code stands for, or None for another placement."""
+    if code < STRIDED:
+        return None
+    return StridedShard(code % STRIDED, _SEGMENTS_BY_ID[code // STRIDED - 1])
 
 
 def layout_code(layout) -> tuple:
@@ -59,6 +77,11 @@ def layout_code(layout) -> tuple:
 def _code(p) -> int | None:
     """A placement as an int: the dim a Shard splits, or REPLICATED, or _PARTIAL (sums);
     None for a Partial that is not a sum."""
+    if is_strided(p):
+        if p.segments not in _SEGMENTS:
+            _SEGMENTS[p.segments] = len(_SEGMENTS_BY_ID)
+            _SEGMENTS_BY_ID.append(p.segments)
+        return STRIDED * (1 + _SEGMENTS[p.segments]) + p.dim
     if is_shard(p):
         return p.dim
     if is_partial(p):
@@ -69,6 +92,36 @@ def _code(p) -> int | None:
 @functools.lru_cache(maxsize=None)
 def coded_steps(src: tuple, dst: tuple) -> tuple:
     """:func:`plan_steps` over layouts as :func:`layout_code` writes them."""
+    if max(src + dst, default=0) < STRIDED:
+        return _plain_steps(src, dst)
+    # a strided axis that changes is gathered first (reordered to the whole value); an
+    # axis that becomes strided is planned as a plain shard of its dim (a slice or a
+    # reduce-scatter, which take the segments) unless it is already sharded plainly there
+    first, cur, target, become = [], list(src), list(dst), {}
+    for i, (s, d) in enumerate(zip(src, dst)):
+        if s >= STRIDED and s != d:
+            p = strided_of(s)
+            first.append(Step("all_gather", i, p.dim, segments=p.segments))
+            cur[i] = REPLICATED
+    for i, d in enumerate(dst):
+        if d >= STRIDED and cur[i] != d:
+            p = become[i] = strided_of(d)
+            target[i] = REPLICATED if 0 <= cur[i] < STRIDED else p.dim
+    steps = list(first)
+    for step in _plain_steps(tuple(cur), tuple(target)):
+        p = become.get(step.axis)
+        if p is not None and step.kind in ("shard", "reduce_scatter") and step.dim == p.dim:
+            step = Step(step.kind, step.axis, step.dim, segments=p.segments)
+            del become[step.axis]
+        steps.append(step)
+    for i, p in become.items():   # gathered whole above (it was sharded plainly): slice it
+        if target[i] != REPLICATED:
+            raise ValueError(f"no strided redistribution from {src} to {dst}")
+        steps.append(Step("shard", i, p.dim, segments=p.segments))
+    return tuple(steps)
+
+
+def _plain_steps(src: tuple, dst: tuple) -> tuple:
     n = len(src)
     cur = list(src)
     unshard = {i for i in range(n) if src[i] != dst[i]}

@@ -13,7 +13,7 @@ from torch.fx import Node
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .._torch import tree_leaves
-from ..program.placement import Partial, Replicate, Shard, is_shard
+from ..program.placement import Partial, Replicate, Shard, StridedShard, is_shard, is_strided
 
 R = Replicate()
 P = Partial()
@@ -233,7 +233,37 @@ def candidates(node: Node) -> tuple:
     columns = list(dict.fromkeys(
         tuple(o[0][i] for i in range(len(ins))) + (o[1],)
         for o in _without_boolean_partials(node, ins, spec.options)))
+    segments = node.meta.get(SEGMENTS)
+    if segments:
+        columns += [c for c in (_strided(c, segments, shapes) for c in columns)
+                    if c is not None and c not in columns]
     return spec, columns, shapes
+
+
+# node.meta key: {output dim: segments} of the strided shards a node's output may take
+# (passes.mark_segments finds them where the value is later cut into those segments)
+SEGMENTS = "autopar.segments"
+
+
+def _strided(column: tuple, segments: dict, shapes: list) -> tuple | None:
+    """The strided twin of an option that shards the output plainly on a segmented dim:
+    the same option with every input sharded on a dim of that size strided alike (a
+    dim carried element by element from input to output); None where there is none."""
+    out = column[-1]
+    if type(out) is not Shard or out.dim not in segments or len(shapes[-1]) != 1:
+        return None
+    ratios = segments[out.dim]
+    size = shapes[-1][0][out.dim]
+    twin = []
+    for p, tensor_shapes in zip(column[:-1], shapes[:-1]):
+        if is_strided(p):
+            return None
+        if is_shard(p):
+            if any(s[p.dim] != size for s in tensor_shapes):
+                return None
+            p = StridedShard(p.dim, ratios)
+        twin.append(p)
+    return tuple(twin) + (StridedShard(out.dim, ratios),)
 
 
 def strategies(node: Node, mesh_shape: Sequence[int], found_candidates=None) -> list:
@@ -279,27 +309,34 @@ def even_combos(found_candidates, mesh_shape: Sequence[int]) -> tuple:
 
 
 def _cuts(column: tuple, shapes: list) -> list | None:
-    """The ``(tensor, dim)`` pairs ``column`` shards, or None when a sharded dim is out of
-    range for one of the tensor's shapes."""
+    """The ``(tensor, dim, strided shard or None)`` triples ``column`` shards, or None when
+    a sharded dim is out of range for one of the tensor's shapes."""
     out = []
     for j, p in enumerate(column):
         if is_shard(p):
             if not all(0 <= p.dim < len(s) for s in shapes[j]):
                 return None
-            out.append((j, p.dim))
+            out.append((j, p.dim, p if is_strided(p) else None))
     return out
 
 
 def _split(pieces: dict, cut: list, n: int, shapes: list) -> dict | None:
     """``pieces`` after one more mesh axis of size ``n`` cuts the dims in ``cut``, or None
-    when a dim no longer splits evenly."""
+    when a dim no longer splits evenly (a strided dim: when any axis cut it before, or a
+    segment does not split evenly)."""
     if not cut:
         return pieces
     grown = dict(pieces)
-    for j, dim in cut:
-        count = grown.get((j, dim), 1) * n
+    for j, dim, strided in cut:
+        before = grown.get((j, dim), 1)
+        count = before * n
         if any(s[dim] % count for s in shapes[j]):
             return None
+        if strided is not None or (j, dim, "strided") in grown:
+            if before != 1 or strided is not None and not all(
+                    strided.splits_evenly(s[dim], n) for s in shapes[j]):
+                return None
+            grown[j, dim, "strided"] = True
         grown[j, dim] = count
     return grown
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from .core import (OpSpec, P, R, arg, einsum_options, io_bytes, norm_dim, register, shape_of,
-                   spec_for, tensor_inputs)
+from ..program.placement import Shard, StridedShard
+from .core import (SEGMENTS, OpSpec, P, R, arg, einsum_options, io_bytes, norm_dim, out_vals,
+                   register, shape_of, spec_for, tensor_inputs)
 
 
 def reshape_labels(in_shape, out_shape):
@@ -129,7 +130,45 @@ def split(node):
     dim = norm_dim(arg(node, 1 if op == "unbind" else 2, "dim", 0), nd)
     in_l = [None if i == dim else f"d{i}" for i in range(nd)]
     out_l = [l for i, l in enumerate(in_l) if not (op == "unbind" and i == dim)]
-    return _spec(node, einsum_options([in_l], out_l, linear_in=(0,)))
+    options = einsum_options([in_l], out_l, linear_in=(0,))
+    strided = _cut_into_segments(node, x, dim)
+    if strided is None:
+        return _spec(node, options)
+    # each piece is one segment of a strided shard: each comes out plainly sharded, and
+    # the sizes the op names become the local pieces' sizes
+    return _spec(node, options + (((strided,), Shard(dim)),), _local_split_sizes(node, dim))
+
+
+def cut_sizes(node: Node, dim: int) -> list:
+    """The sizes of the pieces a split-like node cuts along ``dim``."""
+    return [int(v.shape[dim]) for v in out_vals(node)]
+
+
+def _cut_into_segments(node, x, dim) -> StridedShard | None:
+    """The strided shard of ``x`` whose segments are exactly the pieces ``node`` cuts."""
+    ratios = (x.meta.get(SEGMENTS) or {}).get(dim)
+    if ratios is None or node.meta["autopar.op"] not in ("split", "chunk", "split_with_sizes"):
+        return None
+    strided = StridedShard(dim, ratios)
+    return strided if strided.sizes(shape_of(x)[dim]) == cut_sizes(node, dim) else None
+
+
+def _local_split_sizes(node, dim):
+    """A rewrite of ``split``'s sizes for pieces cut ``f`` ways on ``dim`` (``chunk``
+    counts pieces: nothing to rewrite)."""
+    whole = shape_of(node)[dim]
+
+    def rewrite(args, kwargs, local_shape):
+        f = whole // local_shape[dim]
+        if f == 1 or node.meta["autopar.op"] == "chunk":
+            return args, kwargs
+        local = lambda s: s // f if isinstance(s, int) else [i // f for i in s]  # noqa: E731
+        for key in ("split_size", "split_size_or_sections", "split_sizes"):
+            if key in kwargs:
+                return args, {**kwargs, key: local(kwargs[key])}
+        return (args[0], local(args[1]), *args[2:]), kwargs
+
+    return rewrite
 
 
 @register("cat", "stack")
@@ -160,7 +199,57 @@ def getitem(node):
             if o not in made:
                 made.append(o)
         return _spec(node, tuple(((o,), o) for o in made))
-    return _spec(node, _index_options(node, src, index))
+    options = _index_options(node, src, index)
+    segment = _slice_of_segment(node, src, index)
+    if segment is None:
+        return _spec(node, options)
+    strided, out_dim, rewrite = segment
+    return _spec(node, options + (((strided,), Shard(out_dim)),), rewrite)
+
+
+def _slice_of_segment(node, src, index):
+    """For ``x[..., a:b]`` taking exactly one segment of a strided shard of ``x`` (every
+    other dim whole): (that strided shard, the dim of the result it lands on, a rewrite of
+    the slice to the local piece's bounds); None otherwise."""
+    segments = src.meta.get(SEGMENTS) if isinstance(src, Node) else None
+    items = list(index) if isinstance(index, tuple) else [index]
+    if not segments or len(tensor_inputs(node)) != 1 or any(isinstance(i, Node) for i in items):
+        return None
+    shape = shape_of(src)
+    items = _expand_ellipsis(items, len(shape))
+    d, out_dim, found = 0, 0, None
+    for k, item in enumerate(items):
+        if item is None:
+            out_dim += 1
+            continue
+        if not isinstance(item, slice):
+            return None
+        if not _full(item, shape[d]):
+            if found is not None or d not in segments or item.step not in (None, 1):
+                return None
+            found = (k, d, out_dim)
+        d, out_dim = d + 1, out_dim + 1
+    if found is None:
+        return None
+    k, d, out_dim = found
+    strided = StridedShard(d, segments[d])
+    bounds = [0]
+    for size in strided.sizes(shape[d]):
+        bounds.append(bounds[-1] + size)
+    start, stop, _ = items[k].indices(shape[d])
+    if not any((start, stop) == (a, b) for a, b in zip(bounds, bounds[1:])):
+        return None
+    whole = stop - start
+
+    def rewrite(args, kwargs, local_shape):
+        f = whole // local_shape[out_dim]
+        if f == 1:
+            return args, kwargs
+        local = list(items)
+        local[k] = slice(start // f, stop // f)
+        return (args[0], tuple(local)), kwargs
+
+    return strided, out_dim, rewrite
 
 
 def _index_options(node, src, index):

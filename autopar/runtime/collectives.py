@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._torch import functional_collectives
+from ..program.placement import StridedShard
 from . import faults
 
 # torch.distributed._functional_collectives is the traceable collective API (private, but the
@@ -84,6 +85,23 @@ def _exchange(x, split_dim, cat_dim, axis):
     return torch.cat(out.reshape(shape).unbind(0), cat_dim)
 
 
+def _strided_gather(x, dim, segments, axis):
+    """S(dim)*segments -> R: the pieces gathered, then put back in segment order."""
+    n = _size(axis)
+    whole = _gather(x, dim, axis)
+    return StridedShard(dim, segments).join(whole.chunk(n, dim))
+
+
+def _strided_slice(x, dim, segments, axis):
+    """R -> S(dim)*segments: this rank's piece of every segment, in storage of its own."""
+    return StridedShard(dim, segments).piece(x, _size(axis), _coord(axis)).contiguous()
+
+
+def _strided_scatter(x, dim, segments, axis):
+    """P -> S(dim)*segments: the sum reordered rank by rank, then reduce-scattered."""
+    return _scatter(StridedShard(dim, segments).rank_major(x, _size(axis)), dim, axis)
+
+
 def _identity(x, *args):
     return x.view_as(x)
 
@@ -125,6 +143,9 @@ _AllToAll = _function("_AllToAll", lambda x, gd, sd, a: _exchange(x, sd, gd, a),
 _GatherShards = _function("_GatherShards", _gather, _scatter)
 _ToPartial = _function("_ToPartial", _keep_first, _identity)
 _GradSum = _function("_GradSum", _identity, _reduce)
+_StridedGather = _function("_StridedGather", _strided_gather, _strided_slice)
+_StridedShard = _function("_StridedShard", _strided_slice, _strided_gather)
+_StridedScatter = _function("_StridedScatter", _strided_scatter, _strided_gather)
 
 
 def all_gather(x, dim: int, axis: str):
@@ -170,17 +191,36 @@ def grad_sum(x, axis: str):
     return _GradSum.apply(x, (axis,))
 
 
+def strided_gather(x, dim: int, segments: tuple, axis: str):
+    """S(dim)*segments -> R on ``axis``; backward takes this rank's strided piece."""
+    return _StridedGather.apply(x, (dim, segments, axis))
+
+
+def strided_shard(x, dim: int, segments: tuple, axis: str):
+    """R -> S(dim)*segments on ``axis``; backward gathers the gradient's pieces back."""
+    return _StridedShard.apply(x, (dim, segments, axis))
+
+
+def strided_reduce_scatter(x, dim: int, segments: tuple, axis: str):
+    """P -> S(dim)*segments on ``axis``; backward gathers the gradient's pieces back."""
+    return _StridedScatter.apply(x, (dim, segments, axis))
+
+
 COLLECTIVES = {all_gather, shard, all_reduce, reduce_scatter, all_to_all, to_partial, grad_sum,
-               gather_shards}
+               gather_shards, strided_gather, strided_shard, strided_reduce_scatter}
 STEP_FUNCTIONS = {"all_gather": all_gather, "shard": shard, "all_reduce": all_reduce,
                   "reduce_scatter": reduce_scatter, "all_to_all": all_to_all,
                   "to_partial": to_partial}
+STRIDED_FUNCTIONS = {"all_gather": strided_gather, "shard": strided_shard,
+                     "reduce_scatter": strided_reduce_scatter}
 
 
 def step_call(step, axis_names):
     """(function, extra args) that carry out a :class:`~autopar.program.redistribute.Step`."""
-    fn = STEP_FUNCTIONS[step.kind]
     axis = axis_names[step.axis]
+    if step.segments:
+        return STRIDED_FUNCTIONS[step.kind], (step.dim, step.segments, axis)
+    fn = STEP_FUNCTIONS[step.kind]
     if step.kind in ("all_reduce", "to_partial"):
         return fn, (axis,)
     if step.kind == "all_to_all":

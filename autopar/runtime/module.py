@@ -27,7 +27,7 @@ import torch.fx as fx
 from ..errors import InputError, PlanError
 from ..program.graph import loss_index, loss_only
 from ..program.mesh import Mesh
-from ..program.placement import Shard, replicated
+from ..program.placement import Shard, is_strided, replicated
 from ..program.redistribute import plan_steps
 from . import collectives as C
 from . import faults
@@ -39,7 +39,9 @@ def shard_tensor(full: torch.Tensor, layout, mesh: Mesh, coord) -> torch.Tensor:
     """This coordinate's piece of ``full`` under ``layout`` (outer axis splits first)."""
     t = full
     for a, p in enumerate(layout):
-        if isinstance(p, Shard):
+        if is_strided(p):
+            t = p.piece(t, mesh.shape[a], coord[a])
+        elif isinstance(p, Shard):
             t = t.chunk(mesh.shape[a], p.dim)[coord[a]]
     return t
 

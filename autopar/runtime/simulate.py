@@ -22,6 +22,7 @@ from torch.fx import Node
 from .._torch import tree_map
 from ..program.graph import fetch_attr
 from ..program.mesh import Mesh
+from ..program.placement import StridedShard
 from . import collectives as C
 from .checkpoint import Recomputed, run_checkpointed
 
@@ -102,6 +103,41 @@ def _identity(xs, mesh, *args):
     return [x.clone() for x in xs]
 
 
+def _strided(xs, mesh, dim, *segments_axis):
+    """Per group along the axis: (its ranks, the strided shard)."""
+    *segments, axis = segments_axis
+    return _groups(mesh, axis), StridedShard(dim, tuple(segments))
+
+
+def _sim_strided_gather(xs, mesh, *args):
+    out = [None] * len(xs)
+    groups, p = _strided(xs, mesh, *args)
+    for g in groups:
+        full = p.join([xs[r] for r in g])
+        for r in g:
+            out[r] = full.clone()
+    return out
+
+
+def _sim_strided_slice(xs, mesh, *args):
+    out = [None] * len(xs)
+    groups, p = _strided(xs, mesh, *args)
+    for g in groups:
+        for c, r in enumerate(g):
+            out[r] = p.piece(xs[r], len(g), c).clone()
+    return out
+
+
+def _sim_strided_scatter(xs, mesh, *args):
+    out = [None] * len(xs)
+    groups, p = _strided(xs, mesh, *args)
+    for g in groups:
+        total = sum(xs[r] for r in g)
+        for c, r in enumerate(g):
+            out[r] = p.piece(total, len(g), c).clone()
+    return out
+
+
 # forward and backward of each collective, both over the list of per-rank tensors
 _SIM = {
     C.all_gather: (_sim_all_gather, _sim_slice),
@@ -113,6 +149,9 @@ _SIM = {
     C.to_partial: (_sim_keep_first, _identity),
     C.grad_sum: (_identity, _sim_sum),
     C.gather_shards: (_sim_all_gather, _sim_scatter),
+    C.strided_gather: (_sim_strided_gather, _sim_strided_slice),
+    C.strided_shard: (_sim_strided_slice, _sim_strided_gather),
+    C.strided_reduce_scatter: (_sim_strided_scatter, _sim_strided_gather),
 }
 
 
@@ -154,6 +193,8 @@ simulated_collective.register_autograd(_collective_backward, setup_context=_keep
 
 def run_collective(fn, per_rank, mesh: Mesh, args) -> list:
     """Apply collective ``fn`` (one of :data:`collectives.COLLECTIVES`) to per-rank values."""
+    # a strided shard's segments travel as ints beside its dim
+    args = [x for a in args for x in (a if isinstance(a, tuple) else (a,))]
     if not per_rank[0].is_floating_point():
         with torch.no_grad():
             return _SIM[fn][0](list(per_rank), mesh, *args)

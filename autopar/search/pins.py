@@ -13,8 +13,10 @@ from torch.fx import Node
 from ..errors import PlanError, closest
 from ..program.graph import module_path
 from ..program.mesh import Mesh
-from ..program.placement import Partial, Replicate, Shard, divides, format_layout, parse_layout
+from ..program.placement import (Partial, Replicate, Shard, StridedShard, divides, format_layout,
+                                 parse_layout)
 from ..rules import Strategy, shape_of
+from ..rules.core import SEGMENTS
 from ..rules.traits import CARRY_LAYOUT
 
 
@@ -49,7 +51,7 @@ def resolve_constraints(constraints, fqns, shapes: dict, mesh: Mesh,
         if isinstance(layout, str):
             layout = parse_layout(layout)
         if not isinstance(layout, (tuple, list)) or not all(
-                isinstance(p, (Shard, Replicate, Partial)) for p in layout):
+                isinstance(p, (Shard, StridedShard, Replicate, Partial)) for p in layout):
             raise PlanError(f"{kind} {pattern!r}: {layout!r} is not a tuple of placements; "
                             "write e.g. (Replicate(), Shard(0)) or 'RS(0)'")
         layout = tuple(layout)
@@ -64,14 +66,21 @@ def resolve_constraints(constraints, fqns, shapes: dict, mesh: Mesh,
                             "use Shard(dim) or Replicate()")
         for f in matched:
             shape = shapes[f]
-            norm = tuple(Shard(p.dim + len(shape)) if isinstance(p, Shard) and p.dim < 0 else p
-                         for p in layout)
+            norm = tuple(_nonnegative(p, len(shape)) for p in layout)
             if not divides(shape, norm, mesh.shape):
                 raise PlanError(f"{kind} {pattern!r}: layout {format_layout(layout)} does "
                                 f"not split {f} of shape {tuple(shape)} evenly over mesh "
                                 f"{mesh}; pick a dim whose size divides")
             out[f] = norm
     return out
+
+
+def _nonnegative(p, ndim: int):
+    if isinstance(p, Shard) and p.dim < 0:
+        return Shard(p.dim + ndim)
+    if isinstance(p, StridedShard) and p.dim < 0:
+        return StridedShard(p.dim + ndim, p.segments)
+    return p
 
 
 def resolve_pins(constraints, storage, sources: dict, mesh: Mesh) -> Pins:
@@ -92,7 +101,8 @@ def source_options(node, mesh, pinned) -> list:
     if node in pinned:
         return [Strategy((), pinned[node])]
     shape = shape_of(node)
-    per_axis = [Replicate()] + [Shard(d) for d in range(len(shape))]
+    per_axis = [Replicate()] + [Shard(d) for d in range(len(shape))] + [
+        StridedShard(d, r) for d, r in (node.meta.get(SEGMENTS) or {}).items()]
     out = []
     for layout in itertools.product(per_axis, repeat=mesh.ndim):
         if divides(shape, layout, mesh.shape):

@@ -345,7 +345,9 @@ def fused_axis(src_layout, need) -> int | None:
 
 
 def _gathered_last(steps) -> int | None:
-    return steps[-1].axis if steps and steps[-1].kind == "all_gather" else None
+    """(A strided gather reorders after gathering: its backward is no reduce-scatter.)"""
+    return steps[-1].axis if steps and steps[-1].kind == "all_gather" \
+        and not steps[-1].segments else None
 
 
 class Priced:

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
-from ..program.placement import Partial, Shard, format_layout, parse_layout
+from ..program.placement import Partial, Shard, format_layout, is_shard, parse_layout
 from ..rules.traits import WEIGHT_CONTRACTIONS
 from ..units import format_bytes, format_seconds
 
@@ -28,8 +28,8 @@ class Use(NamedTuple):
     def role(self, axis: int, stored) -> str:
         """What this use does with the parameter on mesh axis ``axis``, in words."""
         p = self.layout[axis]
-        if not isinstance(p, Shard):
-            if isinstance(stored, Shard):
+        if not is_shard(p):
+            if is_shard(stored):
                 return "stored split, gathered for use"
             return "replicated"
         if self.ndim == 3 and p.dim == 0:
@@ -299,13 +299,13 @@ class Plan:
         for i, axis in enumerate(self.op_mesh):
             roles = list(dict.fromkeys(u.role(i, stored[i]) for u in uses))
             if not roles:
-                roles = ["stored split" if isinstance(stored[i], Shard) else "replicated"]
+                roles = ["stored split" if is_shard(stored[i]) else "replicated"]
             parts.append(f"{axis}: {' / '.join(roles)}")
         return "; ".join(parts)
 
     def _input_role(self, layout) -> str:
         parts = [f"{axis}: " + ("batch split" if p == Shard(0) else f"split on dim {p.dim}"
-                                if isinstance(p, Shard) else "replicated")
+                                if is_shard(p) else "replicated")
                  for axis, p in zip(self.op_mesh, layout)]
         return "; ".join(parts)
 
@@ -329,7 +329,7 @@ class Plan:
             for v in self.nodes.values():
                 p = v["output"][i]
                 key = "partial sums" if isinstance(p, Partial) else \
-                    p.dim if isinstance(p, Shard) else None
+                    p.dim if is_shard(p) else None
                 if key is not None:
                     dims[key] = dims.get(key, 0) + 1
             what = []
