@@ -8,16 +8,19 @@ import pytest
 import torch
 
 import autopar
-from autopar import Replicate, Shard
+from autopar import Replicate, Shard, StridedShard
 from equivalence import check_training, twin
 from models import GPT, MLP, Bert, BertConfig, GPTConfig, Llama, LlamaConfig, tiny_batch
 
 MESHES = {"2": {"tp": 2}, "4": {"tp": 4}, "2x2": {"dp": 2, "tp": 2}}
 
-# Megatron: column-parallel (split output features) then row-parallel (split input features)
+# Megatron: column-parallel (split output features) then row-parallel (split input features);
+# GPT's fused query, key and value projection split strided (each rank its piece of each)
+QKV = StridedShard(0, (1, 1, 1))
 MEGATRON = {
     "mlp": {"fc1.weight": 0, "fc1.bias": 0, "fc2.weight": 1},
-    "gpt": {"h.*.attn.c_attn.weight": 0, "h.*.attn.c_attn.bias": 0, "h.*.attn.c_proj.weight": 1,
+    "gpt": {"h.*.attn.c_attn.weight": QKV, "h.*.attn.c_attn.bias": QKV,
+            "h.*.attn.c_proj.weight": 1,
             "h.*.mlp.c_fc.weight": 0, "h.*.mlp.c_fc.bias": 0, "h.*.mlp.c_proj.weight": 1},
     "llama": {"layers.*.attention.w[qkv].weight": 0, "layers.*.attention.wo.weight": 1,
               "layers.*.feed_forward.w[13].weight": 0, "layers.*.feed_forward.w2.weight": 1},
@@ -31,7 +34,8 @@ def megatron(model_name, mesh):
     """Tensor parallel on the last mesh axis, replicated on any other."""
     out = {}
     for pattern, dim in MEGATRON[model_name].items():
-        out[pattern] = tuple(Replicate() for _ in range(len(mesh) - 1)) + (Shard(dim),)
+        out[pattern] = tuple(Replicate() for _ in range(len(mesh) - 1)) + (
+            Shard(dim) if isinstance(dim, int) else dim,)
     return out
 
 

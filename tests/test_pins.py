@@ -38,7 +38,8 @@ def _pinned_dims(name, model) -> dict:
     """Parameter FQN -> the dim its Megatron pin splits on tp."""
     out = {}
     for fqn, _ in model.named_parameters():
-        dims = [d for glob, d in MEGATRON[name].items() if fnmatch.fnmatchcase(fqn, glob)]
+        dims = [getattr(p, "dim", p) for glob, p in MEGATRON[name].items()
+                if fnmatch.fnmatchcase(fqn, glob)]
         if dims:
             out[fqn] = dims[-1]
     return out
