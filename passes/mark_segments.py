@@ -31,12 +31,19 @@ def mark_segments(gm, ctx):
     """Write ``node.meta["autopar.segments"]`` ({dim: segment ratios}) on every value cut
     into two or more segments along a dim, and on the values it is computed from element by
     element along that dim (its producers, as far as their rules carry a split of the dim
-    straight through)."""
+    straight through), where those reach a weight."""
     for node in gm.graph.nodes:
         node.meta.pop(SEGMENTS, None)
     for src, dim, sizes in _cuts(gm):
         g = math.gcd(*sizes)
-        _mark(src, dim, tuple(s // g for s in sizes), MAX_DEPTH)
+        ratios = tuple(s // g for s in sizes)
+        found = {}
+        _reach(src, dim, ratios, MAX_DEPTH, found)
+        # only a cut that leads back to a weight (a fused projection's) is worth strided
+        # layouts; others (rotary embeddings' halves of a head) would only widen the search
+        if any(node.op == "get_attr" for node, _ in found):
+            for node, d in found:
+                node.meta.setdefault(SEGMENTS, {})[d] = ratios
     return gm
 
 
@@ -88,11 +95,12 @@ def _sliced_dim(node) -> tuple | None:
     return (d, start, stop) if stop > start else None
 
 
-def _mark(node, dim: int, ratios: tuple, depth: int) -> None:
-    marks = node.meta.setdefault(SEGMENTS, {})
-    if marks.get(dim) == ratios or depth == 0 or node.op == "placeholder":
+def _reach(node, dim: int, ratios: tuple, depth: int, found: dict) -> None:
+    """Add to ``found`` the (node, dim) pairs that carry ``node``'s dim ``dim`` element by
+    element, from ``node`` back through its producers."""
+    if (node, dim) in found or depth == 0 or node.op == "placeholder":
         return
-    marks[dim] = ratios
+    found[node, dim] = None
     if node.op not in ("call_function", "call_method") or \
             isinstance(node.meta.get("val"), (tuple, list)):
         return
@@ -104,4 +112,4 @@ def _mark(node, dim: int, ratios: tuple, depth: int) -> None:
         for x, p in zip(ins, in_layouts):
             if type(p) is Shard and not isinstance(x.meta.get("val"), (tuple, list)) \
                     and shape_of(x)[p.dim] == size:
-                _mark(x, p.dim, ratios, depth - 1)
+                _reach(x, p.dim, ratios, depth - 1, found)
