@@ -4,6 +4,8 @@ outputs, every gradient, and parameters after an SGD and an AdamW step."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -113,6 +115,52 @@ def test_plain_function_matches_one_device(mesh):
     (want * probe).sum().backward()
     for a, b in zip(ws, ref_ws):
         assert (a.grad - b.grad).abs().max() <= 1e-5 * b.grad.abs().max()
+
+
+class Noisy(torch.nn.Module):
+    """Dropout and a random draw on values the plan may split."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.drop = torch.nn.Dropout(0.3)
+        self.fc2 = torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.fc1(x)))
+        return self.fc2(h * torch.rand_like(h))
+
+
+NOISY_PINS = {"batch": {"x": "S(0)"}, "features": {"fc1.*": "S(0)", "fc2.weight": "S(1)"}}
+
+
+@pytest.mark.parametrize("split", list(NOISY_PINS))
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_random_draws_on_split_values_are_one_devices(mesh, split):
+    """Each rank draws what one device draws for the whole value and keeps its piece: the
+    dropped elements and the random factors, hence the output and every gradient, are one
+    device's, whether the batch or the features are split."""
+    torch.manual_seed(0)
+    net, x = Noisy(), torch.randn(8, 16)
+    ref = twin(net)
+    axes = MESHES[mesh]
+    pins = {k: "R" * (len(axes) - 1) + v for k, v in NOISY_PINS[split].items()}
+    pm = autopar.compile(net, slow_devices(math.prod(axes.values())), example_inputs=(x,),
+                         simulate=True, mesh=axes, constraints=pins)
+    assert "dropout_piece" in pm.code and "random_like_piece" in pm.code
+    torch.manual_seed(1)
+    out = pm(x)
+    torch.manual_seed(1)
+    want = ref(x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    probe = torch.randn(out.shape)
+    (out * probe).sum().backward()
+    (want * probe).sum().backward()
+    grads = pm.full_grad_dict()
+    for fqn, p in ref.named_parameters():
+        torch.testing.assert_close(grads[fqn], p.grad, rtol=1e-5, atol=1e-6, msg=fqn)
+    with torch.no_grad():   # the draws mattered: without them the output differs
+        assert not torch.allclose(ref.fc2(torch.relu(ref.fc1(x))), want)
 
 
 @pytest.mark.parametrize("name", ["mlp", "gpt"])

@@ -8,11 +8,13 @@ replicated factor, casts.
 from __future__ import annotations
 
 import numbers
+from dataclasses import replace
 
 import torch
 from torch.fx import Node
 
 from .._torch import tree_leaves
+from ..program.placement import is_shard
 from .core import (OpSpec, P, broadcast_labels, einsum_options, io_bytes, register, shape_of,
                    tensor_inputs)
 
@@ -54,10 +56,30 @@ def _spec(node, options):
                   io_bytes(node))
 
 
+# Ops that draw random numbers: on a split value each rank draws what one device draws for
+# the whole value and keeps its piece (runtime.local_ops), so masks are one device's.
+WHOLE_DRAWS = {"dropout": "dropout_piece", "rand_like": "random_like_piece",
+               "randn_like": "random_like_piece"}
+
+
 @register(*UNARY)
 def pointwise(node):
     ins, in_labels, out_labels = _labels(node)
-    return _spec(node, einsum_options(in_labels, out_labels))
+    spec = _spec(node, einsum_options(in_labels, out_labels))
+    op = node.meta["autopar.op"]
+    if op not in WHOLE_DRAWS or not isinstance(node.meta["val"], torch.Tensor):
+        return spec
+    shape = shape_of(node)
+
+    def local(in_layouts, out_layout, axis_names):
+        shards = tuple((axis_names[a], p.dim, getattr(p, "segments", ()))
+                       for a, p in enumerate(out_layout) if is_shard(p))
+        if not shards:
+            return None
+        extra = {"shape": shape, "shards": shards}
+        return WHOLE_DRAWS[op], extra if op == "dropout" else {**extra, "op": op}
+
+    return replace(spec, local=local)
 
 
 @register(*CASTS)

@@ -1,0 +1,68 @@
+"""Sequence parallelism (Megatron-SP) is in the plan space: between the tensor-parallel
+regions of a Megatron block, norms, dropout and residual adds run split on the sequence, the
+all-reduce of a row-parallel output becomes a reduce-scatter onto the sequence and an
+all-gather of the sequence feeds the next column-parallel projection."""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+from equivalence import check_training, twin
+from models import GPT, GPTConfig, tiny_batch
+from test_e2e_simulated import megatron, slow_devices
+
+import autopar
+from autopar.program.placement import Shard, is_shard
+
+COMMUNICATING = {"all_gather", "gather_shards", "reduce_scatter", "all_reduce", "all_to_all",
+                 "strided_gather", "strided_reduce_scatter"}
+SEQ = 64
+
+
+def _sequence_parallel_gpt():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, block_size=SEQ))
+    batch = tiny_batch(model.cfg, batch=1, seq=SEQ)   # one sequence: only it can be split
+    # Megatron's weights; norms and the row-parallel biases held whole, as Megatron holds them
+    pins = {**megatron("gpt", {"tp": 4}), "*ln_*": "R", "ln_f.*": "R", "*.c_proj.bias": "R"}
+    pm = autopar.compile(model, slow_devices(4), example_inputs=batch, simulate=True,
+                         mesh={"tp": 4}, constraints=pins)
+    return model, batch, pm
+
+
+def collectives_by_layer(pm) -> dict:
+    """Layer index -> Counter of (collective, tensor dim) in rank 0's program, placed by the
+    module of the value each collective moves."""
+    out = collections.defaultdict(collections.Counter)
+    for node in pm.ranks[0].graph.nodes:
+        kind = getattr(node.target, "__name__", "")
+        if node.op != "call_function" or kind not in COMMUNICATING:
+            continue
+        moved = pm.plan.nodes.get(node.args[0].name)
+        parts = (moved or {}).get("module", "").split(".")
+        if len(parts) > 1 and parts[0] == "h":
+            dim = node.args[1] if isinstance(node.args[1], int) else None
+            out[int(parts[1])][kind, dim] += 1
+    return dict(out)
+
+
+def test_a_megatron_block_plans_sequence_parallel_with_its_collectives_and_memory():
+    model, batch, pm = _sequence_parallel_gpt()
+    plan = pm.plan
+    # per layer, exactly Megatron-SP's: the sequence gathered before each column-parallel
+    # projection (gather_shards: its backward reduce-scatters the gradient back), and each
+    # row-parallel output reduce-scattered onto the sequence; no all-reduce inside a layer
+    per_layer = collectives_by_layer(pm)
+    assert set(per_layer) == {0, 1}
+    for layer, found in per_layer.items():
+        assert found == {("gather_shards", 1): 2, ("reduce_scatter", 1): 2}, (layer, found)
+    # norms, dropout and residual adds run on the split sequence, saving 1/4 of their input
+    for name, node in plan.nodes.items():
+        if node["module"].startswith("h.") and node["op"] in ("layer_norm", "dropout", "add"):
+            assert node["output"] == (Shard(1),), (name, node["output"])
+        if node["op"] == "layer_norm" and node["module"].startswith("h."):
+            whole = 1 * SEQ * model.cfg.n_embd * 4
+            assert node["memory_bytes"] == whole / 4, (name, node["memory_bytes"])
+    assert all(not is_shard(p) for p in plan.placements["h.0.ln_1.weight"])
+    check_training(pm, twin(model), batch)
