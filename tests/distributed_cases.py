@@ -77,6 +77,11 @@ def training_cases(world):
             mesh=micro_mesh, cluster=slow_devices(world), micro_batches=2, use_step=True,
             recompute=choice, constraints={**held, **inputs},
             expect=f"autopar_runtime_checkpoint_{block}(")
+    if world == 4:
+        # context parallel: queries split on one long sequence, keys and values gathered
+        yield "llama-context-parallel-4", "llama-long", dict(
+            mesh={"cp": 4}, cluster=slow_devices(4), steps=("sgd", "sgd"),
+            expect="attention_query_rows(")
     if world == 2:
         # a transformers model (Dynamo capture, keyword inputs, ModelOutput), Megatron-style
         yield "hf-llama-megatron-2", "hf-llama", dict(
@@ -151,6 +156,10 @@ def make_model(name):
             return GPT(cfg), tiny_batch(cfg, batch=8), {}
         cfg = LlamaConfig(n_layers=4)
         return Llama(cfg), tiny_batch(cfg, batch=8), {}
+    if name == "llama-long":
+        import test_long_sequences
+        model, batch = test_long_sequences.long_llama(seq=64)
+        return model, batch, {}
     if name.startswith("hf-"):
         import test_hf
         family, padded = name[3:].removesuffix("-padded"), name.endswith("-padded")

@@ -113,8 +113,10 @@ def einsum(node):
 
 @register("scaled_dot_product_attention")
 def attention(node):
-    """Split batch and head dims together; the sequence and feature dims stay whole (a split
-    query sequence would shift the causal mask)."""
+    """Split batch and head dims together, or the queries' sequence (context parallel: each
+    rank its rows of the queries against whole keys and values, which the planner gathers;
+    a causal mask becomes this rank's rows of one device's). Key sequence and feature dims
+    stay whole."""
     q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
     mask = arg(node, 3, "attn_mask")
     ins = tensor_inputs(node)
@@ -123,22 +125,30 @@ def attention(node):
     qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
     nb = len(qs) - 2
     batch = _batch_labels(nb)
-    labels = {q: batch + [None, None], k: batch + [None, None], v: batch + [None, None]}
+    labels = {q: batch + ["sq", None], k: batch + [None, None], v: batch + [None, None]}
     if mask is not None:
         # the mask broadcasts against (*batch, q_len, k_len): its batch dims take the batch
-        # labels of q, k and v, its sequence dims stay whole
+        # labels of q, k and v, its query rows the queries' label, its key columns stay whole
         ms = shape_of(mask)
         scores = qs[:-1] + (ks[-2],)
         (ml,), out_l = broadcast_labels([ms], scores)
-        labels[mask] = [batch[out_l.index(l)] if l is not None and out_l.index(l) < nb else None
-                        for l in ml]
+        names = batch + ["sq", None]
+        labels[mask] = [names[out_l.index(l)] if l is not None else None for l in ml]
     in_labels = [labels[x] for x in ins]
-    options = einsum_options(in_labels, batch + [None, None])
+    options = einsum_options(in_labels, batch + ["sq", None])
     n = 1
     for s in qs[:-1]:
         n *= s
     flops = 2.0 * n * ks[-2] * (qs[-1] + vs[-1])
-    return OpSpec(options, flops, io_bytes(node))
+    q_slot = ins.index(q)
+    causal = bool(arg(node, 5, "is_causal", False))
+
+    def local(in_layouts, out_layout, axis_names):
+        axes = tuple(axis_names[a] for a, p in enumerate(in_layouts[q_slot])
+                     if p == Shard(nb))
+        return ("attention_query_rows", {"axes": axes}) if axes and causal else None
+
+    return OpSpec(options, flops, io_bytes(node), local=local)
 
 
 @register("embedding")

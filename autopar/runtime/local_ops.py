@@ -97,3 +97,19 @@ def random_like_piece(input, *, op: str, shape: tuple, shards: tuple, coords=Non
     kwargs.setdefault("device", input.device)
     kwargs.pop("memory_format", None)
     return _piece(draw(shape, **kwargs), shards, coords).contiguous()
+
+
+@rank_aware
+def attention_query_rows(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                         scale=None, *, axes: tuple, coords=None, **kwargs):
+    """``scaled_dot_product_attention`` of this rank's rows of the queries (their sequence
+    split over ``axes``) against the whole keys and values: ``is_causal``'s mask becomes
+    these rows of one device's mask (query ``i`` of the whole sees keys ``0..i``)."""
+    if is_causal:
+        index, _ = _place(axes, coords)
+        rows, cols = query.shape[-2], key.shape[-2]
+        attn_mask = torch.ones(rows, cols, dtype=torch.bool, device=query.device).tril(
+            diagonal=index * rows)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False,
+        scale=scale, **kwargs)

@@ -1,15 +1,19 @@
-"""Sequence parallelism (Megatron-SP) is in the plan space: between the tensor-parallel
-regions of a Megatron block, norms, dropout and residual adds run split on the sequence, the
-all-reduce of a row-parallel output becomes a reduce-scatter onto the sequence and an
-all-gather of the sequence feeds the next column-parallel projection."""
+"""Long sequences: sequence parallelism (Megatron-SP) and context parallelism are in the plan
+space. Between the tensor-parallel regions of a Megatron block, norms, dropout and residual
+adds run split on the sequence, the all-reduce of a row-parallel output becomes a
+reduce-scatter onto the sequence and an all-gather of the sequence feeds the next
+column-parallel projection. Attention splits its queries on the sequence, against keys and
+values gathered whole, with each rank's rows of one device's causal mask."""
 
 from __future__ import annotations
 
 import collections
+import re
 
 import torch
 from equivalence import check_training, twin
-from models import GPT, GPTConfig, tiny_batch
+import pytest
+from models import GPT, GPTConfig, Llama, LlamaConfig, tiny_batch
 from test_e2e_simulated import megatron, slow_devices
 
 import autopar
@@ -66,3 +70,28 @@ def test_a_megatron_block_plans_sequence_parallel_with_its_collectives_and_memor
             assert node["memory_bytes"] == whole / 4, (name, node["memory_bytes"])
     assert all(not is_shard(p) for p in plan.placements["h.0.ln_1.weight"])
     check_training(pm, twin(model), batch)
+
+
+def long_llama(seq: int = 256):
+    """A LLaMA whose two heads cannot be split four ways, on one long sequence."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(dim=32, n_heads=2, n_kv_heads=1, n_layers=2, max_seq_len=seq)
+    return Llama(cfg), tiny_batch(cfg, batch=1, seq=seq)
+
+
+@pytest.mark.parametrize("mesh", [{"cp": 4}, {"cp": 2, "tp": 2}])
+def test_a_long_sequence_plans_context_parallel_attention_equal_to_one_device(mesh):
+    """The planner splits attention's queries on the sequence (the axis named cp is a label:
+    the choice is the planner's), gathers keys and values, and each rank masks its rows as
+    one device does; outputs, gradients and parameters after two steps match one device."""
+    model, batch = long_llama()
+    pm = autopar.compile(model, slow_devices(4), example_inputs=batch, simulate=True,
+                         mesh=mesh)
+    attention = [n for n in pm.plan.nodes.values() if n["op"] == "scaled_dot_product_attention"]
+    assert len(attention) == 2
+    for node in attention:
+        q, k, v = node["inputs"]
+        assert q[0] == Shard(2) and node["output"][0] == Shard(2)   # the queries' rows
+        assert not is_shard(k[0]) and not is_shard(v[0])            # whole keys and values
+    assert len(re.findall(r"attention_query_rows\(", pm.code)) == 2
+    check_training(pm, twin(model), batch, steps=("sgd", "sgd"))
