@@ -222,6 +222,8 @@ def test_family_matches_one_device_with_every_heavy_op_split(name, plan, mesh):
             assert pinned and all(pm.plan.placements[fqn] == layout for fqn in pinned), glob
             # Megatron: each pinned weight computes where it is stored, fused ones too
             assert gathered.isdisjoint(pinned), (glob, gathered)
+        # strided layouts survive a saved plan
+        assert autopar.Plan.from_json(pm.plan.to_json()).placements == pm.plan.placements
     check_family(name, pm, model, ref, inputs)
 
 
