@@ -97,9 +97,9 @@ def training_cases(world):
             mesh={"dp": 2}, cluster=slow_devices(2), micro_batches=2, use_step=True,
             adamw=dict(lr=1e-3, eps=1e-3), constraints={
                 "*": "R", "input_ids": "S(0)", "attention_mask": "S(0)", "labels": "S(0)"})
-        # LLaMA, Qwen2 and Mistral in 2 and 4 micro-batches, the layouts the planner's
-        for family in ("llama", "qwen2", "mistral"):
-            for m in (2, 4) if family != "qwen2" else (4,):
+        # LLaMA, Qwen2 and Mistral in 4 or 2 micro-batches, the layouts the planner's
+        for family, counts in (("llama", (4,)), ("qwen2", (4,)), ("mistral", (2,))):
+            for m in counts:
                 yield f"hf-{family}-padded-microbatch-{m}", f"hf-{family}-padded", dict(
                     mesh={"dp": 2}, cluster=slow_devices(2), micro_batches=m, use_step=True,
                     adamw=dict(lr=1e-3, eps=1e-3), sums_gradients=None)

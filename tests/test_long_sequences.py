@@ -95,3 +95,26 @@ def test_a_long_sequence_plans_context_parallel_attention_equal_to_one_device(me
         assert not is_shard(k[0]) and not is_shard(v[0])            # whole keys and values
     assert len(re.findall(r"attention_query_rows\(", pm.code)) == 2
     check_training(pm, twin(model), batch, steps=("sgd", "sgd"))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_transformers_llama_at_a_long_sequence_splits_attention_on_the_queries(attention):
+    """transformers' LLaMA, through SDPA (a causal call) or its eager path (matmul, mask,
+    softmax, matmul): the queries' rows are split over 4 ranks, equal to one device."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=256,
+                                   attn_implementation=attention)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "labels": ids}
+    pm = autopar.compile(model, slow_devices(4), example_inputs=inputs, simulate=True,
+                         mesh={"cp": 4})
+    ops = {"sdpa": ("scaled_dot_product_attention",), "eager": ("matmul", "softmax")}[attention]
+    nodes = [n for n in pm.plan.nodes.values() if n["op"] in ops]
+    assert nodes and all(n["inputs"][0] == (Shard(2),) and n["output"] == (Shard(2),)
+                         for n in nodes)
+    assert pm.plan.stats["fallback_ops"] == []
+    check_training(pm, twin(model), (), inputs, steps=("sgd", "sgd"))
