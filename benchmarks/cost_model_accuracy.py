@@ -37,6 +37,7 @@ figures cached earlier: on a shared virtual machine they go stale.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import statistics
 import sys
@@ -146,6 +147,7 @@ def prepare(workload, name, options, cluster) -> tuple:
     cost = pm.plan.cost
     row.update(mesh=" x ".join(f"{k}={v}" for k, v in pm.plan.mesh.items()),
                layouts=layouts(pm.plan), collectives=collectives(pm.code),
+               program=program_key(pm),
                predicted_s=cost.total_s, compute_s=cost.compute_s, comm_s=cost.comm_s)
     optimizer = torch.optim.AdamW(pm.parameters(), lr=LEARNING_RATE)
     step = lambda: step_module(pm, optimizer, batch)  # noqa: E731
@@ -156,6 +158,15 @@ def prepare(workload, name, options, cluster) -> tuple:
     except Exception as e:  # noqa: BLE001
         return {**row, "error": short_error(e)}, None
     return row, step
+
+
+def program_key(pm) -> str:
+    """A hash of the rank program, its mesh axes named by position: plans that run the
+    same program under other axis names share it."""
+    code = pm.code
+    for i, axis in enumerate(pm.plan.mesh):
+        code = code.replace(repr(axis), f"'axis{i}'")
+    return hashlib.sha1(code.encode()).hexdigest()
 
 
 def measure_workload(workload, cluster, world: int) -> list:
@@ -233,6 +244,22 @@ def summary(rows, label: str) -> list:
     lines += ["  " + picks(f"{model} on {world}", [r for r in done if (r["world"], r["model"])
                                                    == (world, model)])
               for world, model in groups]
+    return lines + noise_floor(done)
+
+
+def noise_floor(rows) -> list:
+    """Plans of one model that compile to the same rank program, measured apart: how far
+    this machine's noise alone moves a step time."""
+    same = {}
+    for r in rows:
+        same.setdefault((r["world"], r["model"], r["program"]), []).append(r)
+    lines = []
+    for (world, model, _), twins in same.items():
+        if len(twins) > 1:
+            times = [r["measured_s"] for r in twins]
+            lines.append(f"  noise: {model} on {world}: "
+                         f"{' and '.join(r['plan'] for r in twins)} are one program, measured "
+                         f"{max(times) / min(times) - 1:.0%} apart")
     return lines
 
 
@@ -254,6 +281,9 @@ def picks(model, rows) -> str:
     measured = min(rows, key=lambda r: r["measured_s"])
     if predicted is measured:
         return f"{model}: the plan predicted fastest ({predicted['plan']}) was measured fastest"
+    if predicted["program"] == measured["program"]:
+        return (f"{model}: the plan predicted fastest ({predicted['plan']}) is the same program "
+                f"as the one measured fastest ({measured['plan']})")
     slower = predicted["measured_s"] / measured["measured_s"] - 1
     return (f"{model}: predicted fastest {predicted['plan']}, measured fastest "
             f"{measured['plan']}; the predicted pick ran {slower:.0%} slower")
