@@ -88,8 +88,9 @@ def training_cases(world):
             mesh={"tp": 2}, cluster=slow_devices(2), steps=("sgd", "sgd"),
             constraints=hf_megatron("llama", {"tp": 2}))
         # expert parallel: each rank computes its own experts' rows (rank-aware local op)
+        # where calls cost, and sends rows to their experts and back where bytes do
         yield "hf-mixtral-experts-2", "hf-mixtral", dict(
-            mesh={"tp": 2}, cluster=slow_devices(2), steps=("sgd", "sgd"),
+            mesh={"tp": 2}, cluster=hf_links(2, "SLOW_CALLS"), steps=("sgd", "sgd"),
             expect="grouped_mm_local_experts", constraints={"*.experts.*": "S(0)"})
         # a transformers decoder in 2 micro-batches, sequences padded: each micro-batch
         # reads its rows of the attention mask built once for the whole batch
@@ -103,6 +104,12 @@ def training_cases(world):
                 yield f"hf-{family}-padded-microbatch-{m}", f"hf-{family}-padded", dict(
                     mesh={"dp": 2}, cluster=slow_devices(2), micro_batches=m, use_step=True,
                     adamw=dict(lr=1e-3, eps=1e-3), sums_gradients=None)
+    if world in (2, 4):
+        families = ("mixtral",) if world == 2 else ("mixtral", "qwen3_moe")
+        for family in families:
+            yield f"hf-{family}-dispatch-{world}", f"hf-{family}", dict(
+                mesh={"ep": world}, cluster=hf_links(world, "NARROW"), steps=("sgd", "sgd"),
+                expect="grouped_mm_dispatch(", constraints={"*.experts.*": "S(0)"})
 
 
 def pipeline_cases(world):
@@ -138,6 +145,11 @@ def run_pipeline(name, opts):
     assert "stage" in pm.code
     worst, _ = check_steps(pm, ref, [args] * 3)
     return worst
+
+
+def hf_links(n, kind):
+    import test_hf  # imports transformers: only where a case needs it
+    return test_hf.links(n, *getattr(test_hf, kind))
 
 
 def hf_megatron(name, mesh):

@@ -82,6 +82,13 @@ def mixtral():
                     num_local_experts=4, num_experts_per_tok=2)
 
 
+def qwen3_moe():
+    """A second mixture-of-experts family: 4 experts, 2 per token, every layer sparse."""
+    return _decoder(transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, "sdpa",
+                    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    decoder_sparse_step=1, head_dim=8)
+
+
 def bert():
     cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=2, num_attention_heads=4,
@@ -130,7 +137,7 @@ def gpt_neox():
     return transformers.GPTNeoXForCausalLM(cfg), {"input_ids": ids, "labels": ids}
 
 
-FAMILIES = {"gpt2": gpt2, "phi3": phi3, "gpt_neox": gpt_neox, "llama": llama, "bert": bert, "mixtral": mixtral, "t5": t5,
+FAMILIES = {"gpt2": gpt2, "phi3": phi3, "gpt_neox": gpt_neox, "qwen3_moe": qwen3_moe, "llama": llama, "bert": bert, "mixtral": mixtral, "t5": t5,
             "vit": vit, "qwen2": qwen2}
 
 _ATTENTION = {"*.self_attn.[qkv]_proj.weight": 0, "*.self_attn.o_proj.weight": 1}
@@ -236,17 +243,51 @@ def test_other_families_need_nothing_specific(name):
     check_family(name, pm, model, ref, inputs)
 
 
+def links(n, bandwidth_GBps, latency_us):
+    """``n`` fast devices on links of the given bandwidth and latency."""
+    return autopar.Cluster.from_dict({
+        "nodes": [{"device": "Fast", "count": n}],
+        "links": {"intra_node": {"bandwidth_GBps": bandwidth_GBps, "latency_us": latency_us}},
+        "devices": {"Fast": {"peak_tflops": {"fp32": 1000}, "memory_GB": 1,
+                             "memory_bandwidth_GBps": 100000}}})
+
+
+# links where bytes cost (rows sent to their experts: 1/n of what gathering them moves) and
+# links where calls cost (the four all_to_alls of a dispatch against two collectives)
+NARROW, SLOW_CALLS = (0.01, 0), (1000, 5000)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_expert_parallel_dispatches_rows_to_their_experts_where_bytes_cost(name, world):
+    """Experts split over the devices, on narrow links: each device sends each of its rows
+    (sorted by expert) to the device holding the row's expert and gets the result back
+    (all_to_all, every row computed: no capacity drop), equal to one device."""
+    model, inputs = make(name)
+    ref = twin(model)
+    pm = autopar.compile(model, links(world, *NARROW), example_inputs=inputs, simulate=True,
+                         mesh={"ep": world}, constraints={"*.experts.*": "S(0)"})
+    experts = [n for n in pm.plan.nodes.values() if n["op"] == "grouped_mm_fallback"]
+    assert experts and all(n["inputs"][0] == (Shard(0),) and n["output"] == (Shard(0),)
+                           for n in experts)
+    assert pm.code.count("grouped_mm_dispatch(") == len(experts)
+    assert "grouped_mm_local_experts" not in pm.code
+    check_training(pm, ref, (), inputs, steps=STEPS)
+
+
 def test_expert_parallel_computes_each_experts_rows_where_its_weights_live():
-    """Expert weights pinned to Shard(0) (one expert per device): each device computes the
-    rows routed to its own expert, zeros elsewhere, and the sum over devices is the layer's
-    output (tokens stay replicated; the sum replaces an all_to_all dispatch and combine).
-    The experts' weights are never gathered."""
+    """Expert weights pinned to Shard(0) (one expert per device), on links where each call
+    costs milliseconds: the planner keeps the rows whole (two collectives, not a dispatch's
+    four); each device computes the rows routed to its own expert, zeros elsewhere, and the
+    sum over devices is the layer's output. The experts' weights are never gathered."""
     model, inputs = make("mixtral")
     ref = twin(model)
-    pm = compile_simulated(model, inputs, {"tp": 4}, constraints={"*.experts.*": "S(0)"})
+    pm = autopar.compile(model, links(4, *SLOW_CALLS), example_inputs=inputs, simulate=True,
+                         mesh={"tp": 4}, constraints={"*.experts.*": "S(0)"})
     experts = [fqn for fqn in pm.plan.placements if ".experts." in fqn]
     assert len(experts) == 4 and all(pm.plan.placements[f] == (Shard(0),) for f in experts)
     assert pm.code.count("grouped_mm_local_experts(") == 4  # 2 layers x (gate_up, down)
+    assert "grouped_mm_dispatch" not in pm.code
     assert not re.search(r"(all_gather|gather_shards)\(model_layers_\d_mlp_experts", pm.code)
     check_training(pm, ref, (), inputs, steps=STEPS)
 

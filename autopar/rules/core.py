@@ -36,6 +36,11 @@ class OpSpec:
         local pieces (it depends on the rank's place on the mesh): the rank program calls
         ``function(*args, **kwargs, **extra)`` instead; the function reads the rank's coordinates from
         the active mesh, or from its ``coords`` keyword in simulated runs.
+    once: options that at most one mesh axis may take, no other axis splitting the dims
+        they split (their local computation exchanges values over that axis).
+    exchange: ``(input layouts, output layout, cost model) -> seconds`` of the communication
+        a strategy's local computation does itself (forward and backward), for ops whose
+        ``local`` exchanges values between ranks.
     """
 
     options: tuple
@@ -44,6 +49,8 @@ class OpSpec:
     rewrite: Callable | None = None
     fallback: bool = False
     local: Callable | None = None
+    once: tuple = ()
+    exchange: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -293,15 +300,17 @@ def even_combos(found_candidates, mesh_shape: Sequence[int]) -> tuple:
     A prefix whose dims do not split evenly is dropped before it grows: more axes on a dim
     only cut it into more pieces.
     """
-    _, columns, shapes = found_candidates
+    spec, columns, shapes = found_candidates
     usable = [(i, cut) for i, column in enumerate(columns)
               if (cut := _cuts(column, shapes)) is not None]
+    once = {i for i, column in enumerate(columns)
+            if (tuple(column[:-1]), column[-1]) in spec.once}
     prefixes = [((), {})]  # (column indices, (tensor, dim) -> pieces)
     for n in mesh_shape:
         longer = []
         for prefix, pieces in prefixes:
             for i, cut in usable:
-                grown = _split(pieces, cut, n, shapes)
+                grown = _split(pieces, cut, n, shapes, alone=i in once)
                 if grown is not None:
                     longer.append((prefix + (i,), grown))
         prefixes = longer
@@ -320,10 +329,11 @@ def _cuts(column: tuple, shapes: list) -> list | None:
     return out
 
 
-def _split(pieces: dict, cut: list, n: int, shapes: list) -> dict | None:
+def _split(pieces: dict, cut: list, n: int, shapes: list, alone: bool = False) -> dict | None:
     """``pieces`` after one more mesh axis of size ``n`` cuts the dims in ``cut``, or None
-    when a dim no longer splits evenly (a strided dim: when any axis cut it before, or a
-    segment does not split evenly)."""
+    when a dim no longer splits evenly. A dim cut strided, or by an option that at most one
+    axis may take (``alone``), is cut by no other axis, and a strided dim's segments must
+    each split evenly."""
     if not cut:
         return pieces
     grown = dict(pieces)
@@ -332,7 +342,7 @@ def _split(pieces: dict, cut: list, n: int, shapes: list) -> dict | None:
         count = before * n
         if any(s[dim] % count for s in shapes[j]):
             return None
-        if strided is not None or (j, dim, "strided") in grown:
+        if strided is not None or alone or (j, dim, "strided") in grown:
             if before != 1 or strided is not None and not all(
                     strided.splits_evenly(s[dim], n) for s in shapes[j]):
                 return None

@@ -215,12 +215,40 @@ def grouped_mm(node):
     # others), so the output is a sum over ranks
     experts = tuple(Shard(0) if t is w else R for t in ins)
     options += ((experts, P),)
+    # expert parallel with dispatch: each rank holds a run of the rows (sorted by expert)
+    # and some experts; rows travel to their experts' ranks and back (all_to_all, every
+    # row kept), the output split as the rows are
+    dispatch = (tuple(Shard(0) if t in (x, w) else R for t in ins), Shard(0))
+    options += (dispatch,)
     (rows, k), n = shape_of(x), shape_of(w)[2]
-    w_slot = ins.index(w)
+    w_slot, x_slot = ins.index(w), ins.index(x)
+    item = x.meta["val"].element_size()
 
     def local(in_layouts, out_layout, axis_names):
+        routed = [a for a, (p, q, o) in enumerate(zip(in_layouts[w_slot], in_layouts[x_slot],
+                                                     out_layout))
+                  if p == Shard(0) and q == Shard(0) and o == Shard(0)]
+        if routed:
+            return ("grouped_mm_dispatch", {"axis": axis_names[routed[0]]})
         axes = tuple(axis_names[a] for a, (p, o) in enumerate(zip(in_layouts[w_slot], out_layout))
                      if p == Shard(0) and o == P)
         return ("grouped_mm_local_experts", {"axes": axes}) if axes else None
 
-    return OpSpec(options, 2.0 * rows * k * n, io_bytes(node), local=local)
+    def exchange(in_layouts, out_layout, model):
+        """Rows there and results back, forward and backward: four all_to_alls, each rank
+        sending the rows of its own run (1/n of the group's) that belong elsewhere."""
+        total = 0.0
+        for a, (p, q, o) in enumerate(zip(in_layouts[w_slot], in_layouts[x_slot], out_layout)):
+            if p == q == o == Shard(0):
+                others = 1
+                for b, pb in enumerate(in_layouts[x_slot]):
+                    if b != a and pb == Shard(0):
+                        others *= model.mesh.shape[b]
+                share = rows * item / others / model.mesh.shape[a] * model.activation_scale
+                there, back = (model.collective_s("all_to_all", a, share * width)
+                               for width in (k, n))
+                total += 2 * (there + back) * model.micro_batches
+        return total
+
+    return OpSpec(options, 2.0 * rows * k * n, io_bytes(node), local=local, once=(dispatch,),
+                  exchange=exchange)

@@ -8,6 +8,8 @@ from ``coords`` (axis name -> (coordinate, size)), which the simulator passes.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..program.placement import StridedShard
@@ -113,3 +115,68 @@ def attention_query_rows(query, key, value, attn_mask=None, dropout_p=0.0, is_ca
     return torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False,
         scale=scale, **kwargs)
+
+
+def _routes(offs: list, rows: int, ranks: int) -> tuple:
+    """For rows sorted by expert (``offs``: each expert's cumulative row end) split into
+    ``ranks`` equal runs, the experts split as evenly: (the runs' bounds, the bounds of each
+    rank's experts' rows), each a list of ``ranks + 1`` row indices."""
+    per = len(offs) // ranks
+    runs = [rows * r // ranks for r in range(ranks + 1)]
+    owned = [0] + [offs[(r + 1) * per - 1] for r in range(ranks - 1)] + [rows]
+    return runs, owned
+
+
+def _overlap(a: int, b: int, c: int, d: int) -> int:
+    return max(0, min(b, d) - max(a, c))
+
+
+@rank_aware
+def grouped_mm_dispatch(input, weight, offs, *, axis: str, coords=None):
+    """Expert parallel with dispatch, ``grouped_mm_fallback(x, w, offs)`` over ``axis``:
+    ``x`` is this rank's run of the rows (sorted by expert, split evenly over the axis),
+    ``w`` this rank's experts. Each row travels to the rank holding its expert
+    (all_to_all), the experts compute their rows, and the results travel back: every row
+    is computed (no capacity drop), and the output is split as ``x`` is."""
+    from .._torch import functional_collectives
+    from .collectives import _coord, _group, _size
+    x, w = input, weight
+    n, r = _size(axis), _coord(axis)
+    ends = offs.tolist()
+    runs, owned = _routes(ends, x.shape[0] * n, n)
+    send = [_overlap(runs[r], runs[r + 1], owned[k], owned[k + 1]) for k in range(n)]
+    recv = [_overlap(runs[j], runs[j + 1], owned[r], owned[r + 1]) for j in range(n)]
+    funcol = functional_collectives()
+    mine = funcol.all_to_all_single_autograd(x.contiguous(), recv, send, _group(axis))
+    y = _experts_of(mine, w, ends, r, owned[r])
+    return funcol.all_to_all_single_autograd(y.contiguous(), send, recv, _group(axis))
+
+
+def _experts_of(rows, w, ends: list, rank: int, start: int):
+    """``w``'s experts (those of ``rank``) over their rows, which begin at global row
+    ``start``."""
+    per = w.shape[0]
+    local = torch.tensor(ends[rank * per:(rank + 1) * per], dtype=torch.int32,
+                         device=rows.device) - start
+    return torch.ops.transformers.grouped_mm_fallback(rows, w, local)
+
+
+def simulated_grouped_mm_dispatch(per_rank_args: list, groups: list) -> list:
+    """:func:`grouped_mm_dispatch` over every rank's values at once (a simulated run):
+    ``per_rank_args`` holds each rank's ``(args, kwargs)``, ``groups`` the ranks along the
+    axis, in coordinate order. Plain differentiable ops: the rows of each group joined,
+    each rank's experts over their rows, the results cut back into the ranks' runs."""
+    named = [inspect.signature(grouped_mm_dispatch).bind_partial(*args, **kwargs).arguments
+             for args, kwargs in per_rank_args]
+    out = [None] * len(per_rank_args)
+    for group in groups:
+        n = len(group)
+        ends = named[group[0]]["offs"].tolist()
+        whole = torch.cat([named[r]["input"] for r in group])
+        runs, owned = _routes(ends, whole.shape[0], n)
+        ys = [_experts_of(whole[owned[c]:owned[c + 1]], named[rank]["weight"], ends, c,
+                          owned[c]) for c, rank in enumerate(group)]
+        y = torch.cat(ys)
+        for c, rank in enumerate(group):
+            out[rank] = y[runs[c]:runs[c + 1]]
+    return out

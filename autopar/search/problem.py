@@ -523,6 +523,8 @@ def _node_prices(prob: Problem, n: Node, facts: Facts) -> tuple:
     seconds = m.compute_s(op, spec.flops, spec.num_bytes, None, None,
                           split=prices.work_splits(opts))
     seconds = _per_strategy(seconds, len(opts))
+    if spec.exchange is not None:   # values its local computation exchanges itself
+        seconds = [t + spec.exchange(o.inputs, o.output, m) for t, o in zip(seconds, opts)]
     out = num_bytes * m.activation_scale * share[outs]
     saved, kept = np.zeros(len(opts)), facts.saved
     for slot, src in enumerate(ins):
