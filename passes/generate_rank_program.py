@@ -218,6 +218,8 @@ def _emit_op(node, env, emit, mesh):
     op, target = node.op, node.target
     if strat.spec.local is not None:
         swap = strat.spec.local(strat.inputs, strat.output, mesh.names)
+        if swap is not None and swap[0] in local_ops.STEPS:   # several steps, each a call
+            return _emit_steps(node, emit, swap, args, kwargs, strat.output)
         if swap is not None:  # a local computation that depends on the rank's coordinates
             op, (name, extra) = "call_function", swap
             target = getattr(local_ops, name)
@@ -225,6 +227,24 @@ def _emit_op(node, env, emit, mesh):
     n = emit.tag(emit.graph.create_node(op, target, tuple(args), dict(kwargs), name=node.name))
     n.meta["autopar.op"] = node.meta["autopar.op"]
     emit.layouts[n.name] = strat.output
+    return n
+
+
+def _emit_steps(node, emit, swap, args, kwargs, layout):
+    """A local computation of several steps (:data:`autopar.runtime.local_ops.STEPS`), one
+    call each, so that the rank program shows each exchange: the last takes the node's
+    name."""
+    name, extra = swap
+    names, steps = local_ops.STEPS[name]
+    values = {**dict(zip(names, args)), **kwargs}
+    for i, (fn, takes) in enumerate(steps):
+        last = i == len(steps) - 1
+        n = emit.tag(emit.graph.create_node(
+            "call_function", fn, tuple(values[k] for k in takes), dict(extra),
+            name=node.name if last else f"{node.name}_{fn.__name__}"))
+        n.meta["autopar.op"] = node.meta["autopar.op"] if last else fn.__name__
+        emit.layouts[n.name] = layout
+        values["input"] = n
     return n
 
 

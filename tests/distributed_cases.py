@@ -109,7 +109,7 @@ def training_cases(world):
         for family in families:
             yield f"hf-{family}-dispatch-{world}", f"hf-{family}", dict(
                 mesh={"ep": world}, cluster=hf_links(world, "NARROW"), steps=("sgd", "sgd"),
-                expect="grouped_mm_dispatch(", constraints={"*.experts.*": "S(0)"})
+                expect="expert_dispatch(", constraints={"*.experts.*": "S(0)"})
 
 
 def pipeline_cases(world):

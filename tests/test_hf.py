@@ -270,7 +270,9 @@ def test_expert_parallel_dispatches_rows_to_their_experts_where_bytes_cost(name,
     experts = [n for n in pm.plan.nodes.values() if n["op"] == "grouped_mm_fallback"]
     assert experts and all(n["inputs"][0] == (Shard(0),) and n["output"] == (Shard(0),)
                            for n in experts)
-    assert pm.code.count("grouped_mm_dispatch(") == len(experts)
+    # the rank program shows the all_to_all pair around each experts' matmul
+    for step in ("expert_dispatch(", "expert_matmul(", "expert_combine("):
+        assert pm.code.count(step) == len(experts), step
     assert "grouped_mm_local_experts" not in pm.code
     check_training(pm, ref, (), inputs, steps=STEPS)
 
@@ -287,7 +289,7 @@ def test_expert_parallel_computes_each_experts_rows_where_its_weights_live():
     experts = [fqn for fqn in pm.plan.placements if ".experts." in fqn]
     assert len(experts) == 4 and all(pm.plan.placements[f] == (Shard(0),) for f in experts)
     assert pm.code.count("grouped_mm_local_experts(") == 4  # 2 layers x (gate_up, down)
-    assert "grouped_mm_dispatch" not in pm.code
+    assert "expert_dispatch" not in pm.code
     assert not re.search(r"(all_gather|gather_shards)\(model_layers_\d_mlp_experts", pm.code)
     check_training(pm, ref, (), inputs, steps=STEPS)
 

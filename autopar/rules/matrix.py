@@ -229,7 +229,7 @@ def grouped_mm(node):
                                                      out_layout))
                   if p == Shard(0) and q == Shard(0) and o == Shard(0)]
         if routed:
-            return ("grouped_mm_dispatch", {"axis": axis_names[routed[0]]})
+            return ("grouped_mm_dispatch", {"axis": axis_names[routed[0]], "rows": rows})
         axes = tuple(axis_names[a] for a, (p, o) in enumerate(zip(in_layouts[w_slot], out_layout))
                      if p == Shard(0) and o == P)
         return ("grouped_mm_local_experts", {"axes": axes}) if axes else None

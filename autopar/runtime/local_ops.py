@@ -131,25 +131,56 @@ def _overlap(a: int, b: int, c: int, d: int) -> int:
     return max(0, min(b, d) - max(a, c))
 
 
-@rank_aware
-def grouped_mm_dispatch(input, weight, offs, *, axis: str, coords=None):
-    """Expert parallel with dispatch, ``grouped_mm_fallback(x, w, offs)`` over ``axis``:
-    ``x`` is this rank's run of the rows (sorted by expert, split evenly over the axis),
-    ``w`` this rank's experts. Each row travels to the rank holding its expert
-    (all_to_all), the experts compute their rows, and the results travel back: every row
-    is computed (no capacity drop), and the output is split as ``x`` is."""
-    from .._torch import functional_collectives
-    from .collectives import _coord, _group, _size
-    x, w = input, weight
-    n, r = _size(axis), _coord(axis)
-    ends = offs.tolist()
-    runs, owned = _routes(ends, x.shape[0] * n, n)
+def _splits(offs, rows: int, axis: str, coords=None) -> tuple:
+    """(rows this rank sends to each rank, rows it receives from each) when the whole
+    layer's ``rows`` rows, sorted by expert (``offs``), travel from the ranks holding them
+    in even runs to the ranks holding their experts."""
+    n, r = _size_and_index(axis, coords)
+    runs, owned = _routes(offs.tolist(), rows, n)
     send = [_overlap(runs[r], runs[r + 1], owned[k], owned[k + 1]) for k in range(n)]
     recv = [_overlap(runs[j], runs[j + 1], owned[r], owned[r + 1]) for j in range(n)]
-    funcol = functional_collectives()
-    mine = funcol.all_to_all_single_autograd(x.contiguous(), recv, send, _group(axis))
-    y = _experts_of(mine, w, ends, r, owned[r])
-    return funcol.all_to_all_single_autograd(y.contiguous(), send, recv, _group(axis))
+    return send, recv
+
+
+def _size_and_index(axis: str, coords) -> tuple:
+    if coords is not None:
+        c, n = coords[axis]
+        return n, c
+    from .collectives import _coord, _size
+    return _size(axis), _coord(axis)
+
+
+def _all_to_all(x, out_splits: list, in_splits: list, axis: str):
+    from .._torch import functional_collectives
+    from .collectives import _group
+    return functional_collectives().all_to_all_single_autograd(
+        x.contiguous(), out_splits, in_splits, _group(axis))
+
+
+def expert_dispatch(input, offs, *, axis: str, rows: int):
+    """Expert parallel with dispatch, step 1 of 3: this rank's run of the rows (sorted by
+    expert, ``rows`` in the whole layer, split evenly over ``axis``) goes out, each row to
+    the rank holding its expert (all_to_all); what arrives is every row of this rank's
+    experts, in order."""
+    send, recv = _splits(offs, rows, axis)
+    return _all_to_all(input, recv, send, axis)
+
+
+@rank_aware
+def expert_matmul(input, weight, offs, *, axis: str, rows: int, coords=None):
+    """Step 2 of 3: this rank's experts (``weight``) over their rows, every one of them
+    (no capacity drop)."""
+    n, r = _size_and_index(axis, coords)
+    ends = offs.tolist()
+    _, owned = _routes(ends, rows, n)
+    return _experts_of(input, weight, ends, r, owned[r])
+
+
+def expert_combine(input, offs, *, axis: str, rows: int):
+    """Step 3 of 3: each result goes back to the rank its row came from (all_to_all), so
+    the output is split as the rows were."""
+    send, recv = _splits(offs, rows, axis)
+    return _all_to_all(input, send, recv, axis)
 
 
 def _experts_of(rows, w, ends: list, rank: int, start: int):
@@ -161,22 +192,33 @@ def _experts_of(rows, w, ends: list, rank: int, start: int):
     return torch.ops.transformers.grouped_mm_fallback(rows, w, local)
 
 
-def simulated_grouped_mm_dispatch(per_rank_args: list, groups: list) -> list:
-    """:func:`grouped_mm_dispatch` over every rank's values at once (a simulated run):
-    ``per_rank_args`` holds each rank's ``(args, kwargs)``, ``groups`` the ranks along the
-    axis, in coordinate order. Plain differentiable ops: the rows of each group joined,
-    each rank's experts over their rows, the results cut back into the ranks' runs."""
-    named = [inspect.signature(grouped_mm_dispatch).bind_partial(*args, **kwargs).arguments
-             for args, kwargs in per_rank_args]
+def _named(fn, args, kwargs) -> dict:
+    return inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+
+
+def simulated_exchange(fn, per_rank_args: list, groups: list) -> list:
+    """:func:`expert_dispatch` or :func:`expert_combine` over every rank's values at once
+    (a simulated run): ``per_rank_args`` holds each rank's ``(args, kwargs)``, ``groups``
+    the ranks along the axis, in coordinate order. Plain differentiable ops: the rows of
+    each group joined, then cut as the ranks receive them."""
+    named = [_named(fn, args, kwargs) for args, kwargs in per_rank_args]
     out = [None] * len(per_rank_args)
     for group in groups:
-        n = len(group)
-        ends = named[group[0]]["offs"].tolist()
+        first = named[group[0]]
+        runs, owned = _routes(first["offs"].tolist(), first["rows"], len(group))
+        cut_in, cut_out = (runs, owned) if fn is expert_dispatch else (owned, runs)
         whole = torch.cat([named[r]["input"] for r in group])
-        runs, owned = _routes(ends, whole.shape[0], n)
-        ys = [_experts_of(whole[owned[c]:owned[c + 1]], named[rank]["weight"], ends, c,
-                          owned[c]) for c, rank in enumerate(group)]
-        y = torch.cat(ys)
         for c, rank in enumerate(group):
-            out[rank] = y[runs[c]:runs[c + 1]]
+            out[rank] = whole[cut_out[c] - cut_in[0]:cut_out[c + 1] - cut_in[0]]
     return out
+
+
+# local ops that exchange values between the ranks of an axis (simulated across ranks)
+EXCHANGES = (expert_dispatch, expert_combine)
+# a local op that is several steps, by name: the names of the op's arguments, then each
+# step's function and the arguments it takes (by name; "input" is the step before's output
+# after the first step)
+STEPS = {"grouped_mm_dispatch": (("input", "weight", "offs"),
+                                 ((expert_dispatch, ("input", "offs")),
+                                  (expert_matmul, ("input", "weight", "offs")),
+                                  (expert_combine, ("input", "offs"))))}

@@ -301,11 +301,11 @@ def _run_graph(graph, mesh: Mesh, n: int, inputs: list, attrs) -> list:
         elif node.op == "call_function" and node.target in _SIM:
             src = env[node.args[0]]
             env[node] = run_collective(node.target, src, mesh, node.args[1:])
-        elif node.op == "call_function" and node.target is local_ops.grouped_mm_dispatch:
+        elif node.op == "call_function" and node.target in local_ops.EXCHANGES:
             # rows travel between ranks: one op over every rank's values
-            env[node] = local_ops.simulated_grouped_mm_dispatch(
-                [(per_rank(node.args, r), per_rank(node.kwargs, r)) for r in range(n)],
-                _groups(mesh, node.kwargs["axis"]))
+            env[node] = local_ops.simulated_exchange(
+                node.target, [(per_rank(node.args, r), per_rank(node.kwargs, r))
+                              for r in range(n)], _groups(mesh, node.kwargs["axis"]))
         elif node.op == "call_function" and isinstance(node.target, Recomputed):
             env[node] = run_recomputed(node.target, [env[a] for a in node.args], mesh)
         elif node.op in ("call_function", "call_method"):
