@@ -19,7 +19,7 @@ from torch.fx import Node
 
 from autopar.program.placement import Shard
 from autopar.rules.core import SEGMENTS, shape_of, spec_for, tensor_inputs
-from autopar.rules.shape import _expand_ellipsis, _full, cut_sizes
+from autopar.rules.shape import cut_sizes, expand_ellipsis, one_partial_slice
 
 # How far back from a cut the segments are carried (through views, pointwise ops, the
 # projection itself and on to its weight and bias).
@@ -83,14 +83,12 @@ def _sliced_dim(node) -> tuple | None:
     if isinstance(val, (tuple, list)) or not hasattr(val, "shape"):
         return None
     items = list(index) if isinstance(index, tuple) else [index]
-    if any(not (i is None or i is Ellipsis or isinstance(i, slice)) for i in items):
-        return None
     shape = shape_of(src)
-    items = [i for i in _expand_ellipsis(items, len(shape)) if i is not None]
-    partial = [(d, i) for d, i in enumerate(items) if not _full(i, shape[d])]
-    if len(partial) != 1 or partial[0][1].step not in (None, 1):
+    found = one_partial_slice(shape, items)
+    if found is None:
         return None
-    d, item = partial[0]
+    k, d, _ = found
+    item = expand_ellipsis(items, len(shape))[k]
     start, stop, _ = item.indices(shape[d])
     return (d, start, stop) if stop > start else None
 

@@ -216,21 +216,10 @@ def _slice_of_segment(node, src, index):
     if not segments or len(tensor_inputs(node)) != 1 or any(isinstance(i, Node) for i in items):
         return None
     shape = shape_of(src)
-    items = _expand_ellipsis(items, len(shape))
-    d, out_dim, found = 0, 0, None
-    for k, item in enumerate(items):
-        if item is None:
-            out_dim += 1
-            continue
-        if not isinstance(item, slice):
-            return None
-        if not _full(item, shape[d]):
-            if found is not None or d not in segments or item.step not in (None, 1):
-                return None
-            found = (k, d, out_dim)
-        d, out_dim = d + 1, out_dim + 1
-    if found is None:
+    found = one_partial_slice(shape, items)
+    if found is None or found[1] not in segments:
         return None
+    items = expand_ellipsis(items, len(shape))
     k, d, out_dim = found
     strided = StridedShard(d, segments[d])
     bounds = [0]
@@ -252,6 +241,24 @@ def _slice_of_segment(node, src, index):
     return strided, out_dim, rewrite
 
 
+def one_partial_slice(shape, items) -> tuple | None:
+    """For an index of slices, None and Ellipsis whose slices are whole but one, a step-1
+    slice of part of its dim: (that slice's place among the index's items with Ellipsis
+    expanded, the dim it slices, the dim of the result it lands on); None otherwise."""
+    if any(not (i is None or i is Ellipsis or isinstance(i, slice)) for i in items):
+        return None
+    d, out_dim, found = 0, 0, None
+    for k, item in enumerate(expand_ellipsis(list(items), len(shape))):
+        if item is not None:
+            if not full_slice(item, shape[d]):
+                if found is not None or item.step not in (None, 1):
+                    return None
+                found = (k, d, out_dim)
+            d += 1
+        out_dim += 1
+    return found
+
+
 def _index_options(node, src, index):
     """Basic indexing: full slices keep a dim splittable, partial slices and ints do not.
     One integer tensor among full slices (``x[idx]``, ``x[:, idx]``) picks along its dim,
@@ -266,7 +273,7 @@ def _index_options(node, src, index):
     return einsum_options([in_l], out_l, linear_in=(0,))
 
 
-def _expand_ellipsis(items: list, ndim: int) -> list:
+def expand_ellipsis(items: list, ndim: int) -> list:
     explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
     if Ellipsis in items:
         k = items.index(Ellipsis)
@@ -274,7 +281,7 @@ def _expand_ellipsis(items: list, ndim: int) -> list:
     return items + [slice(None)] * (ndim - explicit)
 
 
-def _full(item, size) -> bool:
+def full_slice(item, size) -> bool:
     return isinstance(item, slice) and item.step in (None, 1) and item.start in (None, 0) \
         and (item.stop is None or item.stop >= size)
 
@@ -283,11 +290,11 @@ def basic_index_labels(shape, items) -> tuple:
     """(labels of the indexed tensor, labels of the result) for an index of slices, ints,
     None and Ellipsis: a dim is labelled (may be split) only where its slice is full."""
     in_l, out_l, d = [], [], 0
-    for item in _expand_ellipsis(list(items), len(shape)):
+    for item in expand_ellipsis(list(items), len(shape)):
         if item is None:
             out_l.append(None)
             continue
-        label = f"d{d}" if _full(item, shape[d]) else None
+        label = f"d{d}" if full_slice(item, shape[d]) else None
         in_l.append(label)
         if isinstance(item, slice):
             out_l.append(label)
@@ -300,11 +307,11 @@ def _tensor_index_options(src, items, ins):
     shape = shape_of(src)
     if len(ins) != 2 or ins[0] is not src or None in items:
         return replicated_only
-    items = _expand_ellipsis(items, len(shape))
+    items = expand_ellipsis(items, len(shape))
     where = [d for d, i in enumerate(items) if isinstance(i, Node)]
     idx = ins[1]
     if len(where) != 1 or idx.meta["val"].dtype in (torch.bool, torch.uint8) or \
-            not all(_full(i, shape[d]) for d, i in enumerate(items) if d != where[0]):
+            not all(full_slice(i, shape[d]) for d, i in enumerate(items) if d != where[0]):
         return replicated_only
     p = where[0]
     x_l = [None if d == p else f"d{d}" for d in range(len(shape))]

@@ -47,8 +47,7 @@ def grouped_mm_local_experts(x, w, offs, *, axes: tuple, coords=None):
     ends = offs.tolist()
     start = ends[first - 1] if first else 0
     stop = ends[first + per_rank - 1]
-    local = offs[first:first + per_rank] - start
-    y = torch.ops.transformers.grouped_mm_fallback(x[start:stop], w, local.to(offs.dtype))
+    y = _experts_of(x[start:stop], w, offs, index, start)
     zeros = y.new_zeros
     return torch.cat([zeros(start, y.shape[1]), y, zeros(x.shape[0] - stop, y.shape[1])])
 
@@ -131,23 +130,15 @@ def _overlap(a: int, b: int, c: int, d: int) -> int:
     return max(0, min(b, d) - max(a, c))
 
 
-def _splits(offs, rows: int, axis: str, coords=None) -> tuple:
+def _splits(offs, rows: int, axis: str) -> tuple:
     """(rows this rank sends to each rank, rows it receives from each) when the whole
     layer's ``rows`` rows, sorted by expert (``offs``), travel from the ranks holding them
     in even runs to the ranks holding their experts."""
-    n, r = _size_and_index(axis, coords)
+    r, n = _place((axis,), None)
     runs, owned = _routes(offs.tolist(), rows, n)
     send = [_overlap(runs[r], runs[r + 1], owned[k], owned[k + 1]) for k in range(n)]
     recv = [_overlap(runs[j], runs[j + 1], owned[r], owned[r + 1]) for j in range(n)]
     return send, recv
-
-
-def _size_and_index(axis: str, coords) -> tuple:
-    if coords is not None:
-        c, n = coords[axis]
-        return n, c
-    from .collectives import _coord, _size
-    return _size(axis), _coord(axis)
 
 
 def _all_to_all(x, out_splits: list, in_splits: list, axis: str):
@@ -170,10 +161,9 @@ def expert_dispatch(input, offs, *, axis: str, rows: int):
 def expert_matmul(input, weight, offs, *, axis: str, rows: int, coords=None):
     """Step 2 of 3: this rank's experts (``weight``) over their rows, every one of them
     (no capacity drop)."""
-    n, r = _size_and_index(axis, coords)
-    ends = offs.tolist()
-    _, owned = _routes(ends, rows, n)
-    return _experts_of(input, weight, ends, r, owned[r])
+    r, n = _place((axis,), coords)
+    _, owned = _routes(offs.tolist(), rows, n)
+    return _experts_of(input, weight, offs, r, owned[r])
 
 
 def expert_combine(input, offs, *, axis: str, rows: int):
@@ -183,13 +173,12 @@ def expert_combine(input, offs, *, axis: str, rows: int):
     return _all_to_all(input, send, recv, axis)
 
 
-def _experts_of(rows, w, ends: list, rank: int, start: int):
+def _experts_of(rows, w, offs, rank: int, start: int):
     """``w``'s experts (those of ``rank``) over their rows, which begin at global row
-    ``start``."""
+    ``start`` (``offs``: every expert's cumulative row end)."""
     per = w.shape[0]
-    local = torch.tensor(ends[rank * per:(rank + 1) * per], dtype=torch.int32,
-                         device=rows.device) - start
-    return torch.ops.transformers.grouped_mm_fallback(rows, w, local)
+    local = offs[rank * per:(rank + 1) * per] - start
+    return torch.ops.transformers.grouped_mm_fallback(rows, w, local.to(offs.dtype))
 
 
 def _named(fn, args, kwargs) -> dict:
