@@ -7,10 +7,13 @@ import operator
 
 import torch
 import torch.nn.functional as F
+from torch.fx import Node
 
-from autopar.program.graph import as_constant, is_foldable_constant, replace_with_constant
+from autopar.program.graph import (as_constant, is_foldable_constant, replace_with_constant,
+                                   write_buffer)
 from autopar.rules import arg, is_tensor_like, norm_dim
 from autopar.rules.names import canonical_name
+from autopar.rules.reduction import ELEMENTWISE_LOSSES
 
 from .annotate_shapes import annotate_new_nodes, annotate_shapes
 
@@ -26,6 +29,8 @@ def simplify_graph(gm, ctx):
     - ``mean`` becomes ``sum / count`` and ``cross_entropy(reduction="mean")`` becomes
       ``cross_entropy(reduction="sum") / (number of counted targets)``, so that a split batch
       or feature dim yields a Partial sum instead of a wrong local mean.
+    - ``batch_norm`` becomes its reductions and pointwise ops (statistics of a split batch
+      sum over ranks), its running statistics written back into their buffers.
     - ``x.type_as(y)`` and ``x.to(y)`` become ``x.to(dtype)``: ``y`` is read only for its dtype.
     - ``cat`` leaves out inputs of shape (0,), as torch does whatever the others' rank (an
       empty key-value cache a layer appends its first keys to): they hold nothing, and would
@@ -134,6 +139,82 @@ def _cross_entropy(graph, node):
     return out
 
 
+def _batch_norm(graph, node):
+    """``batch_norm`` as the reductions and pointwise ops it is made of, so that a split batch
+    sums its statistics over every rank (SyncBatchNorm's semantics, the sums' collectives
+    priced like any other) and each running statistic's new value is written back into its
+    buffer (:func:`~autopar.program.graph.write_buffer`), as one device updates it."""
+    if node.target is torch.batch_norm:   # (input, weight, bias, mean, var, training, m, eps, _)
+        x, w, b, rm, rv = (node.args + (None,) * 5)[:5]
+        training, momentum, eps = node.args[5:8]
+    else:
+        x, rm, rv = node.args[0], arg(node, 1, "running_mean"), arg(node, 2, "running_var")
+        w, b = arg(node, 3, "weight"), arg(node, 4, "bias")
+        training, momentum = arg(node, 5, "training", False), arg(node, 6, "momentum", 0.1)
+        eps = arg(node, 7, "eps", 1e-5)
+    val = x.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() < 2 or isinstance(momentum, Node) or \
+            any(isinstance(a, Node) for a in (training, eps)):
+        return None
+    shape = tuple(val.shape)
+    per_channel = [1, shape[1]] + [1] * (len(shape) - 2)
+
+    def insert(target, *args):
+        return _insert(graph, node, target, args)
+
+    def channels(v):  # a (C,) value, broadcast against x
+        return insert(torch.reshape, v, per_channel)
+
+    batch_stats = training or rm is None or rv is None
+    if batch_stats:
+        dims = [0] + list(range(2, len(shape)))
+        count = math.prod(shape[d] for d in dims)
+        mean = insert(operator.truediv, insert(torch.sum, x, dims, True), count)
+        centered = insert(operator.sub, x, mean)
+        squares = insert(operator.mul, centered, centered)
+        var = insert(operator.truediv, insert(torch.sum, squares, dims, True), count)
+    else:
+        mean, var = channels(rm), channels(rv)
+        centered = insert(operator.sub, x, mean)
+    out = insert(operator.mul, centered, insert(torch.rsqrt, insert(operator.add, var, eps)))
+    if w is not None:
+        out = insert(operator.mul, out, channels(w))
+    if b is not None:
+        out = insert(operator.add, out, channels(b))
+    if training and rm is not None and rv is not None:
+        unbiased = count / max(count - 1, 1)
+        for buffer, stat, scale in ((rm, mean, 1.0), (rv, var, unbiased)):
+            new = insert(operator.add, insert(operator.mul, buffer, 1.0 - momentum),
+                         insert(operator.mul, insert(torch.reshape, insert(torch.detach, stat),
+                                                     [shape[1]]), momentum * scale))
+            insert(write_buffer, buffer, new)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return out
+
+
+def _elementwise_mean_loss(graph, node):
+    """An elementwise loss's ``reduction="mean"`` as its sum divided by the element count,
+    so that a split batch sums over ranks (a rank's mean is not its share of the mean)."""
+    names = ELEMENTWISE_LOSSES[node.meta["autopar.op"]].split()
+    bound = dict(zip(names, node.args)) | dict(node.kwargs)
+    shapes = [getattr(bound.get(k), "meta", {}).get("val") for k in ("input", "target")]
+    if bound.get("reduction", "mean") != "mean" or bound.get("size_average") is not None or \
+            bound.get("reduce") is not None or bound.get("weight") is not None or \
+            not all(isinstance(v, torch.Tensor) for v in shapes):
+        return None
+    node.args, node.kwargs = (), {**bound, "reduction": "sum"}
+    count = math.prod(torch.broadcast_shapes(*(v.shape for v in shapes)))
+    with graph.inserting_after(node):
+        out = graph.call_function(operator.truediv, (node, count))
+    out.meta["autopar.op"] = canonical_name(out)
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in node.meta:
+            out.meta[key] = node.meta[key]
+    node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+    return out
+
+
 def _type_as(graph, node):
     other = node.args[1] if len(node.args) > 1 else None
     if node.meta["autopar.op"] == "to" and not (hasattr(other, "meta") and
@@ -169,6 +250,7 @@ def _empty_vector(value) -> bool:
 
 
 # each rewrite returns the node that now computes the value, or None where it changes nothing
-_REWRITES = {"mean": _mean, "cross_entropy": _cross_entropy, "cross_entropy_loss": _cross_entropy,
-             "type_as": _type_as, "to": _type_as, "cat": _cat, "concat": _cat,
-             "concatenate": _cat}
+_REWRITES = {"mean": _mean, "batch_norm": _batch_norm, "cross_entropy": _cross_entropy,
+             "cross_entropy_loss": _cross_entropy, "type_as": _type_as, "to": _type_as,
+             "cat": _cat, "concat": _cat, "concatenate": _cat,
+             **{name: _elementwise_mean_loss for name in ELEMENTWISE_LOSSES}}

@@ -36,7 +36,7 @@ import torch.fx as fx
 from torch.fx import Node
 
 from autopar.errors import PlanError
-from autopar.program.graph import where
+from autopar.program.graph import where, write_buffer
 from autopar.program.placement import Partial, Replicate, Shard, is_partial, is_replicate, is_shard
 from autopar.rules import candidates, even_combos, is_tensor_like, shape_of, tensor_inputs
 from autopar.rules.names import canonical_name
@@ -155,6 +155,9 @@ def _analyse(gm, micro_batches: int, input_names: list, hints: dict) -> BatchSpl
             d = split.input_dims.get(node)
             split.placements[node] = R if d is None else Shard(d)
         elif node.op in ("call_function", "call_method"):
+            if node.target is write_buffer:
+                split.refused.append((node.args[0], node, "writes a buffer, once a step on one "
+                                      "device but once a micro-batch here"))
             _place(node, split, hints.get(node))
             if is_replicate(split.placements[node]) and any(
                     a in split.whole or a in split.derived for a in tensor_inputs(node)):

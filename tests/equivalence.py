@@ -42,9 +42,11 @@ def loss_of(out, probe_seed=1):
     return sum((x * torch.randn(x.shape, generator=g)).sum() for x in leaves)
 
 
-def check_training(pm, ref: torch.nn.Module, inputs, kwargs=None, steps=("sgd", "adamw")):
-    """Forward, backward, then one step of each optimizer in ``steps``; after each, compare
-    outputs, every gradient and every parameter. Returns the worst relative error seen."""
+def check_training(pm, ref: torch.nn.Module, inputs, kwargs=None, steps=("sgd", "adamw"),
+                   adamw=None):
+    """Forward, backward, then one step of each optimizer in ``steps`` (``adamw``: AdamW's
+    options, ADAMW by default); after each, compare outputs, every gradient and every
+    parameter. Returns the worst relative error seen."""
     kwargs = kwargs or {}
     worst = 0.0
     for i, name in enumerate(steps):
@@ -65,7 +67,7 @@ def check_training(pm, ref: torch.nn.Module, inputs, kwargs=None, steps=("sgd", 
         # AdamW's first step is about lr * sign(g) wherever |g| >> eps, so an entry whose true
         # gradient is zero (a key bias: softmax ignores a shift shared by a row) would turn
         # float rounding into an lr-sized step on either side; eps keeps such entries still.
-        opt_args = dict(lr=0.1) if name == "sgd" else dict(lr=1e-3, weight_decay=0.01, eps=1e-5)
+        opt_args = dict(lr=0.1) if name == "sgd" else adamw or ADAMW
         opt, ref_opt = opt_cls(pm.parameters(), **opt_args), opt_cls(ref.parameters(), **opt_args)
         opt.step()
         ref_opt.step()
@@ -76,6 +78,21 @@ def check_training(pm, ref: torch.nn.Module, inputs, kwargs=None, steps=("sgd", 
         for fqn, p in ref.named_parameters():
             worst = max(worst, assert_close(state[fqn], p, f"{name} step: parameter {fqn}",
                                             floor))
+        worst = max(worst, check_buffers(state, ref, f"{name} step"))
+    return worst
+
+
+def check_buffers(state: dict, ref: torch.nn.Module, what: str) -> float:
+    """Every buffer of ``ref`` the program holds (running statistics, counters) equal to the
+    one device's: floating-point ones within RTOL, others exactly. Returns the worst error."""
+    worst = 0.0
+    for fqn, b in ref.named_buffers():
+        if fqn not in state:
+            continue
+        if b.is_floating_point():
+            worst = max(worst, assert_close(state[fqn], b, f"{what}: buffer {fqn}"))
+        else:
+            assert torch.equal(state[fqn], b), f"{what}: buffer {fqn} {state[fqn]} != {b}"
     return worst
 
 
@@ -125,16 +142,16 @@ def count_launches(pm) -> list:
     return count
 
 
-def check_steps(pm, ref: torch.nn.Module, batches, kwargs=None, adamw=None):
+def check_steps(pm, ref: torch.nn.Module, batches, kwargs=None, adamw=None, sgd=None):
     """``loss = pm.step(*batch)`` against the single-device model, one AdamW step per batch
-    (``adamw``: its options, ADAMW by default): the loss and every gradient after each step's
-    backward, every parameter after each optimizer step. Returns (worst relative error,
-    gradient all-reduce launches per step)."""
+    (``adamw``: its options, ADAMW by default; ``sgd``: a learning rate for SGD instead): the
+    loss and every gradient after each step's backward, every parameter and buffer after each
+    optimizer step. Returns (worst relative error, gradient all-reduce launches per step)."""
     kwargs, adamw = kwargs or {}, adamw or ADAMW
     worst, launches = 0.0, []
     count = count_launches(pm)
-    opt, ref_opt = torch.optim.AdamW(pm.parameters(), **adamw), \
-        torch.optim.AdamW(ref.parameters(), **adamw)
+    opt_cls, opt_args = (torch.optim.SGD, dict(lr=sgd)) if sgd else (torch.optim.AdamW, adamw)
+    opt, ref_opt = opt_cls(pm.parameters(), **opt_args), opt_cls(ref.parameters(), **opt_args)
     for i, batch in enumerate(batches):
         before = count[0]
         loss = pm.step(*batch, **kwargs)
@@ -159,6 +176,7 @@ def check_steps(pm, ref: torch.nn.Module, batches, kwargs=None, adamw=None):
         for fqn, p in ref.named_parameters():
             worst = max(worst, assert_close(state[fqn], p, f"step {i}: parameter {fqn}",
                                             floor))
+        worst = max(worst, check_buffers(state, ref, f"step {i}"))
     return worst, launches
 
 

@@ -16,6 +16,8 @@ plans shard all heavy ops. On (2, 2) the plans use ``level="fast"``: the exact p
 
 from __future__ import annotations
 
+import copy
+
 import fnmatch
 import math
 import re
@@ -294,9 +296,9 @@ def test_expert_parallel_computes_each_experts_rows_where_its_weights_live():
     check_training(pm, ref, (), inputs, steps=STEPS)
 
 
-def test_indexed_assignment_into_a_buffer_is_refused():
-    """Each rank holds only its slice of a buffer, so writing into one is refused at capture
-    with the remedy, not planned into a program that would write a local copy."""
+def test_indexed_assignment_into_a_buffer_writes_every_ranks_copy():
+    """``self.seen[ids] = 1`` (a cache written in forward, as transformers models keep them):
+    captured through Dynamo, every rank's copy of the buffer holds what one device's holds."""
     class Writes(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -307,10 +309,15 @@ def test_indexed_assignment_into_a_buffer_is_refused():
             self.seen[ids] = 1.0
             return self.proj(x).sum() + self.seen.sum()
 
-    with pytest.raises(autopar.CaptureError, match=r"indexed assignment writes into get_attr "
-                                                    r"'seen'.*out of place"):
-        autopar.plan(Writes(), autopar.Cluster.local(2, measure=False),
-                     example_inputs={"x": torch.randn(2, 4), "ids": torch.tensor([1, 3])})
+    torch.manual_seed(0)
+    model = Writes()
+    ref = copy.deepcopy(model)
+    inputs = {"x": torch.randn(2, 4), "ids": torch.tensor([1, 3])}
+    pm = autopar.compile(model, autopar.Cluster.local(2, measure=False), example_inputs=inputs,
+                         mesh={"dp": 2}, simulate=True)
+    assert "write_buffer" in pm.code
+    assert torch.allclose(pm(**inputs), ref(**inputs), rtol=1e-5, atol=0)
+    assert torch.equal(pm.full_state_dict()["seen"], ref.seen) and ref.seen.sum() == 2
 
 
 def _write_through_view(x, w, read_base: bool = False):

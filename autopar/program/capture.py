@@ -7,11 +7,15 @@ and to rebuild the user's output structure (tuple, dict, a transformers ModelOut
 
 ``torch.fx.symbolic_trace`` is tried first; where it fails (data-dependent Python, nested
 containers of tensors, most Hugging Face models) Dynamo captures with ``fullgraph=True``
-through a backend that records the graph and never runs it.
+through a backend that records the graph and never runs it. Dynamo is tried too where the
+trace holds calls that fx left opaque (functions registered with ``torch.fx.wrap``, as
+torchvision's Swin attention and stochastic depth are): Dynamo traces into them, and no
+rule could split them as one op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 import re
@@ -23,7 +27,7 @@ import torch.fx as fx
 
 from .._torch import dynamo_ignoring, lazy_graph_module, tree_flatten, tree_unflatten
 from ..errors import CaptureError, InputError
-from .graph import replace_with_constant, setitem, user_frame
+from .graph import replace_with_constant, setitem, user_frame, write_buffer
 
 
 @dataclass
@@ -128,7 +132,8 @@ def capture(model, example_inputs) -> Captured:
     sig = _signature(fn)
     named = _bind(sig, args, kwargs)
     try:
-        return _symbolic(model, sig, named)
+        with _state_kept(model):
+            traced = _symbolic(model, sig, named)
     except Exception as first:  # noqa: BLE001 - any trace failure sends us to Dynamo
         try:
             return _dynamo(model, sig, args, kwargs, named)
@@ -141,6 +146,52 @@ def capture(model, example_inputs) -> Captured:
                 f"{type(second).__name__}: {str(second).splitlines()[0] if str(second) else ''}. "
                 "Remove graph breaks (data-dependent Python control flow, .item(), printing) "
                 "from forward, or run autopar.examine to see where") from second
+    if not _opaque_calls(traced.gm):
+        return traced
+    try:
+        return _dynamo(model, sig, args, kwargs, named)
+    except Exception:  # noqa: BLE001 - the trace stands, its opaque calls replicated
+        return traced
+
+
+def _opaque_calls(gm) -> list:
+    """The call nodes of a symbolic trace whose target is a Python function outside torch:
+    fx records such a call (a function registered with ``torch.fx.wrap``) without tracing
+    into it; every other call it records is a torch op, a tensor method or an operator."""
+    return [n for n in gm.graph.nodes if n.op == "call_function"
+            and inspect.isfunction(n.target)
+            and (getattr(n.target, "__module__", None) or "").split(".")[0] != "torch"]
+
+
+@contextlib.contextmanager
+def _state_kept(model, strict: bool = True):
+    """Put back any parameter or buffer that tracing assigned a new value to (``self.steps +=
+    1`` assigns a Proxy under fx, a marker under Dynamo). With ``strict`` (fx), buffers are
+    copies while tracing and the trace fails where one was assigned or written in place:
+    fx runs an op on a buffer alone (``self.ema.mul_(0.9)``) on the tensor itself, so its
+    graph misses it (Dynamo's records both)."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    held = [(owner, table, name, value) for owner in model.modules()
+            for table in (owner._parameters, owner._buffers) for name, value in table.items()]
+    copies = {}
+    if strict:
+        for owner, table, name, value in held:
+            if table is owner._buffers and value is not None:
+                copies[id(owner), name] = table[name] = value.detach().clone()
+    versions = {key: t._version for key, t in copies.items()}
+    try:
+        yield
+    finally:
+        changed = [name for owner, table, name, value in held
+                   if table.get(name) is not copies.get((id(owner), name), value) or
+                   (id(owner), name) in copies and
+                   copies[id(owner), name]._version != versions[id(owner), name]]
+        for owner, table, name, value in held:
+            table[name] = value
+    if changed and strict:
+        raise CaptureError(f"forward writes {changed}: left to Dynamo")
 
 
 class _Tracer(fx.Tracer):
@@ -201,8 +252,9 @@ def _symbolic(model, sig, named) -> Captured:
         else:
             out_leaves.append(("const", leaf))
     out_node.args = (tuple(flat),)
-    _drop_unused(gm)
     params, buffers, _ = _state(model)
+    _functional_setitem(gm, set(params))
+    _drop_unused(gm)
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     gm.recompile()
     return Captured(gm, sig, names, tree_flatten(tensors)[1], list(tensors.values()), spec,
@@ -225,24 +277,26 @@ def _drop_unused(gm):
 
 
 def _impure(node) -> bool:
-    if node.op == "call_function" and node.target is operator.setitem:
+    if node.op == "call_function" and node.target in (operator.setitem, write_buffer):
         return True
     return node.op == "call_method" and str(node.target).endswith("_") and \
         not str(node.target).startswith("__")
 
 
-def _functional_setitem(gm) -> None:
+def _functional_setitem(gm, params: set) -> None:
     """Rewrite ``x[index] = value`` (Dynamo records ``operator.setitem``, a node with no users)
-    into ``y = setitem(x, index, value)`` on a copy; later readers of ``x`` read ``y``.
-    Writing into an input, a parameter or a view read again later is refused: each rank
+    into ``y = setitem(x, index, value)`` on a copy; later readers of ``x`` read ``y``. Where
+    ``x`` is a buffer, :func:`~autopar.program.graph.write_buffer` then stores ``y`` into it.
+    Writing into an input, a parameter or a view of a tensor read later is refused: each rank
     holds only a slice of inputs and parameters, and a copy would not update a view's base."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not operator.setitem:
             continue
         dst = node.args[0]
-        if not isinstance(dst, fx.Node) or dst.op in ("placeholder", "get_attr") or \
-                _aliases_read_later(dst, order, order[node]):
+        buffer = isinstance(dst, fx.Node) and dst.op == "get_attr" and dst.target not in params
+        if not isinstance(dst, fx.Node) or dst.op == "placeholder" or \
+                dst.op == "get_attr" and not buffer or _aliases_read_later(dst, order, order[node]):
             what = f"{dst.op} {dst.target!r}" if isinstance(dst, fx.Node) else repr(dst)
             raise CaptureError(f"{node.name}: an indexed assignment writes into {what}, "
                                "an input, parameter or view of a tensor read later; write "
@@ -250,6 +304,9 @@ def _functional_setitem(gm) -> None:
                                "x = x.index_put(...)) or into a fresh tensor (x.clone())")
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(setitem, node.args)
+            if buffer:
+                write = gm.graph.call_function(write_buffer, (dst, new))
+                write.meta.update(node.meta)
         new.meta.update(node.meta)
         for user in list(dst.users):
             if user is not node and order.get(user, -1) > order[node]:
@@ -314,7 +371,7 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
 
     torch.compiler.reset()
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
-    with dynamo_ignoring(_logging_methods()):
+    with dynamo_ignoring(_logging_methods()), _state_kept(model, strict=False):
         result = compiled(*args, **kwargs)
     torch.compiler.reset()
     gm = recorded["gm"]
@@ -376,7 +433,7 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
     out_node.args = (tuple(tree_flatten(out_node.args[0])[0]),)
     new = _graph_module(gm, gm.graph, type(model).__name__
                         if isinstance(model, torch.nn.Module) else "fn")
-    _functional_setitem(new)
+    _functional_setitem(new, set(used_params))
     _drop_unused(new)
     new.recompile()
     return Captured(new, sig, input_names, in_spec, flat_inputs, out_spec, out_leaves,

@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 from torch.fx import Node
 
-from .._torch import lazy_graph_module, tree_map
+from .._torch import lazy_graph_module
 
 
 def fetch_attr(module, target: str):
@@ -25,8 +25,9 @@ def fetch_attr(module, target: str):
 def replace_with_constant(node: Node, value) -> None:
     """Substitute ``value`` for ``node`` in the arguments of every user, then drop it."""
     for user in list(node.users):
-        user.args = tree_map(lambda a: value if a is node else a, user.args)
-        user.kwargs = tree_map(lambda a: value if a is node else a, user.kwargs)
+        # map_aggregate: through slices too (x[:, :n] with n a size)
+        user.args = fx.node.map_aggregate(user.args, lambda a: value if a is node else a)
+        user.kwargs = fx.node.map_aggregate(user.kwargs, lambda a: value if a is node else a)
     node.graph.erase_node(node)
 
 
@@ -74,6 +75,22 @@ def setitem(x, index, value):
     out = x.clone()
     out[index] = value
     return out
+
+
+def copy_into(x, src):
+    """``x.copy_(src)`` out of place: ``src`` cast to ``x``'s dtype and broadcast to its
+    shape, a new tensor (normalize_graph puts it in the place of ``copy_``)."""
+    return src.to(device=x.device, dtype=x.dtype).expand(x.shape).clone()
+
+
+@fx.node.has_side_effect
+def write_buffer(buffer, value):
+    """Store ``value`` into ``buffer`` in place, outside autograd, and return ``buffer``: the
+    write of a buffer's new value (a running mean, a step counter) that normalize_graph puts
+    right after the out-of-place op computing it. Readers after it read ``value`` itself."""
+    with torch.no_grad():
+        buffer.copy_(value)
+    return buffer
 
 
 def is_foldable_constant(val) -> bool:

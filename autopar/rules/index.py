@@ -84,3 +84,13 @@ def setitem(node):
     off = len(region) - len(vs)
     v_l = [region_l[j + off] if vs[j] == region[j + off] else None for j in range(len(vs))]
     return _spec(node, einsum_options([x_l, v_l], x_l) + (((P, P), P),))
+
+
+@register("write_buffer")
+def write_buffer(node):
+    """A buffer's new value stored into it (``autopar.program.graph.write_buffer``): the value
+    arrives in the buffer's own layout, so that each rank stores its own piece; never a
+    Partial (each rank stores what one device would)."""
+    buffer, value = node.args
+    labels = [f"d{d}" for d in range(len(shape_of(buffer)))]
+    return OpSpec(einsum_options([labels, labels], labels), 0.0, io_bytes(node))

@@ -27,7 +27,7 @@ UNARY = [
     "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
     "bitwise_and", "bitwise_or", "maximum", "minimum", "fmod", "remainder", "floordiv",
     "bool", "int", "long", "zeros_like", "empty_like", "ones_like", "full_like", "rand_like",
-    "randn_like", "atan2", "lerp",
+    "randn_like", "atan2", "lerp", "copy_into",
 ]
 # Ops linear in all their tensor inputs together: Partial in, Partial out, when every
 # tensor input is Partial and no scalar is added.

@@ -130,7 +130,7 @@ def histc(node):
 
 
 # elementwise losses: canonical name -> parameter names in signature order
-_ELEMENTWISE_LOSSES = {
+ELEMENTWISE_LOSSES = {
     "mse_loss": "input target size_average reduce reduction weight",
     "l1_loss": "input target size_average reduce reduction weight",
     "smooth_l1_loss": "input target size_average reduce reduction beta",
@@ -141,13 +141,13 @@ _ELEMENTWISE_LOSSES = {
 }
 
 
-@register(*_ELEMENTWISE_LOSSES)
+@register(*ELEMENTWISE_LOSSES)
 def elementwise_loss(node):
     """A loss per element, then reduced: "none" splits like a pointwise op, "sum" splits any
     dim and leaves a Partial sum. "mean" keeps everything whole: a rank's mean over its
     piece is not its share of the global mean."""
     ins = tensor_inputs(node)
-    names = _ELEMENTWISE_LOSSES[node.meta["autopar.op"]].split()
+    names = ELEMENTWISE_LOSSES[node.meta["autopar.op"]].split()
     bound = dict(zip(names, node.args)) | dict(node.kwargs)
     reduction = bound.get("reduction", "mean")
     legacy = bound.get("size_average") is not None or bound.get("reduce") is not None

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from torch.fx import Node
 
 from ..errors import PlanError, closest
-from ..program.graph import module_path
+from ..program.graph import module_path, write_buffer
 from ..program.mesh import Mesh
 from ..program.placement import (Partial, Replicate, Shard, StridedShard, divides, format_layout,
-                                 parse_layout)
+                                 parse_layout, replicated)
 from ..rules import Strategy, shape_of
 from ..rules.core import SEGMENTS
 from ..rules.traits import CARRY_LAYOUT
@@ -92,8 +92,17 @@ def resolve_pins(constraints, storage, sources: dict, mesh: Mesh) -> Pins:
     params = [name for name, n in sources.items() if n.op == "get_attr"]
     used = resolve_constraints(constraints, list(shapes), shapes, mesh)
     held = resolve_constraints(storage, params, shapes, mesh, kind="storage")
+    for name in params:   # a buffer the program writes is used as held (whole by default)
+        if name not in used and _written(sources[name]):
+            used[name] = held.get(name, replicated(mesh.ndim))
     stored = {sources[name]: layout for name, layout in {**used, **held}.items()}
     return Pins(stored, {sources[name]: layout for name, layout in used.items()})
+
+
+def _written(node) -> bool:
+    """Whether the program writes into buffer ``node`` (a :func:`write_buffer` reads it): each
+    rank writes its copy whole, where it reads it, so that no collective stands between."""
+    return any(user.target is write_buffer and user.args[0] is node for user in node.users)
 
 
 def source_options(node, mesh, pinned) -> list:
