@@ -104,6 +104,14 @@ def training_cases(world):
                 yield f"hf-{family}-padded-microbatch-{m}", f"hf-{family}-padded", dict(
                     mesh={"dp": 2}, cluster=slow_devices(2), micro_batches=m, use_step=True,
                     adamw=dict(lr=1e-3, eps=1e-3), sums_gradients=None)
+    if world == 2:
+        # BatchNorm with the batch split: statistics of the whole batch, and running
+        # statistics and counters on every rank as one device's; eval() reads them
+        for name in ("bn1d", "bn2d", "bn3d", "bn2d-eval"):
+            yield f"{name}-dataparallel-2", name, dict(
+                mesh={"dp": 2}, cluster=slow_devices(2),
+                constraints={"x": "S(0)", "target": "S(0)"},
+                expect=None if name.endswith("eval") else "write_buffer(")
     if world in (2, 4):
         families = ("mixtral",) if world == 2 else ("mixtral", "qwen3_moe")
         for family in families:
@@ -168,6 +176,16 @@ def make_model(name):
             return GPT(cfg), tiny_batch(cfg, batch=8), {}
         cfg = LlamaConfig(n_layers=4)
         return Llama(cfg), tiny_batch(cfg, batch=8), {}
+    if name.startswith("bn"):
+        import test_batchnorm
+        dims = int(name[2])
+        model, args = test_batchnorm.make_bn(dims)
+        if name.endswith("-eval"):
+            with torch.no_grad():
+                for batch in test_batchnorm.batches(dims):
+                    model(*batch)
+            model.eval()
+        return model, args, {}
     if name == "llama-long":
         import test_long_sequences
         model, batch = test_long_sequences.long_llama(seq=64)
