@@ -1,10 +1,11 @@
 import os
-import runpy
 import sys
+
+import pytest
+import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # workers side by side on the cores: a thread each (torch's own would spin against them)
-    import torch
     torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,8 +14,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = os.path.join(ROOT, "tests", "site")
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [SITE] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-if not getattr(sys.modules.get("sitecustomize"), "__file__", "").startswith(SITE):
-    _SITE_GLOBALS = runpy.run_path(os.path.join(SITE, "sitecustomize.py"))  # this process
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from vision_models import define_missing_torchvision_ops  # noqa: E402
+
+define_missing_torchvision_ops()  # this process
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models, whose ops take microseconds: intra-op threads cost more
+    than they save, and far more when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

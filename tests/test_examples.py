@@ -20,7 +20,9 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 @pytest.mark.processes
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_example_runs(script):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "examples"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT / "examples")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                    if p]))
     done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -41,14 +41,7 @@ HEAVY = {"linear", "addmm", "matmul", "bmm", "scaled_dot_product_attention", "co
          "grouped_mm_fallback"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models' ops take microseconds: intra-op threads cost more than they save, and
-    far more when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny ops, one thread
 
 
 def _ids(seed: int = 0) -> torch.Tensor:

@@ -32,13 +32,7 @@ COLLECTIVE = re.compile(r"autopar_runtime_collectives_(all_reduce|all_gather|red
                         r"all_to_all|grad_sum|shard|gather_shards)\(")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Ops on these tiny models take microseconds: intra-op threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny ops, one thread
 
 
 def compile_sim(model, example, mesh, **options):

@@ -157,10 +157,12 @@ def capture(model, example_inputs) -> Captured:
 def _opaque_calls(gm) -> list:
     """The call nodes of a symbolic trace whose target is a Python function outside torch:
     fx records such a call (a function registered with ``torch.fx.wrap``) without tracing
-    into it; every other call it records is a torch op, a tensor method or an operator."""
+    into it; every other call it records is a torch op, a tensor method, an operator or one
+    capture itself put in."""
     return [n for n in gm.graph.nodes if n.op == "call_function"
             and inspect.isfunction(n.target)
-            and (getattr(n.target, "__module__", None) or "").split(".")[0] != "torch"]
+            and (getattr(n.target, "__module__", None) or "").split(".")[0]
+            not in ("torch", "autopar")]   # autopar's: the out-of-place forms capture writes
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ Rules are grouped by op family in this package; adding an op touches one file.
 from __future__ import annotations
 
 # importing each op family registers its rules
-from . import factory, index, matrix, pointwise, reduction, shape  # noqa: E402,F401
+from . import factory, fused, index, matrix, pointwise, pool, reduction, shape  # noqa: E402,F401
 from .core import (OpSpec, P, R, Strategy, arg, broadcast_labels, candidates, einsum_flops,
                    einsum_options, even_combos, io_bytes, is_tensor_like, known_ops,
                    make_strategies, norm_dim, num_bytes_of, out_vals, register, replicated_options,

@@ -84,10 +84,12 @@ def known_ops() -> list:
 # -- facts about nodes -------------------------------------------------------------------------
 
 def is_tensor_like(val) -> bool:
+    """A tensor, or a tuple or list of tensors, where some entries may be None (outputs an
+    op leaves out: multi-head attention's weights unless asked for)."""
     if isinstance(val, torch.Tensor):
         return True
-    return isinstance(val, (tuple, list)) and len(val) > 0 and all(
-        isinstance(v, torch.Tensor) for v in val)
+    return isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val) \
+        and all(v is None or isinstance(v, torch.Tensor) for v in val)
 
 
 def tensor_inputs(node: Node) -> list:
@@ -126,7 +128,7 @@ def _collect_nodes(tree, found: dict) -> None:
 def shape_of(node_or_val) -> tuple:
     val = node_or_val.meta["val"] if isinstance(node_or_val, Node) else node_or_val
     if isinstance(val, (tuple, list)):
-        val = val[0]
+        val = next(v for v in val if v is not None)
     return tuple(int(s) for s in val.shape)
 
 
@@ -235,7 +237,7 @@ def candidates(node: Node) -> tuple:
     repeat strategies), and the shapes of its inputs and output."""
     spec = spec_for(node)
     ins = tensor_inputs(node)
-    shapes = [[shape_of(v) for v in out_vals(a)] for a in ins]
+    shapes = [[shape_of(v) for v in out_vals(a) if v is not None] for a in ins]
     shapes.append([tuple(v.shape) for v in out_vals(node) if isinstance(v, torch.Tensor)])
     columns = list(dict.fromkeys(
         tuple(o[0][i] for i in range(len(ins))) + (o[1],)

@@ -7,10 +7,12 @@ from __future__ import annotations
 # Backward FLOPs relative to forward: a contraction computes two GEMMs (grad of each input),
 # elementwise ops about one pass.
 CONTRACTIONS = frozenset({"linear", "matmul", "bmm", "mm", "addmm", "baddbmm", "addbmm",
-                          "einsum", "scaled_dot_product_attention"})
+                          "einsum", "scaled_dot_product_attention",
+                          "multi_head_attention_forward"})
 # Ops that contract a parameter with their input: a parameter split there is column- or
 # row-parallel.
-WEIGHT_CONTRACTIONS = CONTRACTIONS - {"scaled_dot_product_attention"} | {
+WEIGHT_CONTRACTIONS = CONTRACTIONS - {"scaled_dot_product_attention",
+                                       "multi_head_attention_forward"} | {
     "grouped_mm_fallback", "conv1d", "conv2d", "conv3d"}
 
 # Ops that launch no kernel: they return a view of their input's storage.

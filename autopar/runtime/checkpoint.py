@@ -45,6 +45,8 @@ _DISPATCHED = {
         "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
         "_scaled_dot_product_fused_attention_overrideable", "bmm", "baddbmm"),
+    "multi_head_attention_forward": ("_native_multi_head_attention", "addmm", "mm", "bmm",
+                                     "baddbmm"),
 }
 
 # collectives of torch.distributed._functional_collectives (and their waits)
