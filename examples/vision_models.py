@@ -156,3 +156,70 @@ def timm_convnext():
 FAMILIES = {"resnet18": resnet18, "resnet50": resnet50, "mobilenet_v3": mobilenet_v3,
             "convnext": convnext, "vit": vit, "swin": swin, "timm_vit": timm_vit,
             "timm_convnext": timm_convnext}
+
+
+# -- Alpa's Wide-ResNet ------------------------------------------------------------------------
+
+# Alpa's benchmark configurations (benchmark/alpa/suite_wresnet.py): name -> (layers, base
+# channels, width factor), on 224x224 images, 1024 classes; planned on 8 to 64 GPUs
+WIDE_RESNETS = {"250M": (50, 160, 2), "500M": (50, 224, 2), "1B": (50, 320, 2),
+                "2B": (50, 448, 2), "4B": (50, 640, 2), "6.8B": (50, 320, 16),
+                "13B": (101, 320, 16)}
+
+
+class _WideBottleneck(torch.nn.Module):
+    """1x1 to ``filters``, 3x3 (strided) to ``filters * width``, 1x1 to ``filters * 4``, each
+    with BatchNorm; a projection where the shape changes."""
+
+    def __init__(self, c_in: int, filters: int, width: int, stride: int):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(c_in, filters, 1, bias=False), nn.BatchNorm2d(filters)
+        self.conv2 = nn.Conv2d(filters, filters * width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(filters * width)
+        self.conv3 = nn.Conv2d(filters * width, filters * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(filters * 4)
+        self.proj = None
+        if stride != 1 or c_in != filters * 4:
+            self.proj = nn.Sequential(nn.Conv2d(c_in, filters * 4, 1, stride, bias=False),
+                                      nn.BatchNorm2d(filters * 4))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return torch.relu(y + (x if self.proj is None else self.proj(x)))
+
+
+class WideResNet(torch.nn.Module):
+    """The Wide-ResNet of Alpa's benchmarks: a 7x7 stem, a 3x3 max pool, then bottleneck
+    stages of ``channels * 2**i`` filters whose 3x3 convolutions are ``width`` times wider,
+    the mean over the image, and a linear classifier."""
+
+    def __init__(self, layers: int = 50, channels: int = 320, width: int = 2,
+                 classes: int = 1024):
+        super().__init__()
+        nn = torch.nn
+        stages = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[layers]
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 7, 2, 3, bias=False),
+                                  nn.BatchNorm2d(channels), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        blocks, c_in = [], channels
+        for i, count in enumerate(stages):
+            for j in range(count):
+                filters = channels * 2 ** i
+                blocks.append(_WideBottleneck(c_in, filters, width, 2 if i and not j else 1))
+                c_in = filters * 4
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(c_in, classes)
+
+    def forward(self, images):
+        return self.head(self.blocks(self.stem(images)).mean((2, 3)))
+
+
+def wide_resnet(name: str, device="meta") -> WideResNet:
+    """One of Alpa's Wide-ResNets (:data:`WIDE_RESNETS`), by default on the meta device
+    (shapes only: planned without memory)."""
+    layers, channels, width = WIDE_RESNETS[name]
+    with torch.device(device):
+        return WideResNet(layers, channels, width)
