@@ -7,7 +7,7 @@ import operator
 from torch.fx import Node
 
 from autopar.errors import CaptureError
-from autopar.program.graph import copy_into, write_buffer
+from autopar.program.graph import copy_into, setitem, where, write_buffer
 from autopar.rules.names import canonical_name
 
 _INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub,
@@ -21,8 +21,11 @@ def normalize_graph(gm, ctx):
     ``y = x.add(z)`` and later readers of ``x`` read ``y``. Where ``x`` is a buffer (or what
     an earlier in-place op on one returned), :func:`~autopar.program.graph.write_buffer`
     stores ``y`` into it right after, so that every rank's copy holds what one device's
-    would. Mutating an input, a parameter or a view of a buffer is refused: each rank holds
-    only its own slice of inputs and parameters, and a copy would not update a view's base.
+    would. An in-place op on an indexed view, ``x[..., :n].copy_(y)``, also puts
+    ``x = setitem(x, index, result)`` after it, so later readers of ``x`` (or of the buffer
+    ``x``) see the write. Mutating an input, a parameter, or another view (``x.view(...)``,
+    ``x.transpose(...)``) of a value read later is refused: each rank holds only its own slice
+    of inputs and parameters, and a copy would not update a view's base.
     """
     _one_read_per_attr(gm.graph)
     params = set(ctx.param_fqns)
@@ -31,19 +34,7 @@ def normalize_graph(gm, ctx):
     for node in list(gm.graph.nodes):
         inplace = _inplace_base(node)
         if inplace is not None:
-            src = node.args[0]
-            buffer = _written_buffer(node, src, params, buffer_of)
-            if inplace == "copy":
-                node.op, node.target = "call_function", copy_into
-                node.args, node.kwargs = node.args[:2], {}
-            else:
-                node.target = inplace
-            for user in list(src.users):
-                if user is not node and _after(node, user):
-                    user.replace_input_with(src, node)
-            if buffer is not None:
-                _write(gm.graph, node, buffer, last_write)
-                buffer_of[node] = buffer
+            _out_of_place(gm.graph, node, inplace, params, buffer_of, last_write)
         if node.op in ("call_function", "call_method"):
             node.meta["autopar.op"] = canonical_name(node)
         else:
@@ -51,6 +42,88 @@ def normalize_graph(gm, ctx):
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _out_of_place(graph, node, inplace: str, params: set, buffer_of: dict,
+                  last_write: dict) -> None:
+    """Rewrite the in-place op ``node`` out of place; see :func:`normalize_graph`."""
+    src = node.args[0]
+    base, index = _indexed(src)
+    if base is not None:
+        buffer = None
+        base_buffer = _written_buffer(node, base, params, buffer_of)
+    else:
+        buffer = _written_buffer(node, src, params, buffer_of)
+        _check_no_view_read_later(node, src)
+    if inplace == "copy":
+        node.op, node.target = "call_function", copy_into
+        node.args, node.kwargs = node.args[:2], {}
+    else:
+        node.target = inplace
+    _read_after(node, src, node)
+    if base is not None and (base_buffer is not None or _read_later(node, base)):
+        with graph.inserting_after(node):
+            whole = graph.call_function(setitem, (base, index, node))
+        whole.meta.update(_carried(node.meta))
+        whole.meta["autopar.op"] = canonical_name(whole)
+        _read_after(whole, base, whole)
+        node, buffer = whole, base_buffer
+    if buffer is not None:
+        _write(graph, node, buffer, last_write)
+        buffer_of[node] = buffer
+
+
+def _indexed(node):
+    """``(x, index)`` where ``node`` is a view ``x[index]`` of a tensor ``x`` (not an input,
+    not an element of an op's tuple of outputs); ``(None, None)`` otherwise."""
+    if not (isinstance(node, Node) and node.op == "call_function" and
+            node.target is operator.getitem and isinstance(node.args[0], Node)):
+        return None, None
+    base, index = node.args[0], node.args[1]
+    tuple_out = isinstance(base.meta.get("example_value"), (tuple, list)) or \
+        isinstance(index, int) and base.op in ("call_function", "call_method") and \
+        canonical_name(base) in _TUPLE_OUTPUTS
+    if tuple_out or base.op == "placeholder":
+        return None, None
+    return base, index
+
+
+# ops whose output is a tuple of tensors: x[0] of one is a value, not a view to write into
+_TUPLE_OUTPUTS = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes", "topk",
+                  "sort", "max", "min", "median", "mode", "kthvalue", "var_mean", "std_mean",
+                  "aminmax", "cummax", "cummin", "frexp", "unique", "where", "nonzero"}
+
+
+def _read_after(node, old, new) -> None:
+    """Readers of ``old`` after ``node`` (``new`` itself aside) read ``new``."""
+    for user in list(old.users):
+        if user is not node and user is not new and _after(node, user):
+            user.replace_input_with(old, new)
+
+
+def _read_later(node, value) -> bool:
+    return any(user is not node and _after(node, user) for user in value.users)
+
+
+def _check_no_view_read_later(node, src) -> None:
+    """An in-place op on a view (other than by index) of a value read later would have to
+    change that value too: refused, naming the op."""
+    base = src
+    while isinstance(base, Node) and base.op in ("call_function", "call_method") and \
+            canonical_name(base) in _VIEWS and base.args and isinstance(base.args[0], Node):
+        base = base.args[0]
+        if _read_later(node, base):
+            path, loc = where(node)
+            raise CaptureError(
+                f"{node.name} ({path} {loc}): the in-place op {node.target} writes into "
+                f"{src.name}, a view of {base.name}, which is read later; write it out of "
+                "place (y = x.view(...) + z, then use y), or index the base: "
+                "x[..., :n].copy_(z)")
+
+
+def _carried(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if not k.startswith("autopar.")
+            and k not in ("val", "example_value")}
 
 
 def _one_read_per_attr(graph) -> None:
@@ -111,8 +184,7 @@ def _write(graph, node, buffer, last_write: dict) -> None:
     the same buffer (its value is overwritten, and readers read values, not the buffer)."""
     with graph.inserting_after(node):
         write = graph.call_function(write_buffer, (buffer, node))
-    write.meta.update({k: v for k, v in node.meta.items() if not k.startswith("autopar.")
-                       and k not in ("val", "example_value")})
+    write.meta.update(_carried(node.meta))
     write.meta["autopar.op"] = canonical_name(write)
     if buffer in last_write:
         graph.erase_node(last_write[buffer])

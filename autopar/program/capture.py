@@ -255,6 +255,7 @@ def _symbolic(model, sig, named) -> Captured:
             out_leaves.append(("const", leaf))
     out_node.args = (tuple(flat),)
     params, buffers, _ = _state(model)
+    _check_no_constant_written(gm, {**params, **buffers})
     _functional_setitem(gm, set(params))
     _drop_unused(gm)
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -269,6 +270,18 @@ def _graph_module(root, graph, name: str) -> fx.GraphModule:
     ``recompile()``: passes recompile after every rewrite, and writing the code of an 80-layer
     model takes longer than copying its layers."""
     return lazy_graph_module(root, graph, name)
+
+
+def _check_no_constant_written(gm, state: dict) -> None:
+    """fx reads a view of a buffer (``self.cache[0]``) as a constant taken while tracing;
+    an op writing into one (``self.cache[0].add_(x)``) would update only that constant, and
+    other reads of the buffer are constants too: left to Dynamo, which reads buffers."""
+    for node in gm.graph.nodes:
+        dst = node.args[0] if node.args else None
+        if _impure(node) and getattr(dst, "op", None) == "get_attr" and \
+                dst.target not in state:
+            raise CaptureError(f"{node.name} writes into a constant fx took from the model "
+                               f"({dst.target}): left to Dynamo")
 
 
 def _drop_unused(gm):

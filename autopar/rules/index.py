@@ -1,4 +1,5 @@
-"""Ops that pick or place values by index: gather, index_select, one_hot, indexed assignment.
+"""Ops that pick or place values by index: gather, scatter, index_select, one_hot, indexed
+assignment, and the write of a buffer's new value.
 
 The dim an index picks along stays whole in the tensor it picks from; the index itself may be
 split, and so may every dim both tensors share with the same size. Picking is linear in the
@@ -37,6 +38,29 @@ def gather(node):
     x_l = [f"d{d}" if d != dim and xs[d] == ids[d] else None for d in range(len(xs))]
     idx_l = ["g" if d == dim else x_l[d] for d in range(len(ids))]
     return _spec(node, einsum_options([x_l, idx_l], idx_l, linear_in=(0,)))
+
+
+@register("scatter", "scatter_add", "scatter_reduce")
+def scatter(node):
+    """``out = x; out[index[i][j]][j] = src[i][j]`` (dim 0): ``dim`` stays whole everywhere;
+    another dim may be split where ``x``, the index and ``src`` have the same size there.
+    ``scatter_add`` adds into ``x``: linear in ``x`` and ``src`` together, so both Partial
+    give a Partial."""
+    ins = tensor_inputs(node)
+    x, index = arg(node, 0, "input"), arg(node, 2, "index")
+    src = arg(node, 3, "src", node.kwargs.get("value"))
+    tensors = [x, index] + ([src] if isinstance(src, Node) else [])
+    if ins != tensors or len(set(ins)) != len(ins):
+        return _replicated(node)
+    shapes = [shape_of(t) for t in ins]
+    dim = norm_dim(arg(node, 1, "dim"), len(shapes[0]))
+    same = [d for d in range(len(shapes[0]))
+            if d != dim and len({s[d] if d < len(s) else None for s in shapes}) == 1]
+    labels = [[f"d{d}" if d in same else None for d in range(len(s))] for s in shapes]
+    options = einsum_options(labels, labels[0])
+    if node.meta["autopar.op"] == "scatter_add" and len(ins) == 3:
+        options += (((P, R, P), P),)
+    return _spec(node, options)
 
 
 @register("index_select")

@@ -88,6 +88,19 @@ def along_dim(node):
     return _spec(node, einsum_options([labels], labels))
 
 
+@register("diff")
+def diff(node):
+    """Differences of neighbours along ``dim`` (n times): that dim whole, the others split.
+    Linear, so a Partial passes through. With ``prepend`` or ``append`` tensors, whole."""
+    ins = tensor_inputs(node)
+    nd = len(shape_of(ins[0]))
+    if len(ins) != 1:
+        return OpSpec(((tuple(R for _ in ins), R),), 0.0, io_bytes(node))
+    dim = norm_dim(arg(node, 2, "dim", -1), nd)
+    labels = [None if i == dim else f"d{i}" for i in range(nd)]
+    return _spec(node, einsum_options([labels], labels, linear_in=(0,)))
+
+
 @register("layer_norm", "rms_norm", "group_norm_last")
 def layer_norm(node):
     x = tensor_inputs(node)[0]
