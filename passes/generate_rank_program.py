@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import operator
 import re
 
@@ -233,14 +234,16 @@ def _emit_op(node, env, emit, mesh):
 def _emit_steps(node, emit, swap, args, kwargs, layout):
     """A local computation of several steps (:data:`autopar.runtime.local_ops.STEPS`), one
     call each, so that the rank program shows each exchange: the last takes the node's
-    name."""
+    name, and each takes the extra keywords of ``swap`` it names."""
     name, extra = swap
     names, steps = local_ops.STEPS[name]
     values = {**dict(zip(names, args)), **kwargs}
     for i, (fn, takes) in enumerate(steps):
         last = i == len(steps) - 1
+        own = {k: v for k, v in extra.items() if k in inspect.signature(fn).parameters}
+        # an argument the call leaves out (a convolution's bias) is None
         n = emit.tag(emit.graph.create_node(
-            "call_function", fn, tuple(values[k] for k in takes), dict(extra),
+            "call_function", fn, tuple(values.get(k) for k in takes), own,
             name=node.name if last else f"{node.name}_{fn.__name__}"))
         n.meta["autopar.op"] = node.meta["autopar.op"] if last else fn.__name__
         emit.layouts[n.name] = layout

@@ -112,6 +112,11 @@ def training_cases(world):
                 mesh={"dp": 2}, cluster=slow_devices(2),
                 constraints={"x": "S(0)", "target": "S(0)"},
                 expect=None if name.endswith("eval") else "write_buffer(")
+    if world == 2:
+        # convolutions split on image rows: each rank takes its neighbour's halo rows
+        yield "convnet-rows-2", "convnet", dict(
+            mesh={"sp": 2}, cluster=slow_devices(2), constraints={"x": "S(2)"},
+            expect="halo_rows(")
     if world in (2, 4):
         families = ("mixtral",) if world == 2 else ("mixtral", "qwen3_moe")
         for family in families:
@@ -185,6 +190,10 @@ def make_model(name):
                 for batch in test_batchnorm.batches(dims):
                     model(*batch)
             model.eval()
+        return model, args, {}
+    if name == "convnet":
+        import test_spatial
+        model, args = test_spatial.make_conv_net()
         return model, args, {}
     if name == "llama-long":
         import test_long_sequences

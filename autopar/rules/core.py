@@ -41,6 +41,8 @@ class OpSpec:
     exchange: ``(input layouts, output layout, cost model) -> seconds`` of the communication
         a strategy's local computation does itself (forward and backward), for ops whose
         ``local`` exchanges values between ranks.
+    max_ranks: ``(option, ranks)`` pairs: options no mesh axis of more ranks may take (the
+        pieces they cut must stay large enough for their local computation).
     """
 
     options: tuple
@@ -51,6 +53,7 @@ class OpSpec:
     local: Callable | None = None
     once: tuple = ()
     exchange: Callable | None = None
+    max_ranks: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,9 @@ def candidates(node: Node) -> tuple:
         for o in _without_boolean_partials(node, ins, spec.options)))
     segments = node.meta.get(SEGMENTS)
     if segments:
-        columns += [c for c in (_strided(c, segments, shapes) for c in columns)
+        # an option one axis alone may take exchanges plain blocks: it has no strided twin
+        plain = [c for c in columns if (tuple(c[:-1]), c[-1]) not in spec.once]
+        columns += [c for c in (_strided(c, segments, shapes) for c in plain)
                     if c is not None and c not in columns]
     return spec, columns, shapes
 
@@ -297,7 +302,8 @@ def make_strategies(found_candidates, combos) -> list:
 
 def even_combos(found_candidates, mesh_shape: Sequence[int]) -> tuple:
     """The tuples of options (by index in :func:`candidates`' columns), one per mesh axis, in
-    ``itertools.product`` order, under which every tensor's sharded dims split evenly.
+    ``itertools.product`` order, under which every tensor's sharded dims split evenly and no
+    axis has more ranks than its option allows (``OpSpec.max_ranks``).
 
     A prefix whose dims do not split evenly is dropped before it grows: more axes on a dim
     only cut it into more pieces.
@@ -307,11 +313,16 @@ def even_combos(found_candidates, mesh_shape: Sequence[int]) -> tuple:
               if (cut := _cuts(column, shapes)) is not None]
     once = {i for i, column in enumerate(columns)
             if (tuple(column[:-1]), column[-1]) in spec.once}
+    most = dict(spec.max_ranks)
+    most = {i: most[key] for i, column in enumerate(columns)
+            if (key := (tuple(column[:-1]), column[-1])) in most}
     prefixes = [((), {})]  # (column indices, (tensor, dim) -> pieces)
     for n in mesh_shape:
         longer = []
         for prefix, pieces in prefixes:
             for i, cut in usable:
+                if n > most.get(i, n):
+                    continue
                 grown = _split(pieces, cut, n, shapes, alone=i in once)
                 if grown is not None:
                     longer.append((prefix + (i,), grown))

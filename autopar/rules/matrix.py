@@ -8,8 +8,13 @@ sharded one (column-parallel linear, data parallel on a batch label).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
 from .core import (OpSpec, P, R, Shard, arg, broadcast_labels, einsum_flops, einsum_options,
-                   io_bytes, register, replicated_options, shape_of, tensor_inputs)
+                   io_bytes, is_shard, num_bytes_of, register, replicated_options, shape_of,
+                   tensor_inputs)
 
 
 def _batch_labels(ndim: int, prefix: str = "b") -> list:
@@ -169,9 +174,17 @@ def embedding(node):
 @register("conv1d", "conv2d", "conv3d")
 def conv(node):
     """``n c *spatial, o c *kernel -> n o *spatial``: split the batch, the output channels
-    (weight and bias split with them) or the input channels (a Partial output). Spatial dims
-    stay whole (a split would need the neighbours' halo). Grouped convolutions split only the
-    batch: a channel split would have to fall on group boundaries."""
+    (weight and bias split with them) or the input channels (a Partial output); grouped
+    convolutions split no channels (a split would have to fall on group boundaries).
+
+    Or split the input and the output on a spatial dim where the input holds ``stride`` rows
+    per output row, so that each rank's output rows start at its own input rows: each rank
+    then computes its output rows after taking from its neighbours the rows the kernel
+    reaches across the cut (the halo, :mod:`autopar.runtime.halo`), whose gradient goes back
+    in backward. Dims that need no halo (no padding, a kernel no wider than the stride) split
+    like a batch. Of those that need one, the outermost splits, on one mesh axis of no more
+    ranks than leave each a block of at least the halo's rows (the halo comes from the next
+    rank alone)."""
     ins = tensor_inputs(node)
     x, w, b = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
     if len({x, w}) != 2 or ins[:2] != [x, w] or len(ins) != 2 + (b is not None):
@@ -179,7 +192,8 @@ def conv(node):
     xs, ws = shape_of(x), shape_of(w)
     spatial = [None] * (len(ws) - 2)
     batch = ["n"] if len(xs) == len(ws) else []
-    if arg(node, 6, "groups", 1) == 1:
+    groups = arg(node, 6, "groups", 1)
+    if groups == 1:
         x_l, w_l, out_l = batch + ["c"] + spatial, ["o", "c"] + spatial, batch + ["o"] + spatial
     else:
         x_l, w_l, out_l = batch + [None] + spatial, [None, None] + spatial, batch + [None] + spatial
@@ -187,13 +201,124 @@ def conv(node):
     if b is not None:
         options = tuple((ins_[1:] + ins_[:1], o) for ins_, o in _with_bias(options, out_l, ["o"]))
     out = shape_of(node)
-    n = 1
-    for s in out:
-        n *= s
-    k = 1
-    for s in ws[1:]:
-        k *= s
-    return OpSpec(options, 2.0 * n * k, io_bytes(node))
+    flops = 2.0 * math.prod(out) * math.prod(ws[1:])
+    geometry = _conv_geometry(node, ws)
+    halos = _halos(xs, ws, out, geometry) if geometry else []
+    rest = (R,) * (len(ins) - 1)   # weight and bias whole
+    options += tuple(((Shard(h.dim),) + rest, Shard(h.dim)) for h in halos if h.free)
+    wide = next((h for h in halos if not h.free and h.ranks(xs) >= 2), None)
+    if wide is None:
+        return OpSpec(options, flops, io_bytes(node))
+    split = ((Shard(wide.dim),) + rest, Shard(wide.dim))
+    rows = _HaloRows(wide, geometry, groups, len(xs) - len(spatial),
+                     num_bytes_of([x]) / xs[wide.dim], x.meta["val"].requires_grad)
+    return OpSpec(options + (split,), flops, io_bytes(node), local=rows.local, once=(split,),
+                  exchange=rows.exchange, max_ranks=((split, wide.ranks(xs)),))
+
+
+class _Halo(NamedTuple):
+    """A spatial dim a convolution may split on: each rank reads ``lo`` rows before its own
+    and ``hi`` after them (where ``hi`` < 0, leaves its last ``-hi`` rows unread)."""
+
+    dim: int
+    lo: int
+    hi: int
+
+    @property
+    def free(self) -> bool:
+        """Whether each rank reads only its own rows."""
+        return self.lo == 0 and self.hi <= 0
+
+    def ranks(self, input_shape) -> int:
+        """The most ranks whose blocks of rows each hold the halo."""
+        return input_shape[self.dim] // max(self.lo, self.hi, 1)
+
+
+@dataclass(frozen=True)
+class _HaloRows:
+    """A convolution split on ``halo.dim`` with its halo: the local computation and the
+    price of the rows it exchanges. ``first``: the input's first spatial dim."""
+
+    halo: _Halo
+    geometry: tuple        # stride, padding, dilation: one int per spatial dim
+    groups: int
+    first: int
+    row_bytes: float       # of one row of the whole input
+    grad: bool             # whether a gradient flows into the input
+
+    def axis(self, in_layouts, out_layout) -> int | None:
+        """The mesh axis that splits the input and the output on the dim, if one does."""
+        cut = Shard(self.halo.dim)
+        return next((a for a, (p, o) in enumerate(zip(in_layouts[0], out_layout))
+                     if p == o == cut), None)
+
+    def local(self, in_layouts, out_layout, axis_names):
+        """``OpSpec.local``: ``halo_rows`` then ``conv_rows`` where an axis splits the dim."""
+        a = self.axis(in_layouts, out_layout)
+        if a is None:
+            return None
+        stride, padding, dilation = self.geometry
+        split = self.halo.dim - self.first
+        padding = tuple(0 if i == split else p for i, p in enumerate(padding))  # in the halo
+        return ("conv_halo", {"dim": self.halo.dim, "axis": axis_names[a], "lo": self.halo.lo,
+                              "hi": self.halo.hi, "stride": stride, "padding": padding,
+                              "dilation": dilation, "groups": self.groups})
+
+    def exchange(self, in_layouts, out_layout, model) -> float:
+        """Every rank's edge rows all-gathered along the axis, their gradients
+        reduce-scattered back; each rank holds its share of the input's other dims."""
+        a = self.axis(in_layouts, out_layout)
+        if a is None:
+            return 0.0
+        others = math.prod(model.mesh.shape[c] for c, p in enumerate(in_layouts[0])
+                           if c != a and is_shard(p))
+        edge_rows = self.halo.lo + max(self.halo.hi, 0)
+        gathered = edge_rows * self.row_bytes / others * model.activation_scale \
+            * model.mesh.shape[a]
+        there = model.collective_s("all_gather", a, gathered)
+        back = model.collective_s("reduce_scatter", a, gathered) if self.grad else 0.0
+        return (there + back) * model.micro_batches
+
+
+def _halos(xs, ws, out, geometry) -> list:
+    """The spatial dims of the input holding ``stride`` rows per output row, with their halos.
+
+    With ``n`` ranks, rank ``r``'s outputs start at input row ``r*H/n - p``; its last reads
+    row ``(r+1)*H/n - s - p + d*(k-1)``, so it reads ``hi = d*(k-1) + 1 - p - s`` rows past its
+    own, whatever ``n``."""
+    stride, padding, dilation = geometry
+    first = len(xs) - len(stride)
+    return [_Halo(first + i, p, d * (k - 1) + 1 - p - s)
+            for i, (s, p, d, k) in enumerate(zip(stride, padding, dilation, ws[2:]))
+            if xs[first + i] == out[first + i] * s]
+
+
+def _conv_geometry(node, ws) -> tuple | None:
+    """(stride, padding, dilation) of a convolution, one int per spatial dim; None where
+    padding "same" pads one side more than the other, or an argument is not ints."""
+    count = len(ws) - 2
+    stride = _per_dim(arg(node, 3, "stride", 1), count)
+    dilation = _per_dim(arg(node, 5, "dilation", 1), count)
+    padding = arg(node, 4, "padding", 0)
+    if padding == "valid":
+        padding = 0
+    elif padding == "same" and dilation is not None:
+        totals = [d * (k - 1) for d, k in zip(dilation, ws[2:])]
+        padding = None if any(t % 2 for t in totals) else [t // 2 for t in totals]
+    padding = _per_dim(padding, count)
+    if None in (stride, padding, dilation):
+        return None
+    return stride, padding, dilation
+
+
+def _per_dim(value, count: int) -> tuple | None:
+    """A convolution's int or ints, one per spatial dim (one int stands for every dim)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * count
+    if isinstance(value, (tuple, list)) and len(value) in (1, count) \
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value) * (count // len(value))
+    return None
 
 
 @register("grouped_mm_fallback")

@@ -8,11 +8,13 @@ from ``coords`` (axis name -> (coordinate, size)), which the simulator passes.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 
 from ..program.placement import StridedShard
+from .halo import conv_rows, halo_rows, simulated_halo_rows
 
 
 def rank_aware(fn):
@@ -186,28 +188,39 @@ def _named(fn, args, kwargs) -> dict:
 
 
 def simulated_exchange(fn, per_rank_args: list, groups: list) -> list:
-    """:func:`expert_dispatch` or :func:`expert_combine` over every rank's values at once
-    (a simulated run): ``per_rank_args`` holds each rank's ``(args, kwargs)``, ``groups``
-    the ranks along the axis, in coordinate order. Plain differentiable ops: the rows of
-    each group joined, then cut as the ranks receive them."""
+    """A local op of :data:`EXCHANGES` over every rank's values at once (a simulated run):
+    ``per_rank_args`` holds each rank's ``(args, kwargs)``, ``groups`` the ranks along the
+    axis, in coordinate order."""
     named = [_named(fn, args, kwargs) for args, kwargs in per_rank_args]
-    out = [None] * len(per_rank_args)
+    return EXCHANGES[fn](named, groups)
+
+
+def _simulated_routes(named: list, groups: list, dispatch: bool) -> list:
+    """:func:`expert_dispatch` (or, without ``dispatch``, :func:`expert_combine`) in plain
+    differentiable ops: the rows of each group joined, then cut as the ranks receive them."""
+    out = [None] * len(named)
     for group in groups:
         first = named[group[0]]
         runs, owned = _routes(first["offs"].tolist(), first["rows"], len(group))
-        cut_in, cut_out = (runs, owned) if fn is expert_dispatch else (owned, runs)
+        cut_in, cut_out = (runs, owned) if dispatch else (owned, runs)
         whole = torch.cat([named[r]["input"] for r in group])
         for c, rank in enumerate(group):
             out[rank] = whole[cut_out[c] - cut_in[0]:cut_out[c + 1] - cut_in[0]]
     return out
 
 
-# local ops that exchange values between the ranks of an axis (simulated across ranks)
-EXCHANGES = (expert_dispatch, expert_combine)
+# local ops that exchange values between the ranks of an axis, each with its simulation
+# across ranks: (each rank's arguments by name, the groups along the axis) -> per-rank values
+EXCHANGES = {expert_dispatch: functools.partial(_simulated_routes, dispatch=True),
+             expert_combine: functools.partial(_simulated_routes, dispatch=False),
+             halo_rows: simulated_halo_rows}
 # a local op that is several steps, by name: the names of the op's arguments, then each
 # step's function and the arguments it takes (by name; "input" is the step before's output
-# after the first step)
+# after the first step); each step gets the extra keywords of the op's rule it names
 STEPS = {"grouped_mm_dispatch": (("input", "weight", "offs"),
                                  ((expert_dispatch, ("input", "offs")),
                                   (expert_matmul, ("input", "weight", "offs")),
-                                  (expert_combine, ("input", "offs"))))}
+                                  (expert_combine, ("input", "offs")))),
+         "conv_halo": (("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+                       ((halo_rows, ("input",)),
+                        (conv_rows, ("input", "weight", "bias"))))}
