@@ -18,6 +18,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401
 from torch.utils._pytree import (keystr, tree_flatten, tree_flatten_with_path,  # noqa: F401
                                  tree_leaves, tree_map, tree_unflatten)
 
+# Dynamo's graph of a torch.autograd.Function's forward and backward turns gradients off and
+# on with this call; reading those graphs means knowing it.
+SET_GRAD_ENABLED = torch._C._set_grad_enabled
+
 
 def default_store() -> dist.Store:
     """The key-value store of the default process group: the one ``init_process_group``

@@ -132,8 +132,32 @@ def gpt_neox():
     return transformers.GPTNeoXForCausalLM(cfg), {"input_ids": ids, "labels": ids}
 
 
-FAMILIES = {"gpt2": gpt2, "phi3": phi3, "gpt_neox": gpt_neox, "qwen3_moe": qwen3_moe, "llama": llama, "bert": bert, "mixtral": mixtral, "t5": t5,
-            "vit": vit, "qwen2": qwen2}
+def deepseek_v3():
+    """Multi-head latent attention (keys built by slices copied into a fresh tensor), a
+    dense first layer, then 4 routed experts (top-2 of groups picked through a scatter) and
+    a shared one."""
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
+        kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=2,
+        topk_group=1, max_position_embeddings=16, attn_implementation="sdpa")
+    ids = _ids()
+    return transformers.DeepseekV3ForCausalLM(cfg), {"input_ids": ids, "labels": ids}
+
+
+def bloom():
+    """Its GELU is a torch.autograd.Function with a hand-written backward; ALiBi biases
+    built with repeat."""
+    cfg = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4,
+                                   hidden_dropout=0.0, attention_dropout=0.0)
+    ids = _ids()
+    return transformers.BloomForCausalLM(cfg), {"input_ids": ids, "labels": ids}
+
+
+FAMILIES = {"gpt2": gpt2, "phi3": phi3, "gpt_neox": gpt_neox, "qwen3_moe": qwen3_moe,
+            "llama": llama, "bert": bert, "mixtral": mixtral, "t5": t5, "vit": vit,
+            "qwen2": qwen2, "deepseek_v3": deepseek_v3, "bloom": bloom}
 
 _ATTENTION = {"*.self_attn.[qkv]_proj.weight": 0, "*.self_attn.o_proj.weight": 1}
 # Megatron: column-parallel (split output features), then row-parallel (split input
@@ -236,6 +260,25 @@ def test_other_families_need_nothing_specific(name):
     ref = twin(model)
     pm = compile_simulated(model, inputs, {"tp": 2})
     check_family(name, pm, model, ref, inputs)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "bloom"])
+def test_models_with_in_place_slices_and_custom_functions_match_one_device(name):
+    """DeepSeek-V3 (in-place copies into slices, a scatter) and BLOOM (a custom autograd
+    Function) on 4 devices where splitting pays: every heavy op split, no op without a rule,
+    outputs, gradients and the parameters after an SGD and an AdamW step equal to one
+    device's (AdamW with eps 1e-2: see test_vision.ADAMW)."""
+    model, inputs = make(name)
+    ref = twin(model)
+    pm = compile_simulated(model, inputs, {"tp": 4})
+    assert pm.plan.stats["fallback_ops"] == [] and replicated_heavy_ops(pm.plan) == []
+    if name == "bloom":   # the user's GELU runs on each rank's piece, its backward too
+        gelu = [n for n in pm.plan.nodes.values() if n["op"] == "autograd_function"]
+        assert gelu and all(any(p != Replicate() for p in n["output"]) for n in gelu)
+        assert "autograd_function(" in pm.code
+    worst = check_training(pm, ref, (), inputs, steps=("sgd", "adamw"),
+                           adamw=dict(lr=1e-3, weight_decay=0.01, eps=1e-2))
+    assert worst <= 1e-5
 
 
 def links(n, bandwidth_GBps, latency_us):

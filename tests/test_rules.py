@@ -31,7 +31,7 @@ import transformers.integrations.moe  # noqa: F401
 from autopar.program.capture import capture
 from autopar.program.mesh import Mesh
 from autopar.passes import ANALYSIS, PassContext, generate_rank_program, run_passes
-from autopar.program.placement import Partial, Replicate, format_layout, replicated
+from autopar.program.placement import Partial, Replicate, Shard, format_layout, replicated
 from autopar.rules import Strategy, rule_for, strategies, tensor_inputs
 from autopar.runtime.module import ParallelModule, shard_tensor
 from autopar.runtime.simulate import merge_replicated, run_ranks
@@ -250,6 +250,17 @@ case("clone", lambda x: x.clone(), "clone", x=T(4, 8))
 case("gather", lambda x, i: torch.gather(x, 1, i), "gather", x=T(4, 8, 12), i=Ids(8, 4, 6, 12))
 case("gather_narrower", lambda x, i: torch.gather(x, 0, i), "gather", x=T(8, 12),
      i=Ids(8, 4, 8))
+# scatter: a permutation per row (no index written twice), dim 1 whole, the others split
+case("scatter_value", lambda x, r: torch.scatter(x, 1, r.argsort(1)[:, :3], 1.0), "scatter",
+     x=T(4, 8), r=T(4, 8))
+case("scatter_src", lambda x, r, s: x.scatter(1, r.argsort(1)[:, :3], s), "scatter",
+     x=T(4, 8, 6), r=T(4, 8, 6), s=T(4, 3, 6))
+case("scatter_add", lambda x, r, s: torch.scatter_add(x, 1, r.argsort(1)[:, :5], s),
+     "scatter_add", x=T(4, 8), r=T(4, 8), s=T(4, 5))
+case("diff", lambda x: torch.diff(x, dim=1), "diff", x=T(4, 8, 12))
+case("repeat", lambda x: x.repeat(2, 1, 1, 3), "repeat", x=T(4, 8, 12))
+case("tile", lambda x: torch.tile(x, (1, 2)), "tile", x=T(4, 8, 12))
+case("diff_twice_last", lambda x: torch.diff(x, n=2), "diff", x=T(4, 8, 12))
 case("index_select", lambda x, i: torch.index_select(x, 1, i), "index_select", x=T(4, 8, 12),
      i=Ids(8, 4))
 case("getitem_tensor", lambda x, i: x[i], "getitem", x=T(8, 12), i=Ids(8, 4, 4))
@@ -426,6 +437,35 @@ case("ones", lambda x: x * torch.ones(x.shape), "ones mul", x=T(4, 8))
 case("full", lambda x: x - torch.full((x.size(1),), 2.0), "full sub", x=T(4, 8))
 case("new_zeros", lambda x: x + x.new_zeros(x.shape), "new_zeros add", x=T(4, 8))
 case("ones_like", lambda x: x * torch.ones_like(x), "ones_like mul", x=T(4, 8))
+
+# convolutions split on a spatial dim: each rank its output rows, the kernel's halo taken from
+# its neighbours (rows enough that 4 ranks each hold at least the halo)
+case("conv2d_halo", lambda x, w, b: F.conv2d(x, w, b, padding=1), "conv2d", x=T(2, 4, 8, 8),
+     w=T(8, 4, 3, 3), b=T(8))
+case("conv2d_halo_stride2", lambda x, w: F.conv2d(x, w, stride=2, padding=1), "conv2d",
+     x=T(2, 4, 16, 8), w=T(8, 4, 3, 3))
+case("conv2d_halo_k4_stride2", lambda x, w: F.conv2d(x, w, stride=2, padding=1), "conv2d",
+     x=T(2, 4, 16, 8), w=T(8, 4, 4, 4))
+case("conv2d_halo_stride3", lambda x, w: F.conv2d(x, w, stride=3, padding=1), "conv2d",
+     x=T(2, 4, 12, 8), w=T(8, 4, 3, 3))   # each rank leaves its last row unread
+case("conv1d_halo_k5", lambda x, w, b: F.conv1d(x, w, b, padding=2), "conv1d",
+     x=T(2, 4, 16), w=T(8, 4, 5), b=T(8))
+case("conv1d_halo_unbatched", lambda x, w: F.conv1d(x, w, padding=1), "conv1d", x=T(4, 16),
+     w=T(8, 4, 3))
+case("conv3d_halo", lambda x, w: F.conv3d(x, w, padding=1), "conv3d", x=T(2, 2, 8, 4, 4),
+     w=T(4, 2, 3, 3, 3))
+case("conv2d_halo_dilated", lambda x, w: F.conv2d(x, w, padding=2, dilation=2), "conv2d",
+     x=T(2, 4, 8, 8), w=T(8, 4, 3, 3))
+case("conv2d_halo_depthwise", lambda x, w, b: F.conv2d(x, w, b, padding=1, groups=4), "conv2d",
+     x=T(2, 4, 8, 8), w=T(4, 1, 3, 3), b=T(4))
+case("conv2d_halo_same", lambda x, w: F.conv2d(x, w, padding="same"), "conv2d",
+     x=T(2, 4, 8, 8), w=T(8, 4, 3, 3))
+case("conv2d_patches", lambda x, w: F.conv2d(x, w, stride=3), "conv2d", x=T(2, 4, 12, 12),
+     w=T(8, 4, 3, 3))   # no padding, the kernel as wide as the stride: no halo
+case("conv1d_halo_k7", lambda x, w: F.conv1d(x, w, padding=3), "conv1d", x=T(2, 4, 8),
+     w=T(8, 4, 7))      # 4 ranks would hold 2 rows each, fewer than the halo's 3
+case("conv2d_halo_rows_cut", lambda x, w, pos: (F.conv2d(x, w, padding=1) + pos).chunk(2, 2)[1],
+     "conv2d", x=T(2, 4, 8, 8), w=T(8, 4, 3, 3), pos=T(8, 8, 8))   # no strided halo split
 
 
 # -- running a function with one node forced to a strategy ----------------------------------------
@@ -690,3 +730,41 @@ def test_boolean_values_are_never_partial():
     assert checked
     assert any(o == Partial() for _, o in rule_for("expand")(
         next(n for n in captured.gm.graph.nodes if n.name == "expand")).options)
+
+
+# the spatial dim each convolution case may split with a halo, and the meshes too small for it
+HALO_CASES = {"conv2d_halo": 2, "conv2d_halo_stride2": 2, "conv2d_halo_k4_stride2": 2,
+              "conv2d_halo_stride3": 2, "conv1d_halo_k5": 2, "conv1d_halo_unbatched": 1,
+              "conv3d_halo": 2, "conv2d_halo_dilated": 2, "conv2d_halo_depthwise": 2,
+              "conv2d_halo_same": 2, "conv1d_halo_k7": 2}
+HALO_TOO_WIDE = {("conv1d_halo_k7", (4,))}
+
+
+def _spatial(s: Strategy, dim: int) -> bool:
+    return Shard(dim) in s.inputs[0] and Shard(dim) in s.output
+
+
+def test_convolutions_split_a_spatial_dim_where_blocks_hold_the_halo():
+    """The parametrization checks convolutions with input and output split on a spatial dim
+    on every mesh whose blocks hold at least the kernel's halo, and on no other."""
+    for name, dim in HALO_CASES.items():
+        for mesh_shape in MESH_SHAPES:
+            split = [s for n, _, m, s in PARAMS if n == name and m == mesh_shape
+                     and _spatial(s, dim)]
+            assert bool(split) != ((name, mesh_shape) in HALO_TOO_WIDE), (name, mesh_shape)
+
+
+def test_halo_rows_come_from_the_neighbours_and_only_one_axis_cuts_them():
+    """A split that needs a halo runs as halo_rows then conv_rows, on one mesh axis; one
+    that needs none (no padding, kernel as wide as the stride) is the convolution itself
+    on the local rows, and may be cut by both axes."""
+    from autopar.runtime.halo import conv_rows, halo_rows
+    for name, needs_halo in (("conv2d_halo", True), ("conv2d_patches", False)):
+        node_name = next(n for c, n, _, _ in PARAMS if c == name)
+        both = [s for c, _, m, s in PARAMS if c == name and m == (2, 2)
+                and s.inputs[0] == (Shard(2), Shard(2))]
+        assert bool(both) != needs_halo, name
+        strategy = next(s for c, _, m, s in PARAMS if c == name and m == (4,) and _spatial(s, 2))
+        _, _, program, _ = run_forced(name, node_name, (4,), strategy)
+        targets = {n.target for n in program.graph.nodes}
+        assert (halo_rows in targets and conv_rows in targets) == needs_halo, name

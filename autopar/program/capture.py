@@ -27,7 +27,8 @@ import torch.fx as fx
 
 from .._torch import dynamo_ignoring, lazy_graph_module, tree_flatten, tree_unflatten
 from ..errors import CaptureError, InputError
-from .graph import replace_with_constant, setitem, user_frame, write_buffer
+from .graph import (autograd_function, fetch_attr, replace_with_constant, setitem, user_frame,
+                    write_buffer)
 
 
 @dataclass
@@ -132,7 +133,7 @@ def capture(model, example_inputs) -> Captured:
     sig = _signature(fn)
     named = _bind(sig, args, kwargs)
     try:
-        with _state_kept(model):
+        with _state_kept(model), _custom_functions_left_to_dynamo():
             traced = _symbolic(model, sig, named)
     except Exception as first:  # noqa: BLE001 - any trace failure sends us to Dynamo
         try:
@@ -163,6 +164,26 @@ def _opaque_calls(gm) -> list:
             and inspect.isfunction(n.target)
             and (getattr(n.target, "__module__", None) or "").split(".")[0]
             not in ("torch", "autopar")]   # autopar's: the out-of-place forms capture writes
+
+
+@contextlib.contextmanager
+def _custom_functions_left_to_dynamo():
+    """fx traces into a ``torch.autograd.Function``'s forward and loses its backward (the
+    gradient the user defined): a trace that meets one fails, and Dynamo, which keeps both,
+    captures instead."""
+    original = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        if any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0]):
+            raise CaptureError(f"{cls.__name__}.apply: a torch.autograd.Function, left to "
+                               "Dynamo")
+        return original.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = original
 
 
 @contextlib.contextmanager
@@ -270,6 +291,24 @@ def _graph_module(root, graph, name: str) -> fx.GraphModule:
     ``recompile()``: passes recompile after every rewrite, and writing the code of an 80-layer
     model takes longer than copying its layers."""
     return lazy_graph_module(root, graph, name)
+
+
+def _custom_functions(gm) -> None:
+    """Dynamo records a call of a ``torch.autograd.Function`` as ``autograd_function_apply``
+    reading its forward and backward graphs as attributes: make it one call of
+    :func:`~autopar.program.graph.autograd_function` on the tensor arguments alone (one
+    function per pair of bodies alike, so repeated layers stay alike)."""
+    made = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or \
+                node.target is not torch.ops.higher_order.autograd_function_apply:
+            continue
+        bodies = [fetch_attr(gm, a.target) for a in node.args[:2]]
+        pure = all(n.op != "get_attr" for b in bodies for n in b.graph.nodes)
+        key = (bodies[0].code, bodies[1].code, repr(node.kwargs)) if pure else node
+        if key not in made:
+            made[key] = autograd_function(*bodies, dict(node.kwargs))
+        node.target, node.args, node.kwargs = made[key], tuple(node.args[2:]), {}
 
 
 def _check_no_constant_written(gm, state: dict) -> None:
@@ -449,6 +488,7 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
     new = _graph_module(gm, gm.graph, type(model).__name__
                         if isinstance(model, torch.nn.Module) else "fn")
     _functional_setitem(new, set(used_params))
+    _custom_functions(new)
     _drop_unused(new)
     new.recompile()
     return Captured(new, sig, input_names, in_spec, flat_inputs, out_spec, out_leaves,

@@ -77,6 +77,20 @@ def setitem(x, index, value):
     return out
 
 
+def autograd_function(forward: fx.GraphModule, backward: fx.GraphModule, options: dict):
+    """The call of a user's ``torch.autograd.Function`` as one op: its forward and backward
+    graphs (as Dynamo records them) applied to the op's tensor arguments, its own backward
+    run in backward. Readable in a rank program, and one function for identical bodies so
+    that repeated layers stay alike."""
+    apply = torch.ops.higher_order.autograd_function_apply
+
+    def autograd_function(*args):
+        return apply(forward, backward, *args, **options)
+
+    autograd_function.forward_graph, autograd_function.backward_graph = forward, backward
+    return autograd_function
+
+
 def copy_into(x, src):
     """``x.copy_(src)`` out of place: ``src`` cast to ``x``'s dtype and broadcast to its
     shape, a new tensor (normalize_graph puts it in the place of ``copy_``)."""

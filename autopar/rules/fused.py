@@ -1,10 +1,22 @@
 """Fused layers that a capture records as one op: ``torch.nn.MultiheadAttention``'s
 ``multi_head_attention_forward`` (Dynamo keeps it whole; its projections and attention are
-not separate nodes the other rules could split)."""
+not separate nodes the other rules could split), and a user's ``torch.autograd.Function``
+(its forward and backward graphs, one op)."""
 
 from __future__ import annotations
 
-from .core import OpSpec, arg, einsum_options, io_bytes, register, shape_of, tensor_inputs
+import torch
+
+from .._torch import SET_GRAD_ENABLED
+from .core import (OpSpec, R, arg, broadcast_labels, einsum_options, io_bytes, register,
+                   shape_of, tensor_inputs)
+from .names import canonical_name
+from .pointwise import ADDITIVE, CASTS, SCALING, UNARY
+
+# ops a custom Function's graphs may hold for it to split like a pointwise op (no draws:
+# each rank would draw its own piece)
+_ELEMENTWISE = (set(UNARY) | set(ADDITIVE) | set(SCALING) | set(CASTS)) - {
+    "dropout", "rand_like", "randn_like"}
 
 # multi_head_attention_forward's tensor arguments: name -> (position, the batch dim's place
 # when the inputs are batched); the others (projection weights and biases, a 2-d mask, the
@@ -44,3 +56,27 @@ def _flops(query_shape, key_shape) -> float:
     batch = query_shape[1] if len(query_shape) == 3 else 1
     keys = key_shape[0]
     return 2.0 * batch * width * (width * (2 * length + 2 * keys) + 2 * length * keys)
+
+
+@register("autograd_function")
+def autograd_function(node):
+    """A user's ``torch.autograd.Function`` (``autopar.program.graph.autograd_function``):
+    where every op of its forward and backward graphs is elementwise and its outputs have
+    one shape, it splits like a pointwise op, each rank running the user's forward and
+    backward on its piece; otherwise it runs whole on every rank."""
+    ins = tensor_inputs(node)
+    outs = node.meta["val"] if isinstance(node.meta["val"], (tuple, list)) else [node.meta["val"]]
+    shape = shape_of(node)
+    if all(_elementwise(g) for g in (node.target.forward_graph, node.target.backward_graph)) \
+            and all(isinstance(v, torch.Tensor) and tuple(v.shape) == shape for v in outs):
+        in_labels, out_labels = broadcast_labels([shape_of(x) for x in ins], shape)
+        options = einsum_options(in_labels, out_labels)
+    else:
+        options = ((tuple(R for _ in ins), R),)
+    return OpSpec(options, float(sum(v.numel() for v in outs)), io_bytes(node))
+
+
+def _elementwise(gm) -> bool:
+    return all(n.op not in ("call_function", "call_method", "call_module", "get_attr")
+               or n.target is SET_GRAD_ENABLED
+               or canonical_name(n) in _ELEMENTWISE for n in gm.graph.nodes)

@@ -112,6 +112,24 @@ def expand(node):
     return _spec(node, einsum_options(in_labels, out_l, linear_in=(0,)), rewrite)
 
 
+@register("repeat", "tile")
+def repeat(node):
+    """``x.repeat(*times)`` tiles ``x``: a dim tiled once may be split (the times are counts,
+    the same on a piece); tiled dims and the new leading ones stay whole. Linear."""
+    ins = tensor_inputs(node)
+    times = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
+    if len(times) == 1 and isinstance(times[0], (list, tuple)):
+        times = tuple(times[0])
+    if len(ins) != 1 or not all(isinstance(t, int) for t in times):
+        return _spec(node, ((tuple(R for _ in ins), R),))
+    xs, out = shape_of(ins[0]), shape_of(node)
+    off = len(out) - len(xs)
+    times = (1,) * (len(out) - len(times)) + tuple(times)   # tile: fewer times than dims
+    in_l = [f"d{i}" if times[i + off] == 1 else None for i in range(len(xs))]
+    out_l = [None] * off + in_l
+    return _spec(node, einsum_options([in_l], out_l, linear_in=(0,)))
+
+
 @register("repeat_interleave")
 def repeat_interleave(node):
     ins = tensor_inputs(node)
