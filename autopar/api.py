@@ -463,44 +463,86 @@ class LazyParallel(torch.nn.Module):
 
 @dataclass
 class Examination:
-    """What autopar found in a program: op counts and the ops with no rule."""
+    """What autopar found in a program: op counts, the ops with no rule, and the share of
+    the program's FLOPs those hold (what running them replicated costs)."""
 
     op_counts: dict
     unsupported: list = field(default_factory=list)  # (op, target, module path, file:line)
     capture_method: str = ""
+    flops: dict = field(default_factory=dict)        # per op: FLOPs of its nodes, one step
+    total_flops: float = 0.0                         # forward FLOPs of the whole program
 
     @property
     def ok(self) -> bool:
         return not self.unsupported
+
+    @property
+    def replicated_flops_share(self) -> float:
+        """The share of the program's forward FLOPs in ops without a rule."""
+        ops = {u[0] for u in self.unsupported}
+        held = sum(f for op, f in self.flops.items() if op in ops)
+        return held / self.total_flops if self.total_flops else 0.0
 
     def __str__(self) -> str:
         lines = [f"captured with {self.capture_method}: "
                  f"{sum(self.op_counts.values())} ops, {len(self.op_counts)} distinct"]
         if not self.unsupported:
             lines.append("every op has a sharding rule")
-        else:
-            lines.append(f"{len(self.unsupported)} nodes have no rule and run replicated:")
-            for op, target, path, loc in self.unsupported:
-                lines.append(f"  {op:24s} {target:40s} {path} {loc}")
+            return "\n".join(lines)
+        lines.append(f"{len(self.unsupported)} nodes have no rule and run replicated, "
+                     f"{self.replicated_flops_share:.1%} of the forward FLOPs:")
+        for op, target, path, loc in self.unsupported:
+            lines.append(f"  {op:24s} {target:40s} {path} {loc}")
+        for op in sorted({u[0] for u in self.unsupported}):
+            share = self.flops.get(op, 0.0) / self.total_flops if self.total_flops else 0.0
+            lines.append(f"  {op}: {share:.1%} of the FLOPs")
         return "\n".join(lines)
 
 
 def examine(model, example_inputs=None) -> Examination:
-    """Capture ``model`` and report every op without a sharding rule, without failing."""
+    """Capture ``model`` and report every op without a sharding rule, without failing, with
+    the share of the forward FLOPs each holds: a rule's count for ops that have one, torch's
+    FLOP counter (matmuls, convolutions, attention) or one per output element for the
+    others."""
     import warnings
 
     from autopar.passes import ANALYSIS, run_passes
+    from autopar.rules import rule_for, spec_for
     captured = capture(model, example_inputs)
     ctx = _context(captured, None, Options())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_passes(captured.gm, ctx, ANALYSIS)
-    counts = {}
+    counts, flops = {}, {}
     for node in captured.gm.graph.nodes:
         if node.op in ("call_function", "call_method"):
             op = node.meta["autopar.op"]
             counts[op] = counts.get(op, 0) + 1
-    return Examination(counts, list(ctx.unsupported), captured.method)
+            f = spec_for(node).flops if rule_for(op) is not None else _counted_flops(node)
+            flops[op] = flops.get(op, 0.0) + f
+    return Examination(counts, list(ctx.unsupported), captured.method, flops,
+                       sum(flops.values()))
+
+
+def _counted_flops(node) -> float:
+    """FLOPs of an op without a rule: torch's FLOP counter run on its shapes (no memory),
+    at least one per output element."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ._torch import tree_map
+    out = node.meta.get("val")
+    elements = sum(v.numel() for v in tree_leaves(out) if isinstance(v, torch.Tensor))
+    args, kwargs = tree_map(lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a,
+                            (node.args, node.kwargs))
+    try:
+        with FlopCounterMode(display=False) as counter:
+            if node.op == "call_method":
+                getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                node.target(*args, **kwargs)
+        return float(max(counter.get_total_flops(), elements))
+    except Exception:  # noqa: BLE001 - an op the counter cannot run: its outputs' size
+        return float(elements)
 
 
 __all__ = ["compile", "plan", "examine", "Examination", "LazyParallel",

@@ -190,6 +190,26 @@ def test_examine_lists_ops_without_rules_with_locations():
     assert pm(X).shape == (8, 16)
 
 
+def test_examine_gives_the_share_of_flops_ops_without_rules_hold():
+    """A chain of matmuls without a rule (multi_dot, counted by torch's FLOP counter: it
+    multiplies w and v first) beside one with a rule: the report gives each one's share."""
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.v = nn.Parameter(torch.randn(16, 32)), nn.Parameter(torch.randn(32, 8))
+
+        def forward(self, x):
+            return torch.linalg.multi_dot([x, self.w, self.v]).sum() + (x @ self.w).sum()
+
+    x = torch.randn(64, 16)
+    report = autopar.examine(Chain(), example_inputs=(x,))
+    chain, product = 2 * 16 * 32 * 8 + 2 * 64 * 16 * 8, 2 * 64 * 16 * 32
+    assert report.flops["multi_dot"] == chain and report.flops["matmul"] == product
+    assert report.replicated_flops_share == pytest.approx(chain / report.total_flops)
+    assert 0.25 < report.replicated_flops_share < 0.3
+    assert "multi_dot: 25." in str(report) and "of the forward FLOPs" in str(report)
+
+
 def test_cluster_presets_and_files(tmp_path):
     c = Cluster.preset("dgx-a100", nodes=2)
     assert c.world_size == 16 and c.devices()[0].name == "A100-80GB"
