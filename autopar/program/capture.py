@@ -141,18 +141,45 @@ def capture(model, example_inputs) -> Captured:
         except CaptureError:
             raise
         except Exception as second:
-            raise CaptureError(
-                f"could not capture {type(model).__name__}: fx.symbolic_trace failed with "
-                f"{type(first).__name__}: {first}; Dynamo (fullgraph=True) failed with "
-                f"{type(second).__name__}: {str(second).splitlines()[0] if str(second) else ''}. "
-                "Remove graph breaks (data-dependent Python control flow, .item(), printing) "
-                "from forward, or run autopar.examine to see where") from second
+            raise CaptureError(_not_captured(model, first, second)) from second
     if not _opaque_calls(traced.gm):
         return traced
     try:
         return _dynamo(model, sig, args, kwargs, named)
     except Exception:  # noqa: BLE001 - the trace stands, its opaque calls replicated
         return traced
+
+
+def _not_captured(model, first, second) -> str:
+    """Why neither fx nor Dynamo captured ``model``: the line of the user's code Dynamo
+    stopped at, what kind of code that is, and what to do."""
+    text = str(second)
+    head = text.splitlines()[0] if text else ""
+    tried = (f"fx.symbolic_trace failed with {type(first).__name__}: {first}; Dynamo "
+             f"(fullgraph=True) failed with {type(second).__name__}: {head}")
+    at = _user_line(text)
+    where = f" at {at}" if at else ""
+    if "data-dependent" in text:
+        return (f"could not capture {type(model).__name__}{where}: it decides on a size or "
+                "value known only from the data (an op such as nonzero, unique or "
+                "masked_select, or .item()), and autopar plans for shapes known ahead; "
+                "compute that part outside the model (pass no labels and compute the loss on "
+                "its outputs) or write it without the decision (torch.where, a mask). "
+                f"({tried})")
+    return (f"could not capture {type(model).__name__}{where}: {tried}. Remove graph breaks "
+            "(data-dependent Python control flow, .item(), printing) from forward, or run "
+            "autopar.examine to see where")
+
+
+def _user_line(text: str) -> str:
+    """``file.py:line in function: `code``` of the last user frame in a Dynamo error's
+    "from user code:" section; empty where there is none."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)',
+                        text.split("from user code:")[-1])
+    if "from user code:" not in text or not frames:
+        return ""
+    path, line, fn, code = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line} in {fn}: `{code.strip()}`"
 
 
 def _opaque_calls(gm) -> list:
