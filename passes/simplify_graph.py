@@ -31,6 +31,7 @@ def simplify_graph(gm, ctx):
       or feature dim yields a Partial sum instead of a wrong local mean.
     - ``batch_norm`` becomes its reductions and pointwise ops (statistics of a split batch
       sum over ranks), its running statistics written back into their buffers.
+    - ``x.T`` and ``x.mT`` (``getattr(x, "T")`` under Dynamo) become ``permute``.
     - ``x.type_as(y)`` and ``x.to(y)`` become ``x.to(dtype)``: ``y`` is read only for its dtype.
     - ``cat`` leaves out inputs of shape (0,), as torch does whatever the others' rank (an
       empty key-value cache a layer appends its first keys to): they hold nothing, and would
@@ -215,6 +216,22 @@ def _elementwise_mean_loss(graph, node):
     return out
 
 
+def _tensor_attribute(graph, node):
+    """``x.T``, ``x.mT`` (and ``.H``, ``.mH`` of a real tensor), which Dynamo records as
+    ``getattr(x, "T")``, as the ``permute`` they are."""
+    x, name = (node.args + (None,))[:2]
+    val = getattr(x, "meta", {}).get("val")
+    if not isinstance(val, torch.Tensor) or name not in ("T", "mT", "H", "mH") or \
+            name in ("H", "mH") and val.is_complex() or val.dim() < 2 and name in ("mT", "mH"):
+        return None
+    nd = val.dim()
+    dims = list(range(nd))[::-1] if name in ("T", "H") else [*range(nd - 2), nd - 1, nd - 2]
+    out = _insert(graph, node, torch.permute, (x, dims))
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return out
+
+
 def _type_as(graph, node):
     other = node.args[1] if len(node.args) > 1 else None
     if node.meta["autopar.op"] == "to" and not (hasattr(other, "meta") and
@@ -252,5 +269,5 @@ def _empty_vector(value) -> bool:
 # each rewrite returns the node that now computes the value, or None where it changes nothing
 _REWRITES = {"mean": _mean, "batch_norm": _batch_norm, "cross_entropy": _cross_entropy,
              "cross_entropy_loss": _cross_entropy, "type_as": _type_as, "to": _type_as,
-             "cat": _cat, "concat": _cat, "concatenate": _cat,
+             "cat": _cat, "concat": _cat, "concatenate": _cat, "getattr": _tensor_attribute,
              **{name: _elementwise_mean_loss for name in ELEMENTWISE_LOSSES}}
