@@ -119,8 +119,7 @@ def training_cases(world):
             mesh={"sp": 2}, cluster=slow_devices(2), constraints={"x": "S(2)"},
             expect="halo_rows(")
     if world in (2, 4):
-        families = ("mixtral",) if world == 2 else ("mixtral", "qwen3_moe")
-        for family in families:
+        for family in ("mixtral",):   # Qwen3-MoE's dispatch: in simulation (test_hf)
             yield f"hf-{family}-dispatch-{world}", f"hf-{family}", dict(
                 mesh={"ep": world}, cluster=hf_links(world, "NARROW"), steps=("sgd", "sgd"),
                 expect="expert_dispatch(", constraints={"*.experts.*": "S(0)"})

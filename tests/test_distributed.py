@@ -55,7 +55,7 @@ def _check_worst(results, cases):
 def test_training_matches_one_device_on_every_rank(world_results):
     world, results = world_results
     cases = _training_cases(world)
-    assert len(cases) == (24 if world == 2 else 11)
+    assert len(cases) == (24 if world == 2 else 10)
     for rank, res in enumerate(results):
         for case in cases:
             r = res[case]
