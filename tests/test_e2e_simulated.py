@@ -118,7 +118,8 @@ def test_plain_function_matches_one_device(mesh):
 
 
 class Noisy(torch.nn.Module):
-    """Dropout and a random draw on values the plan may split."""
+    """Dropout, a random draw and a bernoulli mask per sample on values the plan may
+    split."""
 
     def __init__(self):
         super().__init__()
@@ -128,7 +129,8 @@ class Noisy(torch.nn.Module):
 
     def forward(self, x):
         h = self.drop(torch.relu(self.fc1(x)))
-        return self.fc2(h * torch.rand_like(h))
+        keep = h.new_empty(h.shape[0], 1).bernoulli_(0.75)   # stochastic depth's draw
+        return self.fc2(h * torch.rand_like(h) * keep / 0.75)
 
 
 NOISY_PINS = {"batch": {"x": "S(0)"}, "features": {"fc1.*": "S(0)", "fc2.weight": "S(1)"}}
@@ -148,6 +150,7 @@ def test_random_draws_on_split_values_are_one_devices(mesh, split):
     pm = autopar.compile(net, slow_devices(math.prod(axes.values())), example_inputs=(x,),
                          simulate=True, mesh=axes, constraints=pins)
     assert "dropout_piece" in pm.code and "random_like_piece" in pm.code
+    assert split != "batch" or "bernoulli_piece" in pm.code
     torch.manual_seed(1)
     out = pm(x)
     torch.manual_seed(1)

@@ -15,8 +15,8 @@ from torch.fx import Node
 
 from .._torch import tree_leaves
 from ..program.placement import is_shard
-from .core import (OpSpec, P, broadcast_labels, einsum_options, io_bytes, register, shape_of,
-                   tensor_inputs)
+from .core import (OpSpec, P, R, broadcast_labels, einsum_options, io_bytes, register,
+                   shape_of, tensor_inputs)
 
 UNARY = [
     "relu", "gelu", "silu", "tanh", "sigmoid", "softplus", "elu", "leaky_relu", "hardtanh",
@@ -27,7 +27,7 @@ UNARY = [
     "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
     "bitwise_and", "bitwise_or", "maximum", "minimum", "fmod", "remainder", "floordiv",
     "bool", "int", "long", "zeros_like", "empty_like", "ones_like", "full_like", "rand_like",
-    "randn_like", "atan2", "lerp", "copy_into",
+    "randn_like", "atan2", "lerp", "copy_into", "bernoulli",
 ]
 # Ops linear in all their tensor inputs together: Partial in, Partial out, when every
 # tensor input is Partial and no scalar is added.
@@ -59,14 +59,18 @@ def _spec(node, options):
 # Ops that draw random numbers: on a split value each rank draws what one device draws for
 # the whole value and keeps its piece (runtime.local_ops), so masks are one device's.
 WHOLE_DRAWS = {"dropout": "dropout_piece", "rand_like": "random_like_piece",
-               "randn_like": "random_like_piece"}
+               "randn_like": "random_like_piece", "bernoulli": "bernoulli_piece"}
 
 
 @register(*UNARY)
 def pointwise(node):
     ins, in_labels, out_labels = _labels(node)
-    spec = _spec(node, einsum_options(in_labels, out_labels))
     op = node.meta["autopar.op"]
+    if op == "bernoulli" and not isinstance(node.args[1] if len(node.args) > 1 else
+                                            node.kwargs.get("p"), numbers.Number):
+        # probabilities read from the input: each element's draw needs its own probability
+        return _spec(node, ((tuple(R for _ in ins), R),))
+    spec = _spec(node, einsum_options(in_labels, out_labels))
     if op not in WHOLE_DRAWS or not isinstance(node.meta["val"], torch.Tensor):
         return spec
     shape = shape_of(node)
@@ -77,7 +81,7 @@ def pointwise(node):
         if not shards:
             return None
         extra = {"shape": shape, "shards": shards}
-        return WHOLE_DRAWS[op], extra if op == "dropout" else {**extra, "op": op}
+        return WHOLE_DRAWS[op], extra if op in ("dropout", "bernoulli") else {**extra, "op": op}
 
     return replace(spec, local=local)
 

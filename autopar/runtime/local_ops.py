@@ -93,6 +93,14 @@ def dropout_piece(input, p=0.5, training=True, inplace=False, *, shape: tuple, s
 
 
 @rank_aware
+def bernoulli_piece(input, p=0.5, *, shape: tuple, shards: tuple, coords=None, generator=None):
+    """``x.bernoulli(p)`` of this rank's piece (a mask drawn as ``new_empty(...).bernoulli_(p)``,
+    as stochastic depth draws it): its piece of the draw one device makes for the whole."""
+    whole = torch.empty(shape, dtype=input.dtype, device=input.device)
+    return _piece(whole.bernoulli_(p, generator=generator), shards, coords).contiguous()
+
+
+@rank_aware
 def random_like_piece(input, *, op: str, shape: tuple, shards: tuple, coords=None, **kwargs):
     """``rand_like`` or ``randn_like`` of this rank's piece: its piece of the whole draw."""
     draw = torch.rand if op == "rand_like" else torch.randn
