@@ -258,6 +258,10 @@ case("scatter_src", lambda x, r, s: x.scatter(1, r.argsort(1)[:, :3], s), "scatt
 case("scatter_add", lambda x, r, s: torch.scatter_add(x, 1, r.argsort(1)[:, :5], s),
      "scatter_add", x=T(4, 8), r=T(4, 8), s=T(4, 5))
 case("diff", lambda x: torch.diff(x, dim=1), "diff", x=T(4, 8, 12))
+case("index_put", lambda x, r, v: x.index_put((r.argsort()[:2],), v), "index_put",
+     x=T(8, 4, 12), r=T(8), v=T(2, 4, 12))
+case("index_put_accumulate", lambda x, i, v: x.index_put((i,), v, True), "index_put",
+     x=T(8, 12), i=Ids(8, 3), v=T(12))
 case("repeat", lambda x: x.repeat(2, 1, 1, 3), "repeat", x=T(4, 8, 12))
 case("tile", lambda x: torch.tile(x, (1, 2)), "tile", x=T(4, 8, 12))
 case("diff_twice_last", lambda x: torch.diff(x, n=2), "diff", x=T(4, 8, 12))

@@ -63,6 +63,28 @@ def scatter(node):
     return _spec(node, options)
 
 
+@register("index_put")
+def index_put(node):
+    """``x[indices] = values`` out of place (``x.index_put(indices, values)``): the dims the
+    index tensors pick stay whole; the dims after them may be split, with the matching
+    trailing dims of ``values``. With ``accumulate`` it adds into ``x``: linear in ``x`` and
+    ``values`` together, so both Partial give a Partial."""
+    ins = tensor_inputs(node)
+    x, indices, values = node.args[0], arg(node, 1, "indices"), arg(node, 2, "values")
+    if not isinstance(indices, (tuple, list)) or not all(isinstance(i, Node) for i in indices) \
+            or ins != [x, *indices, values] or len(set(ins)) != len(ins):
+        return _replicated(node)
+    xs, vs = shape_of(x), shape_of(values)
+    x_l = [None] * len(indices) + [f"d{d}" for d in range(len(indices), len(xs))]
+    v_l = [x_l[len(xs) - len(vs) + j] if len(xs) - len(vs) + j >= len(indices)
+           and vs[j] == xs[len(xs) - len(vs) + j] else None for j in range(len(vs))]
+    labels = [x_l] + [[None] * len(shape_of(i)) for i in indices] + [v_l]
+    options = einsum_options(labels, x_l)
+    if arg(node, 3, "accumulate", False):
+        options += (((P,) + (R,) * len(indices) + (P,), P),)
+    return _spec(node, options)
+
+
 @register("index_select")
 def index_select(node):
     """``x`` keeps its other dims splittable; the picked dim comes from the 1-d index."""
