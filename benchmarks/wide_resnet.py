@@ -26,7 +26,6 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
@@ -35,19 +34,10 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import autopar  # noqa: E402
 from autopar import Shard  # noqa: E402
-from vision_models import WIDE_RESNETS, wide_resnet  # noqa: E402
+from vision_models import WIDE_RESNETS, Classifier, wide_resnet  # noqa: E402
 
 # GPUs -> (Alpa's model for them, images a step: one of Alpa's micro-batches)
 ROWS = {8: ("2B", 64), 16: ("4B", 48), 32: ("6.8B", 48), 64: ("13B", 40)}
-
-
-class Classifier(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images, labels):
-        return F.cross_entropy(self.model(images), labels)
 
 
 def plan_row(gpus: int) -> dict:

@@ -14,19 +14,17 @@ The planner chooses the layout of everything else.
 from __future__ import annotations
 
 import copy
-import datetime
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import autopar  # noqa: E402
 from autopar import Replicate, Shard  # noqa: E402
+from local_world import join, launch, train  # noqa: E402
 from models import Llama, LlamaConfig, tiny_batch  # noqa: E402
 
 WORLD = 4
@@ -43,25 +41,12 @@ PINS = {
 }
 
 
-def train(model, tokens, targets):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(STEPS):
-        loss = model(tokens, targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+def adamw(parameters):
+    return torch.optim.AdamW(parameters, lr=1e-2)
 
 
 def worker(rank: int, world: int, port: int):
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
-    torch.manual_seed(0)                       # same weights and data on every rank
+    join(rank, world, port)                    # same weights and data on every rank
     cfg = LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                       hidden_dim=128, max_seq_len=16)
     model = Llama(cfg)
@@ -75,9 +60,9 @@ def worker(rank: int, world: int, port: int):
         print("rank 0 runs (split weights used as they are held, the batch sliced on entry, "
               "a collective wherever layouts meet):\n")
         print(pm.code)
-    losses = train(pm, tokens, targets)
+    losses = train(pm, [(tokens, targets)] * STEPS, adamw)
     if rank == 0:
-        reference = train(single, tokens, targets)
+        reference = train(single, [(tokens, targets)] * STEPS, adamw)
         report(losses, reference)
     dist.barrier()
     dist.destroy_process_group()
@@ -104,14 +89,7 @@ def report(losses, reference):
 
 
 def main():
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:    # launched by torchrun
-        dist.init_process_group("gloo")
-        worker(dist.get_rank(), dist.get_world_size(), 0)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(worker, args=(WORLD, port), nprocs=WORLD, start_method="spawn")
+    launch(worker, WORLD)
 
 
 if __name__ == "__main__":

@@ -15,37 +15,23 @@ running statistics one device holds.
 from __future__ import annotations
 
 import copy
-import datetime
 import os
-import socket
 import sys
 import time
 from collections import Counter
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import autopar  # noqa: E402
 from autopar import format_layout  # noqa: E402
-from vision_models import torchvision_models  # noqa: E402
+from local_world import join, launch, train, under_torchrun  # noqa: E402
+from vision_models import Classifier, torchvision_models  # noqa: E402
 
 WORLD = 4
 STEPS = 3
-
-
-class Classifier(torch.nn.Module):
-    """Images and labels in, the mean cross-entropy out."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images, labels):
-        return F.cross_entropy(self.model(images), labels)
 
 
 def plan_resnet50():
@@ -74,34 +60,21 @@ def small_resnet():
     return models.ResNet(models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
 
 
-def train(model, batches):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    losses = []
-    for images, labels in batches:
-        loss = model(images, labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+def sgd(parameters):
+    return torch.optim.SGD(parameters, lr=0.05)
 
 
 def worker(rank: int, world: int, port: int):
-    if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
-    torch.manual_seed(0)                       # same weights and data on every rank
+    join(rank, world, port)                    # same weights and data on every rank
     model = Classifier(small_resnet())
     single = copy.deepcopy(model)
     batches = [(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))) for _ in range(STEPS)]
     pm = autopar.compile(model, autopar.Cluster.local(), example_inputs=batches[0],
                          mesh={"dp": world}, constraints={"images": "S(0)", "labels": "S(0)"})
-    losses = train(pm, batches)
+    losses = train(pm, batches, sgd)
     state = pm.full_state_dict()
     if rank == 0:
-        reference = train(single, batches)
+        reference = train(single, batches, sgd)
         report(losses, reference, state, single)
     dist.barrier()
     dist.destroy_process_group()
@@ -125,17 +98,9 @@ def report(losses, reference, state, single):
 
 
 def main():
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:    # launched by torchrun
-        dist.init_process_group("gloo")
-        if dist.get_rank() == 0:
-            plan_resnet50()
-        worker(dist.get_rank(), dist.get_world_size(), 0)
-        return
-    plan_resnet50()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(worker, args=(WORLD, port), nprocs=WORLD, start_method="spawn")
+    if not under_torchrun() or os.environ["RANK"] == "0":
+        plan_resnet50()
+    launch(worker, WORLD)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,20 @@ def torchvision_models():
     return torchvision.models
 
 
+class Classifier(torch.nn.Module):
+    """A classifier trained on labelled images: the mean cross-entropy of ``model``'s logits
+    (with ``logits``, the logits too)."""
+
+    def __init__(self, model: torch.nn.Module, logits: bool = False):
+        super().__init__()
+        self.model, self.logits = model, logits
+
+    def forward(self, images, labels):
+        out = self.model(images)
+        loss = torch.nn.functional.cross_entropy(out, labels)
+        return (loss, out) if self.logits else loss
+
+
 def _images(size: int = 32) -> torch.Tensor:
     return torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
 

@@ -9,6 +9,7 @@ from torch.fx import Node
 from autopar.errors import CaptureError
 from autopar.program.graph import copy_into, setitem, where, write_buffer
 from autopar.rules.names import canonical_name
+from autopar.rules.traits import VIEWS, VIEWS_OF_CONTIGUOUS
 
 _INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub,
                       operator.imul: operator.mul, operator.itruediv: operator.truediv}
@@ -108,10 +109,7 @@ def _read_later(node, value) -> bool:
 def _check_no_view_read_later(node, src) -> None:
     """An in-place op on a view (other than by index) of a value read later would have to
     change that value too: refused, naming the op."""
-    base = src
-    while isinstance(base, Node) and base.op in ("call_function", "call_method") and \
-            canonical_name(base) in _VIEWS and base.args and isinstance(base.args[0], Node):
-        base = base.args[0]
+    for base in _viewed(src):
         if _read_later(node, base):
             path, loc = where(node)
             raise CaptureError(
@@ -119,6 +117,19 @@ def _check_no_view_read_later(node, src) -> None:
                 f"{src.name}, a view of {base.name}, which is read later; write it out of "
                 "place (y = x.view(...) + z, then use y), or index the base: "
                 "x[..., :n].copy_(z)")
+
+
+# ops whose output shares its input's storage: the views of rules.traits, and indexing
+_VIEWS = VIEWS | VIEWS_OF_CONTIGUOUS | {"getitem", "select", "narrow", "slice", "as_strided",
+                                        "diagonal", "unflatten"}
+
+
+def _viewed(node):
+    """The values ``node`` is a view of, nearest first, through view ops."""
+    while isinstance(node, Node) and node.op in ("call_function", "call_method") and \
+            canonical_name(node) in _VIEWS and node.args and isinstance(node.args[0], Node):
+        node = node.args[0]
+        yield node
 
 
 def _carried(meta: dict) -> dict:
@@ -164,18 +175,11 @@ def _written_buffer(node, src, params: set, buffer_of: dict):
     return None
 
 
-_VIEWS = {"getitem", "view", "reshape", "select", "narrow", "slice", "transpose", "permute",
-          "squeeze", "unsqueeze", "flatten", "expand", "t", "as_strided", "diagonal",
-          "unflatten", "view_as", "movedim", "split", "chunk", "unbind"}
-
-
 def _viewed_buffer(node, params: set):
     """The buffer get_attr ``node`` is a view of, through view ops; None where it is none."""
-    while isinstance(node, Node) and node.op in ("call_function", "call_method") and \
-            canonical_name(node) in _VIEWS and node.args:
-        node = node.args[0]
-    if isinstance(node, Node) and node.op == "get_attr" and node.target not in params:
-        return node
+    root = next(iter(reversed(list(_viewed(node)))), None)
+    if root is not None and root.op == "get_attr" and root.target not in params:
+        return root
     return None
 
 

@@ -144,7 +144,9 @@ def _batch_norm(graph, node):
     """``batch_norm`` as the reductions and pointwise ops it is made of, so that a split batch
     sums its statistics over every rank (SyncBatchNorm's semantics, the sums' collectives
     priced like any other) and each running statistic's new value is written back into its
-    buffer (:func:`~autopar.program.graph.write_buffer`), as one device updates it."""
+    buffer (:func:`~autopar.program.graph.write_buffer`), as one device updates it. Half
+    and bfloat16 inputs are normalized in fp32 and the result cast back, as torch's kernels
+    compute them."""
     if node.target is torch.batch_norm:   # (input, weight, bias, mean, var, training, m, eps, _)
         x, w, b, rm, rv = (node.args + (None,) * 5)[:5]
         training, momentum, eps = node.args[5:8]
@@ -166,6 +168,9 @@ def _batch_norm(graph, node):
     def channels(v):  # a (C,) value, broadcast against x
         return insert(torch.reshape, v, per_channel)
 
+    low = val.dtype in (torch.float16, torch.bfloat16)   # statistics in fp32, as torch's
+    if low:
+        x = insert(torch.Tensor.to, x, torch.float32)
     batch_stats = training or rm is None or rv is None
     if batch_stats:
         dims = [0] + list(range(2, len(shape)))
@@ -182,6 +187,8 @@ def _batch_norm(graph, node):
         out = insert(operator.mul, out, channels(w))
     if b is not None:
         out = insert(operator.add, out, channels(b))
+    if low:
+        out = insert(torch.Tensor.to, out, val.dtype)
     if training and rm is not None and rv is not None:
         unbiased = count / max(count - 1, 1)
         for buffer, stat, scale in ((rm, mean, 1.0), (rv, var, unbiased)):

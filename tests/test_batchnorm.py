@@ -110,6 +110,18 @@ def test_batch_norm_in_eval_mode_uses_the_running_statistics(dims, mesh_id):
     check_buffers(pm.full_state_dict(), model, "eval")
 
 
+def test_batch_norm_in_bfloat16_normalizes_in_fp32_as_torch_does():
+    """torch's kernels compute a half or bfloat16 input's statistics and normalization in
+    fp32: so does the split program (bfloat16 throughout would be an ulp, 4e-3, off)."""
+    model, (x, t) = make_bn(1)
+    model = model.bfloat16()
+    ref = twin(model)
+    x, t = x.bfloat16(), t.bfloat16()
+    pm = autopar.compile(model, slow_devices(2), example_inputs=(x, t), mesh={"dp": 2},
+                         constraints=batch_split({"dp": 2}), simulate=True)
+    torch.testing.assert_close(pm(x, t), ref(x, t), rtol=1e-3, atol=0)
+
+
 class MovingAverage(nn.Module):
     """A user's buffers: an exponential moving average of the activations' mean updated in
     place with mul_ then add_, a step counter, and a copy_ of the last batch's maximum."""
@@ -129,19 +141,25 @@ class MovingAverage(nn.Module):
         return (y * self.ema).square().sum()
 
 
-@pytest.mark.parametrize("mesh_id", list(MESHES))
-def test_user_buffers_written_in_place_match_one_device(mesh_id):
+def train_split_batch(make, mesh_id: str, lr: float) -> dict:
+    """Three SGD steps of ``make()`` with its batch of (8, 8) inputs split on every axis:
+    losses, gradients, parameters and buffers checked against one device. Returns the
+    full state after them."""
     mesh = MESHES[mesh_id]
     torch.manual_seed(0)
-    model = MovingAverage()
+    model = make()
     ref = twin(model)
     x = torch.randn(BATCH, 8)
     pm = autopar.compile(model, slow_devices(math.prod(mesh.values())), example_inputs=(x,),
-                         mesh=mesh,
-                         constraints={"x": "S(0)" * len(mesh)}, simulate=True)
-    data = [(torch.randn(BATCH, 8),) for _ in range(3)]
-    worst, _ = check_steps(pm, ref, data, sgd=0.1)
-    assert worst <= 1e-5 and int(pm.full_state_dict()["steps"]) == 3
+                         mesh=mesh, constraints={"x": "S(0)" * len(mesh)}, simulate=True)
+    worst, _ = check_steps(pm, ref, [(torch.randn(BATCH, 8),) for _ in range(3)], sgd=lr)
+    assert worst <= 1e-5
+    return pm.full_state_dict()
+
+
+@pytest.mark.parametrize("mesh_id", list(MESHES))
+def test_user_buffers_written_in_place_match_one_device(mesh_id):
+    assert int(train_split_batch(MovingAverage, mesh_id, lr=0.1)["steps"]) == 3
 
 
 def test_micro_batches_are_refused_where_batch_statistics_or_buffer_writes_bind():
@@ -173,16 +191,7 @@ class WritesByIndex(nn.Module):
 
 @pytest.mark.parametrize("mesh_id", ["2", "2x2"])
 def test_in_place_writes_through_an_indexed_view_reach_the_base(mesh_id):
-    mesh = MESHES[mesh_id]
-    torch.manual_seed(0)
-    model = WritesByIndex()
-    ref = twin(model)
-    x = torch.randn(BATCH, 8)
-    pm = autopar.compile(model, slow_devices(math.prod(mesh.values())), example_inputs=(x,),
-                         mesh=mesh, constraints={"x": "S(0)" * len(mesh)}, simulate=True)
-    data = [(torch.randn(BATCH, 8),) for _ in range(3)]
-    worst, _ = check_steps(pm, ref, data, sgd=0.01)
-    assert worst <= 1e-5 and pm.full_state_dict()["seen"].abs().sum() > 0
+    assert train_split_batch(WritesByIndex, mesh_id, lr=0.01)["seen"].abs().sum() > 0
 
 
 def test_in_place_writes_into_other_views_read_later_are_refused():

@@ -19,7 +19,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import autopar
 import vision_models
@@ -41,18 +40,6 @@ ADAMW = dict(lr=1e-3, weight_decay=0.01, eps=1e-2)
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny ops, one thread
 
 
-class Classifier(torch.nn.Module):
-    """A classifier trained on labelled images: (mean cross-entropy, logits)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images, labels):
-        logits = self.model(images)
-        return F.cross_entropy(logits, labels), logits
-
-
 # Deep BatchNorm networks at initialization amplify rounding: one device's own fp32
 # gradients of ResNet-18 on 32x32 images differ from its fp64 gradients by 3.5e-4, so any
 # reordered sum differs by as much; these compare in fp64, where the program is exact.
@@ -66,7 +53,7 @@ def make(name):
     labels = torch.arange(images.shape[0]) % vision_models.CLASSES
     if name in FP64:
         model, images = model.double(), images.double()
-    return Classifier(model), (images, labels)
+    return vision_models.Classifier(model, logits=True), (images, labels)
 
 
 def replicated_heavy_ops(plan) -> list:

@@ -20,6 +20,7 @@ import inspect
 import operator
 import re
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -193,24 +194,28 @@ def _opaque_calls(gm) -> list:
             not in ("torch", "autopar")]   # autopar's: the out-of-place forms capture writes
 
 
+_PATCHING = threading.Lock()
+
+
 @contextlib.contextmanager
 def _custom_functions_left_to_dynamo():
     """fx traces into a ``torch.autograd.Function``'s forward and loses its backward (the
     gradient the user defined): a trace that meets one fails, and Dynamo, which keeps both,
     captures instead."""
-    original = torch.autograd.Function.__dict__["apply"]
+    with _PATCHING:   # plans made side by side in threads patch and restore in turn
+        original = torch.autograd.Function.__dict__["apply"]
 
-    def apply(cls, *args, **kwargs):
-        if any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0]):
-            raise CaptureError(f"{cls.__name__}.apply: a torch.autograd.Function, left to "
-                               "Dynamo")
-        return original.__func__(cls, *args, **kwargs)
+        def apply(cls, *args, **kwargs):
+            if any(isinstance(a, fx.Proxy) for a in tree_flatten((args, kwargs))[0]):
+                raise CaptureError(f"{cls.__name__}.apply: a torch.autograd.Function, left "
+                                   "to Dynamo")
+            return original.__func__(cls, *args, **kwargs)
 
-    torch.autograd.Function.apply = classmethod(apply)
-    try:
-        yield
-    finally:
-        torch.autograd.Function.apply = original
+        torch.autograd.Function.apply = classmethod(apply)
+        try:
+            yield
+        finally:
+            torch.autograd.Function.apply = original
 
 
 @contextlib.contextmanager
