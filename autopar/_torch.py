@@ -92,3 +92,15 @@ def in_backward() -> bool:
 # Where torch's own ops live for the rules' canonical names (``torch._C._nn.linear`` is what
 # F.linear calls and Dynamo records).
 NN_OPS = torch._C._nn
+
+
+def init_optimizer_state(optimizer) -> None:
+    """Make an optimizer's states where it has none yet (a step on zero gradients at zero
+    learning rate), so that a checkpoint's states can load into them.
+
+    ``torch.distributed.checkpoint.state_dict._init_optim_state`` is what that module's
+    public ``get_optimizer_state_dict`` and ``set_optimizer_state_dict`` do first; it has no
+    public twin.
+    """
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+    _init_optim_state(optimizer)

@@ -454,9 +454,17 @@ class LazyParallel(torch.nn.Module):
                             "the optimizer")
         return super().parameters(recurse)
 
+    def state_dict(self, *args, **kwargs) -> dict:
+        """The planned module's sharded state (``ParallelModule.state_dict``)."""
+        return self.parallel_module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.parallel_module.load_state_dict(state_dict)
+
     def __getattr__(self, name):
         if name in ("plan", "code", "rank_program", "full_state_dict", "full_grad_dict",
-                    "load_full_state_dict"):
+                    "load_full_state_dict", "optimizer_state_dict",
+                    "load_optimizer_state_dict"):
             return getattr(self.parallel_module, name)
         return super().__getattr__(name)
 

@@ -30,7 +30,7 @@ from ..program.mesh import Mesh
 from ..program.placement import Shard, is_strided, replicated
 from ..program.redistribute import plan_steps
 from . import collectives as C
-from . import faults
+from . import faults, state
 from .grad_sync import DistributedGradSync, SimulatedGradSync
 from .simulate import run_collective, run_replicated
 
@@ -61,6 +61,7 @@ class ParallelModule(torch.nn.Module):
         self._program = program
         self._mesh = program.mesh
         self._fqn_of = {name: fqn for name, (fqn, _) in program.attrs.items()}
+        self._full_shapes = {fqn: tuple(source[fqn].shape) for fqn, _ in program.attrs.values()}
         # other names the model gives a planned tensor (a tied weight: lm_head.weight)
         planned = {id(source[fqn]): fqn for fqn, _ in program.attrs.values() if fqn in source}
         self._aliases = {}
@@ -244,17 +245,21 @@ class ParallelModule(torch.nn.Module):
         return [getattr(m, name) for m in mods]
 
     def _gather(self, vals, layout):
-        steps = plan_steps(tuple(layout), replicated(self._mesh.ndim))
+        return self._moved(vals, layout, replicated(self._mesh.ndim))[0].clone()
+
+    def _moved(self, vals, src, dst) -> list:
+        """Every held rank's piece of a value in layout ``src`` moved to layout ``dst``
+        (no autograd)."""
         with torch.no_grad():
             vals = [v.detach() for v in vals]
-            for step in steps:
+            for step in plan_steps(tuple(src), tuple(dst)):
                 fn, extra = C.step_call(step, self._mesh.names)
                 if self.simulate:
                     vals = run_collective(fn, vals, self._mesh, extra)
                 else:
                     C.set_active_mesh(self._device_mesh)
                     vals = [fn(vals[0], *extra)]
-        return vals[0].clone()
+        return vals
 
     @faults.guarded("in full_state_dict")
     def full_state_dict(self) -> dict:
@@ -299,6 +304,42 @@ class ParallelModule(torch.nn.Module):
                         raise PlanError(f"{fqn}: state dict tensor of shape {tuple(full.shape)} "
                                         f"does not match the planned shape")
                     t.copy_(piece)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    @faults.guarded("in state_dict")
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False) -> dict:
+        """Every parameter and buffer, keyed by the original FQN, for
+        ``torch.distributed.checkpoint``: in distributed mode DTensors holding this rank's
+        shards (``dcp.save`` writes each piece once; ``dcp.load`` into this dict reads the
+        pieces this plan holds, whatever plan saved them); in simulated mode whole tensors.
+        Load what ``dcp.load`` filled with :meth:`load_state_dict`
+        (:mod:`autopar.runtime.state`)."""
+        out = state.model_state(self)
+        if destination is None:
+            return out
+        destination.update({prefix + k: v for k, v in out.items()})
+        return destination
+
+    @faults.guarded("in load_state_dict")
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
+        """Copy each rank's pieces of ``state_dict`` (as :meth:`state_dict` gives it, or
+        whole tensors keyed by FQN) into this module's shards."""
+        state.load_model_state(self, state_dict)
+
+    @faults.guarded("in optimizer_state_dict")
+    def optimizer_state_dict(self, optimizer) -> dict:
+        """``optimizer``'s states and hyperparameters for this module's parameters, keyed by
+        FQN in the flat form of ``torch.distributed.checkpoint.state_dict`` (states laid out
+        as their parameters); states not made yet are made first, so that ``dcp.load`` can
+        fill them."""
+        return state.optimizer_state(self, optimizer)
+
+    @faults.guarded("in load_optimizer_state_dict")
+    def load_optimizer_state_dict(self, optimizer, state_dict: dict) -> None:
+        """Set ``optimizer``'s states and hyperparameters for this module's parameters from
+        ``state_dict`` (as :meth:`optimizer_state_dict` gives it)."""
+        state.load_optimizer_state(self, optimizer, state_dict)
 
     def extra_repr(self) -> str:
         return (f"mesh={self._mesh}, mode={'simulated' if self.simulate else 'distributed'}, "

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..errors import PlanError
 from ..options import schedule_chunks
-from . import faults
+from . import faults, state
 from .module import ParallelModule, _device_of, shard_tensor
 
 
@@ -497,6 +497,46 @@ class PipelineModule(torch.nn.Module):
         """Copy full tensors (FQNs as in the original model) into each stage's shards."""
         for pm in self.stages:
             pm.load_full_state_dict(state_dict)
+
+    # -- checkpoints (ParallelModule's, over the stages held here) -----------------------------
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False) -> dict:
+        """Every parameter and buffer of the stages held here, keyed by FQN, as
+        :meth:`ParallelModule.state_dict` gives them: a checkpoint saved by every rank holds
+        the whole model once, and loads under any other set of stages. A parameter that
+        stages hold in different layouts (a tied embedding and head) enters it whole."""
+        out = {}
+        for pm in self.stages:
+            for k, v in state.model_state(pm, self._laid_out_apart()).items():
+                out.setdefault(k, v)
+        if destination is None:
+            return out
+        destination.update({prefix + k: v for k, v in out.items()})
+        return destination
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
+        for pm in self.stages:
+            pm.load_state_dict(state_dict)
+
+    def optimizer_state_dict(self, optimizer) -> dict:
+        out = {}
+        for pm in self.stages:
+            for k, v in state.optimizer_state(pm, optimizer, self._laid_out_apart()).items():
+                out.setdefault(k, v)
+        return out
+
+    def _laid_out_apart(self) -> set:
+        """The FQNs that stages hold copies of in different layouts: a checkpoint takes
+        them whole, the one chunk every copy writes alike."""
+        layouts = {}
+        for attrs in self._all_attrs:
+            for fqn, layout in attrs.values():
+                layouts.setdefault(fqn, set()).add(tuple(layout))
+        return {fqn for fqn, seen in layouts.items() if len(seen) > 1}
+
+    def load_optimizer_state_dict(self, optimizer, state_dict: dict) -> None:
+        for pm in self.stages:
+            pm.load_optimizer_state_dict(optimizer, state_dict)
 
     def extra_repr(self) -> str:
         return f"stages={self._n}, schedule={self.plan.schedule}"
