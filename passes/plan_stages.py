@@ -344,14 +344,15 @@ def _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget, plans):
         planned.append(StagePlanned(sg, sctx, groups[g]))
         costs.append(sctx.plan.cost)
     # play the schedule with the exact stage prices
-    fwd, bwd, fixed_g = [], [], [0.0] * p
+    fwd, bwd, fixed, fixed_g = [], [], [], [0.0] * p
     m = config.micro_batches
     for s, st in enumerate(planned):
         per_micro = sum(r["compute_s"] + r["comm_s"]
                         for r in st.ctx.plan.nodes.values()) / m   # the plan's are m's
         fwd.append(per_micro * (1 - S.BACKWARD_SHARE))
         bwd.append(per_micro * S.BACKWARD_SHARE)
-        fixed_g[s % p] += max(st.ctx.plan.cost.total_s - m * per_micro, 0.0)
+        fixed.append(max(st.ctx.plan.cost.total_s - m * per_micro, 0.0))
+        fixed_g[s % p] += fixed[-1]
     transfer = []
     for s in range(n - 1):
         link = S.link_between(ctx.cluster, groups[config.group_of(s)],
@@ -369,6 +370,7 @@ def _plan_config(gm, ctx, layers, config, groups, parts, mesh, budget, plans):
     config.played = S.play(orders, fwd, bwd, transfer or [0.0], fixed_g)
     config.predicted_s = config.played.step_s
     config.stage_costs = costs
+    config.stage_times = [S.StageTimes(*t) for t in zip(fwd, bwd, fixed, transfer + [0.0])]
     return config, planned
 
 
@@ -454,6 +456,11 @@ def _pipeline_plan(ctx, config, planned, layers) -> Plan:
                        "mesh": dict(plan.mesh), "time_s": plan.cost.total_s,
                        "memory_bytes": memory, "micro_batches_held": held,
                        "budget_bytes": _capacity(st.ctx.cluster, ctx.options.memory_budget_bytes),
+                       # the stage's own cost, holding one micro-batch: memory_bytes's parts
+                       "cost": dataclasses.asdict(plan.cost),
+                       # one micro-batch's forward and backward, the step's gradient sums
+                       # and optimizer, the hand-over to the next stage: the played schedule
+                       **config.stage_times[s]._asdict(),
                        # how far the stage's own per-op plan may be from its program's best
                        # (the cuts and the schedule are searched, not bounded)
                        "optimality": plan.stats.get("optimality")})

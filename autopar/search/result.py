@@ -163,7 +163,9 @@ class Plan:
                                                 #   pinned: "use", "storage", "use, storage"
     stages: list = field(default_factory=list)  # pipeline stages, in order: per stage a dict
                                                 #   of its ranks, device, layers, mesh,
-                                                #   time_s, memory_bytes (empty: one stage)
+                                                #   time_s, memory_bytes, its own cost,
+                                                #   forward_s, backward_s, fixed_s,
+                                                #   transfer_s (empty: one stage)
     schedule: str = ""                          # the pipeline schedule ("" for one stage)
 
     @property
@@ -404,6 +406,13 @@ class Plan:
         for name, (ops, outs, comp, comm, mem) in blocks.items():
             yield (name or "(top level)", str(ops), " ".join(sorted(outs)),
                    self.recompute.get(name, "-"), comp, comm, mem)
+
+    def report(self, path):
+        """Write the plan as one self-contained HTML page to ``path`` (the mesh, what runs
+        on each axis, memory and time per device and per layer, the pipeline schedule:
+        :mod:`autopar.search.report`); returns its ``pathlib.Path``."""
+        from .report import write_report
+        return write_report(self, path)
 
     def __str__(self) -> str:
         return self.explain()

@@ -50,6 +50,26 @@ class Action(NamedTuple):
     micro: int
 
 
+class Span(NamedTuple):
+    """When one action ran, as :func:`play` plays it: on which group, from and to."""
+
+    group: int
+    action: Action
+    start_s: float
+    end_s: float
+
+
+class StageTimes(NamedTuple):
+    """What one stage takes as its schedule is played: the forward and backward of one
+    micro-batch, its gradient sums and optimizer once per step, and handing a micro-batch's
+    values to the next stage (0 for the last)."""
+
+    forward_s: float
+    backward_s: float
+    fixed_s: float
+    transfer_s: float
+
+
 # -- schedules ---------------------------------------------------------------------------------
 
 def schedule_orders(name: str, p: int, v: int, m: int) -> list:
@@ -104,6 +124,7 @@ class Played:
     step_s: float                 # the last action's end, plus each group's fixed time
     busy_s: list                  # per group: seconds it computes
     in_flight: list               # per stage: most micro-batches whose activations it holds
+    spans: list = field(default_factory=list)   # every action run, a Span, in order run
 
     @property
     def bubble(self) -> float:
@@ -126,6 +147,7 @@ def play(orders: list, forward_s: list, backward_s: list, transfer_s: list,
     held = [0] * stages
     most = [0] * stages
     busy = [0.0] * p
+    spans = []
     left = sum(len(o) for o in orders)
     while left:
         moved = False
@@ -144,6 +166,7 @@ def play(orders: list, forward_s: list, backward_s: list, transfer_s: list,
                 ready = max([free[r]] + [done[n] + (link if n[1] != s else 0.0)
                                          for n in need])
                 done[(a.kind, s, k)] = free[r] = ready + dur
+                spans.append(Span(r, a, ready, ready + dur))
                 busy[r] += dur
                 held[s] += 1 if a.kind == "F" else -1
                 most[s] = max(most[s], held[s])
@@ -154,7 +177,7 @@ def play(orders: list, forward_s: list, backward_s: list, transfer_s: list,
             raise RuntimeError("pipeline schedule deadlocks: "
                                f"{[o[n] for o, n in zip(orders, nxt) if n < len(o)]}")
     fixed_s = fixed_s or [0.0] * p
-    return Played(max(f + x for f, x in zip(free, fixed_s)), busy, most)
+    return Played(max(f + x for f, x in zip(free, fixed_s)), busy, most, spans)
 
 
 # -- prices and the cut ------------------------------------------------------------------------
@@ -198,6 +221,7 @@ class Config:
     predicted_s: float = math.inf
     played: Played | None = None
     stage_costs: list = field(default_factory=list)
+    stage_times: list = field(default_factory=list)   # per stage: its StageTimes, as played
 
     def group_of(self, stage: int) -> int:
         return self.groups[stage % self.p]
