@@ -30,7 +30,8 @@ _LAZY = {"compile": "api", "plan": "api", "examine": "api", "Examination": "api"
          "Shard": "program.placement", "StridedShard": "program.placement",
          "Replicate": "program.placement",
          "Partial": "program.placement",
-         "format_layout": "program.placement", "parse_layout": "program.placement"}
+         "format_layout": "program.placement", "parse_layout": "program.placement",
+         "apply": "runtime.dtensor"}
 
 
 def __getattr__(name: str):
@@ -57,4 +58,4 @@ __all__ = ["compile", "plan", "examine", "backend", "Examination", "Cluster", "D
            "LinkSpec", "Plan", "Cost", "ParallelModule", "Shard", "StridedShard", "Replicate",
            "Partial",
            "format_layout", "parse_layout", "AutoparError", "PlanError", "NoFit", "InputError",
-           "CaptureError", "RankFailed", "PlanMismatch"]
+           "CaptureError", "RankFailed", "PlanMismatch", "apply"]
