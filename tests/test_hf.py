@@ -484,3 +484,15 @@ def test_a_training_step_gathers_only_its_loss():
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-6)
     loss = pm.step(**inputs)
     torch.testing.assert_close(loss, expected.loss.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_transformers_model_names_its_layers_as_the_model_does():
+    """Dynamo names modules from the one it traced (``L['args'][0].model.layers.0``); the
+    plan, its blocks and its recompute choices use the model's own names."""
+    model, kwargs = make("llama")
+    plan = autopar.plan(model, slow_devices(2), example_inputs=kwargs)
+    names = {name for name, _ in model.named_modules()}
+    modules = {v["module"] for v in plan.nodes.values()} - {""}
+    assert modules <= names, sorted(modules - names)[:5]
+    assert plan.stats["block_classes"]["method"] == "module_hierarchy"
+    assert list(plan.recompute) == ["model.layers.0", "model.layers.1"]

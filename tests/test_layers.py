@@ -13,7 +13,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Layers, lowest first; a module may import its own layer and those below. The base modules
 # (errors, units, options, _torch) sit under every layer; the package's face above all.
 LAYERS = {"_base": 0, "program": 1, "rules": 2, "cost": 3, "options": 3.5, "search": 4, "runtime": 5,
-          "passes": 6, "api": 7, "backend": 7, "__init__": 8}
+          "passes": 6, "api": 7, "backend": 7, "cli_models": 7.5, "cli": 8, "__main__": 8,
+          "__init__": 8}
 BASE = {"errors", "units", "_torch"}
 
 

@@ -22,7 +22,7 @@ import autopar
 from autopar import Replicate, Shard
 from autopar.search import stages as S
 from autopar.search.report import memory_bars, schedule_timeline
-from autopar.search.result import block_of
+from autopar.program.graph import block_of
 from models import GPT, GPTConfig, tiny_batch
 
 # Megatron's split of the MLP pinned; the planner picks the rest (the batch split over dp)

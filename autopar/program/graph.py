@@ -36,10 +36,21 @@ def module_path(node: Node) -> str:
     if "autopar.module_path" in node.meta:  # a copy of a traced layer (passes.expand_repeats)
         return node.meta["autopar.module_path"]
     stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return path.replace("L['self'].", "").replace("L['self']", "")
+    for path, _ in reversed(list(stack.values())):
+        for root in TRACED_ROOTS:   # Dynamo names modules from the one it was called on
+            if path == root:
+                return ""
+            if path.startswith(root + "."):
+                return path[len(root) + 1:]
+        if not path.startswith(("L[", "G[")):   # fx: the FQN itself
+            return path
+        # a module Dynamo reached through a global or another argument: not the model's
+    return ""
+
+
+# How Dynamo names the module it traces: ``self`` of its forward, or the first argument of
+# ``Module.__call__`` (torch >= 2.10 traces the call).
+TRACED_ROOTS = ("L['self']", "L['args'][0]")
 
 
 def where(node: Node) -> tuple:
@@ -171,3 +182,13 @@ def loss_only(gm: fx.GraphModule, index: int) -> fx.GraphModule:
     graph.eliminate_dead_code()
     graph.lint()
     return fx.GraphModule(gm, graph, "RankStep")
+
+
+def block_of(module_path: str) -> str:
+    """The block a module path belongs to: up to and including its first numeric part
+    (``h.0.attn.c_attn`` -> ``h.0``), else its first part."""
+    parts = [p for p in module_path.split(".") if p]
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i + 1])
+    return parts[0] if parts else ""

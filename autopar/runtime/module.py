@@ -27,23 +27,13 @@ import torch.fx as fx
 from ..errors import InputError, PlanError
 from ..program.graph import loss_index, loss_only
 from ..program.mesh import Mesh
-from ..program.placement import Shard, is_strided, replicated
+from ..program.placement import replicated
 from ..program.redistribute import plan_steps
 from . import collectives as C
 from . import faults, state
 from .grad_sync import DistributedGradSync, SimulatedGradSync
 from .simulate import run_collective, run_replicated
-
-
-def shard_tensor(full: torch.Tensor, layout, mesh: Mesh, coord) -> torch.Tensor:
-    """This coordinate's piece of ``full`` under ``layout`` (outer axis splits first)."""
-    t = full
-    for a, p in enumerate(layout):
-        if is_strided(p):
-            t = p.piece(t, mesh.shape[a], coord[a])
-        elif isinstance(p, Shard):
-            t = t.chunk(mesh.shape[a], p.dim)[coord[a]]
-    return t
+from .state import shard_tensor
 
 
 class ParallelModule(torch.nn.Module):

@@ -26,7 +26,20 @@ import torch
 
 from .._torch import init_optimizer_state
 from ..errors import PlanError
-from ..program.placement import Partial, Replicate, format_layout, is_strided, replicated
+from ..program.mesh import Mesh
+from ..program.placement import (Partial, Replicate, Shard, format_layout, is_strided,
+                                 replicated)
+
+
+def shard_tensor(full: torch.Tensor, layout, mesh: Mesh, coord) -> torch.Tensor:
+    """This coordinate's piece of ``full`` under ``layout`` (outer axis splits first)."""
+    t = full
+    for a, p in enumerate(layout):
+        if is_strided(p):
+            t = p.piece(t, mesh.shape[a], coord[a])
+        elif isinstance(p, Shard):
+            t = t.chunk(mesh.shape[a], p.dim)[coord[a]]
+    return t
 
 
 def checkpoint_layout(layout) -> tuple:
@@ -66,7 +79,6 @@ def pieces_of(pm, value, fqn: str, layout) -> list:
         if value.device_mesh == pm._device_mesh and tuple(value.placements) == target:
             return pm._moved([value.to_local()], target, layout)
         value = value.full_tensor()
-    from .module import shard_tensor
     return [shard_tensor(value, layout, pm._mesh, c) for c in pm._coords]
 
 

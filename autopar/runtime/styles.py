@@ -26,7 +26,6 @@ activation memory; :attr:`Styles.unmapped` lists them.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -35,7 +34,7 @@ from torch import nn
 from ..errors import PlanError
 from ..program.placement import (Partial, Replicate, Shard, format_layout, format_placement,
                                  is_partial, is_replicate, is_shard, is_strided)
-from ..search.result import block_of
+from ..program.graph import block_of
 
 R, P, S0, S1, LOCAL = Replicate(), Partial(), Shard(0), Shard(1), Shard(-1)
 
@@ -59,7 +58,6 @@ HELD = {("linear", "colwise"): {"weight": ((S0,), S0), "bias": ((S0,), S0)},
 WHOLE = ((R,), R)
 
 REMEDY = "or use autopar.compile, whose ParallelModule runs any plan"
-_DYNAMO_PREFIX = re.compile(r"^L\[[^\]]*\](?:\[[^\]]*\])*\.?")
 _MAX_OP_PROBLEMS = 8
 
 
@@ -336,12 +334,12 @@ def _what(p, axis) -> str:
 
 
 def _node_modules(plan, model) -> list:
-    """(node name, node, module FQN) in graph order. An op of a function a module calls is
-    named by its function (Dynamo's ``G[...]``): it takes the module of the op before it."""
+    """(node name, node, module FQN) in graph order; an op outside every module of the
+    model takes the module of the op before it."""
     known = {path for path, _ in model.named_modules()}
     out, last = [], ""
     for name, node in plan.nodes.items():
-        path = _DYNAMO_PREFIX.sub("", node.get("module", "") or "")
+        path = node.get("module", "") or ""
         last = path if path in known else last
         out.append((name, node, last))
     return out

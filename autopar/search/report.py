@@ -15,10 +15,10 @@ import pathlib
 from html import escape
 from typing import NamedTuple
 
+from ..program.graph import block_of
 from ..program.placement import format_placement, is_partial, is_shard
 from ..units import format_bytes, format_seconds
 from . import report_charts as charts
-from .result import Cost, block_of, optimality_line
 
 TOP_LEVEL = "(top level)"
 # A layout signature shared by more parameters of a layer than this is listed by count.
@@ -150,7 +150,7 @@ def memory_bars(plan) -> list:
     for s, st in enumerate(plan.stages):
         total = float(st["memory_bytes"])
         if "cost" in st:
-            cost = Cost(**st["cost"])
+            cost = type(plan.cost)(**st["cost"])
             held = st.get("micro_batches_held", 1)
             segments, point = memory_segments(cost, total, (held - 1) * cost.saved_bytes)
         else:
@@ -160,7 +160,7 @@ def memory_bars(plan) -> list:
     return out
 
 
-def memory_segments(cost: Cost, total: float, held_bytes: float = 0.0) -> Breakdown:
+def memory_segments(cost, total: float, held_bytes: float = 0.0) -> Breakdown:
     """The :class:`Breakdown` of ``total`` bytes per device, its segments adding up to it:
     the parts ``cost`` gives at the point of the step its peak falls (the forward pass's
     most, or late in backward: the parameters' storage, the gradient-sum buckets, and what
@@ -276,9 +276,8 @@ def _header(plan, bars) -> str:
                     f"<div class=\"v\">{escape(value)}</div>"
                     f"<div class=\"d\">{escape(detail)}</div>{extra}</div>")
     html.append("</div>")
-    opt = plan.stats.get("optimality")
-    if opt:
-        html.append(f"<p class=\"note\">{escape(optimality_line(opt))}</p>")
+    if plan.optimality_text():
+        html.append(f"<p class=\"note\">{escape(plan.optimality_text())}</p>")
     html.append("<h2>Devices</h2>")
     html.append("<p class=\"note\">Each box is one device, labelled by its rank and its "
                 "coordinate on the mesh" + ("; the shaded panels are the pipeline's "

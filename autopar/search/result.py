@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
+from ..program.graph import block_of
 from ..program.placement import Partial, Shard, format_layout, is_shard, parse_layout
 from ..rules.traits import WEIGHT_CONTRACTIONS
 from ..units import format_bytes, format_seconds
@@ -407,6 +408,12 @@ class Plan:
             yield (name or "(top level)", str(ops), " ".join(sorted(outs)),
                    self.recompute.get(name, "-"), comp, comm, mem)
 
+    def optimality_text(self) -> str:
+        """How far the plan may be from the best of its program, in words ("" where the
+        search did not say)."""
+        o = self.stats.get("optimality")
+        return optimality_line(o) if o else ""
+
     def report(self, path):
         """Write the plan as one self-contained HTML page to ``path`` (the mesh, what runs
         on each axis, memory and time per device and per layer, the pipeline schedule:
@@ -432,13 +439,3 @@ def _runs_of(recompute: dict) -> list:
 def _span(paths: list) -> str:
     """``['h.0', 'h.1', 'h.2']`` -> ``'h.0-h.2'``."""
     return paths[0] if len(paths) == 1 else f"{paths[0]}-{paths[-1]} ({len(paths)} blocks)"
-
-
-def block_of(module_path: str) -> str:
-    """The block a module path belongs to: up to and including its first numeric part
-    (``h.0.attn.c_attn`` -> ``h.0``), else its first part."""
-    parts = [p for p in module_path.split(".") if p]
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[:i + 1])
-    return parts[0] if parts else ""
