@@ -496,3 +496,21 @@ def test_a_transformers_model_names_its_layers_as_the_model_does():
     assert modules <= names, sorted(modules - names)[:5]
     assert plan.stats["block_classes"]["method"] == "module_hierarchy"
     assert list(plan.recompute) == ["model.layers.0", "model.layers.1"]
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_a_transformers_model_on_the_meta_device_plans_as_on_the_cpu(name):
+    """Dynamo traces a meta-device model on stand-ins (fake CPU tensors): a cache's first
+    empty keys, made on the model's device, would not meet meta ones. The plan is the
+    one of the same model with real weights."""
+    model, kwargs = make(name)
+    with torch.device("meta"):
+        on_meta = type(model)(model.config)
+    meta_kwargs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v
+                   for k, v in kwargs.items()}
+    cluster = slow_devices(4)
+    want = autopar.plan(model, cluster, example_inputs=kwargs)
+    got = autopar.plan(on_meta, cluster, example_inputs=meta_kwargs)
+    assert all(p.is_meta for p in on_meta.parameters())
+    assert got.fingerprint() == want.fingerprint()
+    assert got.cost.total_s == pytest.approx(want.cost.total_s, rel=1e-9)

@@ -30,6 +30,7 @@ from .._torch import dynamo_ignoring, lazy_graph_module, tree_flatten, tree_unfl
 from ..errors import CaptureError, InputError
 from .graph import (autograd_function, fetch_attr, replace_with_constant, setitem, user_frame,
                     write_buffer)
+from .stand_ins import off_meta
 
 
 @dataclass
@@ -436,30 +437,12 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
         if id(t) in seen:
             flat_inputs[i] = t.clone()
         seen.add(id(flat_inputs[i]))
-    tensors = tree_unflatten(flat_inputs, in_spec)
-    args, kwargs = _rebind(sig, args, kwargs, tensors)
-    input_index = {id(t): i for i, t in enumerate(flat_inputs)}
-    recorded = {}
-
-    def backend(gm, example_inputs):
-        recorded["gm"], recorded["inputs"] = gm, list(example_inputs)
-        out = next(n for n in gm.graph.nodes if n.op == "output")
-        vals = [a.meta.get("example_value") if isinstance(a, fx.Node) else a
-                for a in tree_flatten(out.args[0])[0]]
-
-        def markers(*_):
-            made = [torch.empty(v.shape, dtype=v.dtype, device="meta")
-                    if isinstance(v, torch.Tensor) else v for v in vals]
-            recorded["outputs"] = made
-            return tuple(made)
-
-        return markers
-
-    torch.compiler.reset()
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
-    with dynamo_ignoring(_logging_methods()), _state_kept(model, strict=False):
-        result = compiled(*args, **kwargs)
-    torch.compiler.reset()
+    given = flat_inputs
+    with off_meta(model, flat_inputs) as (flat_inputs, originals):
+        tensors = tree_unflatten(flat_inputs, in_spec)
+        args, kwargs = _rebind(sig, args, kwargs, tensors)
+        input_index = {id(t): i for i, t in enumerate(flat_inputs)}
+        recorded, result = _dynamo_graph(model, args, kwargs)
     gm = recorded["gm"]
     params, buffers, consts = _state(model)
     # a tensor reachable by several names (tied weights: an LM head sharing the embedding)
@@ -476,6 +459,7 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
             i = input_index[id(value)]
             order.append((i, node))
             continue
+        value = originals.get(id(value), value)
         fqn = owners.get(id(value))
         if fqn is None:
             raise CaptureError(f"Dynamo lifted a tensor that is neither an input nor a "
@@ -523,8 +507,37 @@ def _dynamo(model, sig, args, kwargs, named) -> Captured:
     _custom_functions(new)
     _drop_unused(new)
     new.recompile()
-    return Captured(new, sig, input_names, in_spec, flat_inputs, out_spec, out_leaves,
+    return Captured(new, sig, input_names, in_spec, given, out_spec, out_leaves,
                     used_params, used_buffers, "dynamo")
+
+
+
+def _dynamo_graph(model, args, kwargs):
+    """Dynamo's graph of ``model(*args, **kwargs)`` (fullgraph): ({"gm", "inputs" (the
+    tensors bound to its placeholders), "outputs" (markers standing for its outputs)},
+    what the call returned, with the markers in place of the outputs)."""
+    recorded = {}
+
+    def backend(gm, example_inputs):
+        recorded["gm"], recorded["inputs"] = gm, list(example_inputs)
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        vals = [a.meta.get("example_value") if isinstance(a, fx.Node) else a
+                for a in tree_flatten(out.args[0])[0]]
+
+        def markers(*_):
+            made = [torch.empty(v.shape, dtype=v.dtype, device="meta")
+                    if isinstance(v, torch.Tensor) else v for v in vals]
+            recorded["outputs"] = made
+            return tuple(made)
+
+        return markers
+
+    torch.compiler.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    with dynamo_ignoring(_logging_methods()), _state_kept(model, strict=False):
+        result = compiled(*args, **kwargs)
+    torch.compiler.reset()
+    return recorded, result
 
 
 def _logging_methods() -> set:
