@@ -21,8 +21,9 @@ import torch
 import autopar
 from autopar import Replicate, Shard
 from autopar.search import stages as S
-from autopar.search.report import memory_bars, schedule_timeline
 from autopar.program.graph import block_of
+from autopar.search.report import memory_bars, schedule_timeline
+from autopar.units import format_bytes
 from models import GPT, GPTConfig, tiny_batch
 
 # Megatron's split of the MLP pinned; the planner picks the rest (the batch split over dp)
@@ -148,6 +149,18 @@ def test_the_tensor_parallel_layers_say_what_each_split_means(plans, tmp_path):
         assert words in text
     row = re.search(r'<tr class="layer" data-layer="h\.0".*?</tr>', text, re.DOTALL).group(0)
     assert "mlp.c_fc.weight" in row and "S(0)" in row
+
+
+def test_a_plan_without_stages_measures_its_peak_against_the_budget_it_was_planned_for(
+        plans):
+    plan = plans["tp"]
+    budget = plan.stats["memory_budget_bytes"]
+    assert budget == min(d.memory_bytes
+                         for d in autopar.Cluster.local(4, measure=False).devices())
+    [bar] = memory_bars(plan)
+    assert bar.capacity_bytes == budget
+    assert f"{format_bytes(plan.cost.memory_bytes_per_device)} of {format_bytes(budget)}" in \
+        plan.explain()
 
 
 def test_a_stage_memory_bar_adds_the_activations_of_the_micro_batches_it_holds(plans):

@@ -72,6 +72,7 @@ def plan_program(gm, cluster, options, stats: dict, input_names=(), blocks=()) -
     budget = options.memory_budget_bytes
     if budget is None:
         budget = min(d.memory_bytes for d in cluster.devices())
+    stats["memory_budget_bytes"] = budget
     pins = recompute.resolve_recompute(options.recompute, recompute.block_paths(blocks))
     facts = Facts()   # what the programs built on this one share, over every layer below
 

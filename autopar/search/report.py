@@ -145,7 +145,8 @@ def memory_bars(plan) -> list:
         n = plan.world_size
         segments, point = memory_segments(plan.cost, plan.cost.memory_bytes_per_device)
         return [MemoryBar("every device", _ranks(0, n - 1), None,
-                          plan.cost.memory_bytes_per_device, segments, point, None)]
+                          plan.cost.memory_bytes_per_device, segments, point,
+                          plan.stats.get("memory_budget_bytes"))]
     out = []
     for s, st in enumerate(plan.stages):
         total = float(st["memory_bytes"])

@@ -278,9 +278,11 @@ class Plan:
                 console.print("pinned: what the user fixed (use: constraints=, storage: "
                               "storage=); the cost model chose every other layout")
         console.print(table)
+        budget = self.stats.get("memory_budget_bytes")
         console.print(f"predicted step {format_seconds(c.total_s)} (compute {format_seconds(c.compute_s)}, "
                       f"communication {format_seconds(c.comm_s)}); peak memory per device "
-                      f"{format_bytes(c.memory_bytes_per_device)}")
+                      f"{format_bytes(c.memory_bytes_per_device)}" +
+                      (f" of {format_bytes(budget)}" if budget and not self.stages else ""))
         console.print(self._memory_line())
         if self.stages:
             console.print(self._stage_table())
