@@ -15,6 +15,7 @@ naming the value and a remedy; ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -245,14 +246,16 @@ def _plan(ns) -> int:
         inputs = example_inputs(model, ns.batch, ns.seq, make)
         progress.phase(f"planning {type(model).__name__} for {cluster}")
         try:
-            plan = api.plan(model, cluster, inputs, **options)
+            with progress.planner():
+                plan = api.plan(model, cluster, inputs, **options)
         except CaptureError as e:
             if ns.device != "meta":
                 raise
             model = _off_meta(model, e, ns.model)
             inputs = example_inputs(model, ns.batch, ns.seq, make)
             progress.phase(f"planning {type(model).__name__} for {cluster} (on the CPU)")
-            plan = api.plan(model, cluster, inputs, **options)
+            with progress.planner():
+                plan = api.plan(model, cluster, inputs, **options)
     try:
         with open(ns.output, "w") as f:
             f.write(plan.to_json())
@@ -367,10 +370,13 @@ class _Progress:
 
     def __init__(self, enabled: bool):
         self._progress = self._task = None
+        self._phase = ""
         if enabled:
-            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
+                                       TextColumn, TimeElapsedColumn)
             self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                                      TimeElapsedColumn(), transient=True)
+                                      BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                      transient=True)
 
     def __enter__(self):
         if self._progress is not None:
@@ -380,10 +386,27 @@ class _Progress:
     def phase(self, text: str) -> None:
         if self._progress is None:
             return
+        self._phase = text
         if self._task is None:
             self._task = self._progress.add_task(text, total=None)
         else:
-            self._progress.update(self._task, description=text)
+            self._progress.update(self._task, description=text, total=None, completed=0)
+
+    @contextlib.contextmanager
+    def planner(self):
+        """The planner reports to this display while inside, not with a bar of its own."""
+        from .search.meshes import PROGRESS
+        token = PROGRESS.set(self._planned if self._progress is not None else None)
+        try:
+            yield
+        finally:
+            PROGRESS.reset(token)
+
+    def _planned(self, label: str, done: int, total: int) -> None:
+        """``done`` of the ``total`` programs (one per candidate mesh) planned, the last on
+        ``label``."""
+        self._progress.update(self._task, total=total, completed=done,
+                              description=f"{self._phase}: {label}")
 
     def __exit__(self, *exc):
         if self._progress is not None:

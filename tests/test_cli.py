@@ -256,3 +256,20 @@ def test_help_describes_each_command(command, names, capsys):
     assert status == 0
     for name in names:
         assert name in out
+
+
+def test_planning_reports_each_mesh_planned_to_the_command_lines_display():
+    """While the command line shows its display, the planner tells it how many of its
+    programs (one per candidate mesh) it has planned instead of drawing a bar of its own."""
+    from autopar.search.meshes import PROGRESS
+    from models import GPT, GPTConfig, tiny_batch
+    seen = []
+    cfg = GPTConfig()
+    token = PROGRESS.set(lambda label, done, total: seen.append((label, done, total)))
+    try:
+        autopar.plan(GPT(cfg), autopar.Cluster.local(4, measure=False),
+                     example_inputs=tiny_batch(cfg))
+    finally:
+        PROGRESS.reset(token)
+    assert len(seen) >= 2 and all(0 <= done < total for _, done, total in seen)
+    assert {label for label, _, _ in seen} >= {"mesh {dp: 4}", "mesh {dp: 2, tp: 2}"}

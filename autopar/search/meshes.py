@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import os
 import time
 from dataclasses import dataclass
@@ -483,17 +484,28 @@ def _ends_margin(blocks) -> float:
     return min(REFINE_MARGIN, 2 / n)
 
 
+# Who shows the progress of planning: None, a bar of its own on a terminal; else a callable
+# (label, programs planned, programs to plan) of a caller showing a display of its own (the
+# command line's), set around its call.
+PROGRESS = contextvars.ContextVar("autopar_planning_progress", default=None)
+
+
 class _LazyProgress:
     """A progress bar over the programs planned (one per candidate mesh, and the
     refinements), on a terminal, shown only once planning has taken longer than a second;
-    quiet otherwise."""
+    quiet otherwise. Where :data:`PROGRESS` is set, told to it instead."""
 
     def __init__(self, total: int = 0, after_s: float = 1.0):
         self.total, self.after_s = total, after_s
         self.start = time.perf_counter()
         self.done, self.bar, self.task = 0, None, None
+        self.sink = PROGRESS.get()
 
     def advance(self, label: str):
+        if self.sink is not None:
+            self.sink(label, self.done, self.total)
+            self.done += 1
+            return
         if self.bar is None and time.perf_counter() - self.start > self.after_s:
             import sys
 
