@@ -220,6 +220,8 @@ def _plan_parser(sub, common):
     _per_argument(out)
     out.add_argument("-o", "--output", default="plan.json", metavar="PLAN.json",
                      help="where to save the plan (default plan.json)")
+    out.add_argument("--report", metavar="FILE.html",
+                     help="also draw the plan as an HTML page there (as `autopar report`)")
     p.set_defaults(run=_plan)
 
 
@@ -263,8 +265,11 @@ def _plan(ns) -> int:
         raise CommandError(f"cannot write the plan to {ns.output!r}: {e.strerror}; give "
                            "another path with -o") from None
     sys.stdout.write(plan.explain(per=ns.per))
-    print(f"plan saved to {ns.output}: `autopar explain {ns.output}` prints it again, "
-          f"`autopar report {ns.output}` draws it")
+    if ns.report:
+        print(f"plan saved to {ns.output}, drawn in {_written(plan, ns.report)}")
+    else:
+        print(f"plan saved to {ns.output}: `autopar explain {ns.output}` prints it again, "
+              f"`autopar report {ns.output}` draws it")
     return 0
 
 
@@ -340,12 +345,17 @@ def _explain(ns) -> int:
 def _report(ns) -> int:
     plan = _read_plan(ns.plan)
     output = ns.output or os.path.splitext(ns.plan)[0] + ".html"
-    if not hasattr(plan, "report"):
-        raise CommandError("this version of autopar cannot write reports (Plan.report is "
-                           "missing); update autopar")
-    written = plan.report(output) or output
-    print(f"report written to {written}")
+    print(f"report written to {_written(plan, output)}")
     return 0
+
+
+def _written(plan, path: str):
+    """``plan`` drawn as an HTML page at ``path``; the path written."""
+    try:
+        return plan.report(path)
+    except OSError as e:
+        raise CommandError(f"cannot write the report to {path!r}: {e.strerror}; give "
+                           "another path") from None
 
 
 def _read_plan(path: str):

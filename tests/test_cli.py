@@ -52,7 +52,8 @@ def gpt_plan(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
     done = autopar_cli("plan", f"{MODELS}:GPT", "--arg", "n_layer=3", "--cluster", CLUSTER,
                        "--mesh", "dp=2,tp=2", "--constraint", "h.*.mlp.c_fc.weight=RS(0)",
-                       "--level", "fast", "-o", "gpt.json", cwd=folder)
+                       "--level", "fast", "-o", "gpt.json", "--report", "drawn.html",
+                       cwd=folder)
     return done, folder / "gpt.json"
 
 
@@ -71,7 +72,8 @@ def test_plan_builds_the_zoo_gpt_from_its_config_and_saves_every_parameter(gpt_p
     assert plan.pinned["h.1.mlp.c_fc.weight"] == "use"
     assert set(plan.inputs) == {"idx", "targets"}   # targets: forward takes them
     assert "autopar plan: mesh dp=2 x tp=2" in done.stdout
-    assert "plan saved to gpt.json" in done.stdout
+    assert "plan saved to gpt.json, drawn in drawn.html" in done.stdout
+    assert "h.0.mlp.c_fc.weight" in (path.parent / "drawn.html").read_text()
 
 
 def test_explain_prints_the_saved_plan(gpt_plan, capsys):
