@@ -15,8 +15,6 @@ import json
 import logging
 import os
 import sys
-import time
-import traceback
 import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,6 +27,7 @@ from torch.distributed.tensor import DTensor, Shard  # noqa: E402
 
 import autopar  # noqa: E402
 from autopar.runtime.dtensor import local_inputs  # noqa: E402
+from distributed_cases import _reported  # noqa: E402
 from equivalence import ADAMW, GRAD_FLOOR, assert_close, loss_of, twin  # noqa: E402
 from spawn import join_world  # noqa: E402
 
@@ -143,15 +142,6 @@ def stored_as_planned(model, plan) -> bool:
         if param.placements[axis].dim != layout[d].dim:
             return False
     return True
-
-
-def _reported(fn, *args) -> dict:
-    start = time.perf_counter()
-    try:
-        out = fn(*args)
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        out = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
-    return {**out, "seconds": time.perf_counter() - start}
 
 
 def main(plans, rank, world, port, result_dir):

@@ -279,21 +279,7 @@ class ParallelModule(torch.nn.Module):
 
     def load_full_state_dict(self, state_dict: dict) -> None:
         """Copy full tensors (FQNs as in the original model) into this module's shards."""
-        missing = [fqn for fqn, _ in self._program.attrs.values() if fqn not in state_dict]
-        if missing:
-            raise PlanError(f"state dict lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-                            "; pass a full state dict of the original model")
-        mods = list(self.ranks) if self.simulate else [self.program]
-        with torch.no_grad():
-            for name, (fqn, layout) in self._program.attrs.items():
-                full = state_dict[fqn]
-                for m, coord in zip(mods, self._coords):
-                    t = getattr(m, name)
-                    piece = shard_tensor(full, layout, self._mesh, coord)
-                    if piece.shape != t.shape:
-                        raise PlanError(f"{fqn}: state dict tensor of shape {tuple(full.shape)} "
-                                        f"does not match the planned shape")
-                    t.copy_(piece)
+        state.load_model_state(self, state_dict)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
