@@ -344,11 +344,14 @@ def _hf_call(fn, what: str):
 
 
 def _check_config_keys(config, args: dict, where: str) -> None:
+    """A transformers config takes fields it does not declare (a model may read one, as T5
+    reads ``decoder_start_token_id``): each is set as given, with a note naming the
+    closest declared ones in case it is a typo."""
     fields = sorted(k for k in vars(config) if not k.startswith("_"))
     for key in args:
         if not hasattr(config, key):
-            raise CommandError(f"--arg {key}=...: {where} has no field {key!r} "
-                               f"(closest: {closest(key, fields)})")
+            sys.stderr.write(f"autopar: note: {where} declares no field {key!r} (closest: "
+                             f"{closest(key, fields)}); set as given\n")
 
 
 def _hf_model_class(transformers, config):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -208,6 +209,23 @@ def test_a_decision_on_values_of_the_data_names_its_line_and_the_remedy():
                        r"`if picked.size\(0\) > 0:`.*nonzero.*outside the model"):
         autopar.plan(Picky(), Cluster.local(2, measure=False),
                      example_inputs=(X, torch.arange(8)))
+
+
+def test_a_model_that_raises_on_its_inputs_says_what_it_raises_and_where():
+    """A config without the field forward reads (transformers' T5 from a bare config lacks
+    its decoder_start_token_id): the model's own exception, with its line."""
+    class Configured(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = types.SimpleNamespace(width=16)
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(x) * self.config.scale
+
+    with pytest.raises(autopar.CaptureError, match=r"test_api.py:\d+ in forward: .*the model "
+                       r"raises AttributeError.*'scale'.*fix what it says"):
+        autopar.plan(Configured(), Cluster.local(2, measure=False), example_inputs=(X,))
 
 
 def test_examine_gives_the_share_of_flops_ops_without_rules_hold():

@@ -275,3 +275,16 @@ def test_planning_reports_each_mesh_planned_to_the_command_lines_display():
         PROGRESS.reset(token)
     assert len(seen) >= 2 and all(0 <= done < total for _, done, total in seen)
     assert {label for label, _, _ in seen} >= {"mesh {dp: 4}", "mesh {dp: 2, tp: 2}"}
+
+
+def test_a_transformers_config_takes_a_field_it_does_not_declare_with_a_note(capsys):
+    """T5 reads config.decoder_start_token_id, which T5Config does not declare: set as given,
+    and said, in case it is a typo."""
+    import transformers
+
+    from autopar.cli_models import _hf_config
+    config, model_cls = _hf_config(transformers, "t5", {"decoder_start_token_id": 0,
+                                                        "num_layers": 2})
+    assert config.decoder_start_token_id == 0 and config.num_layers == 2 and model_cls is None
+    err = capsys.readouterr().err
+    assert "declares no field 'decoder_start_token_id'" in err and "num_layers" not in err

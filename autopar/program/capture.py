@@ -168,6 +168,12 @@ def _not_captured(model, first, second) -> str:
                 "compute that part outside the model (pass no labels and compute the loss on "
                 "its outputs) or write it without the decision (torch.where, a mask). "
                 f"({tried})")
+    raised = re.search(r"raised exception (.+)", text)
+    if raised:   # Dynamo traced the model's own raise: one device raises it too
+        return (f"could not capture {type(model).__name__}{where}: the model raises "
+                f"{raised.group(1).strip()} there on these inputs, as it does on one device; "
+                "fix what it says (a config value, an input) and plan again. "
+                f"({tried})")
     return (f"could not capture {type(model).__name__}{where}: {tried}. Remove graph breaks "
             "(data-dependent Python control flow, .item(), printing) from forward, or run "
             "autopar.examine to see where")
