@@ -73,6 +73,7 @@ def _plan(model, cluster, example_inputs, options: Options, program: bool = True
     if prepared.floors:
         ctx.stats["pipeline_floor_s"] = dict(prepared.floors)
     ctx.stats["fallback_ops"] = sorted({u[0] for u in ctx.unsupported})
+    ctx.stats["aliases"] = _aliases(model)
     ctx.stats["seconds"]["total"] = time.perf_counter() - start
     return captured, ctx
 
@@ -272,6 +273,18 @@ def plan(model, cluster, example_inputs=None, *, mesh=None, constraints=None, st
     with _verbose(options.verbose):
         _, ctx = _plan(model, cluster, example_inputs, options, program=False)
     return ctx.plan
+
+
+def _aliases(model) -> dict:
+    """First FQN -> the model's other names for the same tensor (a tied head's weight):
+    the plan names a tensor by its first name, as ``named_parameters()`` does."""
+    if not isinstance(model, torch.nn.Module):
+        return {}
+    names = {}
+    for fqn, t in [*model.named_parameters(remove_duplicate=False),
+                   *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(fqn)
+    return {found[0]: found[1:] for found in names.values() if len(found) > 1}
 
 
 def _source_tensors(model, captured) -> dict:

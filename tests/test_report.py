@@ -151,6 +151,16 @@ def test_the_tensor_parallel_layers_say_what_each_split_means(plans, tmp_path):
     assert "mlp.c_fc.weight" in row and "S(0)" in row
 
 
+def test_a_tied_weight_shows_under_each_name_the_model_gives_it(plans, tmp_path):
+    """GPT's head shares the embedding's weight: the plan names it wte.weight, and the
+    head's row shows it too, said to be the same tensor."""
+    plan = plans["tp"]
+    assert plan.stats["aliases"] == {"wte.weight": ["lm_head.weight"]}
+    text = plan.report(tmp_path / "plan.html").read_text(encoding="utf-8")
+    row = re.search(r'<tr class="layer" data-layer="lm_head".*?</tr>', text, re.DOTALL).group(0)
+    assert "weight (= wte.weight)" in row and "no parameters" not in row
+
+
 def test_a_plan_without_stages_measures_its_peak_against_the_budget_it_was_planned_for(
         plans):
     plan = plans["tp"]

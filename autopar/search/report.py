@@ -107,7 +107,8 @@ def layer_rows(plan) -> list:
         for axis, p in zip(op_axes, v["output"]):
             what = _work_kind(p)
             r["work"][axis][what] = r["work"][axis].get(what, 0) + 1
-    for fqn in plan.placements:
+    aliases = plan.stats.get("aliases", {})
+    for fqn in [*plan.placements, *(a for f in plan.placements for a in aliases.get(f, ()))]:
         block = block_of(fqn) or TOP_LEVEL
         key = next((k for k in rows if k[1] == block),
                    (stage_of.get(block, 0) if plan.stages else None, block))
@@ -444,12 +445,14 @@ def _params_cell(plan, r) -> str:
     if not r.params:
         return "<span class=\"muted\">no parameters</span>"
     groups = {}
-    for fqn in r.params:
+    first = {a: f for f, more in plan.stats.get("aliases", {}).items() for a in more}
+    for name in r.params:
+        fqn = first.get(name, name)   # a tied weight under its other name: the first's
         stored = plan.placements[fqn]
         used = tuple(dict.fromkeys(u.layout for u in plan.uses.get(fqn, ())))
         roles = dict(part.split(": ", 1) for part in plan.role(fqn).split("; ") if part)
         key = (stored, used, tuple(roles.items()))
-        groups.setdefault(key, []).append(fqn)
+        groups.setdefault(key, []).append(name if name == fqn else f"{name} (= {fqn})")
     out = []
     for (stored, used, roles), names in groups.items():
         chips = []
