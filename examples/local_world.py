@@ -52,3 +52,35 @@ def train(model, batches, optimizer) -> list:
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def small_llama():
+    """The examples' LLaMA (examples/models.py) and a batch of 8 sequences of 16 tokens."""
+    from models import Llama, LlamaConfig, tiny_batch
+    cfg = LlamaConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                      hidden_dim=128, max_seq_len=16)
+    return Llama(cfg), tiny_batch(cfg, batch=8, seq=16)
+
+
+def compare(losses, reference, what: str) -> None:
+    """The losses of ``what`` beside one device's, step by step, as a table; exits non-zero
+    where they differ by more than fp32's tolerance."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"training loss: {what} vs one device")
+    for col in ("step", "one device", what, "relative difference"):
+        table.add_column(col, justify="right")
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(losses, reference)):
+        rel = abs(a - b) / abs(b)
+        worst = max(worst, rel)
+        table.add_row(str(i), f"{b:.6f}", f"{a:.6f}", f"{rel:.1e}")
+    Console().print(table)
+    verdict = "matches" if worst <= 1e-5 else "DIFFERS FROM"
+    print(f"{what} {verdict} one device (worst relative difference {worst:.1e}; fp32 "
+          "tolerance 1e-5)")
+    if worst > 1e-5:
+        sys.exit(1)

@@ -26,7 +26,7 @@ def test_example_runs(script):
     done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    if script.name in ("quickstart.py", "hf_llama.py", "vision.py"):
+    if script.name in ("quickstart.py", "hf_llama.py", "vision.py", "dtensor_loop.py"):
         assert "matches one device" in done.stdout
     if script.name == "vision.py":   # the ResNet-50 plan, and the running statistics checked
         assert "ResNet-50" in done.stdout and "every step counter at 3: True" in done.stdout
