@@ -19,7 +19,7 @@ from .cost.cluster import Cluster
 from .errors import CaptureError, InputError, NotFaster, PlanError
 from .options import Options, schedule_chunks
 from .program.capture import capture, normalize_example_inputs
-from .program.graph import copy_graph_module, fetch_attr, paused_gc
+from .program.graph import copy_graph_module, fetch_attr, paused_gc, tensor_names
 from .program.repeats import Unrepeatable, containers, cut_to_two, repeated_lists
 from .runtime.faults import planning
 from .search.microbatch import batch_size_of
@@ -280,11 +280,7 @@ def _aliases(model) -> dict:
     the plan names a tensor by its first name, as ``named_parameters()`` does."""
     if not isinstance(model, torch.nn.Module):
         return {}
-    names = {}
-    for fqn, t in [*model.named_parameters(remove_duplicate=False),
-                   *model.named_buffers(remove_duplicate=False)]:
-        names.setdefault(id(t), []).append(fqn)
-    return {found[0]: found[1:] for found in names.values() if len(found) > 1}
+    return {first: names[1:] for first, names in tensor_names(model).items() if len(names) > 1}
 
 
 def _source_tensors(model, captured) -> dict:

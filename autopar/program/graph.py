@@ -192,3 +192,13 @@ def block_of(module_path: str) -> str:
         if p.isdigit():
             return ".".join(parts[:i + 1])
     return parts[0] if parts else ""
+
+
+def tensor_names(module) -> dict:
+    """First FQN -> every name ``module`` holds that parameter or buffer by, first included
+    (a tied weight has several; the first is the one ``named_parameters()`` gives)."""
+    names = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False),
+                    *module.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(name)
+    return {found[0]: found for found in names.values()}

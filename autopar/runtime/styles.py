@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import PlanError
 from ..program.placement import (Partial, Replicate, Shard, format_layout, format_placement,
                                  is_partial, is_replicate, is_shard, is_strided)
-from ..program.graph import block_of
+from ..program.graph import block_of, tensor_names
 
 R, P, S0, S1, LOCAL = Replicate(), Partial(), Shard(0), Shard(1), Shard(-1)
 
@@ -196,11 +196,7 @@ def _error(problems: list) -> PlanError:
 def _owners(model, plan, problems) -> dict:
     """Plan FQN -> every name the model holds that parameter or buffer by (a tied weight
     has several), checking that plan and model name the same tensors."""
-    names = {}
-    for name, t in [*model.named_parameters(remove_duplicate=False),
-                    *model.named_buffers(remove_duplicate=False)]:
-        names.setdefault(id(t), []).append(name)
-    owners = {found[0]: found for found in names.values()}
+    owners = tensor_names(model)
     missing = [n for n, _ in model.named_parameters() if n not in plan.placements]
     if missing:
         problems.append(f"parameters {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}"
